@@ -1,0 +1,1 @@
+"""Loss-parity and throughput comparison of jax_impl and torch_ref runs."""

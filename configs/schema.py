@@ -1,0 +1,447 @@
+"""One typed config schema that both trainers load, plus the model's arithmetic.
+
+Resolution order: dataclass defaults <- TOML preset <- dotted CLI overrides
+(``--model.n_layers=4``). Every error names the offending value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PRESET_DIR = Path(__file__).parent / "presets"
+MESH_AXES = ("pipeline", "data", "fsdp", "tensor")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the value and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    vocab_size: int = 256
+    # Embedding/head rows are padded to a multiple of this (Megatron's
+    # make-vocab-size-divisible-by x TP; 768 = 128*6 for the TP=6 42B model).
+    vocab_pad_to: int = 1
+    hidden: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 0  # 0 -> hidden // n_heads
+    ffn_hidden: int = 128
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.0  # 0 -> sqrt(2 / (5 h)), the "small init" the ALCF runs use
+    embed_init_std: float = 0.632455532
+    scaled_out_init: bool = True  # Megatron: o/down projections use std / sqrt(2 L)
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.hidden // self.n_heads
+
+    @property
+    def padded_vocab(self) -> int:
+        return -(-self.vocab_size // self.vocab_pad_to) * self.vocab_pad_to
+
+    @property
+    def std(self) -> float:
+        return self.init_std or math.sqrt(2.0 / (5.0 * self.hidden))
+
+    @property
+    def out_std(self) -> float:
+        return self.std / math.sqrt(2.0 * self.n_layers) if self.scaled_out_init else self.std
+
+    # ---- arithmetic: written once, used by both trainers, the report and the planner ----
+    def n_params(self) -> int:
+        """Exact parameter count (padded vocab, untied embedding and head, no biases)."""
+        h, hd = self.hidden, self.dim_head
+        attn = 2 * h * self.n_heads * hd + 2 * h * self.n_kv_heads * hd
+        per_layer = attn + 3 * h * self.ffn_hidden + 2 * h
+        return 2 * self.padded_vocab * h + self.n_layers * per_layer + h
+
+    def flops_per_sample(self, seq: int) -> float:
+        """Megatron-LM ``num_floating_point_operations`` per sample (fwd+bwd, no recompute).
+
+        F = 12 s L h^2 ((1 + n_kv/n_h + s/h) + 1.5 FFN/h + V/(2 L h)); GQA- and SwiGLU-aware.
+        """
+        h, L = self.hidden, self.n_layers
+        return (
+            12.0 * seq * L * h * h
+            * ((1 + self.n_kv_heads / self.n_heads + seq / h)
+               + 1.5 * self.ffn_hidden / h
+               + self.padded_vocab / (2.0 * L * h))
+        )
+
+    def flops_per_sample_legacy(self, seq: int, activation_checkpointing: bool) -> float:
+        """Older Megatron-DeepSpeed formula 24 c s L h^2 (1 + s/(6h) + V/(16 L h)).
+
+        c = 4 with activation checkpointing (counts the recompute), else 3. It ignores GQA
+        and the SwiGLU width: never put its figures in the same column as the one above.
+        """
+        h, L, c = self.hidden, self.n_layers, 4 if activation_checkpointing else 3
+        return 24.0 * c * seq * L * h * h * (1 + seq / (6.0 * h) + self.padded_vocab / (16.0 * L * h))
+
+    def flops_per_token(self, seq: int) -> float:
+        return self.flops_per_sample(seq) / seq
+
+
+@dataclass
+class ParallelConfig:
+    # Mesh over the axes pipeline, data, fsdp, tensor: "fsdp=96", "data=8,fsdp=12".
+    # One axis may be -1 (the rest of the devices); axes left out are 1.
+    mesh: str = "data=1"
+    # ZeRO stage: 0 nothing sharded; 1 optimizer state over the data-parallel axes
+    # (data, fsdp); 2 + gradients; 3 + parameters.
+    zero: int = 3
+    hpz: bool = False  # ZeRO-3 + hpZ: params over `fsdp` (inside a node), states over data x fsdp
+    mics: bool = False  # ZeRO-3 MiCS: all model states over `fsdp` only, replicated across `data`
+    mbs: int = 1  # micro batch (samples) per data-parallel rank
+    gas: int = 1  # gradient accumulation steps (microbatches per step)
+    gbs: int = 0  # 0 -> mbs * gas * dp; otherwise must equal it
+    remat: bool = False  # activation checkpointing per layer
+    remat_policy: str = "full"  # full | save_dots | save_attn_out
+    pipeline_schedule: str = "gpipe"  # gpipe | 1f1b (pipeline axis > 1)
+    attn_chunk: int = 1024  # JAX: queries per attention block when seq > this (0 = never chunk)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    min_lr: float = 0.0
+    schedule: str = "cosine"  # cosine | constant
+    warmup_frac: float = 0.05
+    decay_steps: int = 0  # 0 -> train.steps
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-5
+    weight_decay: float = 0.1
+    clip: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    seq_len: int = 32
+    source: str = "synthetic"  # synthetic | indexed
+    file_list: str = ""  # Megatron data-file-list (weight prefix corpus); "" -> embedded corpus
+    seed: int = 1234
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10
+    seed: int = 0
+    dtype: str = "fp32"  # fp32 | bf16 (bf16 compute, fp32 params/grads/optimizer)
+    name: str = ""  # run name; "" -> <preset>-<mesh>-<timestamp>
+    out_dir: str = "runs"
+    log_every: int = 1
+    wandb: str = "offline"  # online | offline | disabled
+    platform: str = "auto"  # auto | cpu | gpu | sycl
+
+
+@dataclass
+class Config:
+    preset: str = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self, sections: tuple[str, ...] | None = None) -> str:
+        """Stable short hash of the resolved config (or of some sections of it)."""
+        d = self.to_dict()
+        if sections is not None:
+            d = {k: d[k] for k in sections}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+    def mesh_shape(self, n_devices: int | None = None) -> dict[str, int]:
+        return parse_mesh(self.parallel.mesh, n_devices)
+
+    def dp_size(self, n_devices: int | None = None) -> int:
+        m = self.mesh_shape(n_devices)
+        return m["data"] * m["fsdp"]
+
+    def global_batch(self, n_devices: int | None = None) -> int:
+        return self.parallel.mbs * self.parallel.gas * self.dp_size(n_devices)
+
+
+def lr_at(cfg: Config, step: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based), as Megatron's OptimizerParamScheduler.
+
+    Linear warmup over ``warmup_frac * decay_steps`` (a float, as Megatron), then cosine to
+    ``min_lr`` at ``decay_steps``; step 0 uses lr 0 when there is warmup.
+    """
+    o = cfg.optim
+    decay = o.decay_steps or cfg.train.steps
+    warmup = o.warmup_frac * decay
+    if warmup > 0 and step <= warmup:
+        return o.lr * step / warmup
+    if o.schedule == "constant":
+        return o.lr
+    ratio = min(max((step - warmup) / max(decay - warmup, 1e-9), 0.0), 1.0)
+    return o.min_lr + (o.lr - o.min_lr) * 0.5 * (math.cos(math.pi * ratio) + 1.0)
+
+
+# ----------------------------------------------------------------------------- mesh strings
+def parse_mesh(spec: str, n_devices: int | None = None) -> dict[str, int]:
+    """``"data=2,fsdp=-1"`` -> ``{"pipeline": 1, "data": 2, "fsdp": n/2, "tensor": 1}``.
+
+    ``-1`` takes the rest of ``n_devices``; without ``n_devices`` a ``-1`` is an error.
+    """
+    sizes = dict.fromkeys(MESH_AXES, 1)
+    seen: set[str] = set()
+    wild = None
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        m = re.fullmatch(r"([a-z_]+)\s*=\s*(-?\d+)", part)
+        if not m:
+            raise ConfigError(f"mesh entry {part!r} in {spec!r} is not AXIS=SIZE; write e.g. 'data=2,fsdp=4'")
+        axis, size = m.group(1), int(m.group(2))
+        if axis not in MESH_AXES:
+            hint = difflib.get_close_matches(axis, MESH_AXES, n=1)
+            raise ConfigError(
+                f"unknown mesh axis {axis!r} in {spec!r}; axes are {', '.join(MESH_AXES)}"
+                + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            )
+        if axis in seen:
+            raise ConfigError(f"mesh axis {axis!r} given twice in {spec!r}")
+        seen.add(axis)
+        if size == -1:
+            if wild:
+                raise ConfigError(f"only one mesh axis may be -1 in {spec!r} (got {wild!r} and {axis!r})")
+            wild = axis
+        elif size < 1:
+            raise ConfigError(f"mesh axis {axis}={size} in {spec!r} must be >= 1 or -1 (the rest of the devices)")
+        sizes[axis] = size
+    if wild:
+        if n_devices is None:
+            raise ConfigError(f"mesh {spec!r} has {wild}=-1 but the device count is unknown; give every size")
+        rest = math.prod(v for k, v in sizes.items() if k != wild)
+        if n_devices % rest:
+            raise ConfigError(
+                f"mesh {spec!r}: {n_devices} devices do not divide by the fixed axes' product {rest}; "
+                f"change the fixed sizes so they divide {n_devices}"
+            )
+        sizes[wild] = n_devices // rest
+    return sizes
+
+
+def mesh_devices(spec: str) -> int | None:
+    """Devices a mesh string asks for, or None when it has a -1 axis."""
+    sizes = parse_mesh(spec.replace("-1", "1"))
+    return None if "-1" in spec else math.prod(sizes.values())
+
+
+# ----------------------------------------------------------------------------- loading
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{key}={value!r} is not a boolean; use true or false")
+    try:
+        if typ is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if typ is float:
+            return float(value)
+        if typ is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r} is not a valid {typ.__name__}") from None
+    return value
+
+
+def _section_types(obj: Any) -> dict[str, Any]:
+    return typing.get_type_hints(type(obj))
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str = "override") -> Config:
+    """Set dotted keys (``model.n_layers``) on ``cfg`` in place, with type checks."""
+    for key, value in overrides.items():
+        parts = key.split(".")
+        target: Any = cfg
+        for i, part in enumerate(parts):
+            hints = _section_types(target)
+            if part not in hints:
+                prefix = ".".join(parts[:i])
+                choices = [f"{prefix}.{k}" if prefix else k for k in hints]
+                hint = difflib.get_close_matches(key, choices, n=1)
+                raise ConfigError(
+                    f"unknown config key {key!r} (from {source})"
+                    + (f"; did you mean {hint[0]!r}?" if hint else f"; valid keys here: {', '.join(choices)}")
+                )
+            if i == len(parts) - 1:
+                if dataclasses.is_dataclass(hints[part]):
+                    raise ConfigError(f"{key!r} is a section; set one of its keys, e.g. {key}.<name>=...")
+                setattr(target, part, _coerce(value, hints[part], key))
+            else:
+                target = getattr(target, part)
+                if not dataclasses.is_dataclass(target):
+                    raise ConfigError(f"{'.'.join(parts[: i + 1])!r} is a value, not a section (in {key!r})")
+    return cfg
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def load_preset(name: str) -> Config:
+    path = Path(name) if name.endswith(".toml") else PRESET_DIR / f"{name}.toml"
+    if not path.is_file():
+        hint = difflib.get_close_matches(name, list_presets(), n=1)
+        raise ConfigError(
+            f"unknown preset {name!r}; presets are {', '.join(list_presets())}"
+            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            + ", or give a path to a .toml file"
+        )
+    with path.open("rb") as f:
+        data = tomllib.load(f)
+    cfg = Config(preset=path.stem)
+    return apply_overrides(cfg, _flatten(data), source=str(path))
+
+
+def load_config(preset: str = "tiny", overrides: dict[str, Any] | None = None, validate: bool = True) -> Config:
+    cfg = load_preset(preset)
+    apply_overrides(cfg, overrides or {}, source="command line")
+    if validate:
+        validate_config(cfg)
+    return cfg
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``to_dict()`` output (e.g. a run directory's config.json)."""
+    d = dict(d)
+    cfg = Config(preset=d.pop("preset", "tiny"))
+    return apply_overrides(cfg, _flatten(d), source="config dict")
+
+
+# ----------------------------------------------------------------------------- validation
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+
+
+def validate_config(cfg: Config, n_devices: int | None = None) -> None:
+    """Check a config before anything is allocated or compiled."""
+    m, p = cfg.model, cfg.parallel
+    for key in ("vocab_size", "hidden", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_pad_to"):
+        if getattr(m, key) < 1:
+            raise ConfigError(f"model.{key}={getattr(m, key)} must be >= 1")
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(
+            f"model.n_heads={m.n_heads} is not a multiple of model.n_kv_heads={m.n_kv_heads}; "
+            "each KV head must serve a whole group of query heads"
+        )
+    if not m.head_dim and m.hidden % m.n_heads:
+        raise ConfigError(
+            f"model.hidden={m.hidden} does not divide by model.n_heads={m.n_heads}; "
+            "set model.head_dim explicitly or change the head count"
+        )
+    if m.dim_head % 2:
+        raise ConfigError(f"head dim {m.dim_head} must be even for rotary embeddings")
+    mesh = parse_mesh(p.mesh, n_devices)
+    tp = mesh["tensor"]
+    for key, val in (("n_heads", m.n_heads), ("n_kv_heads", m.n_kv_heads), ("ffn_hidden", m.ffn_hidden)):
+        if val % tp:
+            raise ConfigError(
+                f"model.{key}={val} is not divisible by the tensor axis ({tp}); "
+                f"pick tensor from the divisors of {val} or change the model"
+            )
+    if m.padded_vocab % tp:
+        raise ConfigError(
+            f"padded vocab {m.padded_vocab} is not divisible by the tensor axis ({tp}); "
+            f"set model.vocab_pad_to to a multiple of {128 * tp} (Megatron pads to 128 x TP)"
+        )
+    if p.zero not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero={p.zero} must be 0, 1, 2 or 3")
+    if p.hpz and p.mics:
+        raise ConfigError("parallel.hpz and parallel.mics are exclusive; pick one")
+    if (p.hpz or p.mics) and p.zero != 3:
+        raise ConfigError(f"parallel.{'hpz' if p.hpz else 'mics'} needs ZeRO-3; set --zero 3")
+    if (p.hpz or p.mics) and mesh["fsdp"] < 2:
+        raise ConfigError(
+            f"parallel.{'hpz' if p.hpz else 'mics'} shards inside the `fsdp` axis, which is {mesh['fsdp']}; "
+            "use a mesh like data=8,fsdp=12 (fsdp = tiles per node)"
+        )
+    if mesh["pipeline"] > 1:
+        if m.n_layers % mesh["pipeline"]:
+            raise ConfigError(
+                f"model.n_layers={m.n_layers} does not divide into pipeline={mesh['pipeline']} stages; "
+                f"pick pipeline from the divisors of {m.n_layers}"
+            )
+        if p.zero > 1:
+            raise ConfigError(f"pipeline parallelism runs with ZeRO 0 or 1 (as DeepSpeed); got --zero {p.zero}")
+    _choice("parallel.remat_policy", p.remat_policy, ("full", "save_dots", "save_attn_out"))
+    _choice("parallel.pipeline_schedule", p.pipeline_schedule, ("gpipe", "1f1b"))
+    for key in ("mbs", "gas"):
+        if getattr(p, key) < 1:
+            raise ConfigError(f"parallel.{key}={getattr(p, key)} must be >= 1")
+    if p.gbs:
+        dp = mesh["data"] * mesh["fsdp"]
+        if p.gbs != p.mbs * p.gas * dp:
+            raise ConfigError(
+                f"parallel.gbs={p.gbs} != mbs*gas*dp = {p.mbs}*{p.gas}*{dp} = {p.mbs * p.gas * dp}; "
+                "set gbs=0 to derive it, or change mbs/gas/the data-parallel axes"
+            )
+    o = cfg.optim
+    _choice("optim.schedule", o.schedule, ("cosine", "constant"))
+    if not 0.0 <= o.warmup_frac < 1.0:
+        raise ConfigError(f"optim.warmup_frac={o.warmup_frac} must be in [0, 1)")
+    if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
+        raise ConfigError(f"optim.lr={o.lr}, optim.min_lr={o.min_lr}: need 0 <= min_lr <= lr and lr > 0")
+    _choice("data.source", cfg.data.source, ("synthetic", "indexed"))
+    if cfg.data.seq_len < 2:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be >= 2")
+    t = cfg.train
+    _choice("train.dtype", t.dtype, ("fp32", "bf16"))
+    _choice("train.wandb", t.wandb, ("online", "offline", "disabled"))
+    _choice("train.platform", t.platform, ("auto", "cpu", "gpu", "sycl"))
+    if t.steps < 1:
+        raise ConfigError(f"train.steps={t.steps} must be >= 1")
+
+
+# ----------------------------------------------------------------------------- CLI helpers
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """``["--model.n_layers=4", "--optim.lr", "1e-3"]`` -> ``{"model.n_layers": "4", ...}``."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--") or "." not in a.split("=", 1)[0]:
+            raise ConfigError(f"unrecognised argument {a!r}; overrides look like --section.key=value")
+        if "=" in a:
+            k, v = a[2:].split("=", 1)
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override {a!r} has no value; write {a}=VALUE")
+            k, v = a[2:], args[i + 1]
+            i += 1
+        out[k] = v
+        i += 1
+    return out

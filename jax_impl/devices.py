@@ -1,0 +1,72 @@
+"""Backend choice (`--platform auto|cpu|gpu|sycl`) and fake CPU devices; runs before JAX starts.
+
+On CPU, a mesh that asks for N devices gets N host devices (``jax_num_cpu_devices``), so
+``--mesh fsdp=96`` runs on a laptop and the same command uses 96 accelerators where they
+exist. ``sycl`` is Intel GPUs (Aurora's PVC tiles) through the OpenXLA PJRT plugin
+(intel-extension-for-openxla); ``gpu`` is CUDA. Neither accelerator path runs on this
+project's CI machines; both only select the platform and fail clearly when it is missing.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+
+from configs import ConfigError
+
+PLATFORM_NAMES = {"cpu": "cpu", "gpu": "cuda", "sycl": "sycl"}
+
+
+def _has_plugin(*names: str) -> bool:
+    eps = importlib.metadata.entry_points(group="jax_plugins")
+    found = {ep.name for ep in eps} | {ep.value.split(":")[0] for ep in eps}
+    return any(n in f for n in names for f in found) or any(importlib.util.find_spec(n) for n in names)
+
+
+def detect() -> str:
+    """The platform `auto` resolves to: an installed accelerator plugin, else cpu."""
+    env = os.environ.get("JAX_PLATFORMS", "").split(",")[0].strip()
+    if env:
+        return {"cuda": "gpu"}.get(env, env)
+    if _has_plugin("jax_cuda12_plugin", "jax_cuda13_plugin"):
+        return "gpu"
+    if _has_plugin("intel_extension_for_openxla"):
+        return "sycl"
+    return "cpu"
+
+
+def backends_started() -> bool:
+    try:
+        from jax._src import xla_bridge
+        return xla_bridge.backends_are_initialized()
+    except (ImportError, AttributeError):
+        return False
+
+
+def configure(platform: str, n_devices: int | None) -> str:
+    """Select the JAX platform and, on CPU, make ``n_devices`` host devices. Returns the platform."""
+    platform = detect() if platform == "auto" else platform
+    if platform not in PLATFORM_NAMES:
+        raise ConfigError(f"--platform {platform!r} is not one of auto, cpu, gpu, sycl")
+    if platform == "sycl" and not _has_plugin("intel_extension_for_openxla"):
+        raise ConfigError(
+            "--platform sycl needs Intel's OpenXLA PJRT plugin: pip install -e '.[xpu]' on an Aurora compute node "
+            "(intel-extension-for-openxla with a matching jax; see README 'Aurora')"
+        )
+    if platform == "gpu" and not _has_plugin("jax_cuda12_plugin", "jax_cuda13_plugin"):
+        raise ConfigError("--platform gpu needs jax's CUDA plugin: pip install -e '.[cuda]'")
+    import jax
+
+    if backends_started():
+        have = jax.device_count()
+        if n_devices and have < n_devices:
+            raise ConfigError(
+                f"JAX already started with {have} devices but the mesh needs {n_devices}; "
+                "run in a fresh process (the trainer then creates them) or shrink the mesh"
+            )
+        return platform
+    jax.config.update("jax_platforms", PLATFORM_NAMES[platform])
+    if platform == "cpu" and n_devices:
+        jax.config.update("jax_num_cpu_devices", n_devices)
+    return platform

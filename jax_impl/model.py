@@ -1,0 +1,233 @@
+"""Llama-2 in Flax NNX: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+
+Layers are stored stacked along a leading ``layers`` axis and run with ``lax.scan``, so a
+70B model compiles as one layer. Parameters carry *logical* axis names only (``embed``,
+``heads``, ``mlp``, ...); ``jax_impl.sharding`` owns the one table that maps them to mesh
+axes. Weights are (in, out) matrices, so every projection is a plain ``x @ W``.
+
+Parameter names (and shapes; L layers, h hidden, H*D query width, K*D key/value width, F ffn):
+    embed (V, h)                head (h, V)                     final_norm (h,)
+    layers.attn_norm (L, h)     layers.wq (L, h, H*D)           layers.wk (L, h, K*D)
+    layers.wv (L, h, K*D)       layers.wo (L, H*D, h)           layers.mlp_norm (L, h)
+    layers.w_gate (L, h, F)     layers.w_up (L, h, F)           layers.w_down (L, F, h)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from configs import ModelConfig
+from jax_impl.sharding import constrain, gather_weight
+
+# logical axis names of every parameter, by name (the model's whole sharding vocabulary)
+PARAM_AXES: dict[str, tuple[str, ...]] = {
+    "embed": ("vocab", "embed"),
+    "head": ("embed", "vocab"),
+    "final_norm": ("norm",),
+    "attn_norm": ("layers", "norm"),
+    "wq": ("layers", "embed", "heads"),
+    "wk": ("layers", "embed", "kv_heads"),
+    "wv": ("layers", "embed", "kv_heads"),
+    "wo": ("layers", "heads", "embed"),
+    "mlp_norm": ("layers", "norm"),
+    "w_gate": ("layers", "embed", "mlp"),
+    "w_up": ("layers", "embed", "mlp"),
+    "w_down": ("layers", "mlp", "embed"),
+}
+
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
+}
+
+
+def _param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...], name: str) -> nnx.Param:
+    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    return nnx.Param(value, sharding_names=PARAM_AXES[name], eager_sharding=False)
+
+
+def _ones(shape: tuple[int, ...], name: str) -> nnx.Param:
+    return nnx.Param(jnp.ones(shape, jnp.float32), sharding_names=PARAM_AXES[name], eager_sharding=False)
+
+
+@jax.custom_vjp
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x (..., k) @ w (k, n) in x's dtype with fp32 accumulation; returns fp32.
+
+    The backward pass casts the cotangent to x's dtype first, so every dot -- weight
+    gradients included -- is compute-dtype in, fp32 out (XLA:CPU runs bf16->bf16 dots ~6x
+    slower than fp32, and bf16->fp32 dots fast). In fp32 this is an ordinary matmul.
+    """
+    return jnp.matmul(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def _matmul_fwd(x, w):
+    return matmul(x, w), (x, w)
+
+
+def _matmul_bwd(res, ct):
+    x, w = res
+    ct = ct.astype(x.dtype)
+    wc = w.astype(x.dtype)
+    dx = jnp.matmul(ct, wc.T, preferred_element_type=jnp.float32).astype(x.dtype)
+    x2, ct2 = x.reshape(-1, x.shape[-1]), ct.reshape(-1, ct.shape[-1])
+    dw = jnp.matmul(x2.T, ct2, preferred_element_type=jnp.float32).astype(w.dtype)
+    return dx, dw
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float, dtype) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (y * w).astype(dtype)
+
+
+def rope_tables(seq: int, dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos, sin tables (seq, dim) for non-interleaved ("rotate half") rotary embeddings."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))  # (dim/2,)
+    freqs = jnp.outer(jnp.arange(seq, dtype=jnp.float32), inv_freq)  # (seq, dim/2)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # (seq, dim)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x (batch, seq, heads, head_dim); rotation in fp32, result in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * cos[None, :, None, :] + rotated * sin[None, :, None, :]).astype(x.dtype)
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, q_offset) -> jax.Array:
+    """q (batch, cq, kv_heads, group, head_dim) attends causally to all of k, v (batch, seq, kv_heads, head_dim)."""
+    cq, s, hd = q.shape[1], k.shape[1], q.shape[-1]
+    scores = jnp.einsum("bqngd,bknd->bngqk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(hd)
+    mask = (q_offset + jnp.arange(cq))[:, None] >= jnp.arange(s)[None, :]  # (cq, seq)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # (batch, kv_heads, group, cq, seq)
+    out = jnp.einsum("bngqk,bknd->bqngd", probs, v, preferred_element_type=jnp.float32)
+    return out.astype(q.dtype)  # (batch, cq, kv_heads, group, head_dim)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int = 0) -> jax.Array:
+    """Causal grouped-query attention.
+
+    q (batch, seq, heads, head_dim); k, v (batch, seq, kv_heads, head_dim). Query head j
+    reads KV head j // (heads / kv_heads). Scores and softmax in fp32. With ``chunk`` > 0
+    and seq > chunk, queries go in blocks of ``chunk``, each recomputed in the backward
+    pass, so the live score tensor is (chunk x seq) rather than (seq x seq): at seq 4096 the
+    70B's full scores are 4 GiB per sample.
+    """
+    b, s, nh, hd = q.shape
+    nkv = k.shape[2]
+    q = q.reshape(b, s, nkv, nh // nkv, hd)  # (batch, seq, kv_heads, group, head_dim)
+    if chunk <= 0 or s <= chunk or s % chunk:
+        out = _attend(q, k, v, 0)
+    else:
+        blocks = q.reshape(b, s // chunk, chunk, nkv, nh // nkv, hd).swapaxes(0, 1)
+        one = jax.checkpoint(lambda qb_i: _attend(qb_i[0], k, v, qb_i[1] * chunk), prevent_cse=False)
+        out = jax.lax.map(one, (blocks, jnp.arange(s // chunk)))  # (nblocks, batch, chunk, kv, group, hd)
+        out = out.swapaxes(0, 1)
+    return out.reshape(b, s, nh * hd)  # (batch, seq, heads*head_dim)
+
+
+def block(cfg: ModelConfig, dtype, attn_chunk: int, cos: jax.Array, sin: jax.Array, x: jax.Array, p: dict) -> jax.Array:
+    """One pre-norm transformer layer. x (batch, seq, hidden) in the compute dtype."""
+    h, nh, nkv, hd, f = cfg.hidden, cfg.n_heads, cfg.n_kv_heads, cfg.dim_head, cfg.ffn_hidden
+    b, s, _ = x.shape
+    w = {k: gather_weight(p[k], PARAM_AXES[k][1:], shape) for k, shape in (
+        ("attn_norm", (h,)), ("wq", (h, nh * hd)), ("wk", (h, nkv * hd)), ("wv", (h, nkv * hd)),
+        ("wo", (nh * hd, h)), ("mlp_norm", (h,)), ("w_gate", (h, f)), ("w_up", (h, f)), ("w_down", (f, h)))}
+
+    y = rms_norm(x, w["attn_norm"], cfg.norm_eps, dtype)
+    q = matmul(y, w["wq"]).astype(dtype).reshape(b, s, nh, hd)  # (batch, seq, heads, head_dim)
+    k = matmul(y, w["wk"]).astype(dtype).reshape(b, s, nkv, hd)  # (batch, seq, kv_heads, head_dim)
+    v = matmul(y, w["wv"]).astype(dtype).reshape(b, s, nkv, hd)
+    q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "act_heads", None))
+    k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "act_kv_heads", None))
+    a = attention(q, k, v, attn_chunk)  # (batch, seq, heads*head_dim)
+    a = checkpoint_name(a, "attn_out")
+    x = x + constrain(matmul(a, w["wo"]).astype(dtype), ("batch", "seq", "act_embed"))
+
+    y = rms_norm(x, w["mlp_norm"], cfg.norm_eps, dtype)
+    g = matmul(y, w["w_gate"])  # (batch, seq, ffn) fp32
+    u = matmul(y, w["w_up"])
+    m = constrain((jax.nn.silu(g) * u).astype(dtype), ("batch", "seq", "act_mlp"))
+    return x + constrain(matmul(m, w["w_down"]).astype(dtype), ("batch", "seq", "act_embed"))
+
+
+class Layers(nnx.Module):
+    """All transformer layers' weights, stacked on a leading ``layers`` axis."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        L, h, f = cfg.n_layers, cfg.hidden, cfg.ffn_hidden
+        qd, kvd = cfg.n_heads * cfg.dim_head, cfg.n_kv_heads * cfg.dim_head
+        self.attn_norm = _ones((L, h), "attn_norm")
+        self.wq = _param(rngs, cfg.std, (L, h, qd), "wq")
+        self.wk = _param(rngs, cfg.std, (L, h, kvd), "wk")
+        self.wv = _param(rngs, cfg.std, (L, h, kvd), "wv")
+        self.wo = _param(rngs, cfg.out_std, (L, qd, h), "wo")
+        self.mlp_norm = _ones((L, h), "mlp_norm")
+        self.w_gate = _param(rngs, cfg.std, (L, h, f), "w_gate")
+        self.w_up = _param(rngs, cfg.std, (L, h, f), "w_up")
+        self.w_down = _param(rngs, cfg.out_std, (L, f, h), "w_down")
+
+
+class Llama(nnx.Module):
+    """Parameter container and initializer; the math is the pure function ``forward``."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        V, h = cfg.padded_vocab, cfg.hidden
+        self.embed = _param(rngs, cfg.embed_init_std, (V, h), "embed")
+        self.layers = Layers(cfg, rngs)
+        self.final_norm = _ones((h,), "final_norm")
+        self.head = _param(rngs, cfg.std, (h, V), "head")
+
+    def __call__(self, tokens: jax.Array, **kw) -> jax.Array:
+        return forward(self.cfg, nnx.state(self, nnx.Param).to_pure_dict(), tokens, **kw)
+
+
+def init_params(cfg: ModelConfig, seed: int) -> dict:
+    """Initial parameters as a plain nested dict (same seed -> same weights on any mesh)."""
+    return nnx.state(Llama(cfg, rngs=nnx.Rngs(seed)), nnx.Param).to_pure_dict()
+
+
+def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, *, dtype=jnp.float32, remat: bool = False,
+            remat_policy: str = "full", attn_chunk: int = 0) -> jax.Array:
+    """tokens (batch, seq) int32 -> logits (batch, seq, padded_vocab) fp32.
+
+    ``params`` may hold padded storage arrays (see ``jax_impl.sharding``); every weight is
+    brought to its logical shape and compute layout by ``gather_weight`` where it is used,
+    which inside the layer scan means one layer at a time (ZeRO-3's just-in-time all-gather).
+    """
+    V, h = cfg.padded_vocab, cfg.hidden
+    s = tokens.shape[1]
+    embed = gather_weight(params["embed"], PARAM_AXES["embed"], (V, h))
+    x = constrain(jnp.take(embed, tokens, axis=0).astype(dtype), ("batch", "seq", "act_embed"))
+    cos, sin = rope_tables(s, cfg.dim_head, cfg.rope_theta)
+
+    layer = partial(block, cfg, dtype, attn_chunk, cos, sin)
+    if remat:
+        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
+    x, _ = jax.lax.scan(lambda carry, p: (layer(carry, p), None), x, params["layers"])
+
+    x = rms_norm(x, gather_weight(params["final_norm"], ("norm",), (h,)), cfg.norm_eps, dtype)
+    logits = matmul(x, gather_weight(params["head"], PARAM_AXES["head"], (h, V)))
+    return constrain(logits, ("batch", "seq", "act_vocab"))  # (batch, seq, vocab) fp32
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy over all positions; logits fp32 (batch, seq, vocab)."""
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    gold = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    return jnp.mean(logz - gold)

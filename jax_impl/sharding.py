@@ -1,0 +1,168 @@
+"""Mesh, logical-axis rules and ZeRO shardings: the only module that names mesh axes.
+
+The model labels every array dimension with a logical name; ``RULES`` maps those names to
+mesh axes for compute. ZeRO stages decide which of the *stored* trees (params, grads,
+optimizer state) also shard their ``embed``/``norm`` dimension over the data-parallel axes:
+
+    ZeRO-0  nothing             ZeRO-2  + gradients
+    ZeRO-1  optimizer state     ZeRO-3  + parameters
+    hpZ     ZeRO-3, but parameters only over ``fsdp`` (inside a node); states over data x fsdp
+    MiCS    ZeRO-3, every model state over ``fsdp`` only, replicated across ``data``
+
+JAX only accepts jit arguments whose sharded dimensions divide evenly, and no 70B dimension
+divides by 3 (so not by 96 or 192). Such dimensions are stored *padded* to the next multiple
+of the shard count -- DeepSpeed pads its flat ZeRO partitions the same way -- and sliced back
+to the logical size where the weight is used. Padding is zero and receives zero gradient,
+so AdamW keeps it zero; it never replicates a dimension silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from configs import MESH_AXES, Config, ConfigError
+
+DP_AXES = ("data", "fsdp")
+
+# logical name -> mesh axes, for compute (activations and gathered weights)
+RULES: dict[str, tuple[str, ...]] = {
+    "batch": DP_AXES,
+    "seq": (),
+    "act_embed": (),
+    "act_heads": ("tensor",),
+    "act_kv_heads": ("tensor",),
+    "act_mlp": ("tensor",),
+    "act_vocab": ("tensor",),
+    "vocab": ("tensor",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+    "embed": (),
+    "norm": (),
+    "layers": (),
+}
+# dimensions that ZeRO shards over the data-parallel axes in stored trees
+ZERO_DIMS = ("embed", "norm")
+
+_ACTIVE: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("mesh", default=None)
+
+
+def make_mesh(shape: dict[str, int], devices: list | None = None) -> Mesh:
+    """A mesh over (pipeline, data, fsdp, tensor); ``tensor`` is innermost (fastest link)."""
+    devices = jax.devices() if devices is None else devices
+    n = math.prod(shape[a] for a in MESH_AXES)
+    if n > len(devices):
+        raise ConfigError(
+            f"mesh {shape} needs {n} devices but only {len(devices)} exist; on CPU start a fresh process "
+            f"(the trainer then creates {n} host devices), or shrink the mesh"
+        )
+    grid = np.asarray(devices[:n], dtype=object).reshape([shape[a] for a in MESH_AXES])
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh) -> Iterator[Mesh]:
+    """Make ``constrain``/``gather_weight`` act on ``mesh`` (inside: plain no-ops)."""
+    token = _ACTIVE.set(mesh)
+    try:
+        with jax.set_mesh(mesh):
+            yield mesh
+    finally:
+        _ACTIVE.reset(token)
+
+
+def _axes(mesh: Mesh, names: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(a for a in names if mesh.shape[a] > 1)
+
+
+def logical_spec(names: tuple[str | None, ...], mesh: Mesh, rules: dict[str, tuple[str, ...]] = RULES) -> P:
+    parts = []
+    for n in names:
+        axes = _axes(mesh, rules[n]) if n else ()
+        parts.append(axes if len(axes) > 1 else (axes[0] if axes else None))
+    return P(*parts)
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """Sharding constraint from logical names; identity when no mesh is active."""
+    mesh = _ACTIVE.get()
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_spec(names, mesh)))
+
+
+def gather_weight(w: jax.Array, names: tuple[str, ...], shape: tuple[int, ...]) -> jax.Array:
+    """A stored (maybe ZeRO-sharded, maybe padded) weight in compute layout and logical shape."""
+    w = constrain(w, names)
+    if w.shape != shape:
+        w = w[tuple(slice(0, n) for n in shape)]
+    return w
+
+
+@dataclass(frozen=True)
+class ZeroPlan:
+    """Which mesh axes the ZeRO dimensions of each stored tree are sharded over."""
+
+    mesh: Mesh
+    params: tuple[str, ...]
+    grads: tuple[str, ...]
+    opt: tuple[str, ...]
+
+    @classmethod
+    def from_config(cls, cfg: Config, mesh: Mesh) -> ZeroPlan:
+        p = cfg.parallel
+        everywhere = _axes(mesh, DP_AXES)
+        inside = _axes(mesh, ("fsdp",))
+        states = inside if p.mics else everywhere
+        return cls(
+            mesh=mesh,
+            params=(inside if (p.hpz or p.mics) else everywhere) if p.zero >= 3 else (),
+            grads=states if p.zero >= 2 else (),
+            opt=states if p.zero >= 1 else (),
+        )
+
+    def shards(self, axes: tuple[str, ...]) -> int:
+        return math.prod(self.mesh.shape[a] for a in axes)
+
+    def pad_multiple(self) -> int:
+        """Stored ZeRO dims are padded to a multiple of every tree's shard count."""
+        return math.lcm(*(self.shards(a) for a in (self.params, self.grads, self.opt)))
+
+    def storage_shape(self, names: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+        mult = self.pad_multiple()
+        out = []
+        for n, size in zip(names, shape, strict=True):
+            if n in ZERO_DIMS:
+                size = -(-size // mult) * mult
+            else:
+                tp = self.shards(_axes(self.mesh, RULES[n]))
+                if size % tp:
+                    raise ConfigError(f"dimension {n!r} of size {size} does not divide by its {tp} tensor shards")
+            out.append(size)
+        return tuple(out)
+
+    def spec(self, names: tuple[str, ...], tree: str) -> P:
+        zero_axes = getattr(self, tree)
+        rules = dict(RULES, **{n: zero_axes for n in ZERO_DIMS})
+        return logical_spec(names, self.mesh, rules)
+
+    def sharding(self, names: tuple[str, ...], tree: str) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(names, tree))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Global batch (gas, dp*mbs, seq+1): samples split over the data-parallel axes."""
+    return NamedSharding(mesh, logical_spec((None, "batch", None), mesh))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

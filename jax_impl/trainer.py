@@ -1,0 +1,188 @@
+"""The sharded training step: optax AdamW, GAS microbatches, explicit shardings, donation.
+
+Everything is built from the config and a mesh; nothing is allocated until ``init_state``,
+so ``compile_step`` can plan a 70B step on abstract arrays (ahead-of-time compilation).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from configs import Config
+from configs.schema import lr_at
+from jax_impl.model import PARAM_AXES, cross_entropy, forward, init_params
+from jax_impl.sharding import ZeroPlan, activate, batch_sharding, replicated
+
+DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+def lr_schedule(cfg: Config) -> optax.Schedule:
+    """Megatron's warmup + cosine schedule (same formula as ``configs.schema.lr_at``)."""
+    o = cfg.optim
+    decay = o.decay_steps or cfg.train.steps
+    warmup = o.warmup_frac * decay
+
+    def sched(count):
+        step = jnp.asarray(count, jnp.float32)
+        if o.schedule == "constant":
+            lr = jnp.full_like(step, o.lr)
+        else:
+            ratio = jnp.clip((step - warmup) / max(decay - warmup, 1e-9), 0.0, 1.0)
+            lr = o.min_lr + (o.lr - o.min_lr) * 0.5 * (jnp.cos(jnp.pi * ratio) + 1.0)
+        if warmup > 0:
+            lr = jnp.where(step <= warmup, o.lr * step / warmup, lr)
+        return lr
+
+    return sched
+
+
+def make_optimizer(cfg: Config, params_like: Any) -> optax.GradientTransformation:
+    """Clip by global norm, then AdamW; no weight decay on norm weights (as Megatron)."""
+    o = cfg.optim
+    decay_mask = {k: ({n: not n.endswith("norm") for n in v} if isinstance(v, dict) else not k.endswith("norm"))
+                  for k, v in params_like.items()}
+    return optax.chain(
+        optax.clip_by_global_norm(o.clip) if o.clip > 0 else optax.identity(),
+        optax.adamw(lr_schedule(cfg), b1=o.beta1, b2=o.beta2, eps=o.eps, weight_decay=o.weight_decay,
+                    mask=decay_mask),
+    )
+
+
+def param_names(params_like: dict) -> dict:
+    """The tree of logical axis names, mirroring the params dict."""
+    return {k: ({n: PARAM_AXES[n] for n in v} if isinstance(v, dict) else PARAM_AXES[k])
+            for k, v in params_like.items()}
+
+
+def _tree_map_names(fn, names: dict) -> dict:
+    return jax.tree.map(fn, names, is_leaf=lambda x: isinstance(x, tuple))
+
+
+@dataclass
+class Trainer:
+    cfg: Config
+    mesh: Mesh
+    plan: ZeroPlan
+    names: dict  # logical axes per parameter
+    shapes: dict  # logical shapes per parameter
+    storage: dict  # padded storage ShapeDtypeStructs (with shardings) per parameter
+    param_sh: dict
+    grad_sh: dict
+    opt_sh: Any
+    opt_abstract: Any
+    tx: optax.GradientTransformation
+
+    @classmethod
+    def build(cls, cfg: Config, mesh: Mesh) -> Trainer:
+        plan = ZeroPlan.from_config(cfg, mesh)
+        logical = jax.eval_shape(lambda: init_params(cfg.model, cfg.train.seed))
+        names = param_names(logical)
+        shapes = jax.tree.map(lambda a: a.shape, logical)
+        param_sh = _tree_map_names(lambda n: plan.sharding(n, "params"), names)
+        grad_sh = _tree_map_names(lambda n: plan.sharding(n, "grads"), names)
+        storage = jax.tree.map(
+            lambda n, a, s: jax.ShapeDtypeStruct(plan.storage_shape(n, a.shape), a.dtype, sharding=s),
+            names, logical, param_sh, is_leaf=lambda x: isinstance(x, tuple))
+        tx = make_optimizer(cfg, names)
+        opt_abstract = jax.eval_shape(tx.init, storage)
+        opt_leaf_sh = _tree_map_names(lambda n: plan.sharding(n, "opt"), names)
+        opt_sh = optax.tree_map_params(
+            tx, lambda _, s: s, opt_abstract, opt_leaf_sh,
+            transform_non_params=lambda _: replicated(mesh))
+        opt_abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    opt_abstract, opt_sh)
+        return cls(cfg, mesh, plan, names, shapes, storage, param_sh, grad_sh, opt_sh, opt_abstract, tx)
+
+    # ------------------------------------------------------------------ state
+    def init_state(self) -> tuple[dict, Any]:
+        """Initial (params, opt_state), created directly in their shardings."""
+        cfg = self.cfg
+
+        def init():
+            params = init_params(cfg.model, cfg.train.seed)
+            return jax.tree.map(
+                lambda p, s: jnp.pad(p, [(0, t - n) for n, t in zip(p.shape, s.shape, strict=True)]),
+                params, self.storage)
+
+        with activate(self.mesh):
+            params = jax.jit(init, out_shardings=self.param_sh)()
+            opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sh)(params)
+        return params, opt_state
+
+    def logical_params(self, params: dict) -> dict:
+        """Storage params sliced back to their logical shapes (for export and checks)."""
+        return jax.tree.map(lambda p, s: p[tuple(slice(0, n) for n in s)], params, self.shapes,
+                            is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(i, int) for i in x))
+
+    # ------------------------------------------------------------------ step
+    def loss_fn(self, params: dict, tokens: jax.Array) -> jax.Array:
+        """Mean next-token loss of one microbatch tokens (batch, seq+1)."""
+        p, m = self.cfg.parallel, self.cfg.model
+        logits = forward(m, params, tokens[:, :-1], dtype=DTYPES[self.cfg.train.dtype], remat=p.remat,
+                         remat_policy=p.remat_policy, attn_chunk=p.attn_chunk)
+        return cross_entropy(logits, tokens[:, 1:])
+
+    def _step(self, params: dict, opt_state: Any, batch: jax.Array):
+        grad_fn = jax.value_and_grad(self.loss_fn)
+
+        def micro(tokens):
+            loss, g = grad_fn(params, tokens)
+            return loss, jax.lax.with_sharding_constraint(g, self.grad_sh)
+
+        gas = batch.shape[0]
+        if gas == 1:
+            loss, grads = micro(batch[0])
+        else:
+            def body(acc, tokens):
+                loss, g = micro(tokens)
+                return jax.tree.map(jnp.add, acc, g), loss
+
+            zeros = jax.tree.map(lambda s, sh: jax.lax.with_sharding_constraint(jnp.zeros(s.shape, s.dtype), sh),
+                                 self.storage, self.grad_sh)
+            grads, losses = jax.lax.scan(body, zeros, batch)
+            grads = jax.tree.map(lambda g: g / gas, grads)
+            loss = jnp.mean(losses)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = self.tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": loss, "grad_norm": grad_norm}
+
+    def jitted_step(self):
+        return jax.jit(
+            self._step,
+            in_shardings=(self.param_sh, self.opt_sh, batch_sharding(self.mesh)),
+            out_shardings=(self.param_sh, self.opt_sh, replicated(self.mesh)),
+            donate_argnums=(0, 1),
+        )
+
+    def batch_abstract(self) -> jax.ShapeDtypeStruct:
+        p = self.cfg.parallel
+        dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        return jax.ShapeDtypeStruct((p.gas, dp * p.mbs, self.cfg.data.seq_len + 1), jnp.int32,
+                                    sharding=batch_sharding(self.mesh))
+
+    def compile_step(self):
+        """Ahead-of-time compile of the train step on abstract inputs (allocates nothing)."""
+        with activate(self.mesh):
+            lowered = self.jitted_step().lower(self.storage, self.opt_abstract, self.batch_abstract())
+            return lowered.compile()
+
+    # ------------------------------------------------------------------ accounting
+    def state_bytes_per_device(self) -> dict[str, int]:
+        """Bytes per device of params, grads and optimizer state, from shapes and shardings."""
+        def per_dev(shape, dtype, sh: NamedSharding) -> int:
+            shard = sh.shard_shape(shape)
+            return math.prod(shard) * jnp.dtype(dtype).itemsize
+
+        params = sum(per_dev(s.shape, s.dtype, s.sharding) for s in jax.tree.leaves(self.storage))
+        grads = sum(per_dev(s.shape, s.dtype, sh) for s, sh in
+                    zip(jax.tree.leaves(self.storage), jax.tree.leaves(self.grad_sh), strict=True))
+        opt = sum(per_dev(s.shape, s.dtype, s.sharding) for s in jax.tree.leaves(self.opt_abstract))
+        return {"params": params, "grads": grads, "opt_state": opt}
