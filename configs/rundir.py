@@ -71,7 +71,7 @@ class MetricsLog:
         if self._wandb is not None:
             try:
                 self._wandb.log({k: v for k, v in full.items() if v is not None and k != "step"}, step=row["step"])
-            except Exception as e:  # noqa: BLE001 - logging must never end a run
+            except Exception as e:
                 warnings.warn(f"wandb logging failed, continuing without it: {e}", stacklevel=2)
                 self._wandb = None
 
@@ -80,7 +80,7 @@ class MetricsLog:
         if self._wandb is not None:
             try:
                 self._wandb.finish(quiet=True)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
 
 
@@ -93,7 +93,7 @@ def _open_wandb(cfg: Config, run_dir: Path, framework: str):
         os.environ.setdefault("WANDB_SILENT", "true")
         return wandb.init(project="auroragpt-jax-vs-deepspeed", name=run_dir.name, dir=str(run_dir),
                           mode=cfg.train.wandb, config=cfg.to_dict(), tags=[framework], reinit="finish_previous")
-    except Exception as e:  # noqa: BLE001 - a missing or failing wandb never breaks a run
+    except Exception as e:
         warnings.warn(f"wandb unavailable ({type(e).__name__}: {e}); metrics.jsonl still has everything",
                       stacklevel=2)
         return None

@@ -68,5 +68,6 @@ def configure(platform: str, n_devices: int | None) -> str:
         return platform
     jax.config.update("jax_platforms", PLATFORM_NAMES[platform])
     if platform == "cpu" and n_devices:
-        jax.config.update("jax_num_cpu_devices", n_devices)
+        # never lower a count someone already asked for (e.g. a test session's 8 devices)
+        jax.config.update("jax_num_cpu_devices", max(n_devices, jax.config.jax_num_cpu_devices))
     return platform

@@ -50,11 +50,11 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 
 def _param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...], name: str) -> nnx.Param:
     value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
-    return nnx.Param(value, sharding_names=PARAM_AXES[name], eager_sharding=False)
+    return nnx.Param(value, out_sharding=PARAM_AXES[name], eager_sharding=False)
 
 
 def _ones(shape: tuple[int, ...], name: str) -> nnx.Param:
-    return nnx.Param(jnp.ones(shape, jnp.float32), sharding_names=PARAM_AXES[name], eager_sharding=False)
+    return nnx.Param(jnp.ones(shape, jnp.float32), out_sharding=PARAM_AXES[name], eager_sharding=False)
 
 
 @jax.custom_vjp
@@ -194,12 +194,12 @@ class Llama(nnx.Module):
         self.head = _param(rngs, cfg.std, (h, V), "head")
 
     def __call__(self, tokens: jax.Array, **kw) -> jax.Array:
-        return forward(self.cfg, nnx.state(self, nnx.Param).to_pure_dict(), tokens, **kw)
+        return forward(self.cfg, nnx.to_pure_dict(nnx.state(self, nnx.Param)), tokens, **kw)
 
 
 def init_params(cfg: ModelConfig, seed: int) -> dict:
     """Initial parameters as a plain nested dict (same seed -> same weights on any mesh)."""
-    return nnx.state(Llama(cfg, rngs=nnx.Rngs(seed)), nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(Llama(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
 
 
 def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, *, dtype=jnp.float32, remat: bool = False,

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import MESH_AXES, Config, ConfigError
@@ -67,6 +67,11 @@ def make_mesh(shape: dict[str, int], devices: list | None = None) -> Mesh:
         )
     grid = np.asarray(devices[:n], dtype=object).reshape([shape[a] for a in MESH_AXES])
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def make_abstract_mesh(shape: dict[str, int]) -> AbstractMesh:
+    """A device-free mesh of the same shape: enough to plan shardings for 96 tiles on a laptop."""
+    return AbstractMesh(tuple(shape[a] for a in MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 @contextlib.contextmanager
@@ -112,7 +117,7 @@ def gather_weight(w: jax.Array, names: tuple[str, ...], shape: tuple[int, ...]) 
 class ZeroPlan:
     """Which mesh axes the ZeRO dimensions of each stored tree are sharded over."""
 
-    mesh: Mesh
+    mesh: Mesh | AbstractMesh
     params: tuple[str, ...]
     grads: tuple[str, ...]
     opt: tuple[str, ...]

@@ -16,7 +16,6 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from configs import Config
-from configs.schema import lr_at
 from jax_impl.model import PARAM_AXES, cross_entropy, forward, init_params
 from jax_impl.sharding import ZeroPlan, activate, batch_sharding, replicated
 
@@ -149,7 +148,7 @@ class Trainer:
             grads, losses = jax.lax.scan(body, zeros, batch)
             grads = jax.tree.map(lambda g: g / gas, grads)
             loss = jnp.mean(losses)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, {"loss": loss, "grad_norm": grad_norm}

@@ -1,0 +1,135 @@
+"""The Flax Llama: exact shapes, attention math against a plain reference, remat, bf16 dots."""
+
+import ast
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from _util import assert_tree_close
+
+from configs import MESH_AXES, load_config
+from jax_impl import model as M
+
+
+def _count(tree) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("preset,count", [("llama2-70b", 68_976_648_192), ("auroragpt-42b-tp6", 41_404_500_960)])
+def test_exact_counts_from_abstract_shapes(preset, count):
+    cfg = load_config(preset)
+    abstract = jax.eval_shape(lambda: M.init_params(cfg.model, 0))  # allocates nothing
+    assert _count(abstract) == count == cfg.model.n_params()
+    assert abstract["layers"]["wk"].shape == (cfg.model.n_layers, cfg.model.hidden, cfg.model.n_kv_heads * 128 if
+                                               preset == "llama2-70b" else 6 * 170)
+
+
+def test_model_names_no_mesh_axis():
+    src = Path(M.__file__).read_text()
+    strings = {n.value for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    assert not strings & set(MESH_AXES), "the model must use logical axis names only"
+
+
+def _reference_attention(q, k, v):
+    """Plain numpy GQA: repeat each KV head over its query group, causal softmax."""
+    b, s, nh, hd = q.shape
+    k = np.repeat(k, nh // k.shape[2], axis=2)
+    v = np.repeat(v, nh // v.shape[2], axis=2)
+    scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(hd)
+    scores = np.where(np.tril(np.ones((s, s), bool)), scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", p, v).reshape(b, s, nh * hd)
+
+
+@pytest.mark.parametrize("n_kv", [1, 2, 4, 8])
+def test_gqa_attention_matches_reference(n_kv):
+    r = np.random.default_rng(n_kv)
+    q = r.standard_normal((2, 16, 8, 8), np.float32)
+    k, v = (r.standard_normal((2, 16, n_kv, 8), np.float32) for _ in range(2))
+    out = M.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v))
+    np.testing.assert_allclose(out, _reference_attention(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_attention_equals_full_values_and_grads():
+    r = np.random.default_rng(0)
+    q = jnp.asarray(r.standard_normal((1, 64, 4, 8), np.float32))
+    k, v = (jnp.asarray(r.standard_normal((1, 64, 2, 8), np.float32)) for _ in range(2))
+
+    def f(chunk):
+        return jax.value_and_grad(lambda q, k, v: jnp.sum(jnp.sin(M.attention(q, k, v, chunk))), (0, 1, 2))(q, k, v)
+
+    (l0, g0), (l1, g1) = f(0), f(16)
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    for a, b in zip(g1, g0, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_rope_rotates_pairs_half_apart():
+    cos, sin = M.rope_tables(4, 8, 10000.0)
+    x = jnp.arange(2 * 4 * 1 * 8, dtype=jnp.float32).reshape(2, 4, 1, 8)
+    y = M.apply_rope(x, cos, sin)
+    np.testing.assert_allclose(y[:, 0], x[:, 0])  # position 0: identity
+    # rotation preserves the norm of each (i, i + D/2) pair
+    pair = lambda t: t[..., :4] ** 2 + t[..., 4:] ** 2  # noqa: E731
+    np.testing.assert_allclose(pair(y), pair(x), rtol=1e-5)
+    # the first pair at position 1 rotates by angle 1 rad (inv_freq[0] = 1)
+    a, b = x[0, 1, 0, 0], x[0, 1, 0, 4]
+    np.testing.assert_allclose(y[0, 1, 0, 0], a * np.cos(1) - b * np.sin(1), rtol=1e-5)
+
+
+def _loss_and_grads(cfg, params, tokens, **kw):
+    def loss(p):
+        return M.cross_entropy(M.forward(cfg.model, p, tokens[:, :-1], **kw), tokens[:, 1:])
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = load_config("tiny")
+    params = M.init_params(cfg.model, 0)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 33)), jnp.int32)
+    return cfg, params, tokens
+
+
+def test_initial_loss_is_near_log_vocab(tiny):
+    cfg, params, tokens = tiny
+    loss, _ = _loss_and_grads(cfg, params, tokens)
+    assert abs(float(loss) - math.log(cfg.model.vocab_size)) < 0.5
+
+
+@pytest.mark.parametrize("policy", ["full", "save_dots", "save_attn_out"])
+def test_remat_gives_identical_loss_and_grads(tiny, policy):
+    cfg, params, tokens = tiny
+    l0, g0 = _loss_and_grads(cfg, params, tokens)
+    l1, g1 = _loss_and_grads(cfg, params, tokens, remat=True, remat_policy=policy)
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    assert_tree_close(g1, g0, rtol=1e-5)
+
+
+def test_matmul_vjp_equals_autodiff_in_fp32():
+    r = np.random.default_rng(1)
+    x, w = jnp.asarray(r.standard_normal((3, 5, 7), np.float32)), jnp.asarray(r.standard_normal((7, 4), np.float32))
+    g_custom = jax.grad(lambda x, w: jnp.sum(jnp.tanh(M.matmul(x, w))), (0, 1))(x, w)
+    g_plain = jax.grad(lambda x, w: jnp.sum(jnp.tanh(x @ w)), (0, 1))(x, w)
+    for a, b in zip(g_custom, g_plain, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_tracks_fp32_and_every_dot_accumulates_in_fp32(tiny):
+    cfg, params, tokens = tiny
+    l32, _ = _loss_and_grads(cfg, params, tokens)
+    l16, g16 = _loss_and_grads(cfg, params, tokens, dtype=jnp.bfloat16)
+    assert abs(float(l16) - float(l32)) / float(l32) < 1e-2
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(g16))  # fp32 master gradients
+
+    def loss(p):
+        return M.cross_entropy(M.forward(cfg.model, p, tokens[:, :-1], dtype=jnp.bfloat16), tokens[:, 1:])
+    hlo = jax.jit(jax.value_and_grad(loss)).lower(params).as_text()
+    dots = [line for line in hlo.splitlines() if "stablehlo.dot_general" in line]
+    assert len(dots) >= 20  # forward and backward dots of 2 layers + head
+    bf16_out = [d for d in dots if d.rstrip().endswith("bf16>")]
+    assert not bf16_out, f"bf16->bf16 dots (slow on XLA:CPU): {bf16_out[:2]}"

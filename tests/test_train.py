@@ -1,0 +1,115 @@
+"""`python -m jax_impl.train` end to end: run directory, logs, dry-run plans, errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from configs import load_config
+from configs.rundir import METRIC_KEYS, read_metrics
+from jax_impl.train import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_tiny_run_writes_config_meta_and_metrics(tmp_path, capsys):
+    out = main(["--preset", "tiny", "--mesh", "data=2,fsdp=2", "--steps", "4", "--out-dir", str(tmp_path),
+                "--name", "r1", "--wandb", "disabled", "--quiet", "--optim.lr=3e-3"])
+    run_dir = tmp_path / "r1"
+    assert out["run_dir"] == run_dir
+    doc = json.loads((run_dir / "config.json").read_text())
+    expected = load_config("tiny", {"parallel.mesh": "data=2,fsdp=2", "train.steps": 4, "train.out_dir": str(tmp_path),
+                                    "train.name": "r1", "train.wandb": "disabled", "optim.lr": 3e-3})
+    assert doc["hash"] == expected.hash() and doc["config"] == expected.to_dict()
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert meta["framework"] == "jax" and meta["devices"] == 4 and meta["layout"] == "zero3"
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(set(r) == set(METRIC_KEYS) for r in rows)
+    assert [r["loss"] for r in rows] == out["losses"]
+    assert rows[-1]["consumed_samples"] == 4 * 2 * 4  # steps x mbs x dp
+    assert all(r["tflops_per_device"] > 0 and r["tokens_per_s_per_device"] > 0 for r in rows)
+    printed = capsys.readouterr().out
+    assert "step     4 | loss" in printed and "TFLOPS/dev" in printed
+
+
+def test_refuses_to_overwrite_a_run(tmp_path):
+    args = ["--preset", "tiny", "--steps", "1", "--out-dir", str(tmp_path), "--name", "same", "--wandb", "disabled",
+            "--quiet", "--mesh", "data=1"]
+    main(args)
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        main(args)
+
+
+def test_small_preset_loss_falls_over_30_steps(tmp_path):
+    out = main(["--preset", "small", "--mesh", "fsdp=8", "--steps", "30", "--out-dir", str(tmp_path),
+                "--wandb", "disabled", "--quiet"])
+    losses = out["losses"]
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.0, losses
+
+
+def test_dry_run_in_process_allocates_nothing_and_reports(capsys):
+    plan = main(["--preset", "tiny", "--mesh", "fsdp=8", "--dry-run"])
+    printed = capsys.readouterr().out
+    assert f"{load_config('tiny').model.n_params():,} parameters" in printed
+    assert plan["memory"]["argument"] > 0 and plan["memory"]["temp"] > 0
+    assert plan["state_bytes"]["opt_state"] == 2 * plan["state_bytes"]["params"]
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--mesh", "fsdb=8"], "unknown mesh axis 'fsdb'"),
+    (["--preset", "tiny", "--mesh", "fsdp=16"], "JAX already started with 8 devices but the mesh needs 16"),
+    (["--preset", "tiny", "--model.n_layerz=3"], "did you mean 'model.n_layers'"),
+    (["--preset", "tiny", "--zero", "2", "--parallel.hpz=true", "--mesh", "data=2,fsdp=2"], "needs ZeRO-3"),
+])
+def test_bad_input_exits_2_with_message(argv, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--dry-run"])
+    assert e.value.code == 2
+    assert msg in capsys.readouterr().err
+
+
+def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
+    return subprocess.run([sys.executable, "-m", "jax_impl.train", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_70b_dry_run_on_96_fake_devices():
+    r = _cli("--preset", "llama2-70b", "--mesh", "fsdp=96", "--dry-run")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "68,976,648,192 parameters" in r.stdout
+    assert "96 devices" in r.stdout and "padded to a multiple of 96" in r.stdout
+    params_line = next(line for line in r.stdout.splitlines() if line.strip().startswith("params"))
+    gib = float(params_line.split()[1])
+    assert 68_976_648_192 * 4 / 96 / 2**30 <= gib <= 1.01 * 68_976_648_192 * 4 / 96 / 2**30
+    assert "AOT-compiled train step" in r.stdout and "temp" in r.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [
+    ("--mesh", "data=8,fsdp=12", "--parallel.hpz=true"),
+    ("--mesh", "data=8,fsdp=12", "--parallel.mics=true"),
+    ("--mesh", "fsdp=192"),
+])
+def test_70b_dry_run_other_layouts(args):
+    r = _cli("--preset", "llama2-70b", *args, "--dry-run")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "68,976,648,192 parameters" in r.stdout and "AOT-compiled train step" in r.stdout
+
+
+@pytest.mark.slow
+def test_42b_tp6_dry_run():
+    r = _cli("--preset", "auroragpt-42b-tp6", "--dry-run")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "41,404,500,960 parameters" in r.stdout and "'tensor': 6" in r.stdout
+
+
+def test_wandb_offline_run_never_breaks_and_logs_locally(tmp_path):
+    out = main(["--preset", "tiny", "--mesh", "data=1", "--steps", "2", "--out-dir", str(tmp_path), "--name", "w",
+                "--wandb", "offline", "--quiet"])
+    assert len(out["losses"]) == 2
+    assert list((tmp_path / "w").glob("wandb/offline-run-*")), "wandb offline files expected in the run directory"
