@@ -75,6 +75,6 @@ def parse_file_list(path: str | Path, check_files: bool = True) -> list[FileList
 def write_file_list(path: str | Path, entries: Iterable[tuple[float, str | Path, str]]) -> Path:
     """Write ``weight prefix corpus`` lines; prefixes are written as given (relative ones stay relative)."""
     path = Path(path)
-    lines = [f"{w:g} {p} {c}" for w, p, c in entries]
+    lines = [f"{float(w)!r} {p} {c}" for w, p, c in entries]  # repr: the weight round-trips exactly
     path.write_text("# weight path_prefix corpus\n" + "\n".join(lines) + "\n", encoding="utf-8")
     return path

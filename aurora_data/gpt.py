@@ -26,6 +26,15 @@ Upstream behaviour reproduced (argonne-lcf/Megatron-DeepSpeed ``megatron/data/gp
 
 Index arrays are cached as ``.npy`` under a key that hashes every input (the ``.idx`` bytes, split,
 counts, sequence length, seed, weights), so they are rebuilt whenever an input changes.
+
+Known differences from upstream: only the training stream is built; the cache uses its own names and
+keys (Megatron's ``--data-cache-path`` files are not read, though they hold the same values); cases
+where Megatron fails mid-run (an empty split, a blend asking a file for more samples than it built)
+and a file whose split holds fewer than ``seq+1`` tokens (Megatron would wrap one sample around the
+same file) are ``DataError`` at build time; ``build_concat_indices`` (used only without
+``--blend-sample-in-corpus``) was not in the sources consulted and is plain concatenation here; a
+list line without a corpus is a corpus of its own (ALCF requires the column); the exact-epochs and
+forced-index-path options are not supported; samples are int32 (Megatron hands out int64).
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -57,13 +67,13 @@ def train_valid_test_split(splits_string: str, size: int) -> list[int]:
         parts = [float(s) for s in (splits_string.split(sep) if sep else [splits_string])]
     except ValueError:
         raise DataError(f"split {splits_string!r} is not a list of numbers like '990,10,0'") from None
-    parts = (parts + [0.0, 0.0])[:3]
+    parts = [*parts, 0.0, 0.0][:3]
     total = sum(parts)
     if total <= 0 or min(parts) < 0:
         raise DataError(f"split {splits_string!r} needs non-negative parts with a positive sum")
     bounds = [0]
     for p in parts:
-        bounds.append(bounds[-1] + int(round(p / total * float(size))))
+        bounds.append(bounds[-1] + round(p / total * float(size)))
     diff = bounds[-1] - size
     return [bounds[0]] + [b - diff for b in bounds[1:]]
 
@@ -73,7 +83,7 @@ def samples_per_file(weights: Sequence[float], num_samples: int) -> list[int]:
     total = 0.0
     for w in weights:
         total += w
-    return [int(math.ceil(num_samples * (w / total) * 1.005)) for w in weights]
+    return [math.ceil(num_samples * (w / total) * 1.005) for w in weights]
 
 
 def num_epochs(tokens_per_epoch: int, seq_len: int, num_samples: int) -> int:
@@ -209,7 +219,7 @@ class IndexCache:
         self.hits = 0
         self.builds = 0
 
-    def load_or_build(self, desc: dict, names: Sequence[str],
+    def load_or_build(self, desc: dict[str, Any], names: Sequence[str],
                       build: Callable[[], Sequence[np.ndarray]]) -> list[np.ndarray]:
         text = json.dumps({"cache_version": _CACHE_VERSION, **desc}, sort_keys=True, indent=1)
         key = hashlib.sha256(text.encode()).hexdigest()[:20]
@@ -272,8 +282,6 @@ class GPTDataset:
         self.doc_idx, self.sample_idx, self.shuffle_idx = (cache or IndexCache(None)).load_or_build(
             desc, ("doc_idx", "sample_idx", "shuffle_idx"),
             lambda: build_index_mappings(data.sizes, self.documents, num_samples, seq_len, seed))
-        self._sizes = np.asarray(data.sizes, dtype=np.int64)
-        self._starts = np.asarray(data.pointers, dtype=np.int64) // data.dtype.itemsize
         self.key = desc
 
     def __len__(self) -> int:
@@ -295,9 +303,9 @@ class GPTDataset:
         pos = df[owner] + k
         doc = self.doc_idx[pos]
         begin = np.where(k == 0, of[owner], 0)
-        end = np.where(pos == dl[owner], ol[owner] + 1, self._sizes[doc])
+        end = np.where(pos == dl[owner], ol[owner] + 1, self.data.sizes[doc].astype(np.int64))
         length = end - begin
-        src = self._starts[doc] + begin
+        src = self.data.pointers[doc] // self.data.dtype.itemsize + begin
         offsets = np.repeat(src - (np.cumsum(length) - length), length) + np.arange(int(length.sum()))
         return np.asarray(self.data.tokens[offsets], dtype=np.int32).reshape(n, self.seq_len + 1)
 
@@ -305,8 +313,8 @@ class GPTDataset:
         return self.gather(np.array([i]))[0]
 
 
-def _corpus_mapping(entries: Sequence[FileListEntry], counts: Sequence[int], seed: int, blend_in_corpus: bool,
-                    shuffle_in_corpus: bool) -> tuple[np.ndarray, np.ndarray]:
+def _corpus_mapping(entries: Sequence[FileListEntry], counts: Sequence[int], available: Sequence[int], seed: int,
+                    blend_in_corpus: bool, shuffle_in_corpus: bool) -> tuple[np.ndarray, np.ndarray]:
     """For every stream position: (file number, sample number within that file)."""
     corpora = sorted({e.corpus for e in entries})
     total = int(sum(counts))
@@ -320,6 +328,11 @@ def _corpus_mapping(entries: Sequence[FileListEntry], counts: Sequence[int], see
             di, dsi = build_blending_indices(n / np.sum(n), size)
         else:
             di, dsi = build_concat_indices(n)
+        # the greedy blend may ask a file for one sample more than its count; Megatron would fail mid-run
+        for f, used in zip(members, np.bincount(di, minlength=len(n)), strict=True):
+            if used > available[f]:
+                raise DataError(f"{entries[f].where}: blending needs {used} samples of {entries[f].prefix} "
+                                f"but only {available[f]} exist")
         order = np.arange(size)
         if shuffle_in_corpus:
             np.random.RandomState(seed=seed).shuffle(order)
@@ -375,14 +388,10 @@ class BlendedGPTDataset:
         desc = {"kind": "blend", "files": [d.key for d in self.datasets], "weights": [e.weight for e in self.entries],
                 "corpora": [e.corpus for e in self.entries], "counts": counts, "seed": seed,
                 "blend_in_corpus": blend_in_corpus, "shuffle_in_corpus": shuffle_in_corpus}
+        available = [len(d) for d in self.datasets]
         self.file_index, self.file_sample = self.cache.load_or_build(
             desc, ("file_index", "file_sample"),
-            lambda: _corpus_mapping(self.entries, counts, seed, blend_in_corpus, shuffle_in_corpus))
-        for i, d in enumerate(self.datasets):
-            used = self.file_sample[self.file_index == i]
-            if len(used) and int(used.max()) >= len(d):
-                raise DataError(f"{self.entries[i].where}: blending needs sample {int(used.max())} of {d.data.prefix} "
-                                f"but only {len(d)} were built")
+            lambda: _corpus_mapping(self.entries, counts, available, seed, blend_in_corpus, shuffle_in_corpus))
         self.num_samples = len(self.file_index)
 
     def __len__(self) -> int:

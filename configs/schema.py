@@ -131,8 +131,9 @@ class OptimConfig:
 @dataclass
 class DataConfig:
     seq_len: int = 32
-    source: str = "synthetic"  # synthetic | indexed
-    file_list: str = ""  # Megatron data-file-list (weight prefix corpus); "" -> embedded corpus
+    source: str = "indexed"  # indexed (Megatron .bin/.idx) | synthetic
+    file_list: str = ""  # Megatron data-file-list (weight prefix corpus); "" -> embedded stdlib corpus
+    split: str = "990,10,0"  # Megatron train/valid/test split weights (ALCF's); training reads the first
     seed: int = 1234
 
 
@@ -416,6 +417,14 @@ def validate_config(cfg: Config, n_devices: int | None = None) -> None:
     if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
         raise ConfigError(f"optim.lr={o.lr}, optim.min_lr={o.min_lr}: need 0 <= min_lr <= lr and lr > 0")
     _choice("data.source", cfg.data.source, ("synthetic", "indexed"))
+    parts = cfg.data.split.split(",")
+    try:
+        weights = [float(x) for x in parts]
+    except ValueError:
+        weights = []
+    if len(weights) != 3 or min(weights) < 0 or weights[0] <= 0:
+        raise ConfigError(f"data.split={cfg.data.split!r} must be three weights 'train,valid,test' with train > 0, "
+                          "e.g. '990,10,0'")
     if cfg.data.seq_len < 2:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be >= 2")
     t = cfg.train

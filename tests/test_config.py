@@ -108,6 +108,8 @@ def test_overrides_types_and_round_trip():
     ({"train.dtype": "fp16"}, "train.dtype='fp16' is not one of fp32, bf16"),
     ({"optim.min_lr": 1.0}, "need 0 <= min_lr <= lr"),
     ({"data.seq_len": 1}, "data.seq_len=1 must be >= 2"),
+    ({"data.split": "99,1"}, "must be three weights"),
+    ({"data.split": "0,1,0"}, "must be three weights"),
     ({"parallel.mbs": 0}, "parallel.mbs=0 must be >= 1"),
 ])
 def test_validation_messages(overrides, msg):

@@ -1,0 +1,95 @@
+"""``build_source`` for both sources, and the embedded standard-library corpus."""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aurora_data import BlendedGPTDataset, DataError, SyntheticSource, build_source, global_batch
+from aurora_data import corpus as corpus_mod
+from aurora_data.corpus import ensure_default_dataset, select_stdlib_files
+from aurora_data.prepare import prepare
+from aurora_data.tokenizer import load_tokenizer, tokenizer_dir
+from configs import Config
+
+
+def indexed_cfg(file_list: str | Path = "", vocab: int = 258, seq: int = 16) -> Config:
+    cfg = Config()
+    cfg.data.source, cfg.data.file_list, cfg.data.seq_len = "indexed", str(file_list), seq
+    cfg.model.vocab_size = vocab
+    return cfg
+
+
+@pytest.fixture
+def byte_list(tmp_path: Path) -> Path:
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    return prepare([text], tmp_path / "data", name="fox", tokenizer="byte", progress=False).file_list
+
+
+def test_synthetic() -> None:
+    cfg = Config()
+    cfg.data.source = "synthetic"
+    src = build_source(cfg)
+    assert isinstance(src, SyntheticSource)
+    np.testing.assert_array_equal(src.samples(3, 4), SyntheticSource(256, 32, 1234).samples(3, 4))
+
+
+def test_indexed_from_file_list(byte_list: Path, tmp_path: Path) -> None:
+    cfg = indexed_cfg(byte_list)
+    src = build_source(cfg, cache_dir=tmp_path / "cache")  # num_samples: steps (10) x gbs (1), +0.5 %
+    assert isinstance(src, BlendedGPTDataset) and len(src) == 11 and (src.seq_len, src.vocab_size) == (16, 258)
+    batch = global_batch(src, 4, mbs=2, gas=1, dp=1)
+    assert batch.shape == (1, 2, 17) and batch.dtype == np.int32
+    assert bytes(batch[0, 0].astype(np.uint8)).decode() in ("The quick brown fox jumps over the lazy dog. " * 3)
+    assert (byte_list.parent / "index-cache").is_dir()  # Megatron's place: beside the data
+    bigger = build_source(cfg, num_samples=500, cache_dir=tmp_path / "cache")
+    assert len(bigger) == 503 and bigger.samples(400, 3).shape == (3, 17)
+
+
+def test_tokenizer_vocab_larger_than_model(byte_list: Path) -> None:
+    with pytest.raises(DataError, match=r"fox_file_list\.txt:2: .*fox_text_document was tokenized with a "
+                                        r"258-token vocabulary .*model\.vocab_size is 256"):
+        build_source(indexed_cfg(byte_list, vocab=256), num_samples=8)
+
+
+def test_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"nope\.txt: data\.file_list not found"):
+        build_source(indexed_cfg(tmp_path / "nope.txt"), num_samples=8)
+    cfg = Config()
+    cfg.data.source = "hdf5"
+    with pytest.raises(DataError, match=r"data\.source='hdf5'"):
+        build_source(cfg)
+
+
+def test_stdlib_selection_is_deterministic_and_capped() -> None:
+    a, b = select_stdlib_files(0.5), select_stdlib_files(0.5)
+    assert a == b and a == sorted(a) and len(a) > 5
+    assert sum(p.stat().st_size for p in a) <= 0.5e6
+    root = Path(sysconfig.get_paths()["stdlib"])
+    parts = {part for p in a for part in p.relative_to(root).parts}
+    assert not parts & {"site-packages", "test", "tests"} and all(p.suffix == ".py" for p in a)
+    assert len({p.relative_to(root).parts[0] for p in a}) > 3  # spread over the library
+
+
+def test_default_corpus_prepared_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AURORA_DATA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("AURORA_DATA_CORPUS_MB", "0.25")
+    cfg = indexed_cfg("", vocab=512, seq=64)
+    src = build_source(cfg, num_samples=64)
+    (ds_dir,) = (tmp_path / "cache").glob("stdlib-*-v512-0.25mb")
+    assert src.file_list == ds_dir / "stdlib_file_list.txt"
+    tok = load_tokenizer(tokenizer_dir(ds_dir / "stdlib_text_document"))
+    assert tok.vocab_size <= 512 and src.vocab_size == 512
+    x = src.samples(0, 64)
+    assert x.max() < tok.vocab_size and x.min() >= 0
+    text = "".join(tok.decode(row) for row in x)
+    assert "def " in text and "self" in text  # it is Python source
+    # reused afterwards: preparing again would fail loudly
+    monkeypatch.setattr(corpus_mod, "prepare", lambda *a, **k: pytest.fail("prepared twice"))
+    again = build_source(cfg, num_samples=64)
+    np.testing.assert_array_equal(again.samples(0, 64), x)
+    assert ensure_default_dataset(tmp_path / "cache", 512, max_mb=0.25) == src.file_list
