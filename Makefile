@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: demo test test-fast test-slow lint bench dry-run-70b clean
+.PHONY: demo test test-fast lint bench report dry-run-70b clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,6 +32,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_train.py
+
+# JAX vs DeepSpeed parity + throughput for every layout runnable here, plus the study's table
+report: $(STAMP)
+	$(BIN)/python -m compare.report --reference compare/data/aurora_reference_runs.csv
 
 dry-run-70b: $(STAMP)
 	$(BIN)/python -m jax_impl.train --preset llama2-70b --mesh fsdp=96 --dry-run

@@ -44,6 +44,7 @@ def test_refuses_to_overwrite_a_run(tmp_path):
         main(args)
 
 
+@pytest.mark.slow
 def test_small_preset_loss_falls_over_30_steps(tmp_path):
     out = main(["--preset", "small", "--mesh", "fsdp=8", "--steps", "30", "--out-dir", str(tmp_path),
                 "--wandb", "disabled", "--quiet"])

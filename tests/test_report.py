@@ -1,0 +1,117 @@
+"""compare.report: parity verdicts on real JAX + DeepSpeed runs, fixture run directories, bad input."""
+
+import json
+import math
+import shutil
+
+import pytest
+
+from compare import report
+from configs.rundir import METRIC_KEYS, write_config, write_meta
+from jax_impl.train import main as jax_main
+
+
+def make_run(runs_dir, layout: str, dtype: str, fw: str, losses, steps=None, **cfg_over):
+    """A fixture run directory as a trainer would leave it."""
+    cfg = report.run_config("tiny", report.LAYOUTS[layout], dtype, steps or len(losses), runs_dir, fw)
+    for k, v in cfg_over.items():
+        section, key = k.split(".")
+        setattr(getattr(cfg, section), key, v)
+    run_dir = runs_dir / cfg.train.name
+    run_dir.mkdir(parents=True)
+    write_config(run_dir, cfg)
+    write_meta(run_dir, {"framework": fw, "devices": 2, "gbs": 4, "layout": layout,
+                         **({"compile_s": 3.0} if fw == "jax" else {"init_s": 9.0})})
+    with (run_dir / "metrics.jsonl").open("w") as f:
+        for i, loss in enumerate(losses, 1):
+            row = dict.fromkeys(METRIC_KEYS)
+            row.update(step=i, loss=loss, grad_norm=1.0 + 0.01 * i, step_time_s=0.1 if fw == "jax" else 0.2,
+                       peak_mem_bytes=2**28)
+            f.write(json.dumps(row) + "\n")
+    return run_dir
+
+
+def losses(n=12, scale=1.0):
+    return [5.0 * scale * math.exp(-0.05 * i) for i in range(n)]
+
+
+def test_fixture_runs_render_tables_plots_and_flag_a_corrupt_run(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    make_run(runs, "zero1", "fp32", "jax", losses())
+    make_run(runs, "zero1", "fp32", "torch", [x * (1 + 2e-7) for x in losses()])
+    make_run(runs, "zero3", "fp32", "jax", losses())
+    make_run(runs, "zero3", "fp32", "torch", [x * (1 + 3e-3) for x in losses()])  # too far apart for fp32
+    make_run(runs, "zero2", "fp32", "jax", losses())
+    bad = make_run(runs, "zero2", "fp32", "torch", losses())
+    (bad / "metrics.jsonl").write_text((bad / "metrics.jsonl").read_text()[:-40])  # truncated mid-line
+    out = tmp_path / "out"
+    code = report.main(["--layouts", "zero1,zero2,zero3", "--dtype", "fp32", "--steps", "12", "--runs", str(runs),
+                        "--out", str(out), "--no-run", "--assert"])
+    assert code == 1  # zero3 fails parity, zero2 cannot be compared
+    md = (out / "report.md").read_text()
+    assert "| zero1 | fp32 | 12 | 2.0e-07 | 2.0e-07 |" in md and "PASS" in md
+    assert "| zero3 | fp32 | 12 | 3.0e-03 | 3.0e-03 |" in md and "FAIL (first, every)" in md
+    assert "**zero2/fp32**" in md and "metrics.jsonl line 12 is not valid JSON" in md
+    data = json.loads((out / "report.json").read_text())
+    assert data["layouts"]["zero1/fp32"]["speed_ratio"] == pytest.approx(2.0)  # 0.1 s vs 0.2 s per step
+    assert data["layouts"]["zero1/fp32"]["parity"]["pass"] is True
+    for name in ("loss_fp32.png", "loss_diff_fp32.png", "throughput_fp32.png"):
+        assert (out / name).stat().st_size > 1000
+    assert "parity failed or not compared: zero2/fp32, zero3/fp32" in capsys.readouterr().err
+
+
+def test_bf16_verdict_uses_the_bf16_thresholds(tmp_path):
+    runs = tmp_path / "runs"
+    a = report.load_run(make_run(runs, "zero1", "bf16", "jax", losses()))
+    b = report.load_run(make_run(runs, "zero1", "bf16", "torch", [x * (1 + 4e-3) for x in losses()]))
+    p = report.parity(a, b, "bf16")
+    assert p["pass"] and p["last10_mean_rel"] == pytest.approx(4e-3 / (1 + 4e-3), rel=1e-3)
+    c = report.load_run(make_run(runs, "zero3", "bf16", "torch", [x * (1 + 8e-3) for x in losses()]))
+    assert not report.parity(a, c, "bf16")["checks"]["last10_mean"]
+
+
+def test_refuses_to_pair_different_configs_and_step_counts(tmp_path):
+    runs = tmp_path / "runs"
+    a = report.load_run(make_run(runs, "zero1", "fp32", "jax", losses()))
+    b = report.load_run(make_run(runs, "zero1", "fp32", "torch", losses(), **{"optim.lr": 5e-3}))
+    with pytest.raises(report.ReportError, match=r"differ in model/data/optimizer config: optim.lr: 0.001 vs 0.005"):
+        report.pair_check(a, b)
+    c = report.load_run(make_run(runs, "zero2", "fp32", "torch", losses(8)))
+    with pytest.raises(report.ReportError, match="step counts differ"):
+        report.pair_check(a, c)
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--layouts", "zero9"], "unknown layout(s) zero9"),
+    (["--dtype", "fp16"], "unknown dtype(s) fp16"),
+    (["--preset", "nope"], "unknown preset 'nope'"),
+])
+def test_bad_arguments(argv, msg, capsys, tmp_path):
+    assert report.main([*argv, "--runs", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_missing_run_is_named(tmp_path):
+    with pytest.raises(report.ReportError, match="no such run directory"):
+        report.load_run(tmp_path / "nope")
+
+
+def test_real_jax_and_deepspeed_runs_pass_fp32_parity_and_a_changed_lr_fails(tmp_path):
+    """Both real trainers on tiny, ZeRO-1 and ZeRO-3, 5 steps each; then JAX with twice the lr."""
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    code = report.main(["--layouts", "zero1,zero3", "--dtype", "fp32", "--steps", "5", "--runs", str(runs),
+                        "--out", str(out), "--assert"])
+    data = json.loads((out / "report.json").read_text())
+    assert code == 0, {k: v.get("error") or v["parity"]["rel"] for k, v in data["layouts"].items()}
+    for key in ("zero1/fp32", "zero3/fp32"):
+        assert data["layouts"][key]["parity"]["max_rel"] <= 1e-4
+    # the same JAX run with a doubled learning rate: parity must fail, and pairing must refuse it
+    other = tmp_path / "other"
+    jax_main(["--preset", "tiny", "--mesh", "data=2", "--zero", "1", "--steps", "5", "--wandb", "disabled",
+              "--quiet", "--out-dir", str(other), "--name", "lr2", "--optim.lr=2e-3"])
+    changed = report.load_run(other / "lr2")
+    torch_run = report.load_run(runs / "zero1-fp32-torch")
+    assert not report.parity(changed, torch_run, "fp32")["pass"]
+    with pytest.raises(report.ReportError, match="optim.lr"):
+        report.pair_check(changed, torch_run)
+    shutil.rmtree(other)
