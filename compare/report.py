@@ -249,7 +249,7 @@ def render(results: dict[str, Any]) -> str:
     lines += ["## Loss parity", "",
               "| layout | dtype | steps | first rel Δloss | max rel Δloss | max rel Δgrad-norm | verdict |",
               "|---|---|---|---|---|---|---|"]
-    for key, r in sorted(results["layouts"].items()):
+    for _key, r in sorted(results["layouts"].items()):
         if "parity" in r:
             p = r["parity"]
             verdict = "PASS" if p["pass"] else "FAIL (" + ", ".join(k for k, v in p["checks"].items() if not v) + ")"
@@ -260,17 +260,18 @@ def render(results: dict[str, Any]) -> str:
     lines += ["## Throughput", "",
               "TFLOPS/device under the Megatron-LM formula (legacy Megatron-DeepSpeed formula in its own column); "
               "step time is the median after 2 warm-up steps; startup is JAX compile or DeepSpeed init.", "",
-              "| layout | dtype | framework | devices | step ms | samples/s | tok/s/dev | TFLOPS/dev | TFLOPS/dev (legacy)"
-              " | startup s | peak RSS MiB | compiled peak MiB | JAX/DS |",
+              "| layout | dtype | framework | devices | step ms | samples/s | tok/s/dev | TFLOPS/dev "
+              "| TFLOPS/dev (legacy) | startup s | peak RSS MiB | compiled peak MiB | JAX/DS |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for key, r in sorted(results["layouts"].items()):
+    for _key, r in sorted(results["layouts"].items()):
         for fw in ("jax", "torch"):
             t = r.get("throughput", {}).get(fw)
             if not t:
                 continue
             ratio = r.get("speed_ratio") if fw == "jax" else None
+            label = f" ({t['label']})" if fw == "torch" and t["label"] else ""
             lines.append(
-                f"| {r['layout']} | {r['dtype']} | {fw}{' (' + t['label'] + ')' if fw == 'torch' and t['label'] else ''}"
+                f"| {r['layout']} | {r['dtype']} | {fw}{label}"
                 f" | {t['devices']} | {t['step_time_s'] * 1e3:,.0f} | {_n(t['samples_per_s'])} "
                 f"| {_n(t['tokens_per_s_per_device'], 0)} | {_n(t['tflops_per_device'], 4)} "
                 f"| {_n(t['tflops_per_device_legacy'], 4)} | {_n(t['startup_s'], 1)} | {_mib(t['peak_rss_bytes'])} "

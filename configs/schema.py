@@ -397,7 +397,10 @@ def validate_config(cfg: Config, n_devices: int | None = None) -> None:
                 f"pick pipeline from the divisors of {m.n_layers}"
             )
         if p.zero > 1:
-            raise ConfigError(f"pipeline parallelism runs with ZeRO 0 or 1 (as DeepSpeed); got --zero {p.zero}")
+            raise ConfigError(
+                f"pipeline parallelism runs with ZeRO 0 or 1 (as DeepSpeed's PipelineModule); got --zero {p.zero}: "
+                "use --zero 1"
+            )
     _choice("parallel.remat_policy", p.remat_policy, ("full", "save_dots", "save_attn_out"))
     _choice("parallel.pipeline_schedule", p.pipeline_schedule, ("gpipe", "1f1b"))
     for key in ("mbs", "gas"):

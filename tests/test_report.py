@@ -112,6 +112,6 @@ def test_real_jax_and_deepspeed_runs_pass_fp32_parity_and_a_changed_lr_fails(tmp
     changed = report.load_run(other / "lr2")
     torch_run = report.load_run(runs / "zero1-fp32-torch")
     assert not report.parity(changed, torch_run, "fp32")["pass"]
-    with pytest.raises(report.ReportError, match="optim.lr"):
+    with pytest.raises(report.ReportError, match=r"optim\.lr"):
         report.pair_check(changed, torch_run)
     shutil.rmtree(other)

@@ -1,0 +1,191 @@
+"""Llama-2 as a plain ``nn.Module``: the same math as ``jax_impl.model``, nothing distributed.
+
+Parameter names map 1:1 to the Flax tree (see ``torch_ref.convert`` for the table); linear
+weights are torch's (out, in), i.e. the transpose of JAX's (in, out). Layers are an
+``nn.ModuleList`` of ``Block`` so a pipeline can cut between them (``pipeline_layers``).
+
+Numerics, as the JAX side: RMSNorm and rotary embeddings in fp32, then cast to the compute
+dtype (the parameters' dtype: fp32, or bf16 under DeepSpeed's bf16 mode); causal softmax in
+fp32 (``scaled_dot_product_attention`` accumulates in fp32 for bf16 inputs on CPU); SwiGLU
+product in fp32; logits in fp32. In fp32 every op matches JAX to rounding (tests: 1e-5).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from configs import ModelConfig
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) * w, computed in fp32, returned in ``dtype``."""
+    x32 = x.float()
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * w.float()).to(dtype)
+
+
+def rope_tables(seq: int, dim: int, theta: float, device: torch.device | str | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (seq, dim) fp32 for non-interleaved ("rotate half") rotary embeddings."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+    freqs = torch.outer(torch.arange(seq, dtype=torch.float32, device=device), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (batch, seq, heads, head_dim), rotated in fp32, returned in x's dtype."""
+    x32 = x.float()
+    x1, x2 = x32.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x32 * cos[None, :, None, :] + rotated * sin[None, :, None, :]).to(x.dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal GQA. q (b, s, H, D); k, v (b, s, K, D) -> (b, s, H*D); query head j reads KV head j // (H/K).
+
+    SDPA's ``enable_gqa`` repeats each KV head H/K times consecutively (repeat_interleave), which
+    is exactly that grouping; scale 1/sqrt(D) is its default.
+    """
+    b, s, nh, hd = q.shape
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         is_causal=True, enable_gqa=k.shape[2] != nh)
+    return out.transpose(1, 2).reshape(b, s, nh * hd)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, x.dtype)
+
+
+class _RopeCache:
+    """cos/sin per (seq, device), kept off the module: DeepSpeed's bf16 cast would round buffers."""
+
+    def __init__(self, dim: int, theta: float):
+        self.dim, self.theta = dim, theta
+        self._tables: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, seq: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (seq, str(device))
+        if key not in self._tables:
+            self._tables[key] = rope_tables(seq, self.dim, self.theta, device)
+        return self._tables[key]
+
+
+class Block(nn.Module):
+    """One pre-norm layer: x + attn(norm(x)), then x + swiglu(norm(x)). Flat names match JAX's ``layers.*``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, hd, f = cfg.hidden, cfg.dim_head, cfg.ffn_hidden
+        self.head_dim = hd
+        self.attn_norm = RMSNorm(h, cfg.norm_eps)
+        self.wq = nn.Linear(h, cfg.n_heads * hd, bias=False)
+        self.wk = nn.Linear(h, cfg.n_kv_heads * hd, bias=False)
+        self.wv = nn.Linear(h, cfg.n_kv_heads * hd, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * hd, h, bias=False)
+        self.mlp_norm = RMSNorm(h, cfg.norm_eps)
+        self.w_gate = nn.Linear(h, f, bias=False)
+        self.w_up = nn.Linear(h, f, bias=False)
+        self.w_down = nn.Linear(f, h, bias=False)
+        self.rope = _RopeCache(hd, cfg.rope_theta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        hd = self.head_dim
+        cos, sin = self.rope(s, x.device)
+        y = self.attn_norm(x)
+        # -1 heads: under tensor parallelism each rank holds H/tp query and K/tp KV heads, and the
+        # local grouping j // (H/K) is still right because K/tp is whole.
+        q = apply_rope(self.wq(y).view(b, s, -1, hd), cos, sin)
+        k = apply_rope(self.wk(y).view(b, s, -1, hd), cos, sin)
+        v = self.wv(y).view(b, s, -1, hd)
+        x = x + self.wo(attention(q, k, v))
+        y = self.mlp_norm(x)
+        m = (F.silu(self.w_gate(y).float()) * self.w_up(y).float()).to(x.dtype)
+        return x + self.w_down(m)
+
+
+class Llama(nn.Module):
+    """tokens (batch, seq) int -> logits (batch, seq, padded_vocab) fp32."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.padded_vocab, cfg.hidden)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.head = nn.Linear(cfg.hidden, cfg.padded_vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        for layer in self.layers:
+            x = layer(x)
+        return logits_fp32(self.final_norm(x), self.head.weight)
+
+
+def logits_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """fp32 logits from compute-dtype inputs: bf16 x bf16 products are exact in fp32, as JAX's matmul."""
+    return F.linear(x.float(), w.float())
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy over all positions (padded vocab rows not masked, as JAX)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten().long())
+
+
+@torch.no_grad()
+def init_torch(model: Llama, seed: int) -> Llama:
+    """Pure-torch init with the JAX recipe's stds (not its random stream): N(0, std) matrices,
+    N(0, out_std) for wo/w_down, N(0, embed_init_std) for the embedding, ones for norms."""
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 2)[-2]
+        if leaf.endswith("norm"):
+            p.fill_(1.0)
+            continue
+        std = {"embed": cfg.embed_init_std, "wo": cfg.out_std, "w_down": cfg.out_std}.get(leaf, cfg.std)
+        p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+# ----------------------------------------------------------------------------- pipeline pieces
+class EmbedStage(nn.Module):
+    """First pipeline layer: token embedding (holds the Llama's own ``embed`` module)."""
+
+    def __init__(self, embed: nn.Embedding):
+        super().__init__()
+        self.embed = embed
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed(tokens)
+
+
+class HeadStage(nn.Module):
+    """Last pipeline layer: final norm + untied head, fp32 logits."""
+
+    def __init__(self, final_norm: RMSNorm, head: nn.Linear):
+        super().__init__()
+        self.final_norm, self.head = final_norm, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return logits_fp32(self.final_norm(x), self.head.weight)
+
+
+def pipeline_layers(model: Llama) -> list[nn.Module]:
+    """The model as a flat layer list [embed, block_0 .. block_{L-1}, norm+head], sharing its parameters."""
+    return [EmbedStage(model.embed), *model.layers, HeadStage(model.final_norm, model.head)]
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(math.prod(p.shape) for p in model.parameters())

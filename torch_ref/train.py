@@ -1,0 +1,382 @@
+"""``python -m torch_ref.train``: the PyTorch + DeepSpeed reference trainer, same flags as ``jax_impl.train``.
+
+    python -m torch_ref.train --preset tiny --mesh data=2 --zero 1 --steps 5
+    python -m torch_ref.train --preset tiny --mesh data=1,fsdp=2 --zero 3 --parallel.hpz=true
+    python -m torch_ref.train --preset tiny --mesh pipeline=2 --zero 1 --gas 4
+    python -m torch_ref.train --preset tiny --mesh data=1,tensor=2 --zero 1
+    python -m torch_ref.train --preset tiny --mesh data=1,fsdp=2 --zero 3 --parallel.mics=true
+
+Run directly, it is its own launcher: it checks the layout (bad input exits 2 before any
+worker starts), writes the run directory (config.json, ds_config.json, the initial weights
+``init_params.npz`` for ``--init jax``), then starts one worker process per mesh rank (world
+size = product of the mesh axes) with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, gloo on CPU
+and OMP_NUM_THREADS = cores / ranks. A worker that fails ends the run: the launcher kills
+its siblings and exits with that worker's traceback; the process group has a timeout
+(TORCH_REF_PG_TIMEOUT seconds, default 300), so a lost peer cannot hang the others.
+
+On a cluster the same module runs under ``mpiexec`` / ``deepspeed`` launchers: when RANK and
+WORLD_SIZE (or PMI_RANK/PMI_SIZE, PALS_RANKID, OMPI_COMM_WORLD_*) are already set, every
+process is a worker; rank 0 writes the run directory and computes the JAX initial weights.
+Aurora (12 PVC tiles per node; NOT run here -- this machine has no XPU, no oneCCL, no IPEX):
+
+    module load frameworks   # torch + intel-extension-for-pytorch + oneccl_bindings_for_pytorch
+    export CCL_PROCESS_LAUNCHER=pmix FI_PROVIDER=cxi PALS_PMI=pmix CCL_ATL_TRANSPORT=mpi
+    export MASTER_ADDR=$(head -1 $PBS_NODEFILE) MASTER_PORT=29500
+    mpiexec -n $((NNODES*12)) --ppn 12 --pmi=pmix --genvall --cpu-bind depth -d 8 \\
+        python -m torch_ref.train --preset llama2-70b --mesh data=8,fsdp=12 --zero 3 --parallel.hpz=true --init torch
+
+There DeepSpeed's accelerator is ``xpu`` (intel-extension-for-pytorch) and its communication
+backend is oneCCL (``ccl``); this module asks the accelerator for both. A 70B run needs
+``--init torch`` (JAX init of 69B fp32 weights on one host is not practical) and, for ZeRO-3,
+model construction under ``deepspeed.zero.Init`` -- not wired here, where every model is small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from configs import Config, ConfigError, config_from_dict, load_config, lr_at, parse_overrides
+from configs.rundir import MetricsLog, make_run_dir, read_metrics, write_config, write_meta
+from torch_ref.layouts import Layout, plan_layout
+
+SHORTHANDS = {  # flag -> config key, as jax_impl.train
+    "mesh": "parallel.mesh", "zero": "parallel.zero", "mbs": "parallel.mbs", "gas": "parallel.gas",
+    "steps": "train.steps", "dtype": "train.dtype", "platform": "train.platform", "wandb": "train.wandb",
+    "name": "train.name", "out_dir": "train.out_dir", "seed": "train.seed",
+}
+RUN_DIR_ENV = "TORCH_REF_RUN_DIR"  # set by our launcher for its workers
+FAULT_ENV = "TORCH_REF_FAULT"  # test hook: "rank=R,step=S" makes rank R raise at step S
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m torch_ref.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small", help="configs/presets/<name>.toml or a path (default: small)")
+    ap.add_argument("--mesh", help="e.g. data=2, data=1,fsdp=2, pipeline=2, data=1,tensor=2 (every size explicit)")
+    ap.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage")
+    ap.add_argument("--mbs", type=int, help="micro batch per data-parallel rank")
+    ap.add_argument("--gas", type=int, help="gradient accumulation steps")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--dtype", choices=("fp32", "bf16"))
+    ap.add_argument("--platform", choices=("auto", "cpu", "gpu", "sycl"),
+                    help="accepted for parity with jax_impl.train; torch follows DeepSpeed's accelerator")
+    ap.add_argument("--wandb", choices=("online", "offline", "disabled"))
+    ap.add_argument("--name", help="run name (directory under --out-dir)")
+    ap.add_argument("--out-dir", dest="out_dir")
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--init", choices=("jax", "torch"), default="jax",
+                    help="jax: jax_impl.model.init_params(seed), the JAX run's exact weights (default); "
+                         "torch: torch_ref.model.init_torch (same stds, torch's random stream)")
+    ap.add_argument("--dry-run", action="store_true", help="print the layout and the DeepSpeed config; start nothing")
+    ap.add_argument("--quiet", action="store_true", help="print only the first and last step")
+    return ap
+
+
+def resolve_config(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
+    args, rest = build_parser().parse_known_args(argv)
+    overrides: dict[str, Any] = {key: getattr(args, flag) for flag, key in SHORTHANDS.items()
+                                 if getattr(args, flag) is not None}
+    overrides.update(parse_overrides(rest))
+    # validated by plan_layout: its torch/DeepSpeed-specific checks speak first, then validate_config's
+    return load_config(args.preset, overrides, validate=False), args
+
+
+# ----------------------------------------------------------------------------- environment
+def external_rank_env() -> tuple[int, int, int] | None:
+    """(rank, world, local_rank) from an external launcher's environment, or None when run directly."""
+    def first(*names: str) -> str | None:
+        return next((os.environ[n] for n in names if os.environ.get(n, "").isdigit()), None)
+
+    rank = first("RANK", "PMI_RANK", "PALS_RANKID", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
+    world = first("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+    if rank is None or world is None:
+        return None
+    local = first("LOCAL_RANK", "PALS_LOCAL_RANKID", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK") or "0"
+    return int(rank), int(world), int(local)
+
+
+def default_extensions_dir() -> None:
+    """Cache DeepSpeed's CPU shm op (compiled on first init_distributed, ~30 s) inside the project's venv."""
+    venv = PROJECT_ROOT / ".venv"
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and venv.is_dir():
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(venv / "torch_extensions")
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- entry point
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    default_extensions_dir()
+    if os.environ.get(RUN_DIR_ENV):  # a worker our launcher started: everything comes from the run dir
+        return run_worker(Path(os.environ[RUN_DIR_ENV]))
+    ext = external_rank_env()
+    try:
+        cfg, args = resolve_config(argv)
+        layout = plan_layout(cfg, ext[1] if ext else None)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.dry_run:
+        from torch_ref.ds_config import installed_ds_config
+
+        print(f"layout {layout.label}: {layout.description}; {layout.world_size} ranks, mesh {layout.mesh}")
+        print(json.dumps(installed_ds_config(cfg), indent=2))
+        return {"layout": layout, "ds_config": installed_ds_config(cfg)}
+    if ext is not None:
+        return run_worker(None, cfg=cfg, init=args.init, quiet=args.quiet)
+    return launch(cfg, layout, init=args.init, quiet=args.quiet)
+
+
+def prepare_run_dir(cfg: Config, layout: Layout, init: str, quiet: bool) -> Path:
+    """Run directory with config.json, ds_config.json, launch.json and (``--init jax``) init_params.npz."""
+    from torch_ref.ds_config import installed_ds_config
+
+    run_dir = make_run_dir(cfg, "torch")
+    write_config(run_dir, cfg)
+    if layout.engine.startswith("deepspeed"):
+        (run_dir / "ds_config.json").write_text(json.dumps(installed_ds_config(cfg), indent=2) + "\n")
+    t = time.perf_counter()
+    if init == "jax":
+        from torch_ref.convert import jax_init_params, save_npz
+
+        save_npz(run_dir / "init_params.npz", jax_init_params(cfg.model, cfg.train.seed))
+    (run_dir / "launch.json").write_text(json.dumps({"init": init, "quiet": quiet,
+                                                     "init_weights_s": time.perf_counter() - t}) + "\n")
+    return run_dir
+
+
+def launch(cfg: Config, layout: Layout, init: str = "jax", quiet: bool = False) -> dict[str, Any]:
+    """Start one worker per rank, wait; a failed worker kills the rest and ends the run with its traceback."""
+    run_dir = prepare_run_dir(cfg, layout, init, quiet)
+    n = layout.world_size
+    port = _free_port()
+    threads = os.environ.get("OMP_NUM_THREADS") or "1"  # one per rank: more oversubscribes a shared 2-core box
+    procs: list[subprocess.Popen] = []
+    for r in range(n):
+        env = {**os.environ, RUN_DIR_ENV: str(run_dir), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(n),
+               "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": threads, "PYTHONPATH": os.pathsep.join(
+                   filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+        procs.append(subprocess.Popen([sys.executable, "-m", "torch_ref.train"], env=env, cwd=os.getcwd()))
+    failed = False
+    try:
+        while not failed and any(p.poll() is None for p in procs):
+            failed = any(p.returncode not in (None, 0) for p in procs)
+            time.sleep(0.1)
+        failed = failed or any(p.returncode != 0 for p in procs)
+        if failed:  # let the peers that saw the failure record theirs, so the first one can be told apart
+            time.sleep(1.0)
+    finally:
+        _stop(procs)  # on a failure, or if the launcher itself is interrupted
+    if failed:
+        raise SystemExit(_failure_report(run_dir, procs))
+    result = json.loads((run_dir / "result.json").read_text())
+    rows = read_metrics(run_dir)
+    return {"run_dir": run_dir, "losses": [row["loss"] for row in rows], "metrics": rows, **result}
+
+
+def _failure_report(run_dir: Path, procs: list[subprocess.Popen]) -> str:
+    """The root cause is the earliest traceback: peers fail after it (e.g. gloo 'Connection closed by peer')."""
+    errs = sorted(run_dir.glob("rank*.err"), key=lambda f: f.stat().st_mtime_ns)
+    n = len(procs)
+    codes = {r: p.returncode for r, p in enumerate(procs)}
+    if errs:
+        r = int(errs[0].stem[4:])
+        tb = errs[0].read_text()
+    else:
+        r = next(r for r, c in codes.items() if c not in (0, None, -signal.SIGTERM))
+        tb = "(no traceback: the worker died without raising, e.g. killed by a signal)"
+    return (f"torch_ref.train: rank {r} of {n} failed first (exit codes {codes}); the launcher stopped the other "
+            f"ranks. Its traceback:\n{tb}\nrun directory: {run_dir}")
+
+
+def _stop(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:
+    """Terminate our own still-running workers (by their pids), then kill those that ignore it."""
+    alive = [p for p in procs if p.poll() is None]
+    for p in alive:
+        p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in alive:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+# ----------------------------------------------------------------------------- worker
+def run_worker(run_dir: Path | None, cfg: Config | None = None, init: str = "jax", quiet: bool = False
+               ) -> dict[str, Any]:
+    """One rank: init the process group, build the layout's engine, train, log (rank 0)."""
+    rank, world, local_rank = external_rank_env() or (0, 1, 0)
+    try:
+        return _worker(run_dir, rank, world, local_rank, cfg, init, quiet)
+    except BaseException:
+        if run_dir is not None:
+            (run_dir / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+
+
+def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: Config | None, init: str,
+            quiet: bool) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))
+    t_start = time.perf_counter()
+    if run_dir is not None:
+        cfg = config_from_dict(json.loads((run_dir / "config.json").read_text())["config"])
+        launch_opts = json.loads((run_dir / "launch.json").read_text())
+        init, quiet = launch_opts["init"], launch_opts["quiet"]
+    assert cfg is not None
+    layout = plan_layout(cfg, world)
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank)})
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    backend = acc.communication_backend_name()  # gloo on CPU, ccl (oneCCL) on Aurora's xpu
+    timeout = timedelta(seconds=float(os.environ.get("TORCH_REF_PG_TIMEOUT", 300)))
+    t = time.perf_counter()
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False,
+                               rank=rank, world_size=world)
+    dist_init_s = time.perf_counter() - t
+
+    if run_dir is None:  # external launcher: rank 0 prepares the run directory, the others learn its path
+        box = [str(prepare_run_dir(cfg, layout, init, quiet)) if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        run_dir = Path(box[0])
+
+    from aurora_data import global_batch, rank_slice
+    from torch_ref.convert import jax_to_torch, load_npz
+    from torch_ref.data import make_source
+    from torch_ref.ds_config import installed_ds_config
+    from torch_ref.model import Llama, init_torch
+
+    model = Llama(cfg.model)
+    if init == "jax":
+        model.load_state_dict(jax_to_torch(load_npz(run_dir / "init_params.npz")))
+    else:
+        init_torch(model, cfg.train.seed)
+
+    t = time.perf_counter()
+    ds_json = run_dir / "ds_config.json"  # the config DeepSpeed gets is the one in the run directory
+    conf = json.loads(ds_json.read_text()) if ds_json.exists() else installed_ds_config(cfg)
+    runner = build_runner(cfg, layout, model, conf, rank)
+    engine_init_s = time.perf_counter() - t
+    init_s = time.perf_counter() - t_start
+
+    p, seq = cfg.parallel, cfg.data.seq_len
+    gbs = p.mbs * p.gas * layout.dp
+    flops_per_sample = cfg.model.flops_per_sample(seq)
+    source = make_source(cfg, num_samples=cfg.train.steps * gbs)
+    dp_rank = layout.dp_rank(rank)
+    fault = _parse_fault(os.environ.get(FAULT_ENV, ""))
+    if rank == 0:
+        print(f"run {run_dir} | {cfg.model.name} {cfg.model.n_params():,} params | {layout.label}: "
+              f"{layout.description} | {world} ranks x {torch.get_num_threads()} threads | gbs {gbs} = mbs {p.mbs} "
+              f"x gas {p.gas} x dp {layout.dp} | seq {seq} | {cfg.train.dtype} | init {init}")
+        print(f"init: process group {dist_init_s:.1f}s (DeepSpeed init_distributed, incl. its shm op), "
+              f"engine {engine_init_s:.1f}s (deepspeed.initialize / FSDP2), total {init_s:.1f}s", flush=True)
+        write_meta(run_dir, {
+            "framework": "torch", "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            "accelerator": acc.device_name(), "backend": backend, "world_size": world, "devices": world,
+            "mesh": layout.mesh, "layout": layout.label, "layout_impl": layout.description, "engine": layout.engine,
+            "zero": p.zero, "dtype": cfg.train.dtype, "gbs": gbs, "init": init, "threads_per_rank":
+            torch.get_num_threads(), "dist_init_s": dist_init_s, "engine_init_s": engine_init_s, "init_s": init_s,
+        })
+    log = MetricsLog(run_dir, cfg, "torch") if rank == 0 else None
+    losses: list[float] = []
+    for step in range(cfg.train.steps):
+        consumed = step * gbs
+        tokens = torch.from_numpy(np.ascontiguousarray(
+            rank_slice(global_batch(source, consumed, p.mbs, p.gas, layout.dp), dp_rank, p.mbs))).long()
+        lr = runner.set_lr(lr_at(cfg, step))
+        if fault == (rank, step + 1):
+            raise RuntimeError(f"injected fault ({FAULT_ENV}) on rank {rank} at step {step + 1}")
+        t = time.perf_counter()
+        local_loss, gnorm = runner.step(tokens)
+        stats = torch.tensor([float(local_loss), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0],
+                             dtype=torch.float64)
+        peak = stats[1:].clone()
+        dist.all_reduce(stats[:1])  # every rank's loss covers as many tokens: the mean is the global-batch loss
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        dt = time.perf_counter() - t
+        loss = float(stats[0]) / world
+        losses.append(loss)
+        if log is not None:
+            sps = gbs / dt
+            row = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": gnorm, "step_time_s": dt,
+                   "samples_per_s": sps, "tokens_per_s_per_device": sps * seq / world,
+                   "tflops_per_device": sps * flops_per_sample / world / 1e12, "consumed_samples": consumed + gbs,
+                   "peak_mem_bytes": int(peak[0])}
+            log.write(row)
+            if not quiet or step in (0, cfg.train.steps - 1):
+                print(f"step {step + 1:>5} | loss {loss:.6f} | lr {lr:.3e} | gnorm {gnorm:.4f} | {dt * 1e3:.0f} ms | "
+                      f"{sps:.2f} samples/s | {row['tokens_per_s_per_device']:.0f} tok/s/dev | "
+                      f"{row['tflops_per_device']:.5f} TFLOPS/dev | peak {peak[0] / 2**20:.0f} MiB", flush=True)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss} at step {step + 1}; run {run_dir}")
+    if log is not None:
+        log.close()
+        (run_dir / "result.json").write_text(json.dumps({
+            "layout": layout.label, "layout_impl": layout.description, "world_size": world,
+            "dist_init_s": dist_init_s, "engine_init_s": engine_init_s, "init_s": init_s}) + "\n")
+        print(f"done: loss {losses[0]:.4f} -> {losses[-1]:.4f}; metrics in {run_dir / 'metrics.jsonl'}")
+    dist.barrier()
+    dist.destroy_process_group()
+    return {"run_dir": run_dir, "losses": losses, "dist_init_s": dist_init_s, "engine_init_s": engine_init_s}
+
+
+def _parse_fault(spec: str) -> tuple[int, int] | None:
+    if not spec:
+        return None
+    kv = dict(part.split("=", 1) for part in spec.split(","))
+    return int(kv["rank"]), int(kv["step"])
+
+
+def build_runner(cfg: Config, layout: Layout, model, conf: dict[str, Any], rank: int):
+    from torch_ref import engines
+
+    if layout.engine == "deepspeed-pipe":
+        return engines.PipelineRunner(cfg, model, conf, layout)
+    if layout.engine == "fsdp2-mics":
+        return engines.FSDP2MicsRunner(cfg, model, layout)
+    if layout.engine == "deepspeed-mics":
+        return engines.DeepSpeedMicsRunner(cfg, model, conf)
+    if layout.mesh["tensor"] > 1:
+        return engines.TensorParallelRunner(cfg, model, conf, layout)
+    return engines.DeepSpeedRunner(cfg, model, conf)
+
+
+if __name__ == "__main__":
+    main()
