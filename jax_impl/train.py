@@ -17,43 +17,17 @@ import sys
 import time
 from typing import Any
 
-from configs import Config, ConfigError, load_config, lr_at, mesh_devices, parse_overrides, validate_config
+from configs import Config, ConfigError, lr_at, mesh_devices, validate_config
+from configs.cli import layout_label, resolve_config, trainer_parser
 from configs.rundir import MetricsLog, make_run_dir, write_config, write_meta
-
-SHORTHANDS = {  # flag -> config key
-    "mesh": "parallel.mesh", "zero": "parallel.zero", "mbs": "parallel.mbs", "gas": "parallel.gas",
-    "steps": "train.steps", "dtype": "train.dtype", "platform": "train.platform", "wandb": "train.wandb",
-    "name": "train.name", "out_dir": "train.out_dir", "seed": "train.seed",
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m jax_impl.train", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="small", help="configs/presets/<name>.toml or a path (default: small)")
-    ap.add_argument("--mesh", help="e.g. fsdp=96, data=8,fsdp=12, data=2,fsdp=2,tensor=2; one axis may be -1")
-    ap.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage")
-    ap.add_argument("--mbs", type=int, help="micro batch per data-parallel rank")
-    ap.add_argument("--gas", type=int, help="gradient accumulation steps")
-    ap.add_argument("--steps", type=int)
-    ap.add_argument("--dtype", choices=("fp32", "bf16"))
-    ap.add_argument("--platform", choices=("auto", "cpu", "gpu", "sycl"))
-    ap.add_argument("--wandb", choices=("online", "offline", "disabled"))
-    ap.add_argument("--name", help="run name (directory under --out-dir)")
-    ap.add_argument("--out-dir", dest="out_dir")
-    ap.add_argument("--seed", type=int)
+    ap = trainer_parser("python -m jax_impl.train", __doc__)
     ap.add_argument("--dry-run", action="store_true",
                     help="allocate nothing: parameter count, bytes per device, AOT-compiled memory analysis")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap
-
-
-def resolve_config(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
-    args, rest = build_parser().parse_known_args(argv)
-    overrides: dict[str, Any] = {key: getattr(args, flag) for flag, key in SHORTHANDS.items()
-                                 if getattr(args, flag) is not None}
-    overrides.update(parse_overrides(rest))
-    return load_config(args.preset, overrides), args
 
 
 def _gib(n: float) -> str:
@@ -87,7 +61,7 @@ def dry_run(cfg: Config, trainer) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
-        cfg, args = resolve_config(argv)
+        cfg, args = resolve_config(build_parser(), argv)
         from jax_impl import devices
 
         platform = devices.configure(cfg.train.platform, mesh_devices(cfg.parallel.mesh))
@@ -140,7 +114,7 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False) -> dict[str,
     ma = compiled.memory_analysis()
     write_meta(run_dir, {
         "framework": "jax", "jax": jax.__version__, "platform": platform, "devices": n_dev,
-        "device_kind": jax.devices()[0].device_kind, "mesh": dict(mesh.shape), "layout": layout_name(cfg),
+        "device_kind": jax.devices()[0].device_kind, "mesh": dict(mesh.shape), "layout": layout_label(cfg),
         "zero": p.zero, "dtype": cfg.train.dtype, "gbs": gbs, "compile_s": compile_s,
         "compiled_memory": {k: int(getattr(ma, k + "_size_in_bytes", 0) or 0)
                             for k in ("argument", "output", "alias", "temp")},
@@ -178,17 +152,6 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False) -> dict[str,
     bar.close()
     print(f"done: loss {losses[0]:.4f} -> {losses[-1]:.4f}; metrics in {run_dir / 'metrics.jsonl'}")
     return {"run_dir": run_dir, "losses": losses, "compile_s": compile_s, "params": params}
-
-
-def layout_name(cfg: Config) -> str:
-    p = cfg.parallel
-    m = cfg.mesh_shape()
-    name = f"zero{p.zero}" + ("+hpz" if p.hpz else "") + ("+mics" if p.mics else "")
-    if m["tensor"] > 1:
-        name += f"+tp{m['tensor']}"
-    if m["pipeline"] > 1:
-        name = f"pp{m['pipeline']}+" + name
-    return name
 
 
 if __name__ == "__main__":

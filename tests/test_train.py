@@ -57,7 +57,8 @@ def test_dry_run_in_process_allocates_nothing_and_reports(capsys):
     printed = capsys.readouterr().out
     assert f"{load_config('tiny').model.n_params():,} parameters" in printed
     assert plan["memory"]["argument"] > 0 and plan["memory"]["temp"] > 0
-    assert plan["state_bytes"]["opt_state"] == 2 * plan["state_bytes"]["params"]
+    # Adam's two moments per parameter, plus the replicated int32 step counters
+    assert 0 <= plan["state_bytes"]["opt_state"] - 2 * plan["state_bytes"]["params"] <= 16
 
 
 @pytest.mark.parametrize("argv,msg", [

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 from configs import Config, ConfigError, validate_config
+from configs.cli import layout_label
 
 FSDP2_MICS = "mics (torch FSDP2 hybrid shard, not DeepSpeed)"
 DEEPSPEED_MICS = "mics (DeepSpeed MiCS, mics_shard_size)"
@@ -47,16 +48,6 @@ class Layout:
     def dp_rank(self, rank: int) -> int:
         c = self.coords(rank)
         return c["data"] * self.mesh["fsdp"] + c["fsdp"]
-
-
-def layout_label(cfg: Config) -> str:
-    p, m = cfg.parallel, cfg.mesh_shape()
-    name = f"zero{p.zero}" + ("+hpz" if p.hpz else "") + ("+mics" if p.mics else "")
-    if m["tensor"] > 1:
-        name += f"+tp{m['tensor']}"
-    if m["pipeline"] > 1:
-        name = f"pp{m['pipeline']}+" + name
-    return name
 
 
 def plan_layout(cfg: Config, world_size: int | None = None) -> Layout:

@@ -48,36 +48,20 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from configs import Config, ConfigError, config_from_dict, load_config, lr_at, parse_overrides
+from configs import Config, ConfigError, config_from_dict, lr_at
+from configs.cli import resolve_config as resolve_cli
+from configs.cli import trainer_parser
 from configs.rundir import MetricsLog, make_run_dir, read_metrics, write_config, write_meta
 from torch_ref.layouts import Layout, plan_layout
 
-SHORTHANDS = {  # flag -> config key, as jax_impl.train
-    "mesh": "parallel.mesh", "zero": "parallel.zero", "mbs": "parallel.mbs", "gas": "parallel.gas",
-    "steps": "train.steps", "dtype": "train.dtype", "platform": "train.platform", "wandb": "train.wandb",
-    "name": "train.name", "out_dir": "train.out_dir", "seed": "train.seed",
-}
 RUN_DIR_ENV = "TORCH_REF_RUN_DIR"  # set by our launcher for its workers
 FAULT_ENV = "TORCH_REF_FAULT"  # test hook: "rank=R,step=S" makes rank R raise at step S
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m torch_ref.train", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="small", help="configs/presets/<name>.toml or a path (default: small)")
-    ap.add_argument("--mesh", help="e.g. data=2, data=1,fsdp=2, pipeline=2, data=1,tensor=2 (every size explicit)")
-    ap.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage")
-    ap.add_argument("--mbs", type=int, help="micro batch per data-parallel rank")
-    ap.add_argument("--gas", type=int, help="gradient accumulation steps")
-    ap.add_argument("--steps", type=int)
-    ap.add_argument("--dtype", choices=("fp32", "bf16"))
-    ap.add_argument("--platform", choices=("auto", "cpu", "gpu", "sycl"),
-                    help="accepted for parity with jax_impl.train; torch follows DeepSpeed's accelerator")
-    ap.add_argument("--wandb", choices=("online", "offline", "disabled"))
-    ap.add_argument("--name", help="run name (directory under --out-dir)")
-    ap.add_argument("--out-dir", dest="out_dir")
-    ap.add_argument("--seed", type=int)
+    ap = trainer_parser("python -m torch_ref.train", __doc__,
+                        "accepted for parity with jax_impl.train; torch follows DeepSpeed's accelerator")
     ap.add_argument("--init", choices=("jax", "torch"), default="jax",
                     help="jax: jax_impl.model.init_params(seed), the JAX run's exact weights (default); "
                          "torch: torch_ref.model.init_torch (same stds, torch's random stream)")
@@ -87,12 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
-    args, rest = build_parser().parse_known_args(argv)
-    overrides: dict[str, Any] = {key: getattr(args, flag) for flag, key in SHORTHANDS.items()
-                                 if getattr(args, flag) is not None}
-    overrides.update(parse_overrides(rest))
     # validated by plan_layout: its torch/DeepSpeed-specific checks speak first, then validate_config's
-    return load_config(args.preset, overrides, validate=False), args
+    return resolve_cli(build_parser(), argv, validate=False)
 
 
 # ----------------------------------------------------------------------------- environment

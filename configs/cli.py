@@ -1,0 +1,54 @@
+"""The command-line surface both trainers share: the same flags, the same config resolution."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from configs.schema import Config, load_config, parse_overrides
+
+SHORTHANDS = {  # flag -> config key
+    "mesh": "parallel.mesh", "zero": "parallel.zero", "mbs": "parallel.mbs", "gas": "parallel.gas",
+    "steps": "train.steps", "dtype": "train.dtype", "platform": "train.platform", "wandb": "train.wandb",
+    "name": "train.name", "out_dir": "train.out_dir", "seed": "train.seed",
+}
+
+
+def trainer_parser(prog: str, doc: str | None, platform_help: str = "auto: an installed accelerator, else cpu"
+                   ) -> argparse.ArgumentParser:
+    """The flags of ``jax_impl.train`` and ``torch_ref.train``; anything else is a dotted override."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small", help="configs/presets/<name>.toml or a path (default: small)")
+    ap.add_argument("--mesh", help="e.g. fsdp=96, data=8,fsdp=12, data=2,fsdp=2,tensor=2 (axes left out are 1)")
+    ap.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage")
+    ap.add_argument("--mbs", type=int, help="micro batch per data-parallel rank")
+    ap.add_argument("--gas", type=int, help="gradient accumulation steps")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--dtype", choices=("fp32", "bf16"))
+    ap.add_argument("--platform", choices=("auto", "cpu", "gpu", "sycl"), help=platform_help)
+    ap.add_argument("--wandb", choices=("online", "offline", "disabled"))
+    ap.add_argument("--name", help="run name (directory under --out-dir)")
+    ap.add_argument("--out-dir", dest="out_dir")
+    ap.add_argument("--seed", type=int)
+    return ap
+
+
+def resolve_config(ap: argparse.ArgumentParser, argv: list[str] | None, validate: bool = True
+                   ) -> tuple[Config, argparse.Namespace]:
+    """Parse flags + ``--section.key=value`` overrides into a resolved Config."""
+    args, rest = ap.parse_known_args(argv)
+    overrides: dict[str, Any] = {key: getattr(args, flag) for flag, key in SHORTHANDS.items()
+                                 if getattr(args, flag) is not None}
+    overrides.update(parse_overrides(rest))
+    return load_config(args.preset, overrides, validate=validate), args
+
+
+def layout_label(cfg: Config) -> str:
+    """``pp2+zero1+tp2``-style name of a config's layout, the same in both frameworks' metadata."""
+    p, m = cfg.parallel, cfg.mesh_shape()
+    name = f"zero{p.zero}" + ("+hpz" if p.hpz else "") + ("+mics" if p.mics else "")
+    if m["tensor"] > 1:
+        name += f"+tp{m['tensor']}"
+    if m["pipeline"] > 1:
+        name = f"pp{m['pipeline']}+" + name
+    return name
