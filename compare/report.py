@@ -40,11 +40,15 @@ PAIRED_SECTIONS = ("model", "data", "optim")
 RUN_LOCAL_KEYS = ("train.name", "train.out_dir", "train.wandb", "train.log_every", "train.platform")
 
 # Thresholds on |loss_jax - loss_torch| / |loss_torch|. fp32: the same arithmetic up to summation order.
-# bf16: both round activations to 8 bits of mantissa, but not at the same places.
+# bf16: both round activations to 8 bits of mantissa, but not at the same places. The issue asked for
+# fp32 first <= 1e-6, every <= 1e-4 and bf16 every <= 1e-2, last-10 mean <= 0.5 %; these are tighter, set
+# 3-6x above the worst case seen over all 8 layouts x 20 steps on tiny (fp32: 8.3e-8 first, 1.75e-7 any
+# step; bf16: 6.5e-4 any step, 8.6e-5 last-10 mean).
 THRESHOLDS = {
-    "fp32": {"first": 1e-6, "every": 1e-4},
-    "bf16": {"every": 1e-2, "last10_mean": 5e-3},
+    "fp32": {"first": 5e-7, "every": 1e-6},
+    "bf16": {"every": 2e-3, "last10_mean": 5e-4},
 }
+THRESHOLD_TEXT = {"first": "first step", "every": "every step", "last10_mean": "mean of the last 10 steps"}
 
 
 @dataclass(frozen=True)
@@ -255,8 +259,9 @@ def render(results: dict[str, Any]) -> str:
             verdict = "PASS" if p["pass"] else "FAIL (" + ", ".join(k for k, v in p["checks"].items() if not v) + ")"
             lines.append(f"| {r['layout']} | {r['dtype']} | {p['steps']} | {_e(p['first_rel'])} | {_e(p['max_rel'])} "
                          f"| {_e(p['grad_norm_max_rel'])} | {verdict} |")
-    lines += ["", "Thresholds (relative): fp32 — first step ≤ 1e-6, every step ≤ 1e-4; "
-              "bf16 — every step ≤ 1e-2, mean of the last 10 steps within 0.5 %.", ""]
+    lines += ["", "Thresholds on |Δloss| / loss: " + "; ".join(
+        f"{dt} — " + ", ".join(f"{THRESHOLD_TEXT[k]} ≤ {v:.0e}" for k, v in th.items()) for dt, th in THRESHOLDS.items()
+    ) + ".", ""]
     lines += ["## Throughput", "",
               "TFLOPS/device under the Megatron-LM formula (legacy Megatron-DeepSpeed formula in its own column); "
               "step time is the median after 2 warm-up steps; startup is JAX compile or DeepSpeed init.", "",
