@@ -460,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
         md += "\n## The study's measured runs, recomputed\n\n" + reference.render_markdown(checks)
         md += "\n" + reference.render_normalised_markdown(reference.normalise(rows)) + "\n"
         reference.plot_gas_sweep(rows, out / "reference_gas_sweep.png")
+        from compare import plan
+
+        md += "\n" + plan.validation_markdown() + "\n"
         results["reference"] = [{"run": c.row.run, "flags": c.flags} for c in checks]
     (out / "report.md").write_text(md)
     (out / "report.json").write_text(json.dumps(results, indent=2, default=str) + "\n")

@@ -1,0 +1,210 @@
+"""The layout planner (compare.plan): memory model vs the study, step-time fit, JAX compiled memory, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import pytest
+
+from compare import plan
+from compare.cluster import Cluster, list_clusters, load_cluster
+from compare.reference import load_reference
+from configs import ConfigError
+
+# Achieved leave-one-out bound of the step-time model (see the report): the one row above 15 % is the 6-node
+# ZeRO-3+hpZ run, slower per tile than the 8-node one although the modelled traffic per node is lower.
+LOO_MEAN_BOUND = 0.15
+LOO_MAX_BOUND = 0.36
+
+
+@functools.cache
+def _fit() -> plan.Fit:
+    return plan.calibrate()
+
+
+@functools.cache
+def _fitted() -> plan.Assumptions:
+    return dataclasses.replace(plan.Assumptions(), **_fit().params)
+
+
+def _row(run: str):
+    return next(r for r in load_reference() if r.run == run)
+
+
+# ----------------------------------------------------------------------------- cluster
+def test_cluster_presets_and_overrides():
+    assert {"aurora", "h100-node", "h200-node"} <= set(list_clusters())
+    a = load_cluster("aurora")
+    assert (a.tiles_per_node, a.mem_gb, a.peak_tflops) == (12, 64.0, 298.0)
+    assert load_cluster("h200-node").mem_gb == 141.0
+    h = load_cluster("h100-node", {"mem_gb": "40", "usable_frac": 0.5})
+    assert h.usable_bytes == pytest.approx(20e9)
+    with pytest.raises(ConfigError, match="did you mean 'mem_gb'"):
+        load_cluster("aurora", {"mem_gbs": 1})
+    with pytest.raises(ConfigError, match=r"unknown cluster 'auroa'.*did you mean 'aurora'"):
+        load_cluster("auroa")
+
+
+# ----------------------------------------------------------------------------- memory model vs the study
+def test_memory_model_reproduces_study_outcomes():
+    cluster, a = load_cluster("aurora"), _fitted()
+    oom = _row("chocolate-meadow-2125")
+    est = plan.ds_memory(oom.model, plan.layout_from_row(oom), cluster, a, oom.seq)
+    assert not est.fits, f"PP=8 TP=1 on 8 nodes ran out of memory; the model says {est.total / 1e9:.1f} GB fits"
+    for r in load_reference():
+        if r.status == "ok":
+            est = plan.ds_memory(r.model, plan.layout_from_row(r), cluster, a, r.seq)
+            assert est.fits, f"{r.run} ran; the model says {est.total / 1e9:.1f} GB > {est.usable / 1e9:.1f} GB"
+
+
+def test_memory_terms_follow_zero_stages():
+    cluster, a = load_cluster("aurora"), plan.Assumptions()
+    base = plan.Layout("x", data=8, fsdp=12, zero=1)
+    terms = {z: {t.name: t.value for t in plan.ds_memory("llama2-70b", dataclasses.replace(base, zero=z), cluster,
+                                                         a).terms} for z in (1, 2, 3)}
+    n = 68_976_648_192
+    assert terms[1]["fp32 master + Adam m, v"] == pytest.approx(12 * n / 96)
+    assert terms[1]["bf16 params"] == pytest.approx(2 * n)
+    assert terms[2]["fp32 grad partition"] == pytest.approx(4 * n / 96)
+    assert terms[3]["bf16 params"] == pytest.approx(2 * n / 96)
+    hpz = plan.ds_memory("llama2-70b", dataclasses.replace(base, zero=3, hpz=True), cluster, a)
+    assert {t.name: t.value for t in hpz.terms}["hpZ secondary bf16 params"] == pytest.approx(2 * n / 12)
+    # pipeline buffers: stage 0 holds min(stages - 0, GAS) microbatches, the last stage one
+    pp = plan.Layout("pp", pp=8, data=6, tp=2, zero=1, gas=32)
+    ck = [next(t.value for t in plan.ds_memory("llama2-70b", pp, cluster, a, stage=s).terms
+               if t.name == "checkpointed layer inputs") for s in (0, 7)]
+    assert ck[0] == pytest.approx(8 * ck[1])
+
+
+# ----------------------------------------------------------------------------- step-time fit
+def test_step_time_leave_one_out():
+    fit = _fit()
+    assert len(fit.rows) == sum(r.status == "ok" for r in load_reference())
+    print("\nfitted", fit.params, f"LOO mean {fit.loo_mean:.3f} max {fit.loo_max:.3f}")
+    for d in fit.rows:
+        print(f"  {d['run']:<26} measured {d['measured']:.3f} predicted {d['predicted']:.3f} "
+              f"({d['err']:+.1%}) LOO {d['loo_predicted']:.3f} ({d['loo_err']:+.1%})")
+    assert fit.loo_mean <= LOO_MEAN_BOUND
+    assert fit.loo_max <= LOO_MAX_BOUND
+    within = sum(abs(d["loo_err"]) <= 0.15 for d in fit.rows)
+    assert within >= len(fit.rows) - 1, "more than one row outside 15 % leave-one-out"
+
+
+def test_step_time_model_shapes():
+    cluster, a = load_cluster("aurora"), plan.Assumptions()
+    lay = plan.Layout("pp", pp=8, data=6, tp=2, zero=1)
+    s1 = plan.step_time("llama2-70b", lay, cluster, a)
+    s32 = plan.step_time("llama2-70b", dataclasses.replace(lay, gas=32), cluster, a)
+    assert s1.bubble == 8 and s32.bubble == pytest.approx(39 / 32)
+    assert s32.sps > 3 * s1.sps  # the bubble shrinks
+    # hpZ keeps the backward all-gathers inside a node
+    hpz = plan.step_time("llama2-70b", plan.Layout("h", data=8, fsdp=12, zero=3, hpz=True), cluster, a)
+    bwd = next(c for c in hpz.comms_mb if c.name.startswith("ZeRO-3 bwd"))
+    assert bwd.group.k == 1 and bwd.group.n == 12
+    fwd = next(c for c in hpz.comms_mb if c.name.startswith("ZeRO-3 fwd"))
+    assert fwd.group.k == 8
+    # a faster network speeds up the inter-node collectives
+    fast = dataclasses.replace(cluster, inter_bw_gbs=cluster.inter_bw_gbs * 10)
+    assert plan.step_time("llama2-70b", plan.Layout("h", data=8, fsdp=12, zero=3, hpz=True), fast, a).sps > hpz.sps
+
+
+def test_groups_follow_node_boundaries():
+    c = load_cluster("aurora")
+    lay = plan.Layout("x", pp=8, data=6, tp=2)
+    assert plan.group_of(lay, ("tensor",), c) == plan.Group(("tensor",), 2, 1, 2, "package")
+    assert plan.group_of(lay, ("data", "fsdp"), c).k == 1  # one stage per node: DP stays inside it
+    assert plan.group_of(lay, ("pipeline",), c).k == 8
+    assert plan.group_of(plan.Layout("y", data=16, tp=6), ("data", "fsdp"), c) == plan.Group(
+        ("data", "fsdp"), 16, 8, 2, "node")
+
+
+# ----------------------------------------------------------------------------- ranking and validation
+def test_plan_ranks_fitting_layouts(tmp_path):
+    assert plan.main(["--model", "llama2-70b", "--nodes", "8", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "plan_llama2-70b_8n_aurora.md").read_text()
+    assert (tmp_path / "plan_llama2-70b_8n_aurora.png").stat().st_size > 1000
+    assert "ZeRO-3+hpZ" in md and "PP+ZeRO-1" in md
+    assert "pipeline=8,data=12 ZeRO-1" in md and "OOM" in md  # the study's OOM layout, rejected with a margin
+    assert "n_heads=64 is not divisible by the tensor axis (6)" in md
+    assert "XLA:CPU" in md
+    cluster, a = load_cluster("aurora"), _fitted()
+    ok, rejected = plan.best_per_mesh(plan.plan("llama2-70b", 8, cluster, a))
+    assert ok and all(p.fits for p in ok) and all(not p.fits for p in rejected)
+    assert [p.step.sps for p in ok] == sorted((p.step.sps for p in ok), reverse=True)
+
+
+def test_plan_42b_and_other_clusters(tmp_path):
+    assert plan.main(["--model", "auroragpt-42b-tp6", "--nodes", "8", "--out", str(tmp_path), "--no-fit"]) == 0
+    md = (tmp_path / "plan_auroragpt-42b-tp6_8n_aurora.md").read_text()
+    assert "data=16,tensor=6 ZeRO-2" in md
+    big = plan.plan("llama2-70b", 8, load_cluster("h200-node"), plan.Assumptions())
+    small = plan.plan("llama2-70b", 8, load_cluster("h200-node", {"mem_gb": 24}), plan.Assumptions())
+    assert sum(p.fits for p in small) < sum(p.fits for p in big)
+
+
+def test_validation_markdown():
+    md = plan.validation_markdown()
+    for r in load_reference():
+        assert r.run in md
+    assert "| chocolate-meadow-2125 |" in md and "OOM (+" in md
+    assert "leave-one-out" in md
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(("argv", "match"), [
+    (["--model", "llama3-999b"], "unknown preset 'llama3-999b'"),
+    (["--nodes", "0"], "--nodes 0 must be >= 1"),
+    (["--nodes", "3", "--mesh", "pipeline=8,data=6,tensor=2"], "needs 96 tiles but 3 nodes"),
+    (["--nodes", "8", "--mesh", "data=96", "--cluster", "nope"], "unknown cluster 'nope'"),
+    (["--nodes", "8", "--cluster.mem_gbs=3"], "unknown cluster key 'mem_gbs'"),
+    (["--nodes", "8", "--assume.etaa=3"], "unknown assumption 'etaa'"),
+    (["--bogus"], "unrecognised argument"),
+])
+def test_bad_input_is_a_clear_error(argv, match, capsys, tmp_path):
+    assert plan.main([*argv, "--out", str(tmp_path), "--no-fit"]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_indivisible_layout_names_the_reason(tmp_path, capsys):
+    cluster, a = load_cluster("aurora"), plan.Assumptions()
+    p = plan.evaluate("llama2-70b", plan.Layout("x", data=16, tp=6, zero=2), cluster, a)
+    assert not p.fits and "n_heads=64 is not divisible by the tensor axis (6)" in p.reason
+    p = plan.evaluate("llama2-70b", plan.Layout("x", pp=3, data=32, zero=1), cluster, a)
+    assert "n_layers=80 does not divide into pipeline=3" in p.reason
+    p = plan.evaluate("llama2-70b", plan.Layout("x", pp=2, data=48, zero=3), cluster, a)
+    assert "ZeRO" in p.reason
+    # a single --mesh layout that cannot be built: listed as rejected with its reason
+    assert plan.main(["--nodes", "8", "--mesh", "data=16,tensor=6", "--zero", "2", "--no-fit",
+                      "--out", str(tmp_path)]) == 0
+    assert "not divisible by the tensor axis (6)" in capsys.readouterr().out + (
+        tmp_path / "plan_llama2-70b_8n_aurora.md").read_text()
+
+
+def test_cluster_dataclass_defaults_match_aurora_preset():
+    assert load_cluster("aurora") == Cluster()
+
+
+# ----------------------------------------------------------------------------- JAX compiled memory
+@pytest.mark.slow
+def test_jax_compiled_memory_matches_measured_run():
+    """memory_analysis() of the AOT step vs the peak RSS of really running it on one CPU device.
+
+    CPU devices report no memory_stats() (None), so the process's resident memory is the measurement.
+    """
+    r = plan.measure_jax_memory("small", {"model.n_layers": 2, "data.seq_len": 256, "parallel.mbs": 2,
+                                          "parallel.remat": True, "parallel.mesh": "data=1", "parallel.zero": 0})
+    ratio = r["measured_peak"] / r["compiled_peak"]
+    print(f"\ncompiled {r['compiled_peak'] / 2**20:.1f} MiB, measured {r['measured_peak'] / 2**20:.1f} MiB "
+          f"({ratio:.3f})")
+    assert abs(ratio - 1) <= 0.10
+    assert r["measured_args"] == pytest.approx(r["memory"]["argument"], rel=0.10)
+
+
+@pytest.mark.slow
+def test_jax_aot_compile_70b_96_devices(tmp_path):
+    res = plan.jax_memory("llama2-70b", plan.Layout("h", data=8, fsdp=12, zero=3, hpz=True), cache=tmp_path)
+    assert res["ok"], res
+    assert res["memory"]["argument"] > 0 and res["peak_bytes"] > res["memory"]["argument"]
+    again = plan.jax_memory("llama2-70b", plan.Layout("h", data=8, fsdp=12, zero=3, hpz=True), cache=tmp_path)
+    assert again.get("cached") and again["peak_bytes"] == res["peak_bytes"]
