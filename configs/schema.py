@@ -392,14 +392,21 @@ def validate_config(cfg: Config, n_devices: int | None = None) -> None:
         )
     if mesh["pipeline"] > 1:
         if m.n_layers % mesh["pipeline"]:
+            divisors = [d for d in range(1, m.n_layers + 1) if m.n_layers % d == 0]
             raise ConfigError(
-                f"model.n_layers={m.n_layers} does not divide into pipeline={mesh['pipeline']} stages; "
-                f"pick pipeline from the divisors of {m.n_layers}"
+                f"model.n_layers={m.n_layers} does not split into pipeline={mesh['pipeline']} equal stages; "
+                f"pick pipeline from {divisors}"
             )
         if p.zero > 1:
             raise ConfigError(
                 f"pipeline parallelism runs with ZeRO 0 or 1 (as DeepSpeed's PipelineModule); got --zero {p.zero}: "
                 "use --zero 1"
+            )
+        if p.pipeline_schedule == "1f1b" and p.gas < mesh["pipeline"]:
+            raise ConfigError(
+                f"parallel.pipeline_schedule='1f1b' needs at least one microbatch per stage in flight: "
+                f"gas={p.gas} < pipeline={mesh['pipeline']}; set --gas {mesh['pipeline']} or more "
+                "(gas >= 2 x stages to beat GPipe's memory), or use parallel.pipeline_schedule=gpipe"
             )
     _choice("parallel.remat_policy", p.remat_policy, ("full", "save_dots", "save_attn_out"))
     _choice("parallel.pipeline_schedule", p.pipeline_schedule, ("gpipe", "1f1b"))

@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 from configs import MESH_AXES, Config, ConfigError
 
 DP_AXES = ("data", "fsdp")
+PIPELINE_AXIS = "pipeline"  # [pipeline] the axis jax_impl.pipeline runs its stages over
 
 # logical name -> mesh axes, for compute (activations and gathered weights)
 RULES: dict[str, tuple[str, ...]] = {
@@ -48,7 +49,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "mlp": ("tensor",),
     "embed": (),
     "norm": (),
-    "layers": (),
+    "layers": (PIPELINE_AXIS,),  # [pipeline] contiguous stages of layers; a no-op when pipeline == 1
 }
 # dimensions that ZeRO shards over the data-parallel axes in stored trees
 ZERO_DIMS = ("embed", "norm")
@@ -102,7 +103,11 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     mesh = _ACTIVE.get()
     if mesh is None:
         return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_spec(names, mesh)))
+    # [pipeline] inside jax.shard_map(axis_names={"pipeline"}) the context mesh marks `pipeline` Manual;
+    # a constraint must be built on that mesh (its specs never name the manual axis: see jax_impl.pipeline).
+    ctx = jax.sharding.get_abstract_mesh()
+    target = ctx if ctx.manual_axes else mesh
+    return jax.lax.with_sharding_constraint(x, NamedSharding(target, logical_spec(names, mesh)))
 
 
 def gather_weight(w: jax.Array, names: tuple[str, ...], shape: tuple[int, ...]) -> jax.Array:

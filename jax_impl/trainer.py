@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import jax
@@ -16,6 +17,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from configs import Config
+from jax_impl import pipeline
 from jax_impl.model import PARAM_AXES, cross_entropy, forward, init_params
 from jax_impl.sharding import ZeroPlan, activate, batch_sharding, replicated
 
@@ -80,6 +82,7 @@ class Trainer:
 
     @classmethod
     def build(cls, cfg: Config, mesh: Mesh) -> Trainer:
+        pipeline.check(cfg, mesh.shape)  # [pipeline] stage/schedule errors before anything is traced
         plan = ZeroPlan.from_config(cfg, mesh)
         logical = jax.eval_shape(lambda: init_params(cfg.model, cfg.train.seed))
         names = param_names(logical)
@@ -110,10 +113,12 @@ class Trainer:
                 lambda p, s: jnp.pad(p, [(0, t - n) for n, t in zip(p.shape, s.shape, strict=True)]),
                 params, self.storage)
 
-        with activate(self.mesh):
-            params = jax.jit(init, out_shardings=self.param_sh)()
-            opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sh)(params)
-        return params, opt_state
+        def init_both():
+            params = init()
+            return params, self.tx.init(params)
+
+        with activate(self.mesh):  # one compile for both trees
+            return jax.jit(init_both, out_shardings=(self.param_sh, self.opt_sh))()
 
     def logical_params(self, params: dict) -> dict:
         """Storage params sliced back to their logical shapes (for export and checks)."""
@@ -128,7 +133,7 @@ class Trainer:
                          remat_policy=p.remat_policy, attn_chunk=p.attn_chunk)
         return cross_entropy(logits, tokens[:, 1:])
 
-    def _step(self, params: dict, opt_state: Any, batch: jax.Array):
+    def _step(self, params: dict, opt_state: Any, batch: jax.Array, with_grads: bool = False):
         grad_fn = jax.value_and_grad(self.loss_fn)
 
         def micro(tokens):
@@ -136,7 +141,10 @@ class Trainer:
             return loss, jax.lax.with_sharding_constraint(g, self.grad_sh)
 
         gas = batch.shape[0]
-        if gas == 1:
+        if pipeline.stages(self.mesh.shape) > 1:  # [pipeline] the microbatches flow through the stages
+            loss, grads = pipeline.loss_and_grads(self.cfg, self.mesh, params, batch)
+            grads = jax.lax.with_sharding_constraint(grads, self.grad_sh)
+        elif gas == 1:
             loss, grads = micro(batch[0])
         else:
             def body(acc, tokens):
@@ -151,13 +159,18 @@ class Trainer:
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "grad_norm": grad_norm}
+        metrics = {"loss": loss, "grad_norm": grad_norm}
+        if with_grads:  # for checks and debugging: the step's (averaged, storage-shaped) gradients
+            metrics["grads"] = grads
+        return params, opt_state, metrics
 
-    def jitted_step(self):
+    def jitted_step(self, with_grads: bool = False):
+        rep = replicated(self.mesh)
+        metrics_sh = {"loss": rep, "grad_norm": rep, **({"grads": self.grad_sh} if with_grads else {})}
         return jax.jit(
-            self._step,
+            partial(self._step, with_grads=with_grads),
             in_shardings=(self.param_sh, self.opt_sh, batch_sharding(self.mesh)),
-            out_shardings=(self.param_sh, self.opt_sh, replicated(self.mesh)),
+            out_shardings=(self.param_sh, self.opt_sh, metrics_sh),
             donate_argnums=(0, 1),
         )
 

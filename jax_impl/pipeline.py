@@ -1,0 +1,277 @@
+"""Pipeline parallelism over the ``pipeline`` mesh axis: GPipe and 1F1B schedules.
+
+The stacked ``layers`` axis is sharded over ``pipeline`` (``sharding.RULES``), so stage ``s`` of
+``p`` stores layers ``s*L/p .. (s+1)*L/p - 1`` only. The step runs inside
+``jax.shard_map(..., axis_names={"pipeline"})``: the pipeline axis is manual (every stage runs the
+same program on its own layer slice and hands activations to its neighbour with ``lax.ppermute``)
+while ``data``/``fsdp``/``tensor`` stay automatic, so the compiler still splits each microbatch over
+the data axes and each weight over ``tensor`` exactly as in the non-pipelined step.
+
+Placement: the embedding runs on stage 0 and final norm + head + loss on stage ``p-1`` (``lax.cond``
+on the stage index, so the other stages skip that compute). Their weights are *stored* on every
+stage (replicated over ``pipeline``, sharded over ``tensor``): 2 V h / TP parameters per device,
+0.26 B for the 70B at TP=2, i.e. 0.98 GiB fp32 params + 0.98 grads + 0.33 ZeRO-1 states = 2.3 GiB
+per device (4.2 GiB at PP=16, TP=1), against 15.9 GiB of params for the stage's own layers -- the
+price of keeping the schedule free of extra collectives (see ``report_placement``).
+
+Schedules (``parallel.pipeline_schedule``), with m = GAS microbatches of MBS samples per data rank:
+
+* ``gpipe``: a ``lax.scan`` over ``m + p - 1`` ticks, each stage runs its layers on the activation
+  received in the previous tick; ``jax.grad`` of that loop is the backward pipeline (all forwards,
+  then all backwards). Residuals of all ``m + p - 1`` ticks stay alive until the backward.
+* ``1f1b``: an explicit schedule of ``2(m + p - 1)`` slots. Stage ``s`` runs the forward of
+  microbatch ``i`` in slot ``2i + s`` and its backward in slot ``2i + 2p - 1 - s`` (PipeDream-flush
+  order: ``p - s - 1`` warm-up forwards, then alternating F/B). Forwards use ``jax.vjp`` and park
+  the vjp residuals (not the weights) in a ring of ``p`` slots; a backward takes them out again. So
+  at most ``p - s`` microbatches' activations are alive on stage ``s``, whatever ``m`` is.
+
+``parallel.remat`` checkpoints each layer in both schedules (residuals become the layer inputs).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from configs import Config, validate_config
+from jax_impl.model import PARAM_AXES, REMAT_POLICIES, block, matmul, rms_norm, rope_tables
+from jax_impl.sharding import PIPELINE_AXIS, constrain, gather_weight
+
+PIPE = PIPELINE_AXIS
+_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+OUTER = ("embed", "final_norm", "head")  # weights outside the layer stack
+
+
+def stages(mesh_shape: Any) -> int:
+    return int(dict(mesh_shape).get(PIPE, 1))
+
+
+def check(cfg: Config, mesh_shape: Any) -> None:
+    """Pipeline config errors (stages, ZeRO stage, 1F1B's GAS) before anything is traced or compiled.
+
+    The checks live in ``configs.validate_config``, which the CLIs run first; ``Trainer.build`` calls
+    this so that programmatic users get the same messages.
+    """
+    if stages(mesh_shape) > 1:
+        validate_config(cfg, math.prod(mesh_shape[a] for a in mesh_shape))
+
+
+# --------------------------------------------------------------------------------------- pieces
+def _stage_fn(cfg: Config, seq: int) -> Callable[[dict, jax.Array], jax.Array]:
+    """This stage's layers: x (batch, seq, hidden) -> same, scanning the local (L/p, ...) weights."""
+    m, par = cfg.model, cfg.parallel
+    dtype = _DTYPES[cfg.train.dtype]
+    cos, sin = rope_tables(seq, m.dim_head, m.rope_theta)
+    layer = partial(block, m, dtype, par.attn_chunk, cos, sin)
+    if par.remat:
+        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[par.remat_policy], prevent_cse=False)
+
+    def run(layers: dict, x: jax.Array) -> jax.Array:
+        x, _ = jax.lax.scan(lambda c, w: (layer(c, w), None), x, layers)
+        return x
+
+    return run
+
+
+def _embed(cfg: Config, embed: jax.Array, tokens: jax.Array) -> jax.Array:
+    """tokens (batch, seq) -> (batch, seq, hidden) in the compute dtype (as model.forward)."""
+    V, h = cfg.model.padded_vocab, cfg.model.hidden
+    table = gather_weight(embed, PARAM_AXES["embed"], (V, h))
+    return constrain(jnp.take(table, tokens, axis=0).astype(_DTYPES[cfg.train.dtype]), ("batch", "seq", "act_embed"))
+
+
+def _head_loss(cfg: Config, y: jax.Array, final_norm: jax.Array, head: jax.Array, labels: jax.Array) -> jax.Array:
+    """Final norm + head + mean cross-entropy of one microbatch; y (batch, seq, hidden)."""
+    V, h = cfg.model.padded_vocab, cfg.model.hidden
+    x = rms_norm(y, gather_weight(final_norm, ("norm",), (h,)), cfg.model.norm_eps, _DTYPES[cfg.train.dtype])
+    logits = constrain(matmul(x, gather_weight(head, PARAM_AXES["head"], (h, V))), ("batch", "seq", "act_vocab"))
+    # model.cross_entropy picks the gold logit with take_along_axis; inside this loop, with vocab over
+    # `tensor` and batch over `data`, that gather aborts XLA's SPMD partitioner (jax 0.10.2, CPU). A
+    # one-hot sum is the same number (one nonzero term) and partitions as a plain reduction.
+    logz = jax.nn.logsumexp(logits, axis=-1)  # (batch, seq)
+    gold = jnp.sum(jnp.where(jax.nn.one_hot(labels, V, dtype=jnp.bool_), logits, 0.0), axis=-1)
+    return jnp.mean(logz - gold)
+
+
+def _outer_weights(cfg: Config, params: dict) -> dict:
+    """Embedding, final norm and head in logical shape, once per step: sliced inside the tick loop they
+    would be saved per tick as residuals (8 x 0.5 GiB for the 70B head). Stage-varying (see _gpipe)."""
+    V, h = cfg.model.padded_vocab, cfg.model.hidden
+    shapes = {"embed": (V, h), "final_norm": (h,), "head": (h, V)}
+    return {k: gather_weight(_varying(params[k]), PARAM_AXES[k], shapes[k]) for k in OUTER}
+
+
+def _varying(x: Any) -> Any:
+    """Mark fresh (stage-independent) values as varying over the pipeline axis, as loop carries must be."""
+    def cast(a):
+        return a if PIPE in jax.typeof(a).manual_axis_type.varying else jax.lax.pcast(a, PIPE, to="varying")
+
+    return jax.tree.map(cast, x)
+
+
+def _shift(x: jax.Array, p: int, step: int) -> jax.Array:
+    """Send to stage s + step (step = +1: activations forward, -1: cotangents backward); no wrap-around."""
+    perm = [(s, s + step) for s in range(p) if 0 <= s + step < p]
+    return jax.lax.ppermute(x, PIPE, perm)
+
+
+# --------------------------------------------------------------------------------------- GPipe
+def _gpipe(cfg: Config, p: int, params: dict, tokens: jax.Array) -> jax.Array:
+    """Mean loss over the microbatches; differentiate it for the GPipe backward. Runs per stage.
+
+    params: {"layers": local (L/p, ...) weights, embed, final_norm, head}; tokens (gas, batch, seq+1).
+    """
+    # outer weights as stage-varying values: their per-stage gradients then meet in a psum over stages
+    # (the transpose of this cast), and model.matmul's custom vjp sees matching types
+    params = {"layers": params["layers"], **_outer_weights(cfg, params)}
+    head_loss = partial(_head_loss, cfg)
+    if cfg.parallel.remat:  # keep y (batch, seq, hidden) per tick, not the logits (batch, seq, vocab)
+        head_loss = jax.checkpoint(head_loss, prevent_cse=False)
+    m, seq = tokens.shape[0], tokens.shape[2] - 1
+    s = jax.lax.axis_index(PIPE)
+    run = _stage_fn(cfg, seq)
+    inputs, labels = tokens[:, :, :-1], tokens[:, :, 1:]  # (gas, batch, seq)
+    act = jax.eval_shape(partial(_embed, cfg), params["embed"], inputs[0])
+
+    def tick(carry, t):
+        recv, loss = carry  # recv: (batch, seq, hidden) from stage s-1 last tick
+        # stage 0 feeds microbatch t (bubble ticks t >= m recompute the last one; their output is never used)
+        x = jax.lax.cond(s == 0, lambda: _varying(_embed(cfg, params["embed"], inputs[jnp.minimum(t, m - 1)])),
+                         lambda: recv)
+        y = run(params["layers"], x)
+        i = t - (p - 1)  # the microbatch leaving the last stage this tick
+        loss = loss + jax.lax.cond(
+            (s == p - 1) & (i >= 0),
+            lambda: head_loss(y, params["final_norm"], params["head"], labels[jnp.maximum(i, 0)]),
+            lambda: _varying(jnp.zeros((), jnp.float32)))
+        return (_shift(y, p, +1), loss), None
+
+    init = _varying((jnp.zeros(act.shape, act.dtype), jnp.zeros((), jnp.float32)))
+    (_, loss), _ = jax.lax.scan(tick, init, jnp.arange(m + p - 1))
+    return jax.lax.psum(loss, PIPE) / m
+
+
+# --------------------------------------------------------------------------------------- 1F1B
+def _one_f_one_b(cfg: Config, p: int, params: dict, tokens: jax.Array) -> tuple[jax.Array, dict]:
+    """(mean loss, grads of params) by an explicit 1F1B schedule. Runs per stage (manual pipeline axis)."""
+    stored = params
+    params = {"layers": params["layers"], **_outer_weights(cfg, params)}  # as in _gpipe
+    m, seq = tokens.shape[0], tokens.shape[2] - 1
+    s = jax.lax.axis_index(PIPE)
+    run = _stage_fn(cfg, seq)
+    layers = params["layers"]
+    inputs, labels = tokens[:, :, :-1], tokens[:, :, 1:]  # (gas, batch, seq)
+    act = jax.eval_shape(partial(_embed, cfg), params["embed"], inputs[0])  # (batch, seq, hidden)
+    layer_ids = {id(w): j for j, w in enumerate(jax.tree.leaves(layers))}
+
+    def residuals(x):
+        """Forward of this stage; the vjp's residuals split into weights (not stored) and the rest."""
+        y, vjp = jax.vjp(run, layers, x)
+        leaves, tdef = jax.tree.flatten(vjp)
+        where = tuple(layer_ids.get(id(r)) for r in leaves)  # index into the weights, or None: an activation
+        return y, tdef, where, [r for r, j in zip(leaves, where, strict=True) if j is None]
+
+    # one abstract trace fixes the residual layout; the ring holds p microbatches of it
+    layout: dict = {}
+
+    def probe(x):
+        _, layout["tdef"], layout["where"], acts = residuals(_varying(x))
+        return acts
+
+    res_shapes = jax.eval_shape(probe, jax.ShapeDtypeStruct(act.shape, act.dtype))
+    ring = [jnp.zeros((p, *r.shape), r.dtype) for r in res_shapes]  # each (stages, *residual)
+    zeros_act = jnp.zeros(act.shape, act.dtype)
+    grads0 = jax.tree.map(lambda w: jnp.zeros(w.shape, jnp.float32), params)
+
+    def forward(state, i):
+        recv_f, _, _, ring, grads, loss = state
+        x = jax.lax.cond(s == 0, lambda: _varying(_embed(cfg, params["embed"], inputs[i])), lambda: recv_f)
+        y, _, where, acts = residuals(x)
+        # the treedef holds the vjp's jaxpr, a fresh object per trace: compare the residual layout instead
+        if where != layout["where"] or [(a.shape, a.dtype) for a in acts] != [(r.shape, r.dtype) for r in res_shapes]:
+            raise RuntimeError("1F1B: the stage's vjp residual layout differs between two traces of one function")
+        ring = [buf.at[i % p].set(a) for buf, a in zip(ring, acts, strict=True)]
+
+        def head(y, grads, loss):
+            # last stage: loss and its gradient now; the cotangent waits for the next slot's backward
+            fn = partial(_head_loss, cfg, labels=labels[i])
+            li, (dy, dnorm, dhead) = jax.value_and_grad(fn, argnums=(0, 1, 2))(
+                y, params["final_norm"], params["head"])
+            grads = dict(grads, final_norm=grads["final_norm"] + dnorm / m, head=grads["head"] + dhead / m)
+            return (dy / m).astype(y.dtype), grads, loss + li
+
+        ct_head, grads, loss = jax.lax.cond(s == p - 1, head, lambda y, g, l: (_varying(zeros_act), g, l),
+                                            y, grads, loss)
+        return y, _varying(zeros_act), ct_head, ring, grads, loss
+
+    def backward(state, i):
+        _, recv_b, ct_head, ring, grads, loss = state
+        ct = jnp.where(s == p - 1, ct_head, recv_b)  # (batch, seq, hidden)
+        leaves, acts = list(jax.tree.leaves(layers)), iter(buf[i % p] for buf in ring)
+        vjp = jax.tree.unflatten(layout["tdef"], [next(acts) if j is None else leaves[j] for j in layout["where"]])
+        dlayers, dx = vjp(ct)
+        grads = dict(grads, layers=jax.tree.map(jnp.add, grads["layers"], dlayers))
+
+        def embed_grad(dx, g):  # stage 0: scatter the input cotangent into the embedding rows
+            _, evjp = jax.vjp(lambda e: _embed(cfg, e, inputs[i]), params["embed"])
+            return g + evjp(dx)[0]
+
+        grads["embed"] = jax.lax.cond(s == 0, embed_grad, lambda dx, g: g, dx, grads["embed"])
+        return _varying(zeros_act), dx, ct_head, ring, grads, loss
+
+    def slot(carry, k):
+        recv_f, recv_b, ct_head, ring, grads, loss = carry
+        fi, bi = k - s, k - (2 * p - 1 - s)  # 2x the microbatch index whose F / B this slot may run
+        is_f = (fi % 2 == 0) & (fi >= 0) & (fi < 2 * m)
+        is_b = (bi % 2 == 0) & (bi >= 0) & (bi < 2 * m)
+        kind = jnp.where(is_f, 1, jnp.where(is_b, 2, 0))
+        idle = lambda st, i: (_varying(zeros_act), _varying(zeros_act), *st[2:])  # noqa: E731
+        out = jax.lax.switch(kind, (idle, forward, backward), (recv_f, recv_b, ct_head, ring, grads, loss),
+                             jnp.where(is_f, fi, bi) // 2)
+        send_f, send_b, ct_head, ring, grads, loss = out
+        return (_shift(send_f, p, +1), _shift(send_b, p, -1), ct_head, ring, grads, loss), None
+
+    init = _varying((zeros_act, zeros_act, zeros_act, ring, grads0, jnp.zeros((), jnp.float32)))
+    (*_, grads, loss), _ = jax.lax.scan(slot, init, jnp.arange(2 * (m + p - 1)))
+    # back to storage shape; the vjp of the stage-varying cast is the sum over stages that puts the
+    # embedding's grads (stage 0) and the head's (stage p-1) on every stage
+    _, to_storage = jax.vjp(partial(_outer_weights, cfg), {k: stored[k] for k in OUTER})
+    return jax.lax.psum(loss, PIPE) / m, {"layers": grads["layers"], **to_storage({k: grads[k] for k in OUTER})[0]}
+
+
+# --------------------------------------------------------------------------------------- entry
+def _specs(params: dict) -> dict:
+    return {k: (jax.tree.map(lambda _: P(PIPE), v) if k == "layers" else P()) for k, v in params.items()}
+
+
+def loss_and_grads(cfg: Config, mesh: Mesh, params: dict, batch: jax.Array) -> tuple[jax.Array, dict]:
+    """Mean loss and mean gradients over the ``gas`` microbatches of ``batch`` (gas, dp*mbs, seq+1).
+
+    ``params`` are the stored (maybe padded) trees with ``layers`` sharded over ``pipeline``; the
+    result equals ``jax.value_and_grad`` of the non-pipelined loss averaged over the microbatches.
+    """
+    p = stages(mesh.shape)
+    check(cfg, mesh.shape)
+    specs = _specs(params)
+    if cfg.parallel.pipeline_schedule == "gpipe":
+        fn = jax.shard_map(partial(_gpipe, cfg, p), mesh=mesh, in_specs=(specs, P()), out_specs=P(),
+                           axis_names={PIPE})
+        return jax.value_and_grad(fn)(params, batch)
+    fn = jax.shard_map(partial(_one_f_one_b, cfg, p), mesh=mesh, in_specs=(specs, P()), out_specs=(P(), specs),
+                       axis_names={PIPE})
+    return fn(params, batch)
+
+
+def report_placement(cfg: Config, mesh_shape: Any) -> dict[str, int]:
+    """Parameter counts per device of the stage's layers and of the embedding/head copy every stage keeps."""
+    m, p, tp = cfg.model, stages(mesh_shape), int(dict(mesh_shape).get("tensor", 1))
+    layer_params = (m.n_params() - 2 * m.padded_vocab * m.hidden - m.hidden) // m.n_layers
+    return {"layers_per_stage": m.n_layers // p, "stage_layer_params": m.n_layers // p * layer_params // tp,
+            "embed_head_params": 2 * m.padded_vocab * m.hidden // tp + m.hidden}
