@@ -112,6 +112,7 @@ class ParallelConfig:
     remat_policy: str = "full"  # full | save_dots | save_attn_out
     pipeline_schedule: str = "gpipe"  # gpipe | 1f1b (pipeline axis > 1)
     attn_chunk: int = 1024  # JAX: queries per attention block when seq > this (0 = never chunk)
+    attn_impl: str = "xla"  # JAX attention: xla (any device) | cudnn (fused flash attention, NVIDIA GPU, bf16)
 
 
 @dataclass
@@ -410,6 +411,9 @@ def validate_config(cfg: Config, n_devices: int | None = None) -> None:
             )
     _choice("parallel.remat_policy", p.remat_policy, ("full", "save_dots", "save_attn_out"))
     _choice("parallel.pipeline_schedule", p.pipeline_schedule, ("gpipe", "1f1b"))
+    _choice("parallel.attn_impl", p.attn_impl, ("xla", "cudnn"))
+    if p.attn_impl == "cudnn" and cfg.train.dtype != "bf16":
+        raise ConfigError("parallel.attn_impl=cudnn runs in bf16 only; add --dtype bf16 or use attn_impl=xla")
     for key in ("mbs", "gas"):
         if getattr(p, key) < 1:
             raise ConfigError(f"parallel.{key}={getattr(p, key)} must be >= 1")

@@ -120,17 +120,19 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, q_offset) -> jax.Array:
     return out.astype(q.dtype)  # (batch, cq, kv_heads, group, head_dim)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int = 0) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int = 0, impl: str = "xla") -> jax.Array:
     """Causal grouped-query attention.
 
     q (batch, seq, heads, head_dim); k, v (batch, seq, kv_heads, head_dim). Query head j
     reads KV head j // (heads / kv_heads). Scores and softmax in fp32. With ``chunk`` > 0
     and seq > chunk, queries go in blocks of ``chunk``, each recomputed in the backward
     pass, so the live score tensor is (chunk x seq) rather than (seq x seq): at seq 4096 the
-    70B's full scores are 4 GiB per sample.
+    70B's full scores are 4 GiB per sample. ``impl="cudnn"`` uses cuDNN's fused kernel instead (GPU only).
     """
     b, s, nh, hd = q.shape
     nkv = k.shape[2]
+    if impl == "cudnn":  # fused flash attention on NVIDIA GPUs (bf16/fp16 only); GQA handled by cuDNN
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn").reshape(b, s, nh * hd)
     q = q.reshape(b, s, nkv, nh // nkv, hd)  # (batch, seq, kv_heads, group, head_dim)
     if chunk <= 0 or s <= chunk or s % chunk:
         out = _attend(q, k, v, 0)
@@ -142,7 +144,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int = 0) -> jax.A
     return out.reshape(b, s, nh * hd)  # (batch, seq, heads*head_dim)
 
 
-def block(cfg: ModelConfig, dtype, attn_chunk: int, cos: jax.Array, sin: jax.Array, x: jax.Array, p: dict) -> jax.Array:
+def block(cfg: ModelConfig, dtype, attn_chunk: int, cos: jax.Array, sin: jax.Array, x: jax.Array, p: dict,
+          attn_impl: str = "xla") -> jax.Array:
     """One pre-norm transformer layer. x (batch, seq, hidden) in the compute dtype."""
     h, nh, nkv, hd, f = cfg.hidden, cfg.n_heads, cfg.n_kv_heads, cfg.dim_head, cfg.ffn_hidden
     b, s, _ = x.shape
@@ -156,7 +159,7 @@ def block(cfg: ModelConfig, dtype, attn_chunk: int, cos: jax.Array, sin: jax.Arr
     v = matmul(y, w["wv"]).astype(dtype).reshape(b, s, nkv, hd)
     q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "act_heads", None))
     k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "act_kv_heads", None))
-    a = attention(q, k, v, attn_chunk)  # (batch, seq, heads*head_dim)
+    a = attention(q, k, v, attn_chunk, attn_impl)  # (batch, seq, heads*head_dim)
     a = checkpoint_name(a, "attn_out")
     x = x + constrain(matmul(a, w["wo"]).astype(dtype), ("batch", "seq", "act_embed"))
 
@@ -205,7 +208,7 @@ def init_params(cfg: ModelConfig, seed: int) -> dict:
 
 
 def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, *, dtype=jnp.float32, remat: bool = False,
-            remat_policy: str = "full", attn_chunk: int = 0) -> jax.Array:
+            remat_policy: str = "full", attn_chunk: int = 0, attn_impl: str = "xla") -> jax.Array:
     """tokens (batch, seq) int32 -> logits (batch, seq, padded_vocab) fp32.
 
     ``params`` may hold padded storage arrays (see ``jax_impl.sharding``); every weight is
@@ -218,7 +221,7 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, *, dtype=jnp.floa
     x = constrain(jnp.take(embed, tokens, axis=0).astype(dtype), ("batch", "seq", "act_embed"))
     cos, sin = rope_tables(s, cfg.dim_head, cfg.rope_theta)
 
-    layer = partial(block, cfg, dtype, attn_chunk, cos, sin)
+    layer = partial(block, cfg, dtype, attn_chunk, cos, sin, attn_impl=attn_impl)
     if remat:
         layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
     x, _ = jax.lax.scan(lambda carry, p: (layer(carry, p), None), x, params["layers"])

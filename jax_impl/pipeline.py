@@ -69,7 +69,7 @@ def _stage_fn(cfg: Config, seq: int) -> Callable[[dict, jax.Array], jax.Array]:
     m, par = cfg.model, cfg.parallel
     dtype = _DTYPES[cfg.train.dtype]
     cos, sin = rope_tables(seq, m.dim_head, m.rope_theta)
-    layer = partial(block, m, dtype, par.attn_chunk, cos, sin)
+    layer = partial(block, m, dtype, par.attn_chunk, cos, sin, attn_impl=par.attn_impl)
     if par.remat:
         layer = jax.checkpoint(layer, policy=REMAT_POLICIES[par.remat_policy], prevent_cse=False)
 

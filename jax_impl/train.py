@@ -3,18 +3,33 @@
     python -m jax_impl.train --preset small --mesh fsdp=8
     python -m jax_impl.train --preset llama2-70b --mesh data=8,fsdp=12 --zero 3 --parallel.hpz=true --dry-run
     python -m jax_impl.train --preset tiny --model.n_layers=4 --optim.lr=3e-3
+    python -m jax_impl.train --preset small --mesh fsdp=8 --name r1 --ckpt-every 50       # checkpoints
+    python -m jax_impl.train --preset small --mesh data=2,fsdp=4 --resume runs/r1         # continue (any mesh)
+    python -m jax_impl.train ... --coordinator host0:1234 --num-processes 2 --process-id 0  # multi-process
 
 Everything not listed below is a dotted config override (``--section.key=value``).
 JAX is imported only after the device count is known, so the CPU can fake the mesh's devices.
+
+Resilience (jax_impl/checkpoint.py, jax_impl/resilience.py, jax_impl/distributed.py): orbax checkpoints
+every ``--ckpt-every`` steps and on SIGTERM/SIGINT (then exit 128+signal); ``--resume`` restores params,
+optimizer state (schedule count included), step and data position onto the current mesh; a non-finite
+loss/gradient norm stops the run (exit 3) naming the step and first bad parameter/gradient, or skips the
+step (``--on-nonfinite skip``); a step over ``--watchdog-factor`` x median dumps all stacks and exits 75.
+Under mpiexec/PALS/SLURM (or the explicit flags) every process joins ``jax.distributed``, feeds only its
+own shards of the batch, and only process 0 writes the run directory.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import resource
+import signal
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from configs import Config, ConfigError, lr_at, mesh_devices, validate_config
@@ -27,7 +42,53 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dry-run", action="store_true",
                     help="allocate nothing: parameter count, bytes per device, AOT-compiled memory analysis")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ck = ap.add_argument_group("checkpoints (orbax; proposed config keys train.ckpt_every/ckpt_keep/ckpt_dir)")
+    ck.add_argument("--ckpt-every", "--ckpt.every", "--train.ckpt_every", dest="ckpt_every", type=int, default=0,
+                    help="save every N steps and at the last step (0: only on SIGTERM/SIGINT)")
+    ck.add_argument("--ckpt-keep", "--train.ckpt_keep", dest="ckpt_keep", type=int, default=2,
+                    help="finished checkpoints kept (default 2)")
+    ck.add_argument("--ckpt-dir", "--train.ckpt_dir", dest="ckpt_dir",
+                    help="default <run dir>/checkpoints; must be shared by all processes")
+    ck.add_argument("--resume", metavar="PATH|auto",
+                    help="a run directory, its checkpoints/ or one checkpoints/<step>; continues in that run "
+                         "directory unless --name is given. auto: resume this --name's run if it has a checkpoint")
+    rs = ap.add_argument_group("failure handling")
+    rs.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop",
+                    help="non-finite loss or gradient norm: stop (exit 3, default) or skip the step's update")
+    rs.add_argument("--max-skips", type=int, default=10, help="with skip: stop after this many in a row")
+    rs.add_argument("--watchdog-factor", type=float, default=10.0,
+                    help="a step longer than this x the median step ends the run (exit 75) with all stacks")
+    rs.add_argument("--watchdog-min-s", type=float, default=120.0, help="never fire before this many seconds")
+    rs.add_argument("--watchdog-first-s", type=float, default=3600.0,
+                    help="limit for the first steps (compilation, first collectives); 0 disables the watchdog")
+    mp = ap.add_argument_group("multi-process (else from mpiexec/PALS, SLURM or RANK/WORLD_SIZE variables)")
+    mp.add_argument("--coordinator", help="HOST:PORT of process 0's coordination service")
+    mp.add_argument("--num-processes", type=int)
+    mp.add_argument("--process-id", type=int)
     return ap
+
+
+@dataclass
+class RunOptions:
+    """The resilience flags of one run (see build_parser)."""
+
+    ckpt_every: int = 0
+    ckpt_keep: int = 2
+    ckpt_dir: str | None = None
+    resume: str | None = None
+    on_nonfinite: str = "stop"
+    max_skips: int = 10
+    watchdog_factor: float = 10.0
+    watchdog_min_s: float = 120.0
+    watchdog_first_s: float = 3600.0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RunOptions:
+        return cls(**{k: getattr(args, k) for k in cls.__dataclass_fields__})
+
+
+class NonFiniteError(FloatingPointError):
+    """A non-finite loss or gradient norm (the message names the step and the first bad tensor)."""
 
 
 def _gib(n: float) -> str:
@@ -62,9 +123,18 @@ def dry_run(cfg: Config, trainer) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         cfg, args = resolve_config(build_parser(), argv)
-        from jax_impl import devices
+        from jax_impl import devices, distributed
 
-        platform = devices.configure(cfg.train.platform, mesh_devices(cfg.parallel.mesh))
+        dist = distributed.detect(coordinator=args.coordinator, num_processes=args.num_processes,
+                                  process_id=args.process_id)
+        n_mesh = mesh_devices(cfg.parallel.mesh)
+        if dist is not None and n_mesh and n_mesh % dist.num_processes:
+            raise ConfigError(f"mesh {cfg.parallel.mesh} ({n_mesh} devices) does not divide over "
+                              f"{dist.num_processes} processes")
+        # on CPU each process fakes its share of the mesh's devices
+        platform = devices.configure(cfg.train.platform, n_mesh // dist.num_processes if dist and n_mesh else n_mesh)
+        if dist is not None:
+            distributed.initialize(dist, platform)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -85,52 +155,153 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trainer = Trainer.build(cfg, mesh)
     if args.dry_run:
         return dry_run(cfg, trainer)
-    return train(cfg, trainer, platform, quiet=args.quiet)
+    return train(cfg, trainer, platform, quiet=args.quiet, opts=RunOptions.from_args(args))
 
 
-def train(cfg: Config, trainer, platform: str, quiet: bool = False) -> dict[str, Any]:
+def _resume_source(cfg: Config, opts: RunOptions) -> Path | None:
+    """The checkpoint path to resume from (None: a fresh run); ``auto`` = this --name's run, if it has one."""
+    from jax_impl import checkpoint
+
+    if not opts.resume:
+        return None
+    if opts.resume != "auto":
+        return Path(opts.resume)
+    if not cfg.train.name:
+        raise ConfigError("--resume auto needs --name (the run to continue)")
+    ck = Path(opts.ckpt_dir) if opts.ckpt_dir else Path(cfg.train.out_dir) / cfg.train.name / "checkpoints"
+    return ck if checkpoint.steps_in(ck) else None
+
+
+def _open_run_dir(cfg: Config, resume_from: Path | None) -> tuple[Path, bool]:
+    """(run dir, continuing in place); only process 0 calls this."""
+    if resume_from is not None and not cfg.train.name:
+        from jax_impl import checkpoint
+
+        ck, _ = checkpoint.resolve_dir(resume_from)
+        if ck.name == "checkpoints" and (ck.parent / "config.json").exists():
+            return ck.parent, True
+    if resume_from is not None and cfg.train.name:
+        run_dir = Path(cfg.train.out_dir) / cfg.train.name
+        if (run_dir / "metrics.jsonl").exists():
+            return run_dir, True
+    return make_run_dir(cfg, "jax"), False
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> None:
+    """Continuing in place: drop the rows a killed run logged after the checkpoint it resumes from."""
+    import json
+
+    f = run_dir / "metrics.jsonl"
+    if f.exists():
+        keep = [line for line in f.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        f.write_text("".join(line + "\n" for line in keep))
+
+
+def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOptions | None = None
+          ) -> dict[str, Any]:
     import jax
     from tqdm import tqdm
 
-    from aurora_data import global_batch
+    from jax_impl import checkpoint, distributed, resilience
     from jax_impl.data import make_source
     from jax_impl.sharding import activate, batch_sharding
 
+    opts = opts or RunOptions()
     mesh, p = trainer.mesh, cfg.parallel
     dp, n_dev = mesh.shape["data"] * mesh.shape["fsdp"], mesh.size
     gbs, seq = p.mbs * p.gas * dp, cfg.data.seq_len
     flops_per_sample = cfg.model.flops_per_sample(seq)
+    lead = jax.process_index() == 0  # only process 0 writes the run directory and the metrics
+    faults = resilience.parse_faults()
 
-    run_dir = make_run_dir(cfg, "jax")
-    write_config(run_dir, cfg)
+    try:
+        resume_from = _resume_source(cfg, opts)
+        run_dir, in_place = _open_run_dir(cfg, resume_from) if lead else (Path(), False)
+    except (ConfigError, checkpoint.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    run_dir = Path(distributed.broadcast_str(str(run_dir)))
+    ckpt_dir = Path(opts.ckpt_dir) if opts.ckpt_dir else run_dir / "checkpoints"
+    if lead:
+        write_config(run_dir, cfg)
     source = make_source(cfg, num_samples=cfg.train.steps * gbs)
     print(f"run {run_dir} | {cfg.model.name} {cfg.model.n_params():,} params | mesh {dict(mesh.shape)} "
-          f"ZeRO-{p.zero} | gbs {gbs} = mbs {p.mbs} x gas {p.gas} x dp {dp} | seq {seq} | {cfg.train.dtype}")
+          f"ZeRO-{p.zero} | gbs {gbs} = mbs {p.mbs} x gas {p.gas} x dp {dp} | seq {seq} | {cfg.train.dtype}"
+          + (f" | process {jax.process_index()}/{jax.process_count()}" if jax.process_count() > 1 else ""))
 
     t0 = time.perf_counter()
-    params, opt_state = trainer.init_state()
-    compiled = trainer.compile_step()
+    start_step, consumed0, restored_meta, restore_s = 0, 0, None, None
+    if resume_from is not None:
+        try:
+            r = checkpoint.restore(resume_from, trainer)
+        except checkpoint.CheckpointError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        params, opt_state, restored_meta, restore_s = r.params, r.opt_state, r.meta, r.seconds
+        if opt_state is None:  # a params-only (imported) checkpoint: fresh optimizer state, step 0
+            with activate(mesh):
+                opt_state = jax.jit(trainer.tx.init, out_shardings=trainer.opt_sh)(params)
+        else:
+            start_step, consumed0 = r.step, r.meta["consumed_samples"]
+        print(f"resumed from {resume_from} step {r.step} (consumed samples {consumed0}) in {restore_s:.2f}s")
+        if lead and in_place:
+            _truncate_metrics(run_dir, start_step)
+    else:
+        params, opt_state = trainer.init_state()
+    compiled = resilience.compile_guarded(trainer)
     compile_s = time.perf_counter() - t0
     ma = compiled.memory_analysis()
-    write_meta(run_dir, {
-        "framework": "jax", "jax": jax.__version__, "platform": platform, "devices": n_dev,
-        "device_kind": jax.devices()[0].device_kind, "mesh": dict(mesh.shape), "layout": layout_label(cfg),
-        "zero": p.zero, "dtype": cfg.train.dtype, "gbs": gbs, "compile_s": compile_s,
-        "compiled_memory": {k: int(getattr(ma, k + "_size_in_bytes", 0) or 0)
-                            for k in ("argument", "output", "alias", "temp")},
-    })
+    if lead:
+        write_meta(run_dir, {
+            "framework": "jax", "jax": jax.__version__, "platform": platform, "devices": n_dev,
+            "processes": jax.process_count(),
+            "device_kind": jax.devices()[0].device_kind, "mesh": dict(mesh.shape), "layout": layout_label(cfg),
+            "zero": p.zero, "dtype": cfg.train.dtype, "gbs": gbs, "compile_s": compile_s,
+            "compiled_memory": {k: int(getattr(ma, k + "_size_in_bytes", 0) or 0)
+                                for k in ("argument", "output", "alias", "temp")},
+            "resumed_from": None if restored_meta is None else {
+                "path": str(resume_from), "step": restored_meta["step"], "mesh": restored_meta["mesh"],
+                "restore_s": restore_s},
+        })
     print(f"init + compile {compile_s:.1f}s")
-    log = MetricsLog(run_dir, cfg, "jax")
+    ckpt = checkpoint.Checkpointer(ckpt_dir, every=opts.ckpt_every, keep=opts.ckpt_keep)
+    log = MetricsLog(run_dir, cfg, "jax") if lead else None
     losses: list[float] = []
-    bar = tqdm(range(cfg.train.steps), desc="train", unit="step", disable=quiet, leave=False)
-    with activate(mesh):
+    skipped, in_a_row = 0, 0
+    last_saved = start_step if restored_meta is not None else -1
+    step = start_step
+    watchdog = resilience.Watchdog(opts.watchdog_factor, opts.watchdog_min_s, opts.watchdog_first_s or math.inf,
+                                   report=run_dir / f"watchdog.{jax.process_index()}.txt")
+    watchdog.first_step = start_step + 1
+
+    def save(at: int, consumed: int) -> None:
+        nonlocal last_saved
+        if at != last_saved:
+            dt = ckpt.save(at, params, opt_state, checkpoint.checkpoint_meta(cfg, trainer, at, consumed))
+            last_saved = at
+            if lead and not quiet:
+                print(f"checkpoint step {at} -> {ckpt_dir} (train loop blocked {dt:.2f}s; written in the background)")
+
+    bar = tqdm(range(start_step, cfg.train.steps), desc="train", unit="step", disable=quiet, leave=False)
+    consumed = consumed0
+    with activate(mesh), resilience.StopSignal() as stop, watchdog:
         for step in bar:
-            consumed = step * gbs
-            batch = jax.device_put(global_batch(source, consumed, p.mbs, p.gas, dp), batch_sharding(mesh))
+            consumed = consumed0 + (step - start_step) * gbs
+            batch = distributed.local_batch(source, batch_sharding(mesh), consumed, p.mbs, p.gas, dp)
+            if faults.get("bad_batch") == step + 1:  # test hook: a corrupt sample (token id >= vocab -> NaN)
+                batch = jax.device_put(batch.at[0, 0, 0].set(cfg.model.padded_vocab + 7), batch_sharding(mesh))
+            if faults.get("nan_param", (None, -1))[1] == step + 1:
+                params = jax.device_put(resilience.plant_inf(params, faults["nan_param"][0]), trainer.param_sh)
             t = time.perf_counter()
+            if opts.watchdog_first_s:
+                watchdog.start(step + 1)
+            if faults.get("stall", (0, -1))[1] == step + 1:
+                time.sleep(faults["stall"][0])  # test hook: a step that hangs (e.g. a lost peer)
             params, opt_state, metrics = compiled(params, opt_state, batch)
             loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])  # waits for the step
+            finite = bool(metrics["finite"])
             dt = time.perf_counter() - t
+            watchdog.done(dt)
             losses.append(loss)
             sps = gbs / dt
             row = {
@@ -139,20 +310,67 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False) -> dict[str,
                 "tflops_per_device": sps * flops_per_sample / n_dev / 1e12, "consumed_samples": consumed + gbs,
                 "peak_mem_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             }
-            log.write(row)
-            if not math.isfinite(loss):
-                log.close()
-                raise FloatingPointError(f"loss became {loss} at step {step + 1}; run {run_dir}")
-            if (step + 1) % cfg.train.log_every == 0 or step == 0:
+            if log is not None:
+                log.write(row)
+            if not finite:
+                # the guard kept the pre-step state, so the bad tensor can still be found
+                try:
+                    diag = resilience.diagnose_nonfinite(trainer, params, batch)
+                except Exception as e:  # the diagnosis must not hide the failure itself
+                    diag = {"param": f"(diagnosis failed: {e})", "grad": None}
+                msg = (f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {step + 1} "
+                       f"(loss {loss}, grad norm {gnorm}): first non-finite parameter: {diag['param'] or 'none'}; "
+                       f"first non-finite gradient: {diag['grad'] or 'none'}")
+                skipped, in_a_row = skipped + 1, in_a_row + 1
+                if opts.on_nonfinite == "stop" or in_a_row > opts.max_skips:
+                    if log is not None:
+                        log.close()
+                    ckpt.close()
+                    why = "" if opts.on_nonfinite == "stop" else f" ({in_a_row} steps in a row, over --max-skips)"
+                    raise NonFiniteError(f"{msg}{why}; the update was not applied. run {run_dir}")
+                print(f"warning: {msg}; step skipped (params and optimizer state unchanged)", file=sys.stderr)
+            else:
+                in_a_row = 0
+            if ckpt.due(step + 1):
+                save(step + 1, consumed + gbs)
+            if lead and ((step + 1) % cfg.train.log_every == 0 or step == 0):
                 msg = (f"step {step + 1:>5} | loss {loss:.4f} | lr {row['lr']:.3e} | gnorm {gnorm:.3f} | "
                        f"{dt * 1e3:.0f} ms | {sps:.2f} samples/s | {row['tokens_per_s_per_device']:.0f} tok/s/dev | "
                        f"{row['tflops_per_device']:.4f} TFLOPS/dev")
                 (bar.write if not quiet else print)(msg)
-    log.close()
+            if faults.get("sigterm") == step + 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # test hook: a scheduler's preemption
+            sig = stop.agreed()
+            if sig is not None:
+                save(step + 1, consumed + gbs)
+                ckpt.close()
+                if log is not None:
+                    log.close()
+                print(f"stopped by {signal.Signals(sig).name} after step {step + 1}; checkpoint in {ckpt_dir}; "
+                      f"continue with --resume {run_dir}", file=sys.stderr, flush=True)
+                raise SystemExit(128 + sig)
+    if opts.ckpt_every > 0 and cfg.train.steps > start_step:
+        save(cfg.train.steps, consumed + gbs)
+    ckpt.close()
+    if log is not None:
+        log.close()
     bar.close()
-    print(f"done: loss {losses[0]:.4f} -> {losses[-1]:.4f}; metrics in {run_dir / 'metrics.jsonl'}")
-    return {"run_dir": run_dir, "losses": losses, "compile_s": compile_s, "params": params}
+    if losses:
+        print(f"done: loss {losses[0]:.4f} -> {losses[-1]:.4f}; metrics in {run_dir / 'metrics.jsonl'}"
+              + (f"; {skipped} non-finite steps skipped" if skipped else ""))
+    return {"run_dir": run_dir, "losses": losses, "compile_s": compile_s, "params": params, "opt_state": opt_state,
+            "start_step": start_step, "skipped": skipped, "ckpt_dir": ckpt_dir,
+            "ckpt_save_blocked_s": list(ckpt.save_s), "restore_s": restore_s}
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """``python -m jax_impl.train``: main() with failures as messages and exit codes (3: non-finite)."""
+    try:
+        main(argv)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(3) from None
 
 
 if __name__ == "__main__":
-    main()
+    cli()

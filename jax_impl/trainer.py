@@ -130,7 +130,8 @@ class Trainer:
         """Mean next-token loss of one microbatch tokens (batch, seq+1)."""
         p, m = self.cfg.parallel, self.cfg.model
         logits = forward(m, params, tokens[:, :-1], dtype=DTYPES[self.cfg.train.dtype], remat=p.remat,
-                         remat_policy=p.remat_policy, attn_chunk=p.attn_chunk)
+                         remat_policy=p.remat_policy, attn_chunk=p.attn_chunk,
+                         attn_impl=p.attn_impl)
         return cross_entropy(logits, tokens[:, 1:])
 
     def _step(self, params: dict, opt_state: Any, batch: jax.Array, with_grads: bool = False):

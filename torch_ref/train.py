@@ -29,6 +29,12 @@ There DeepSpeed's accelerator is ``xpu`` (intel-extension-for-pytorch) and its c
 backend is oneCCL (``ccl``); this module asks the accelerator for both. A 70B run needs
 ``--init torch`` (JAX init of 69B fp32 weights on one host is not practical) and, for ZeRO-3,
 model construction under ``deepspeed.zero.Init`` -- not wired here, where every model is small.
+
+Checkpoints (DeepSpeed engines): ``--ckpt-every N`` calls ``engine.save_checkpoint`` on every rank
+every N steps (tag ``global_stepN``, client state = step and consumed samples; DeepSpeed writes the
+``latest`` file after the tag is complete); ``--resume RUN_DIR`` continues that run directory from
+its latest checkpoint (``engine.load_checkpoint``: module, ZeRO-partitioned optimizer state, engine
+step counters); the per-step losses then equal an uninterrupted run's bit for bit (fp32, CPU).
 """
 
 from __future__ import annotations
@@ -67,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "torch: torch_ref.model.init_torch (same stds, torch's random stream)")
     ap.add_argument("--dry-run", action="store_true", help="print the layout and the DeepSpeed config; start nothing")
     ap.add_argument("--quiet", action="store_true", help="print only the first and last step")
+    ap.add_argument("--ckpt-every", "--ckpt.every", "--train.ckpt_every", dest="ckpt_every", type=int, default=0,
+                    help="DeepSpeed engine.save_checkpoint every N steps into <run dir>/checkpoints (0: never)")
+    ap.add_argument("--resume", metavar="RUN_DIR",
+                    help="continue this run directory from its latest DeepSpeed checkpoint (engine.load_checkpoint)")
+    # jax_impl.train's resilience flags, accepted so both CLIs take the same command lines; refused if set
+    jax_only = ap.add_argument_group("jax_impl.train only (refused here)")
+    for flags in (("--ckpt-keep", "--train.ckpt_keep"), ("--ckpt-dir", "--train.ckpt_dir"), ("--on-nonfinite",),
+                  ("--max-skips",), ("--watchdog-factor",), ("--watchdog-min-s",), ("--watchdog-first-s",),
+                  ("--coordinator",), ("--num-processes",), ("--process-id",)):
+        jax_only.add_argument(*flags, dest="jaxonly_" + flags[0][2:].replace("-", "_"), help="JAX only")
     return ap
 
 
@@ -117,6 +133,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ext = external_rank_env()
     try:
         cfg, args = resolve_config(argv)
+        jax_only = [f"--{k[8:].replace('_', '-')}" for k, v in vars(args).items() if k.startswith("jaxonly_") and v]
+        if jax_only:
+            raise ConfigError(f"{', '.join(jax_only)}: only jax_impl.train has these (torch_ref: --ckpt-every, "
+                              "--resume)")
         layout = plan_layout(cfg, ext[1] if ext else None)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -127,16 +147,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"layout {layout.label}: {layout.description}; {layout.world_size} ranks, mesh {layout.mesh}")
         print(json.dumps(installed_ds_config(cfg), indent=2))
         return {"layout": layout, "ds_config": installed_ds_config(cfg)}
+    ckpt = {"ckpt_every": args.ckpt_every or 0, "resume": args.resume}
+    if args.resume and not (Path(args.resume) / "checkpoints" / "latest").exists():
+        print(f"error: --resume {args.resume}: no DeepSpeed checkpoint there (checkpoints/latest is missing)",
+              file=sys.stderr)
+        raise SystemExit(2)
     if ext is not None:
-        return run_worker(None, cfg=cfg, init=args.init, quiet=args.quiet)
-    return launch(cfg, layout, init=args.init, quiet=args.quiet)
+        return run_worker(None, cfg=cfg, init=args.init, quiet=args.quiet, ckpt=ckpt)
+    return launch(cfg, layout, init=args.init, quiet=args.quiet, ckpt=ckpt)
 
 
-def prepare_run_dir(cfg: Config, layout: Layout, init: str, quiet: bool) -> Path:
+def prepare_run_dir(cfg: Config, layout: Layout, init: str, quiet: bool, ckpt: dict[str, Any] | None = None) -> Path:
     """Run directory with config.json, ds_config.json, launch.json and (``--init jax``) init_params.npz."""
     from torch_ref.ds_config import installed_ds_config
 
-    run_dir = make_run_dir(cfg, "torch")
+    ckpt = ckpt or {}
+    if ckpt.get("resume"):  # continue in place: drop the previous attempt's failure files and result
+        run_dir = Path(ckpt["resume"])
+        for f in [*run_dir.glob("rank*.err"), run_dir / "result.json"]:
+            f.unlink(missing_ok=True)
+    else:
+        run_dir = make_run_dir(cfg, "torch")
     write_config(run_dir, cfg)
     if layout.engine.startswith("deepspeed"):
         (run_dir / "ds_config.json").write_text(json.dumps(installed_ds_config(cfg), indent=2) + "\n")
@@ -145,14 +176,15 @@ def prepare_run_dir(cfg: Config, layout: Layout, init: str, quiet: bool) -> Path
         from torch_ref.convert import jax_init_params, save_npz
 
         save_npz(run_dir / "init_params.npz", jax_init_params(cfg.model, cfg.train.seed))
-    (run_dir / "launch.json").write_text(json.dumps({"init": init, "quiet": quiet,
+    (run_dir / "launch.json").write_text(json.dumps({"init": init, "quiet": quiet, **ckpt,
                                                      "init_weights_s": time.perf_counter() - t}) + "\n")
     return run_dir
 
 
-def launch(cfg: Config, layout: Layout, init: str = "jax", quiet: bool = False) -> dict[str, Any]:
+def launch(cfg: Config, layout: Layout, init: str = "jax", quiet: bool = False, ckpt: dict[str, Any] | None = None
+           ) -> dict[str, Any]:
     """Start one worker per rank, wait; a failed worker kills the rest and ends the run with its traceback."""
-    run_dir = prepare_run_dir(cfg, layout, init, quiet)
+    run_dir = prepare_run_dir(cfg, layout, init, quiet, ckpt)
     n = layout.world_size
     port = _free_port()
     threads = os.environ.get("OMP_NUM_THREADS") or "1"  # one per rank: more oversubscribes a shared 2-core box
@@ -210,12 +242,12 @@ def _stop(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:
 
 
 # ----------------------------------------------------------------------------- worker
-def run_worker(run_dir: Path | None, cfg: Config | None = None, init: str = "jax", quiet: bool = False
-               ) -> dict[str, Any]:
+def run_worker(run_dir: Path | None, cfg: Config | None = None, init: str = "jax", quiet: bool = False,
+               ckpt: dict[str, Any] | None = None) -> dict[str, Any]:
     """One rank: init the process group, build the layout's engine, train, log (rank 0)."""
     rank, world, local_rank = external_rank_env() or (0, 1, 0)
     try:
-        return _worker(run_dir, rank, world, local_rank, cfg, init, quiet)
+        return _worker(run_dir, rank, world, local_rank, cfg, init, quiet, ckpt or {})
     except BaseException:
         if run_dir is not None:
             (run_dir / f"rank{rank}.err").write_text(traceback.format_exc())
@@ -223,7 +255,7 @@ def run_worker(run_dir: Path | None, cfg: Config | None = None, init: str = "jax
 
 
 def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: Config | None, init: str,
-            quiet: bool) -> dict[str, Any]:
+            quiet: bool, ckpt: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     import torch
 
@@ -233,6 +265,7 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
         cfg = config_from_dict(json.loads((run_dir / "config.json").read_text())["config"])
         launch_opts = json.loads((run_dir / "launch.json").read_text())
         init, quiet = launch_opts["init"], launch_opts["quiet"]
+        ckpt = {k: launch_opts.get(k) for k in ("ckpt_every", "resume")}
     assert cfg is not None
     layout = plan_layout(cfg, world)
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank)})
@@ -252,7 +285,7 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
     dist_init_s = time.perf_counter() - t
 
     if run_dir is None:  # external launcher: rank 0 prepares the run directory, the others learn its path
-        box = [str(prepare_run_dir(cfg, layout, init, quiet)) if rank == 0 else None]
+        box = [str(prepare_run_dir(cfg, layout, init, quiet, ckpt)) if rank == 0 else None]
         dist.broadcast_object_list(box, src=0)
         run_dir = Path(box[0])
 
@@ -280,6 +313,22 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
     flops_per_sample = cfg.model.flops_per_sample(seq)
     source = make_source(cfg, num_samples=cfg.train.steps * gbs)
     dp_rank = layout.dp_rank(rank)
+    ckpt_dir, every = run_dir / "checkpoints", int(ckpt.get("ckpt_every") or 0)
+    engine = getattr(runner, "engine", None)
+    if (every or ckpt.get("resume")) and engine is None:
+        raise RuntimeError(f"checkpoints are implemented for the DeepSpeed engines; layout {layout.label} runs "
+                           f"{layout.engine}")
+    start_step, consumed0 = 0, 0
+    if ckpt.get("resume"):
+        t = time.perf_counter()
+        path, client = engine.load_checkpoint(str(ckpt_dir))
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {ckpt_dir}")
+        start_step, consumed0 = int(client["step"]), int(client["consumed_samples"])
+        if rank == 0:
+            print(f"resumed from {path} (step {start_step}, consumed samples {consumed0}) in "
+                  f"{time.perf_counter() - t:.2f}s", flush=True)
+            _truncate_metrics(run_dir, start_step)
     fault = _parse_fault(os.environ.get(FAULT_ENV, ""))
     if rank == 0:
         print(f"run {run_dir} | {cfg.model.name} {cfg.model.n_params():,} params | {layout.label}: "
@@ -296,8 +345,8 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
         })
     log = MetricsLog(run_dir, cfg, "torch") if rank == 0 else None
     losses: list[float] = []
-    for step in range(cfg.train.steps):
-        consumed = step * gbs
+    for step in range(start_step, cfg.train.steps):
+        consumed = consumed0 + (step - start_step) * gbs
         tokens = torch.from_numpy(np.ascontiguousarray(
             rank_slice(global_batch(source, consumed, p.mbs, p.gas, layout.dp), dp_rank, p.mbs))).long()
         lr = runner.set_lr(lr_at(cfg, step))
@@ -326,6 +375,12 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
                       f"{row['tflops_per_device']:.5f} TFLOPS/dev | peak {peak[0] / 2**20:.0f} MiB", flush=True)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss became {loss} at step {step + 1}; run {run_dir}")
+        if every and ((step + 1) % every == 0 or step + 1 == cfg.train.steps):
+            t = time.perf_counter()  # every rank writes its own ZeRO partition; rank 0 then updates `latest`
+            engine.save_checkpoint(str(ckpt_dir), tag=f"global_step{step + 1}",
+                                   client_state={"step": step + 1, "consumed_samples": consumed + gbs})
+            if rank == 0 and not quiet:
+                print(f"checkpoint step {step + 1} -> {ckpt_dir} ({time.perf_counter() - t:.2f}s)", flush=True)
     if log is not None:
         log.close()
         (run_dir / "result.json").write_text(json.dumps({
@@ -335,6 +390,14 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
     dist.barrier()
     dist.destroy_process_group()
     return {"run_dir": run_dir, "losses": losses, "dist_init_s": dist_init_s, "engine_init_s": engine_init_s}
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> None:
+    """Continuing in place: drop the rows a killed run logged after the checkpoint it resumes from."""
+    f = run_dir / "metrics.jsonl"
+    if f.exists():
+        keep = [line for line in f.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        f.write_text("".join(line + "\n" for line in keep))
 
 
 def _parse_fault(spec: str) -> tuple[int, int] | None:

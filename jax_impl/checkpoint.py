@@ -1,0 +1,377 @@
+"""Sharded, asynchronous, atomic training checkpoints (orbax), resumable onto another mesh.
+
+Layout of a checkpoint directory (one orbax ``CheckpointManager``; ``<step>/`` per save):
+
+    <ckpt_dir>/<step>/params/     params, as the run stores them (ZeRO-sharded, maybe padded)
+    <ckpt_dir>/<step>/opt_state/  optax state (AdamW moments + the schedule's ``count``)
+    <ckpt_dir>/<step>/meta/       JSON: step, consumed samples, logical shapes, model/optim/data config,
+                                  seeds, the mesh it was saved from (see ``checkpoint_meta``)
+
+Every process writes its own shards; saves run in a background thread after a device->host copy,
+so the train step continues. Atomicity is orbax's: a save goes to ``<step>.orbax-checkpoint-tmp-*``
+and is renamed to ``<step>`` only when every item of every process is written (finalisation), so a
+crash mid-save leaves the last finished step untouched, and a half-written step is never listed.
+
+Padding: over an indivisible mesh the ZeRO dimensions are stored padded with zeros (see
+``jax_impl.sharding``), and the padding differs between meshes. Arrays are saved as stored; a restore
+asks orbax for the *new* storage shape with ``strict=False``, which truncates or zero-pads at the end
+-- exact, since padding is zero in params and in both Adam moments. Before that, the logical shapes
+in ``meta`` are compared to the model's, so a wrong model is refused by name instead of being padded.
+
+    python -m jax_impl.checkpoint info   runs/r1/checkpoints
+    python -m jax_impl.checkpoint export --to torch runs/r1/checkpoints model.pt    # torch_ref state_dict
+    python -m jax_impl.checkpoint import --from torch model.pt out_ckpt --preset tiny  # params-only ckpt
+
+The JAX <-> torch parameter mapping is the table in ``torch_ref/convert.py`` (transposes and layer
+stacking only, so both directions are exact in fp32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+FORMAT = 1
+ITEMS = ("params", "opt_state", "meta")
+# config sections whose change makes a resume a different run (mesh/batch/steps may change)
+MUST_MATCH = ("model",)
+SHOULD_MATCH = ("optim", "data")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used here; the message says which and why."""
+
+
+def _ocp():
+    import orbax.checkpoint as ocp
+
+    # orbax logs every save/restore at INFO through absl; keep the trainer's output readable
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    return ocp
+
+
+def path_name(path: tuple) -> str:
+    """``('layers', 'wq')`` key path -> ``layers.wq`` (the names torch_ref.convert uses)."""
+    parts = []
+    for k in path:
+        parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
+    return ".".join(parts)
+
+
+def flat_shapes(tree: Any) -> dict[str, list[int]]:
+    return {path_name(p): list(np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def checkpoint_meta(cfg, trainer, step: int, consumed_samples: int, params_only: bool = False) -> dict[str, Any]:
+    """What a resume must know besides the arrays: position, shapes, the config that made them."""
+    c = cfg.to_dict()
+    return {
+        "format": FORMAT, "framework": "jax", "step": int(step), "consumed_samples": int(consumed_samples),
+        "params_only": params_only,
+        "logical_shapes": {k: list(v) for k, v in _flat(trainer.shapes).items()},
+        "storage_shapes": flat_shapes(trainer.storage),
+        "mesh": {k: int(v) for k, v in trainer.mesh.shape.items()}, "zero": cfg.parallel.zero,
+        # no stochastic op runs in a step (dropout 0): the random state is the init seed and the data
+        # order, which is (data.seed, consumed_samples); both are here and checked on resume
+        "rng": {"init_seed": cfg.train.seed, "data_seed": cfg.data.seed},
+        "config": {s: c[s] for s in ("model", "optim", "data", "parallel", "train")},
+        "jax": jax.__version__, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def _flat(shapes: dict) -> dict[str, tuple[int, ...]]:
+    out = {}
+    for k, v in shapes.items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{n}": tuple(s) for n, s in v.items()})
+        else:
+            out[k] = tuple(v)
+    return out
+
+
+def resolve_dir(path: str | Path) -> tuple[Path, int | None]:
+    """A run directory, a checkpoints directory or one ``<step>`` directory -> (checkpoints dir, step|None)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"no checkpoint at {p}: the path does not exist")
+    if (p / "checkpoints").is_dir():
+        return p / "checkpoints", None
+    if p.name.isdigit() and (p / "meta").exists():
+        return p.parent, int(p.name)
+    return p, None
+
+
+@dataclass
+class Restored:
+    params: Any
+    opt_state: Any | None
+    meta: dict[str, Any]
+    step: int
+    seconds: float
+
+
+class Checkpointer:
+    """Periodic async saves of (params, opt_state, meta); every process of a multi-process run calls it."""
+
+    def __init__(self, directory: str | Path, every: int = 0, keep: int = 2, use_async: bool = True):
+        ocp = _ocp()
+        self.directory = Path(directory).absolute()
+        self.every = every
+        opts = ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=True,
+                                            enable_async_checkpointing=use_async)
+        self.manager = ocp.CheckpointManager(self.directory, options=opts, item_names=ITEMS)
+        self.save_s: list[float] = []  # time the train loop was blocked per save
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def save(self, step: int, params: Any, opt_state: Any | None, meta: dict[str, Any]) -> float:
+        """Start saving step ``step``; returns the seconds the caller was blocked (device->host copy)."""
+        ocp = _ocp()
+        t = time.perf_counter()
+        items = {"params": ocp.args.PyTreeSave(params), "meta": ocp.args.JsonSave(meta)}
+        if opt_state is not None:
+            items["opt_state"] = ocp.args.PyTreeSave(opt_state)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        dt = time.perf_counter() - t
+        self.save_s.append(dt)
+        return dt
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _manager(directory: Path):
+    ocp = _ocp()
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True),
+                                 item_names=ITEMS)
+
+
+def steps_in(directory: str | Path) -> list[int]:
+    """Finished (finalised) checkpoint steps; half-written ``*.orbax-checkpoint-tmp-*`` dirs are not listed."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def read_meta(directory: str | Path, step: int) -> dict[str, Any]:
+    f = Path(directory) / str(step) / "meta" / "metadata"
+    try:
+        meta = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint step {step} in {directory} has no readable meta ({f}: {e}); "
+                              f"it is corrupt or was not written by jax_impl.checkpoint") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint step {step} in {directory} has format {meta.get('format')!r}; "
+                              f"this code reads format {FORMAT}")
+    return meta
+
+
+def check_compatible(meta: dict[str, Any], cfg, trainer, where: str) -> list[str]:
+    """Raise on a model that does not fit the checkpoint; return warnings for other config changes."""
+    want = {k: list(v) for k, v in _flat(trainer.shapes).items()}
+    have = meta["logical_shapes"]
+    diffs = [f"{k}: checkpoint {have[k]} vs model {want[k]}" for k in want if k in have and have[k] != want[k]]
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    if diffs or missing or extra:
+        lines = diffs[:8] + ([f"missing in checkpoint: {missing}"] if missing else []) + (
+            [f"not in this model: {extra}"] if extra else [])
+        changed = {k: (meta["config"]["model"].get(k), v) for k, v in cfg.to_dict()["model"].items()
+                   if meta["config"]["model"].get(k) != v}
+        raise CheckpointError(f"{where} does not fit this model (parameter shapes differ):\n  " + "\n  ".join(lines)
+                              + (f"\nmodel config differences (checkpoint, now): {changed}" if changed else ""))
+    warnings = []
+    now = cfg.to_dict()
+    for s in SHOULD_MATCH:
+        d = {k: (meta["config"][s].get(k), v) for k, v in now[s].items() if meta["config"][s].get(k) != v}
+        if d:
+            warnings.append(f"{s} config differs from the checkpoint's (checkpoint, now): {d}")
+    return warnings
+
+
+def restore(directory: str | Path, trainer, step: int | None = None) -> Restored:
+    """Restore (params, opt_state, meta) into ``trainer``'s shardings and storage shapes (any mesh)."""
+    ocp = _ocp()
+    directory, step_from_path = resolve_dir(directory)
+    step = step if step is not None else step_from_path
+    steps = steps_in(directory)
+    if not steps:
+        raise CheckpointError(f"no finished checkpoint in {directory}")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise CheckpointError(f"checkpoint step {step} is not in {directory} (finished steps: {steps})")
+    where = f"checkpoint step {step} in {directory}"
+    meta = read_meta(directory, step)
+    for w in check_compatible(meta, trainer.cfg, trainer, where):
+        print(f"warning: {w}", file=sys.stderr)
+
+    def args_for(abstract: Any) -> Any:
+        # strict=False: pad/truncate the ZeRO dims to this mesh's storage padding (checked above)
+        shardings = jax.tree.map(lambda a: a.sharding, abstract)
+        return ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(
+            abstract, shardings, strict=False))
+
+    items = {"params": args_for(trainer.storage)}
+    if not meta["params_only"]:
+        items["opt_state"] = args_for(trainer.opt_abstract)
+    t = time.perf_counter()
+    mngr = _manager(directory)
+    try:
+        out = mngr.restore(step, args=ocp.args.Composite(**items))
+        params = out["params"]
+        opt_state = out["opt_state"] if not meta["params_only"] else None
+        jax.block_until_ready((params, opt_state))
+    except Exception as e:  # orbax/tensorstore errors are long; keep the cause, name the step and the way out
+        older = [s for s in steps if s < step]
+        hint = (f"; the previous checkpoint, step {older[-1]}, may still be good: --resume {directory / str(older[-1])}"
+                if older else "")
+        raise CheckpointError(f"{where} is unreadable (truncated or corrupt?): {type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:400] if str(e) else ''}{hint}") from e
+    finally:
+        mngr.close()
+    return Restored(params, opt_state, meta, step, time.perf_counter() - t)
+
+
+def restore_numpy(directory: str | Path, step: int | None = None) -> tuple[dict, dict[str, Any]]:
+    """Params only, as host numpy arrays in their *logical* shapes (no mesh needed): for export."""
+    ocp = _ocp()
+    directory, step_from_path = resolve_dir(directory)
+    steps = steps_in(directory)
+    step = step if step is not None else (step_from_path if step_from_path is not None else
+                                          (steps[-1] if steps else None))
+    if step is None or step not in steps:
+        raise CheckpointError(f"no finished checkpoint{'' if step is None else f' step {step}'} in {directory}")
+    meta = read_meta(directory, step)
+    ckptr = ocp.PyTreeCheckpointer()
+    path = (directory / str(step) / "params").absolute()
+    meta_tree = ckptr.metadata(path)
+    tree = getattr(meta_tree, "item_metadata", meta_tree)
+    tree = getattr(tree, "tree", tree)
+    # one local device, whatever mesh/process count wrote it (export runs on one host, usually CPU)
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=one), tree)
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target, jax.tree.map(lambda _: one, target))
+    try:
+        params = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
+    finally:
+        ckptr.close()
+    shapes = meta["logical_shapes"]
+
+    def logical(path, a):
+        s = shapes[path_name(path)]
+        return np.asarray(a)[tuple(slice(0, n) for n in s)]
+
+    return jax.tree_util.tree_map_with_path(logical, params), meta
+
+
+def save_params_only(directory: str | Path, params: dict, cfg, step: int = 0) -> Path:
+    """A params-only checkpoint (e.g. imported from torch); ``--resume`` starts fresh optimizer state from it."""
+    meta = {
+        "format": FORMAT, "framework": "jax", "step": int(step), "consumed_samples": 0, "params_only": True,
+        "logical_shapes": flat_shapes(params), "storage_shapes": flat_shapes(params), "mesh": {}, "zero": None,
+        "rng": {"init_seed": cfg.train.seed, "data_seed": cfg.data.seed},
+        "config": {s: v for s, v in cfg.to_dict().items() if s in ("model", "optim", "data", "parallel", "train")},
+        "jax": jax.__version__, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    ck = Checkpointer(directory, use_async=False)
+    ck.save(step, jax.tree.map(np.asarray, params), None, meta)
+    ck.close()
+    return Path(directory)
+
+
+def torch_shapes(model_cfg) -> dict[str, list[int]]:
+    """torch_ref ``Llama`` state_dict shapes of a model config (the mapping of torch_ref/convert.py)."""
+    from jax_impl.model import init_params
+    from torch_ref.convert import LAYER_KEYS, TOP_KEYS, TRANSPOSED
+
+    shapes = jax.eval_shape(lambda: init_params(model_cfg, 0))
+
+    def t(name: str, s: tuple[int, ...]) -> list[int]:
+        return list(s[::-1] if name in TRANSPOSED else s)
+
+    out = {f"{k}.weight": t(k, shapes[k].shape) for k in TOP_KEYS}
+    for k in LAYER_KEYS:
+        s = shapes["layers"][k].shape
+        out.update({f"layers.{i}.{k}.weight": t(k, s[1:]) for i in range(s[0])})
+    return out
+
+
+# ----------------------------------------------------------------------------- CLI
+def _cli(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m jax_impl.checkpoint", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    info = sub.add_parser("info", help="list the finished steps and the latest one's metadata")
+    info.add_argument("ckpt")
+    ex = sub.add_parser("export", help="a checkpoint's params -> torch_ref state_dict (.pt) or flat .npz")
+    ex.add_argument("--to", choices=("torch", "npz"), default="torch")
+    ex.add_argument("--step", type=int)
+    ex.add_argument("ckpt")
+    ex.add_argument("out")
+    im = sub.add_parser("import", help="torch_ref state_dict (.pt) -> params-only JAX checkpoint")
+    im.add_argument("--from", dest="src", choices=("torch",), default="torch")
+    im.add_argument("--preset", default="tiny", help="the model config the weights belong to (checked)")
+    im.add_argument("--step", type=int, default=0)
+    im.add_argument("state")
+    im.add_argument("out")
+    args, rest = ap.parse_known_args(argv)
+    try:
+        if args.cmd == "info":
+            d, _ = resolve_dir(args.ckpt)
+            steps = steps_in(d)
+            print(f"{d}: finished steps {steps}")
+            if steps:
+                m = read_meta(d, steps[-1])
+                print(json.dumps({k: m[k] for k in ("step", "consumed_samples", "mesh", "zero", "params_only")}))
+        elif args.cmd == "export":
+            from torch_ref.convert import jax_to_torch, save_npz
+
+            params, meta = restore_numpy(args.ckpt, args.step)
+            if args.to == "npz":
+                save_npz(args.out, params)
+            else:
+                import torch
+
+                torch.save(jax_to_torch(params), args.out)
+            print(f"exported step {meta['step']} ({sum(a.size for a in jax.tree.leaves(params)):,} parameters) "
+                  f"to {args.out}")
+        else:
+            import torch
+
+            from configs import load_config
+            from configs.schema import parse_overrides
+            from torch_ref.convert import torch_to_jax
+
+            cfg = load_config(args.preset, parse_overrides(rest))
+            state = torch.load(args.state, map_location="cpu", weights_only=True)
+            want = torch_shapes(cfg.model)
+            bad = [f"{k}: state_dict {list(state[k].shape) if k in state else 'missing'} vs {args.preset} {v}"
+                   for k, v in want.items() if k not in state or list(state[k].shape) != v]
+            bad += [f"{k}: not a parameter of {args.preset}" for k in state if k not in want]
+            if bad:
+                raise CheckpointError(f"{args.state} does not fit preset {args.preset}:\n  " + "\n  ".join(bad[:10]))
+            params = torch_to_jax(state)
+            save_params_only(args.out, params, cfg, args.step)
+            print(f"wrote params-only checkpoint step {args.step} to {args.out}")
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_cli())

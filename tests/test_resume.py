@@ -1,0 +1,231 @@
+"""Checkpoints: exact resume (in-process and after kill -9), another mesh, corrupt/incompatible refusals, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from configs import load_config
+from configs.rundir import read_metrics
+from jax_impl import checkpoint
+from jax_impl.sharding import make_mesh
+from jax_impl.train import main
+from jax_impl.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--preset", "tiny", "--wandb", "disabled", "--quiet"]
+
+
+def run(tmp_path, name: str, *args: str) -> dict:
+    return main([*TINY, "--out-dir", str(tmp_path), "--name", name, *args])
+
+
+def trainer(mesh: str, **over) -> Trainer:
+    cfg = load_config("tiny", {"parallel.mesh": mesh, **over})
+    return Trainer.build(cfg, make_mesh(cfg.mesh_shape(8)))
+
+
+def leaves_equal(a, b) -> bool:
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in
+               zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> dict:
+    """4 steps on fsdp=8 with checkpoints at steps 2 and 4 (every test below reads it, none writes it)."""
+    return run(tmp_path_factory.mktemp("base"), "base", "--mesh", "fsdp=8", "--steps", "4", "--ckpt-every", "2")
+
+
+def copy_ckpt(base: dict, tmp_path: Path) -> Path:
+    shutil.copytree(base["ckpt_dir"], tmp_path / "checkpoints")
+    return tmp_path / "checkpoints"
+
+
+def test_resume_continues_bit_identically_on_another_mesh(base, tmp_path):
+    assert checkpoint.steps_in(base["ckpt_dir"]) == [2, 4]
+    meta = checkpoint.read_meta(base["ckpt_dir"], 2)
+    assert meta["step"] == 2 and meta["consumed_samples"] == 2 * 16 and meta["mesh"]["fsdp"] == 8
+    # fsdp=8 -> data=2,fsdp=4: same global batch, other shardings; the schedule count and data position travel
+    res = run(tmp_path, "res", "--mesh", "data=2,fsdp=4", "--steps", "4", "--resume", str(base["ckpt_dir"] / "2"))
+    assert res["start_step"] == 2
+    assert res["losses"] == base["losses"][2:]  # bit for bit
+    assert leaves_equal(res["params"], base["params"]) and leaves_equal(res["opt_state"], base["opt_state"])
+    rows = read_metrics(res["run_dir"])
+    assert [r["step"] for r in rows] == [3, 4] and rows[-1]["consumed_samples"] == 4 * 16
+
+
+def test_restore_repads_between_meshes(tmp_path):
+    """fsdp=6 stores hidden 64 padded to 66; data=2,fsdp=4 stores it unpadded: logical values must match."""
+    src = trainer("fsdp=6")
+    params, opt = src.init_state()
+    assert params["embed"].shape == (256, 66)
+    ck = checkpoint.Checkpointer(tmp_path / "ck")
+    ck.save(1, params, opt, checkpoint.checkpoint_meta(src.cfg, src, 1, 16))
+    ck.close()
+    dst = trainer("data=2,fsdp=4")
+    r = checkpoint.restore(tmp_path / "ck", dst)
+    assert r.params["embed"].shape == (256, 64)
+    assert r.params["embed"].sharding == dst.param_sh["embed"]
+    assert leaves_equal(dst.logical_params(r.params), src.logical_params(params))
+    # and back onto the padded mesh: the padding comes back as zeros
+    r2 = checkpoint.restore(tmp_path / "ck", src)
+    assert leaves_equal(r2.params, params) and leaves_equal(r2.opt_state, opt)
+
+
+def test_truncated_checkpoint_refused_and_previous_still_loads(base, tmp_path):
+    ck = copy_ckpt(base, tmp_path)
+    data_files = sorted(f for f in (ck / "4" / "params").rglob("*") if f.is_file() and "/d/" in str(f))
+    assert data_files, list((ck / "4").rglob("*"))
+    for f in data_files:  # a save cut short: the array data stops half way
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    tr = trainer("fsdp=8", **{"train.steps": 4})
+    with pytest.raises(checkpoint.CheckpointError, match=r"step 4 .* unreadable") as e:
+        checkpoint.restore(ck, tr)
+    assert "previous checkpoint, step 2" in str(e.value) and f"--resume {ck / '2'}" in str(e.value)
+    r = checkpoint.restore(ck / "2", tr)
+    assert r.step == 2 and r.meta["consumed_samples"] == 32
+    # the trainer says the same and exits 2
+    with pytest.raises(SystemExit) as se:
+        run(tmp_path, "again", "--mesh", "fsdp=8", "--steps", "4", "--resume", str(ck))
+    assert se.value.code == 2
+
+
+def test_half_written_save_is_not_a_checkpoint(base, tmp_path):
+    """A crash during a save leaves orbax's tmp directory; it is never listed or restored."""
+    ck = copy_ckpt(base, tmp_path)
+    tmp = ck / "6.orbax-checkpoint-tmp-1234567"
+    (tmp / "params").mkdir(parents=True)
+    (tmp / "params" / "garbage").write_bytes(b"\0" * 10)
+    assert checkpoint.steps_in(ck) == [2, 4]
+    assert checkpoint.restore(ck, trainer("fsdp=8", **{"train.steps": 4})).step == 4
+
+
+def test_incompatible_model_names_parameter_and_shapes(base):
+    wider = trainer("fsdp=8", **{"model.ffn_hidden": 256})
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.restore(base["ckpt_dir"], wider)
+    msg = str(e.value)
+    assert "does not fit this model" in msg
+    assert "layers.w_down: checkpoint [2, 128, 64] vs model [2, 256, 64]" in msg
+    assert "'ffn_hidden': (128, 256)" in msg
+
+
+def test_export_to_torch_and_back_is_exact(base, tmp_path):
+    import torch
+
+    from torch_ref.model import Llama
+
+    pt, back = tmp_path / "model.pt", tmp_path / "back"
+    assert checkpoint._cli(["export", "--to", "torch", str(base["ckpt_dir"]), str(pt)]) == 0
+    model = Llama(load_config("tiny").model)
+    model.load_state_dict(torch.load(pt, weights_only=True), strict=True)
+    assert checkpoint._cli(["import", "--from", "torch", str(pt), str(back), "--preset", "tiny"]) == 0
+    params, meta = checkpoint.restore_numpy(back)
+    assert meta["params_only"] and leaves_equal(params, base["params"])
+    r = checkpoint.restore(back, trainer("fsdp=8"))  # a params-only checkpoint: weights, no optimizer state
+    assert r.opt_state is None and leaves_equal(r.params, base["params"])
+    bad = tmp_path / "bad.pt"
+    sd = torch.load(pt, weights_only=True)
+    sd["layers.0.wq.weight"] = sd["layers.0.wq.weight"][:, :32]
+    torch.save(sd, bad)
+    assert checkpoint._cli(["import", str(bad), str(tmp_path / "x"), "--preset", "tiny"]) == 2
+
+
+@pytest.mark.slow
+def test_params_only_checkpoint_starts_a_run(base, tmp_path):
+    back = tmp_path / "back"
+    params, _ = checkpoint.restore_numpy(base["ckpt_dir"])
+    checkpoint.save_params_only(back, params, load_config("tiny"))
+    res = run(tmp_path, "ft", "--mesh", "fsdp=8", "--steps", "1", "--resume", str(back))
+    assert res["start_step"] == 0 and len(res["losses"]) == 1
+
+
+@pytest.mark.slow
+def test_sigterm_saves_then_exits_and_resume_finishes(tmp_path, monkeypatch):
+    monkeypatch.setenv("AURORA_TEST_FAULT", "sigterm@2")
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "pre", "--mesh", "fsdp=8", "--steps", "4")
+    assert e.value.code == 128 + signal.SIGTERM
+    ck = tmp_path / "pre" / "checkpoints"
+    assert checkpoint.steps_in(ck) == [2]
+    monkeypatch.delenv("AURORA_TEST_FAULT")
+    res = run(tmp_path, "pre", "--mesh", "fsdp=8", "--steps", "4", "--resume", "auto")
+    assert res["start_step"] == 2 and len(res["losses"]) == 2
+    assert [r["step"] for r in read_metrics(tmp_path / "pre")] == [1, 2, 3, 4]
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.Popen:
+    e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return subprocess.Popen([sys.executable, "-m", "jax_impl.train", *TINY, *args], cwd=ROOT, env={**e, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_kill9_at_a_random_step_then_resume_is_bit_identical(tmp_path):
+    steps, every = 10, 2
+    common = ["--mesh", "fsdp=8", "--steps", str(steps), "--ckpt-every", str(every), "--out-dir", str(tmp_path)]
+    kill_at = random.Random(os.environ.get("PYTEST_SEED", "0") + str(time.time_ns())).randint(3, steps - 2)
+    p = _cli(*common, "--name", "killed")
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and p.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_at:
+            break
+        time.sleep(0.01)
+    assert p.poll() is None, f"run ended before step {kill_at}: {p.communicate()[1][-2000:]}"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    done = len(metrics.read_text().splitlines())
+    saved = checkpoint.steps_in(tmp_path / "killed" / "checkpoints")
+    assert saved and max(saved) <= done, (saved, done)
+    r = _cli(*common, "--resume", str(tmp_path / "killed"))
+    out, err = r.communicate(timeout=600)
+    assert r.returncode == 0, err[-3000:]
+    assert f"step {max(saved)}" in out
+    full = main([*TINY, *common, "--name", "full"])
+    rows = read_metrics(tmp_path / "killed")
+    assert [row["step"] for row in rows] == list(range(1, steps + 1))  # the killed run's extra rows were dropped
+    assert [row["loss"] for row in rows] == full["losses"], (kill_at, max(saved))
+    assert [row["grad_norm"] for row in rows] == [row["grad_norm"] for row in read_metrics(tmp_path / "full")]
+    meta = json.loads((tmp_path / "killed" / "meta.json").read_text())
+    assert meta["resumed_from"]["step"] == max(saved)
+
+
+@pytest.mark.slow
+def test_deepspeed_kill9_then_resume_is_bit_identical(tmp_path):
+    """torch_ref (DeepSpeed ZeRO-1, 2 ranks): SIGKILL the launcher and its workers, resume, same losses."""
+    from torch_ref import train as torch_train
+
+    steps = 8
+    common = ["--preset", "tiny", "--wandb", "disabled", "--quiet", "--mesh", "data=2", "--zero", "1",
+              "--steps", str(steps), "--ckpt-every", "2", "--out-dir", str(tmp_path)]
+    kill_at = random.Random(time.time_ns()).randint(3, steps - 2)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    p = subprocess.Popen([sys.executable, "-m", "torch_ref.train", *common, "--name", "killed"], cwd=ROOT, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and p.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_at:
+            break
+        time.sleep(0.01)
+    assert p.poll() is None, f"run ended before step {kill_at}: {p.communicate()[1][-2000:]}"
+    os.killpg(p.pid, signal.SIGKILL)  # the launcher's own session: it and its worker processes
+    p.wait()
+    latest = (tmp_path / "killed" / "checkpoints" / "latest").read_text().strip()
+    res = torch_train.main([*common, "--resume", str(tmp_path / "killed")])
+    full = torch_train.main([*common, "--name", "full"])
+    assert len(res["losses"]) == steps
+    assert res["losses"] == full["losses"], (kill_at, latest)
+    assert [r["grad_norm"] for r in res["metrics"]] == [r["grad_norm"] for r in full["metrics"]]
