@@ -171,7 +171,7 @@ def test_indivisible_layout_names_the_reason(tmp_path, capsys):
     p = plan.evaluate("llama2-70b", plan.Layout("x", data=16, tp=6, zero=2), cluster, a)
     assert not p.fits and "n_heads=64 is not divisible by the tensor axis (6)" in p.reason
     p = plan.evaluate("llama2-70b", plan.Layout("x", pp=3, data=32, zero=1), cluster, a)
-    assert "n_layers=80 does not divide into pipeline=3" in p.reason
+    assert "n_layers=80 does not split into pipeline=3 equal stages" in p.reason
     p = plan.evaluate("llama2-70b", plan.Layout("x", pp=2, data=48, zero=3), cluster, a)
     assert "ZeRO" in p.reason
     # a single --mesh layout that cannot be built: listed as rejected with its reason
