@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from configs import ConfigError
+from configs.schema import coerce_value
 
 CLUSTER_DIR = Path(__file__).parent / "clusters"
 
@@ -53,19 +54,6 @@ def list_clusters() -> list[str]:
     return sorted(p.stem for p in CLUSTER_DIR.glob("*.toml"))
 
 
-def _coerce(key: str, value: Any, typ: Any) -> Any:
-    try:
-        if typ is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if typ is float:
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"cluster.{key}={value!r} is not a valid {typ.__name__}") from None
-
-
 def load_cluster(name: str = "aurora", overrides: dict[str, Any] | None = None) -> Cluster:
     """A preset name (``compare/clusters/<name>.toml``) or a .toml path, then ``overrides`` (key -> value)."""
     path = Path(name) if name.endswith(".toml") else CLUSTER_DIR / f"{name}.toml"
@@ -84,7 +72,7 @@ def load_cluster(name: str = "aurora", overrides: dict[str, Any] | None = None) 
             hint = difflib.get_close_matches(key, list(hints), n=1)
             raise ConfigError(f"unknown cluster key {key!r} (in {path} or --cluster.*)"
                               + (f"; did you mean {hint[0]!r}?" if hint else f"; keys: {', '.join(hints)}"))
-        values[key] = _coerce(key, value, hints[key])
+        values[key] = coerce_value(value, hints[key], f"cluster.{key}")
     cluster = Cluster(**values)
     for f in dataclasses.fields(cluster):
         v = getattr(cluster, f.name)

@@ -247,7 +247,8 @@ def mesh_devices(spec: str) -> int | None:
 
 
 # ----------------------------------------------------------------------------- loading
-def _coerce(value: Any, typ: Any, key: str) -> Any:
+def coerce_value(value: Any, typ: Any, key: str) -> Any:
+    """``value`` as ``typ`` (bool/int/float/str), or a ConfigError naming ``key`` and the value."""
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -290,7 +291,7 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str = "overr
             if i == len(parts) - 1:
                 if dataclasses.is_dataclass(hints[part]):
                     raise ConfigError(f"{key!r} is a section; set one of its keys, e.g. {key}.<name>=...")
-                setattr(target, part, _coerce(value, hints[part], key))
+                setattr(target, part, coerce_value(value, hints[part], key))
             else:
                 target = getattr(target, part)
                 if not dataclasses.is_dataclass(target):
