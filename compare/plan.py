@@ -695,8 +695,10 @@ def _jax_measure_worker(spec: str) -> int:
             f.write("5")  # reset the peak-RSS counter
         jax.block_until_ready(comp(*state, batch))
         hwm = _proc_status("VmHWM")
+    # creating the state also leaves the init computation's temporaries resident (random bits, pad copies)
+    init_temp = int(tr._init_jit.lower().compile().memory_analysis().temp_size_in_bytes or 0)
     print(json.dumps({"memory": mem, "compiled_peak": mem["argument"] + mem["output"] - mem["alias"] + mem["temp"],
-                      "measured_args": after_init - base, "measured_peak": hwm - base}))
+                      "measured_args": after_init - base, "measured_peak": hwm - base, "init_temp": init_temp}))
     return 0
 
 

@@ -6,6 +6,7 @@ so ``compile_step`` can plan a 70B step on abstract arrays (ahead-of-time compil
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -103,22 +104,23 @@ class Trainer:
         return cls(cfg, mesh, plan, names, shapes, storage, param_sh, grad_sh, opt_sh, opt_abstract, tx)
 
     # ------------------------------------------------------------------ state
-    def init_state(self) -> tuple[dict, Any]:
-        """Initial (params, opt_state), created directly in their shardings."""
+    @functools.cached_property
+    def _init_jit(self):
         cfg = self.cfg
 
-        def init():
+        def init_both():
             params = init_params(cfg.model, cfg.train.seed)
-            return jax.tree.map(
+            params = jax.tree.map(
                 lambda p, s: jnp.pad(p, [(0, t - n) for n, t in zip(p.shape, s.shape, strict=True)]),
                 params, self.storage)
-
-        def init_both():
-            params = init()
             return params, self.tx.init(params)
 
-        with activate(self.mesh):  # one compile for both trees
-            return jax.jit(init_both, out_shardings=(self.param_sh, self.opt_sh))()
+        return jax.jit(init_both, out_shardings=(self.param_sh, self.opt_sh))  # one compile for both trees
+
+    def init_state(self) -> tuple[dict, Any]:
+        """Initial (params, opt_state), created directly in their shardings (compiled once per Trainer)."""
+        with activate(self.mesh):
+            return self._init_jit()
 
     def logical_params(self, params: dict) -> dict:
         """Storage params sliced back to their logical shapes (for export and checks)."""

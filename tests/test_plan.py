@@ -198,7 +198,8 @@ def test_jax_compiled_memory_matches_measured_run():
     print(f"\ncompiled {r['compiled_peak'] / 2**20:.1f} MiB, measured {r['measured_peak'] / 2**20:.1f} MiB "
           f"({ratio:.3f})")
     assert abs(ratio - 1) <= 0.10
-    assert r["measured_args"] == pytest.approx(r["memory"]["argument"], rel=0.10)
+    # RSS after creating the state holds the arguments plus what the init computation left resident
+    assert 0.9 * r["memory"]["argument"] <= r["measured_args"] <= 1.1 * (r["memory"]["argument"] + r["init_temp"])
 
 
 @pytest.mark.slow
