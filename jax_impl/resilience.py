@@ -1,6 +1,6 @@
 """Failure handling for long runs: non-finite guard, step watchdog, preemption signals, test fault hooks.
 
-- ``guarded_step``: the trainer's step, but a step whose loss or gradient norm is not finite leaves
+- ``compile_guarded``: the trainer's step (``guard=True``), but a step whose loss or gradient norm is not finite leaves
   params and optimizer state unchanged (inside the same jit, buffers still donated). The loop then
   stops (default) or skips the step (``--on-nonfinite skip``); ``diagnose_nonfinite`` names the first
   non-finite parameter and gradient from the kept pre-step state.
@@ -39,27 +39,9 @@ WATCHDOG_EXIT = 75  # EX_TEMPFAIL: "try again" for a requeueing job script
 
 
 # ----------------------------------------------------------------------------- non-finite guard
-def guarded_step(trainer) -> Any:
-    """The jitted train step with a finiteness guard; metrics gain ``finite`` (bool)."""
-    def step(params, opt_state, batch):
-        new_p, new_o, m = trainer._step(params, opt_state, batch)
-        ok = jnp.isfinite(m["loss"]) & jnp.isfinite(m["grad_norm"])
-        # select per leaf: a bad step changes nothing (Adam moments and the schedule count included)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
-        return keep(new_p, params), keep(new_o, opt_state), {**m, "finite": ok}
-
-    # the same shardings and donation as Trainer.jitted_step; only the function differs
-    from jax_impl.sharding import batch_sharding, replicated
-
-    return jax.jit(step, in_shardings=(trainer.param_sh, trainer.opt_sh, batch_sharding(trainer.mesh)),
-                   out_shardings=(trainer.param_sh, trainer.opt_sh, replicated(trainer.mesh)), donate_argnums=(0, 1))
-
-
 def compile_guarded(trainer) -> Any:
-    from jax_impl.sharding import activate
-
-    with activate(trainer.mesh):
-        return guarded_step(trainer).lower(trainer.storage, trainer.opt_abstract, trainer.batch_abstract()).compile()
+    """The trainer's step with its finiteness guard, compiled ahead of time."""
+    return trainer.compile_step(guard=True)
 
 
 def first_nonfinite(tree: Any) -> str | None:

@@ -136,7 +136,7 @@ class Trainer:
                          attn_impl=p.attn_impl)
         return cross_entropy(logits, tokens[:, 1:])
 
-    def _step(self, params: dict, opt_state: Any, batch: jax.Array, with_grads: bool = False):
+    def _step(self, params: dict, opt_state: Any, batch: jax.Array, with_grads: bool = False, guard: bool = False):
         grad_fn = jax.value_and_grad(self.loss_fn)
 
         def micro(tokens):
@@ -160,18 +160,28 @@ class Trainer:
             grads = jax.tree.map(lambda g: g / gas, grads)
             loss = jnp.mean(losses)
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = self.tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        updates, new_opt = self.tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
         metrics = {"loss": loss, "grad_norm": grad_norm}
+        if guard:  # a non-finite step changes nothing (Adam moments and the schedule count included)
+            ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+            new_params, new_opt, metrics["finite"] = keep(new_params, params), keep(new_opt, opt_state), ok
         if with_grads:  # for checks and debugging: the step's (averaged, storage-shaped) gradients
             metrics["grads"] = grads
-        return params, opt_state, metrics
+        return new_params, new_opt, metrics
 
-    def jitted_step(self, with_grads: bool = False):
+    def jitted_step(self, with_grads: bool = False, guard: bool = False):
+        """The step, jitted with explicit shardings and donated state.
+
+        ``with_grads``: metrics also hold the step's gradients; ``guard``: metrics hold ``finite`` and a
+        step whose loss or gradient norm is not finite leaves params and optimizer state unchanged.
+        """
         rep = replicated(self.mesh)
-        metrics_sh = {"loss": rep, "grad_norm": rep, **({"grads": self.grad_sh} if with_grads else {})}
+        metrics_sh = {"loss": rep, "grad_norm": rep, **({"grads": self.grad_sh} if with_grads else {}),
+                      **({"finite": rep} if guard else {})}
         return jax.jit(
-            partial(self._step, with_grads=with_grads),
+            partial(self._step, with_grads=with_grads, guard=guard),
             in_shardings=(self.param_sh, self.opt_sh, batch_sharding(self.mesh)),
             out_shardings=(self.param_sh, self.opt_sh, metrics_sh),
             donate_argnums=(0, 1),
@@ -183,10 +193,10 @@ class Trainer:
         return jax.ShapeDtypeStruct((p.gas, dp * p.mbs, self.cfg.data.seq_len + 1), jnp.int32,
                                     sharding=batch_sharding(self.mesh))
 
-    def compile_step(self):
+    def compile_step(self, guard: bool = False):
         """Ahead-of-time compile of the train step on abstract inputs (allocates nothing)."""
         with activate(self.mesh):
-            lowered = self.jitted_step().lower(self.storage, self.opt_abstract, self.batch_abstract())
+            lowered = self.jitted_step(guard=guard).lower(self.storage, self.opt_abstract, self.batch_abstract())
             return lowered.compile()
 
     # ------------------------------------------------------------------ accounting

@@ -179,8 +179,11 @@ def test_kill9_at_a_random_step_then_resume_is_bit_identical(tmp_path):
     p = _cli(*common, "--name", "killed")
     metrics = tmp_path / "killed" / "metrics.jsonl"
     deadline = time.monotonic() + 300
+    ckpts = tmp_path / "killed" / "checkpoints"
     while time.monotonic() < deadline and p.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_at:
+        # kill at the random step, but not before an (asynchronously written) checkpoint is complete:
+        # tiny steps take milliseconds, so the first save may still be in flight at step kill_at
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_at and checkpoint.steps_in(ckpts):
             break
         time.sleep(0.01)
     assert p.poll() is None, f"run ended before step {kill_at}: {p.communicate()[1][-2000:]}"
@@ -216,8 +219,10 @@ def test_deepspeed_kill9_then_resume_is_bit_identical(tmp_path):
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     metrics = tmp_path / "killed" / "metrics.jsonl"
     deadline = time.monotonic() + 400
+    ckpts = tmp_path / "killed" / "checkpoints"
     while time.monotonic() < deadline and p.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_at:
+        # kill at the random step once DeepSpeed has a complete checkpoint (it writes `latest` last)
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_at and (ckpts / "latest").exists():
             break
         time.sleep(0.01)
     assert p.poll() is None, f"run ended before step {kill_at}: {p.communicate()[1][-2000:]}"
