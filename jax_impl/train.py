@@ -202,8 +202,8 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
     import jax
     from tqdm import tqdm
 
+    from aurora_data import build_source
     from jax_impl import checkpoint, distributed, resilience
-    from jax_impl.data import make_source
     from jax_impl.sharding import activate, batch_sharding
 
     opts = opts or RunOptions()
@@ -224,7 +224,7 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
     ckpt_dir = Path(opts.ckpt_dir) if opts.ckpt_dir else run_dir / "checkpoints"
     if lead:
         write_config(run_dir, cfg)
-    source = make_source(cfg, num_samples=cfg.train.steps * gbs)
+    source = build_source(cfg, num_samples=cfg.train.steps * gbs)
     print(f"run {run_dir} | {cfg.model.name} {cfg.model.n_params():,} params | mesh {dict(mesh.shape)} "
           f"ZeRO-{p.zero} | gbs {gbs} = mbs {p.mbs} x gas {p.gas} x dp {dp} | seq {seq} | {cfg.train.dtype}"
           + (f" | process {jax.process_index()}/{jax.process_count()}" if jax.process_count() > 1 else ""))

@@ -289,9 +289,8 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
         dist.broadcast_object_list(box, src=0)
         run_dir = Path(box[0])
 
-    from aurora_data import global_batch, rank_slice
+    from aurora_data import build_source, global_batch, rank_slice
     from torch_ref.convert import jax_to_torch, load_npz
-    from torch_ref.data import make_source
     from torch_ref.ds_config import installed_ds_config
     from torch_ref.model import Llama, init_torch
 
@@ -311,7 +310,7 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
     p, seq = cfg.parallel, cfg.data.seq_len
     gbs = p.mbs * p.gas * layout.dp
     flops_per_sample = cfg.model.flops_per_sample(seq)
-    source = make_source(cfg, num_samples=cfg.train.steps * gbs)
+    source = build_source(cfg, num_samples=cfg.train.steps * gbs)
     dp_rank = layout.dp_rank(rank)
     ckpt_dir, every = run_dir / "checkpoints", int(ckpt.get("ckpt_every") or 0)
     engine = getattr(runner, "engine", None)
