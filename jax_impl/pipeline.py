@@ -41,11 +41,10 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from configs import Config, validate_config
-from jax_impl.model import PARAM_AXES, REMAT_POLICIES, block, matmul, rms_norm, rope_tables
+from jax_impl.model import DTYPES, PARAM_AXES, REMAT_POLICIES, block, matmul, rms_norm, rope_tables
 from jax_impl.sharding import PIPELINE_AXIS, constrain, gather_weight
 
 PIPE = PIPELINE_AXIS
-_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 OUTER = ("embed", "final_norm", "head")  # weights outside the layer stack
 
 
@@ -67,7 +66,7 @@ def check(cfg: Config, mesh_shape: Any) -> None:
 def _stage_fn(cfg: Config, seq: int) -> Callable[[dict, jax.Array], jax.Array]:
     """This stage's layers: x (batch, seq, hidden) -> same, scanning the local (L/p, ...) weights."""
     m, par = cfg.model, cfg.parallel
-    dtype = _DTYPES[cfg.train.dtype]
+    dtype = DTYPES[cfg.train.dtype]
     cos, sin = rope_tables(seq, m.dim_head, m.rope_theta)
     layer = partial(block, m, dtype, par.attn_chunk, cos, sin, attn_impl=par.attn_impl)
     if par.remat:
@@ -84,13 +83,13 @@ def _embed(cfg: Config, embed: jax.Array, tokens: jax.Array) -> jax.Array:
     """tokens (batch, seq) -> (batch, seq, hidden) in the compute dtype (as model.forward)."""
     V, h = cfg.model.padded_vocab, cfg.model.hidden
     table = gather_weight(embed, PARAM_AXES["embed"], (V, h))
-    return constrain(jnp.take(table, tokens, axis=0).astype(_DTYPES[cfg.train.dtype]), ("batch", "seq", "act_embed"))
+    return constrain(jnp.take(table, tokens, axis=0).astype(DTYPES[cfg.train.dtype]), ("batch", "seq", "act_embed"))
 
 
 def _head_loss(cfg: Config, y: jax.Array, final_norm: jax.Array, head: jax.Array, labels: jax.Array) -> jax.Array:
     """Final norm + head + mean cross-entropy of one microbatch; y (batch, seq, hidden)."""
     V, h = cfg.model.padded_vocab, cfg.model.hidden
-    x = rms_norm(y, gather_weight(final_norm, ("norm",), (h,)), cfg.model.norm_eps, _DTYPES[cfg.train.dtype])
+    x = rms_norm(y, gather_weight(final_norm, ("norm",), (h,)), cfg.model.norm_eps, DTYPES[cfg.train.dtype])
     logits = constrain(matmul(x, gather_weight(head, PARAM_AXES["head"], (h, V))), ("batch", "seq", "act_vocab"))
     # model.cross_entropy picks the gold logit with take_along_axis; inside this loop, with vocab over
     # `tensor` and batch over `data`, that gather aborts XLA's SPMD partitioner (jax 0.10.2, CPU). A

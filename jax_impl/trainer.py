@@ -19,10 +19,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from configs import Config
 from jax_impl import pipeline
-from jax_impl.model import PARAM_AXES, cross_entropy, forward, init_params
+from jax_impl.model import DTYPES, PARAM_AXES, cross_entropy, forward, init_params
 from jax_impl.sharding import ZeroPlan, activate, batch_sharding, replicated
-
-DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
 
 def lr_schedule(cfg: Config) -> optax.Schedule:
