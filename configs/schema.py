@@ -113,6 +113,15 @@ class ParallelConfig:
     pipeline_schedule: str = "gpipe"  # gpipe | 1f1b (pipeline axis > 1)
     attn_chunk: int = 1024  # JAX: queries per attention block when seq > this (0 = never chunk)
     attn_impl: str = "xla"  # JAX attention: xla (any device) | cudnn (fused flash attention, NVIDIA GPU, bf16)
+    scan_unroll: int = 0  # JAX: layers per iteration of the layer scan; 0 = auto (see layer_unroll)
+
+    def layer_unroll(self, n_layers: int) -> int:
+        """Layers per scan iteration. Auto unrolls models of <= 8 layers fully: XLA:CPU then needs no
+        loop-carried stacks (zero-filled, updated slice by slice) -- -21 % step time on the bench
+        preset -- while a 70B's 80 layers stay one compiled layer."""
+        if self.scan_unroll:
+            return min(self.scan_unroll, n_layers)
+        return n_layers if n_layers <= 8 else 1
 
 
 @dataclass
@@ -415,6 +424,8 @@ def validate_config(cfg: Config, n_devices: int | None = None) -> None:
     _choice("parallel.attn_impl", p.attn_impl, ("xla", "cudnn"))
     if p.attn_impl == "cudnn" and cfg.train.dtype != "bf16":
         raise ConfigError("parallel.attn_impl=cudnn runs in bf16 only; add --dtype bf16 or use attn_impl=xla")
+    if p.scan_unroll < 0:
+        raise ConfigError(f"parallel.scan_unroll={p.scan_unroll} must be >= 0 (0 = auto)")
     for key in ("mbs", "gas"):
         if getattr(p, key) < 1:
             raise ConfigError(f"parallel.{key}={getattr(p, key)} must be >= 1")

@@ -17,6 +17,18 @@ from configs import ConfigError
 
 PLATFORM_NAMES = {"cpu": "cpu", "gpu": "cuda", "sycl": "sycl"}
 
+# XLA:CPU compile options for the train step (measured in docs/performance.md). YNNPACK takes only
+# single dots: its fused reductions ran the softmax backward's row sums ~10x slower than XLA's own
+# loop emitter (-8 % fp32 / -14 % bf16 step time on the bench preset).
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+def compiler_options() -> dict[str, str] | None:
+    """Backend-specific XLA options for the train step: CPU's above, none for GPU/XPU."""
+    import jax
+
+    return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else None
+
 
 def _has_plugin(*names: str) -> bool:
     eps = importlib.metadata.entry_points(group="jax_plugins")

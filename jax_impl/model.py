@@ -210,7 +210,7 @@ def init_params(cfg: ModelConfig, seed: int) -> dict:
 
 
 def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, *, dtype=jnp.float32, remat: bool = False,
-            remat_policy: str = "full", attn_chunk: int = 0, attn_impl: str = "xla") -> jax.Array:
+            remat_policy: str = "full", attn_chunk: int = 0, attn_impl: str = "xla", unroll: int = 1) -> jax.Array:
     """tokens (batch, seq) int32 -> logits (batch, seq, padded_vocab) fp32.
 
     ``params`` may hold padded storage arrays (see ``jax_impl.sharding``); every weight is
@@ -226,7 +226,7 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, *, dtype=jnp.floa
     layer = partial(block, cfg, dtype, attn_chunk, cos, sin, attn_impl=attn_impl)
     if remat:
         layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
-    x, _ = jax.lax.scan(lambda carry, p: (layer(carry, p), None), x, params["layers"])
+    x, _ = jax.lax.scan(lambda carry, p: (layer(carry, p), None), x, params["layers"], unroll=unroll)
 
     x = rms_norm(x, gather_weight(params["final_norm"], ("norm",), (h,)), cfg.norm_eps, dtype)
     logits = matmul(x, gather_weight(params["head"], PARAM_AXES["head"], (h, V)))

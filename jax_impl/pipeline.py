@@ -72,8 +72,10 @@ def _stage_fn(cfg: Config, seq: int) -> Callable[[dict, jax.Array], jax.Array]:
     if par.remat:
         layer = jax.checkpoint(layer, policy=REMAT_POLICIES[par.remat_policy], prevent_cse=False)
 
+    unroll = par.layer_unroll(m.n_layers)  # as model.forward: small models unroll their layer loop
+
     def run(layers: dict, x: jax.Array) -> jax.Array:
-        x, _ = jax.lax.scan(lambda c, w: (layer(c, w), None), x, layers)
+        x, _ = jax.lax.scan(lambda c, w: (layer(c, w), None), x, layers, unroll=unroll)
         return x
 
     return run

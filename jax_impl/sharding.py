@@ -147,26 +147,47 @@ class ZeroPlan:
         """Stored ZeRO dims are padded to a multiple of every tree's shard count."""
         return math.lcm(*(self.shards(a) for a in (self.params, self.grads, self.opt)))
 
+    def zero_dim(self, names: tuple[str, ...], shape: tuple[int, ...]) -> int:
+        """Which dimension of a stored parameter ZeRO shards.
+
+        Its most major dimension after ``layers``: then every ZeRO all-gather and reduce-scatter runs
+        over contiguous blocks, and XLA needs no transposed layout for it (sharding a *minor*
+        dimension, e.g. ``embed`` of ``w_down`` (L, F, h), made XLA:CPU write the whole AdamW update of
+        that weight through a transposed layout, ~10x slower than a plain elementwise pass). The
+        exception: a tensor-sharded dimension that would need padding keeps its tensor blocks aligned
+        by sharding ``embed``/``norm`` instead.
+        """
+        idx = [i for i, n in enumerate(names) if n != "layers"]
+        first = idx[0]
+        tp = self.shards(_axes(self.mesh, RULES[names[first]]))
+        if tp == 1 or shape[first] % (tp * self.pad_multiple()) == 0 or not any(names[i] in ZERO_DIMS for i in idx):
+            return first
+        return next(i for i in idx if names[i] in ZERO_DIMS)
+
     def storage_shape(self, names: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
         mult = self.pad_multiple()
+        zd = self.zero_dim(names, shape)
         out = []
-        for n, size in zip(names, shape, strict=True):
-            if n in ZERO_DIMS:
-                size = -(-size // mult) * mult
-            else:
-                tp = self.shards(_axes(self.mesh, RULES[n]))
-                if size % tp:
-                    raise ConfigError(f"dimension {n!r} of size {size} does not divide by its {tp} tensor shards")
+        for i, (n, size) in enumerate(zip(names, shape, strict=True)):
+            tp = self.shards(_axes(self.mesh, RULES[n]))
+            if i == zd:
+                size = -(-size // (mult * tp)) * (mult * tp)
+            elif size % tp:
+                raise ConfigError(f"dimension {n!r} of size {size} does not divide by its {tp} tensor shards")
             out.append(size)
         return tuple(out)
 
-    def spec(self, names: tuple[str, ...], tree: str) -> P:
-        zero_axes = getattr(self, tree)
-        rules = dict(RULES, **{n: zero_axes for n in ZERO_DIMS})
-        return logical_spec(names, self.mesh, rules)
+    def spec(self, names: tuple[str, ...], tree: str, shape: tuple[int, ...]) -> P:
+        zero_axes = _axes(self.mesh, getattr(self, tree))
+        zd = self.zero_dim(names, shape)
+        parts = []
+        for i, n in enumerate(names):
+            axes = _axes(self.mesh, RULES[n]) + (zero_axes if i == zd else ())
+            parts.append(axes if len(axes) > 1 else (axes[0] if axes else None))
+        return P(*parts)
 
-    def sharding(self, names: tuple[str, ...], tree: str) -> NamedSharding:
-        return NamedSharding(self.mesh, self.spec(names, tree))
+    def sharding(self, names: tuple[str, ...], tree: str, shape: tuple[int, ...]) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(names, tree, shape))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -18,7 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from configs import Config
-from jax_impl import pipeline
+from jax_impl import devices, pipeline
 from jax_impl.model import DTYPES, PARAM_AXES, cross_entropy, forward, init_params
 from jax_impl.sharding import ZeroPlan, activate, batch_sharding, replicated
 
@@ -86,14 +86,17 @@ class Trainer:
         logical = jax.eval_shape(lambda: init_params(cfg.model, cfg.train.seed))
         names = param_names(logical)
         shapes = jax.tree.map(lambda a: a.shape, logical)
-        param_sh = _tree_map_names(lambda n: plan.sharding(n, "params"), names)
-        grad_sh = _tree_map_names(lambda n: plan.sharding(n, "grads"), names)
+        def tree_sharding(tree: str) -> dict:
+            return jax.tree.map(lambda n, a: plan.sharding(n, tree, a.shape), names, logical,
+                                is_leaf=lambda x: isinstance(x, tuple))
+
+        param_sh, grad_sh = tree_sharding("params"), tree_sharding("grads")
         storage = jax.tree.map(
             lambda n, a, s: jax.ShapeDtypeStruct(plan.storage_shape(n, a.shape), a.dtype, sharding=s),
             names, logical, param_sh, is_leaf=lambda x: isinstance(x, tuple))
         tx = make_optimizer(cfg, names)
         opt_abstract = jax.eval_shape(tx.init, storage)
-        opt_leaf_sh = _tree_map_names(lambda n: plan.sharding(n, "opt"), names)
+        opt_leaf_sh = tree_sharding("opt")
         opt_sh = optax.tree_map_params(
             tx, lambda _, s: s, opt_abstract, opt_leaf_sh,
             transform_non_params=lambda _: replicated(mesh))
@@ -131,7 +134,7 @@ class Trainer:
         p, m = self.cfg.parallel, self.cfg.model
         logits = forward(m, params, tokens[:, :-1], dtype=DTYPES[self.cfg.train.dtype], remat=p.remat,
                          remat_policy=p.remat_policy, attn_chunk=p.attn_chunk,
-                         attn_impl=p.attn_impl)
+                         attn_impl=p.attn_impl, unroll=p.layer_unroll(m.n_layers))
         return cross_entropy(logits, tokens[:, 1:])
 
     def _step(self, params: dict, opt_state: Any, batch: jax.Array, with_grads: bool = False, guard: bool = False):
@@ -180,6 +183,7 @@ class Trainer:
                       **({"finite": rep} if guard else {})}
         return jax.jit(
             partial(self._step, with_grads=with_grads, guard=guard),
+            compiler_options=devices.compiler_options(),
             in_shardings=(self.param_sh, self.opt_sh, batch_sharding(self.mesh)),
             out_shardings=(self.param_sh, self.opt_sh, metrics_sh),
             donate_argnums=(0, 1),
@@ -191,11 +195,16 @@ class Trainer:
         return jax.ShapeDtypeStruct((p.gas, dp * p.mbs, self.cfg.data.seq_len + 1), jnp.int32,
                                     sharding=batch_sharding(self.mesh))
 
-    def compile_step(self, guard: bool = False):
-        """Ahead-of-time compile of the train step on abstract inputs (allocates nothing)."""
+    def compile_step(self, guard: bool = False, compiler_options: dict | None = None):
+        """Ahead-of-time compile of the train step on abstract inputs (allocates nothing).
+
+        ``compiler_options`` replace the backend's defaults (``jax_impl.devices.compiler_options``).
+        """
         with activate(self.mesh):
             lowered = self.jitted_step(guard=guard).lower(self.storage, self.opt_abstract, self.batch_abstract())
-            return lowered.compile()
+            if compiler_options is None:
+                return lowered.compile()
+            return lowered.compile(compiler_options={**(devices.compiler_options() or {}), **compiler_options})
 
     # ------------------------------------------------------------------ accounting
     def state_bytes_per_device(self) -> dict[str, int]:

@@ -66,10 +66,11 @@ def test_resume_continues_bit_identically_on_another_mesh(base, tmp_path):
 
 
 def test_restore_repads_between_meshes(tmp_path):
-    """fsdp=6 stores hidden 64 padded to 66; data=2,fsdp=4 stores it unpadded: logical values must match."""
+    """fsdp=6 stores vocab 256 padded to 258 and hidden 64 to 66; data=2,fsdp=4 stores them unpadded:
+    logical values must match."""
     src = trainer("fsdp=6")
     params, opt = src.init_state()
-    assert params["embed"].shape == (256, 66)
+    assert params["embed"].shape == (258, 64) and params["layers"]["wq"].shape[1] == 66
     ck = checkpoint.Checkpointer(tmp_path / "ck")
     ck.save(1, params, opt, checkpoint.checkpoint_meta(src.cfg, src, 1, 16))
     ck.close()

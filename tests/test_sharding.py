@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 from _util import assert_tree_close
+from jax.sharding import PartitionSpec as P
 
 from aurora_data import SyntheticSource, global_batch
 from configs import load_config
@@ -98,7 +99,7 @@ def test_zero_stages_shard_what_they_claim():
         c = load_config("tiny", {"parallel.mesh": "data=2,fsdp=4", "parallel.zero": zero,
                                  **{f"parallel.{k}": v for k, v in extra.items()}})
         plan = ZeroPlan.from_config(c, mesh)
-        specs[(zero, *extra)] = tuple(plan.spec(names, t)[1] for t in ("params", "grads", "opt"))
+        specs[(zero, *extra)] = tuple(plan.spec(names, t, (2, 64, 176))[1] for t in ("params", "grads", "opt"))
     both = ("data", "fsdp")
     assert specs[(0,)] == (None, None, None)
     assert specs[(1,)] == (None, None, both)
@@ -106,6 +107,25 @@ def test_zero_stages_shard_what_they_claim():
     assert specs[(3,)] == (both, both, both)
     assert specs[(3, "hpz")] == ("fsdp", both, both)  # params inside the node, states everywhere
     assert specs[(3, "mics")] == ("fsdp", "fsdp", "fsdp")  # all states inside the group, replicated across
+
+
+def test_zero_shards_the_most_major_dimension_after_layers():
+    """w_down (L, F, h) and embed (V, h) are ZeRO-sharded on F and V, not on their minor h: a minor
+    sharded dimension made XLA:CPU run AdamW through a transposed layout. With tensor parallelism a
+    dimension that would need padding falls back to embed, so tensor blocks stay aligned."""
+    cfg = load_config("tiny", {"parallel.mesh": "fsdp=4", "parallel.zero": 3})
+    plan = ZeroPlan.from_config(cfg, make_abstract_mesh(cfg.mesh_shape()))
+    assert plan.spec(("layers", "mlp", "embed"), "params", (2, 176, 64)) == P(None, "fsdp", None)
+    assert plan.spec(("vocab", "embed"), "params", (512, 64)) == P("fsdp", None)
+    assert plan.spec(("embed", "vocab"), "params", (64, 512)) == P("fsdp", None)
+    assert plan.storage_shape(("layers", "mlp", "embed"), (2, 174, 64)) == (2, 176, 64)  # padded on F
+
+    cfg = load_config("tiny", {"parallel.mesh": "fsdp=3,tensor=2", "parallel.zero": 3})
+    plan = ZeroPlan.from_config(cfg, make_abstract_mesh(cfg.mesh_shape()))
+    assert plan.spec(("layers", "mlp", "embed"), "params", (2, 180, 64)) == P(None, ("tensor", "fsdp"), None)
+    # 176 % (2 x 3) != 0: padding F would misalign the tensor halves -> shard (and pad) embed instead
+    assert plan.spec(("layers", "mlp", "embed"), "params", (2, 176, 64)) == P(None, "tensor", "fsdp")
+    assert plan.storage_shape(("layers", "mlp", "embed"), (2, 176, 64)) == (2, 176, 66)
 
 
 @pytest.mark.parametrize("mesh_spec,extra", [("fsdp=96", {}), ("data=8,fsdp=12", {"parallel.hpz": True}),

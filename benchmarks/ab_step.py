@@ -1,0 +1,131 @@
+"""A/B timing of training-step variants in one process, steps interleaved (A, B, A, B, ...).
+
+    python benchmarks/ab_step.py --mesh data=2 --zero 1 --b lever:zero_dim=embed
+    python benchmarks/ab_step.py --mesh fsdp=8 --devices 8 --dtype bf16 --b parallel.remat=true
+
+This 2-core machine is shared and its speed drifts by +-20 % over minutes, so two variants timed
+in separate runs cannot be told apart by a 5 % lever. Here both are compiled in the same process
+and alternate step by step; the ratio of their medians is what each lever's figure in
+docs/performance.md comes from. A variant is a comma list of config overrides (``key=value``)
+and/or ``lever:NAME=VALUE`` code switches (the old behaviour of a lever, kept to measure it):
+
+    lever:zero_dim=embed      ZeRO shards the embed/norm dimension (before: the most major one)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+@contextlib.contextmanager
+def lever(name: str, value: str) -> Iterator[None]:
+    """Switch one code-level lever back to its earlier behaviour while a variant is built and compiled."""
+    from jax_impl import sharding
+
+    if name == "zero_dim" and value == "embed":
+        orig = sharding.ZeroPlan.zero_dim
+
+        def embed_dim(self, names, shape):
+            return next(i for i, n in enumerate(names) if n in sharding.ZERO_DIMS)
+
+        sharding.ZeroPlan.zero_dim = embed_dim
+        try:
+            yield
+        finally:
+            sharding.ZeroPlan.zero_dim = orig
+    else:
+        raise SystemExit(f"unknown lever {name}={value}; known: zero_dim=embed")
+
+
+def build(preset: str, base: dict, variant: str, guard: bool):
+    import jax
+
+    from aurora_data import SyntheticSource, global_batch
+    from configs import load_config
+    from jax_impl.sharding import batch_sharding, make_mesh
+    from jax_impl.trainer import Trainer
+
+    overrides, levers, xla = dict(base), [], {}
+    for item in filter(None, variant.split(",")):
+        key, _, value = item.partition("=")
+        if key.startswith("xla:"):
+            xla[key[len("xla:"):]] = value
+        elif key.startswith("lever:"):
+            levers.append((key[len("lever:"):], value))
+        else:
+            overrides[key] = value
+    with contextlib.ExitStack() as stack:
+        for name, value in levers:
+            stack.enter_context(lever(name, value))
+        cfg = load_config(preset, overrides)
+        mesh = make_mesh(cfg.mesh_shape())
+        tr = Trainer.build(cfg, mesh)
+        t0 = time.perf_counter()
+        params, opt = tr.init_state()
+        step = tr.compile_step(guard=guard, compiler_options=xla or None)
+        compile_s = time.perf_counter() - t0
+    p = cfg.parallel
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    src = SyntheticSource(cfg.model.vocab_size, cfg.data.seq_len)
+    batch = jax.device_put(global_batch(src, 0, p.mbs, p.gas, dp), batch_sharding(mesh))
+    ma = step.memory_analysis()
+    return {"step": step, "state": [params, opt], "batch": batch, "compile_s": compile_s,
+            "temp_mib": ma.temp_size_in_bytes / 2**20, "cfg": cfg, "times": [], "losses": []}
+
+
+def run_step(v: dict) -> None:
+    t = time.perf_counter()
+    params, opt, m = v["step"](*v["state"], v["batch"])
+    v["losses"].append(float(m["loss"]))
+    v["times"].append(time.perf_counter() - t)
+    v["state"] = [params, opt]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="bench")
+    ap.add_argument("--mesh", default="data=2")
+    ap.add_argument("--zero", type=int, default=1)
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    ap.add_argument("--devices", type=int, default=2)
+    ap.add_argument("--a", default="", help="variant A (default: the code as it is)")
+    ap.add_argument("--b", required=True, help="variant B")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--no-guard", dest="guard", action="store_false", help="without the non-finite guard")
+    args = ap.parse_args(argv)
+
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", args.devices)
+    base = {"parallel.mesh": args.mesh, "parallel.zero": args.zero, "train.dtype": args.dtype}
+    va = build(args.preset, base, args.a, args.guard)
+    vb = build(args.preset, base, args.b, args.guard)
+    for i in range(args.warmup + args.steps):
+        for v in (va, vb) if i % 2 == 0 else (vb, va):
+            run_step(v)
+    for v in (va, vb):
+        v["median_ms"] = statistics.median(v["times"][args.warmup:]) * 1e3
+    print(f"{args.preset} {args.mesh} zero={args.zero} {args.dtype}, {args.devices} devices, "
+          f"{args.steps} interleaved steps each")
+    for label, v, spec in (("A", va, args.a or "(as is)"), ("B", vb, args.b)):
+        print(f"  {label}: {v['median_ms']:7.1f} ms/step  compile+init {v['compile_s']:4.1f}s  "
+              f"XLA temp {v['temp_mib']:6.1f} MiB  last loss {v['losses'][-1]:.6f}  {spec}")
+    # each B step against the A step next to it in time: robust to the machine's drift
+    ratio = statistics.median(b / a for a, b in zip(va["times"][args.warmup:], vb["times"][args.warmup:], strict=True))
+    print(f"  B/A step time (median of adjacent pairs): {ratio:.3f}  "
+          + (f"(B takes {ratio - 1:+.1%} longer)" if ratio > 1 else f"(B is {1 - ratio:.1%} faster than A)"))
+    return {"a": va["median_ms"], "b": vb["median_ms"], "ratio": ratio}
+
+
+if __name__ == "__main__":
+    main()
