@@ -9,7 +9,9 @@ and alternate step by step; the ratio of their medians is what each lever's figu
 docs/performance.md comes from. A variant is a comma list of config overrides (``key=value``)
 and/or ``lever:NAME=VALUE`` code switches (the old behaviour of a lever, kept to measure it):
 
-    lever:zero_dim=embed      ZeRO shards the embed/norm dimension (before: the most major one)
+    lever:zero_dim=embed      ZeRO shards the embed/norm dimension (now: the most major one)
+    lever:step_grads=stored   gradients reduced into their stored sharding (ZeRO-1: an all-reduce;
+                              now: into the optimizer state's sharding, a reduce-scatter)
 """
 
 from __future__ import annotations
@@ -41,8 +43,23 @@ def lever(name: str, value: str) -> Iterator[None]:
             yield
         finally:
             sharding.ZeroPlan.zero_dim = orig
+    elif name == "step_grads" and value == "stored":
+        from jax_impl.trainer import Trainer
+
+        orig_build = Trainer.build.__func__
+
+        def build(cls, cfg, mesh):
+            tr = orig_build(cls, cfg, mesh)
+            tr.opt_leaf_sh = tr.grad_sh  # reduce gradients into their stored ZeRO sharding (ZeRO-1: all-reduce)
+            return tr
+
+        Trainer.build = classmethod(build)
+        try:
+            yield
+        finally:
+            Trainer.build = classmethod(orig_build)
     else:
-        raise SystemExit(f"unknown lever {name}={value}; known: zero_dim=embed")
+        raise SystemExit(f"unknown lever {name}={value}; known: zero_dim=embed, step_grads=stored")
 
 
 def build(preset: str, base: dict, variant: str, guard: bool):

@@ -67,6 +67,8 @@ def category(name: str, info: tuple[str, str, str] | None) -> str:
         return "broadcast (fills)"
     if opcode.startswith(("while", "conditional", "call")):
         return "loop control"
+    if not op_name:
+        return "unattributed"  # XLA-made ops without a JAX source (e.g. reduce-window from a reduce split)
     if not in_grad:
         return "optimizer/update"
     return "elementwise (backward)" if bwd else "elementwise (forward)"

@@ -223,12 +223,15 @@ def throughput(run: Run, warmup: int = 2) -> dict[str, Any]:
     gbs = m.get("gbs") or cfg.global_batch()
     sps = gbs / step
     mem = m.get("compiled_memory") or {}
+    rss = max((r.get("peak_mem_bytes") or 0) for r in run.metrics) or None
+    # a JAX process holds all its local devices (2 fake CPU devices here); a DeepSpeed rank holds one
+    local = devices // (m.get("processes") or 1) if m.get("framework") == "jax" else 1
     return {
         "step_time_s": step, "samples_per_s": sps, "tokens_per_s_per_device": sps * seq / devices,
         "tflops_per_device": sps * cfg.model.flops_per_sample(seq) / devices / 1e12,
         "tflops_per_device_legacy": sps * cfg.model.flops_per_sample_legacy(seq, cfg.parallel.remat) / devices / 1e12,
         "startup_s": m.get("compile_s", m.get("init_s")),
-        "peak_rss_bytes": max((r.get("peak_mem_bytes") or 0) for r in run.metrics) or None,
+        "peak_rss_bytes": rss, "peak_rss_per_device_bytes": rss // local if rss else None,
         "compiled_peak_bytes": (mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]) if mem else None,
         "devices": devices, "label": m.get("layout_label") or m.get("layout"),
     }
@@ -264,10 +267,12 @@ def render(results: dict[str, Any]) -> str:
     ) + ".", ""]
     lines += ["## Throughput", "",
               "TFLOPS/device under the Megatron-LM formula (legacy Megatron-DeepSpeed formula in its own column); "
-              "step time is the median after 2 warm-up steps; startup is JAX compile or DeepSpeed init.", "",
+              "step time is the median after 2 warm-up steps; startup is JAX compile or DeepSpeed init. Peak RSS "
+              "is per process (JAX: one process for all its devices; DeepSpeed: the largest rank) and per device "
+              "(JAX: divided by the process's devices).", "",
               "| layout | dtype | framework | devices | step ms | samples/s | tok/s/dev | TFLOPS/dev "
-              "| TFLOPS/dev (legacy) | startup s | peak RSS MiB | compiled peak MiB | JAX/DS |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| TFLOPS/dev (legacy) | startup s | peak RSS MiB | peak RSS MiB/dev | compiled peak MiB | JAX/DS |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for _key, r in sorted(results["layouts"].items()):
         for fw in ("jax", "torch"):
             t = r.get("throughput", {}).get(fw)
@@ -280,7 +285,8 @@ def render(results: dict[str, Any]) -> str:
                 f" | {t['devices']} | {t['step_time_s'] * 1e3:,.0f} | {_n(t['samples_per_s'])} "
                 f"| {_n(t['tokens_per_s_per_device'], 0)} | {_n(t['tflops_per_device'], 4)} "
                 f"| {_n(t['tflops_per_device_legacy'], 4)} | {_n(t['startup_s'], 1)} | {_mib(t['peak_rss_bytes'])} "
-                f"| {_mib(t['compiled_peak_bytes'])} | {_n(ratio) + '×' if ratio else ''} |")
+                f"| {_mib(t.get('peak_rss_per_device_bytes'))} | {_mib(t['compiled_peak_bytes'])} "
+                f"| {_n(ratio) + '×' if ratio else ''} |")
     failed = {k: r["error"] for k, r in results["layouts"].items() if "error" in r}
     if failed:
         lines += ["", "## Not compared", ""] + [f"- **{k}**: {v}" for k, v in sorted(failed.items())]

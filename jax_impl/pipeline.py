@@ -133,7 +133,7 @@ def _gpipe(cfg: Config, p: int, params: dict, tokens: jax.Array) -> jax.Array:
     # (the transpose of this cast), and model.matmul's custom vjp sees matching types
     params = {"layers": params["layers"], **_outer_weights(cfg, params)}
     head_loss = partial(_head_loss, cfg)
-    if cfg.parallel.remat:  # keep y (batch, seq, hidden) per tick, not the logits (batch, seq, vocab)
+    if cfg.parallel.remat:  # keep y (batch, seq, hidden) per microbatch, not the logits (batch, seq, vocab)
         head_loss = jax.checkpoint(head_loss, prevent_cse=False)
     m, seq = tokens.shape[0], tokens.shape[2] - 1
     s = jax.lax.axis_index(PIPE)
@@ -141,21 +141,28 @@ def _gpipe(cfg: Config, p: int, params: dict, tokens: jax.Array) -> jax.Array:
     inputs, labels = tokens[:, :, :-1], tokens[:, :, 1:]  # (gas, batch, seq)
     act = jax.eval_shape(partial(_embed, cfg), params["embed"], inputs[0])
 
-    def tick(carry, t):
-        recv, loss = carry  # recv: (batch, seq, hidden) from stage s-1 last tick
-        # stage 0 feeds microbatch t (bubble ticks t >= m recompute the last one; their output is never used)
+    def tick(recv, t):
+        # recv: (batch, seq, hidden) from stage s-1 last tick. Stage 0 feeds microbatch t (bubble ticks
+        # t >= m recompute the last one; their output is never used)
         x = jax.lax.cond(s == 0, lambda: _varying(_embed(cfg, params["embed"], inputs[jnp.minimum(t, m - 1)])),
                          lambda: recv)
         y = run(params["layers"], x)
-        i = t - (p - 1)  # the microbatch leaving the last stage this tick
-        loss = loss + jax.lax.cond(
-            (s == p - 1) & (i >= 0),
-            lambda: head_loss(y, params["final_norm"], params["head"], labels[jnp.maximum(i, 0)]),
-            lambda: _varying(jnp.zeros((), jnp.float32)))
-        return (_shift(y, p, +1), loss), None
+        return _shift(y, p, +1), y
 
-    init = _varying((jnp.zeros(act.shape, act.dtype), jnp.zeros((), jnp.float32)))
-    (_, loss), _ = jax.lax.scan(tick, init, jnp.arange(m + p - 1))
+    _, ys = jax.lax.scan(tick, _varying(jnp.zeros(act.shape, act.dtype)), jnp.arange(m + p - 1))
+
+    # The last stage's outputs of ticks p-1 .. m+p-2 are microbatches 0 .. m-1. Their head and loss run
+    # after the tick loop, in a loop of their own: inside the tick loop (under a cond on the stage) the
+    # head weight was saved as a residual once per tick, a (ticks, hidden, vocab) copy.
+    def last_stage_loss():
+        def one(total, y_labels):
+            y, lab = y_labels
+            return total + head_loss(y, params["final_norm"], params["head"], lab), None
+
+        total, _ = jax.lax.scan(one, _varying(jnp.zeros((), jnp.float32)), (ys[p - 1:], labels))
+        return total
+
+    loss = jax.lax.cond(s == p - 1, last_stage_loss, lambda: _varying(jnp.zeros((), jnp.float32)))
     return jax.lax.psum(loss, PIPE) / m
 
 
