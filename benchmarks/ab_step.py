@@ -74,7 +74,7 @@ def build(preset: str, base: dict, variant: str, guard: bool):
     for item in filter(None, variant.split(",")):
         key, _, value = item.partition("=")
         if key.startswith("xla:"):
-            xla[key[len("xla:"):]] = value
+            xla[key[len("xla:"):]] = {"true": True, "false": False}.get(value, value)
         elif key.startswith("lever:"):
             levers.append((key[len("lever:"):], value))
         else:

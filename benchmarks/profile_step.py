@@ -59,8 +59,10 @@ def category(name: str, info: tuple[str, str, str] | None) -> str:
     in_grad = "jvp(" in op_name or bwd
     is_dot = "ynn" in base or "onednn" in base or opcode.startswith(("dot", "custom-call")) or (
         opcode == "fusion:kCustom") or ("dot_general" in op_name and opcode.startswith("fusion:kOutput"))
-    if is_dot and "dot_general" in op_name:
+    if is_dot and ("dot_general" in op_name or "->" in op_name):  # einsums are named by their equation
         return "dot (backward)" if bwd else "dot (forward)"
+    if "ynn" in base:  # YNNPACK runs dots only (see jax_impl.devices.CPU_COMPILER_OPTIONS)
+        return "dot (unnamed)"
     if "copy" in base or "transpose" in base or opcode.startswith(("copy", "transpose")):
         return "copy/transpose"
     if "broadcast" in base:
