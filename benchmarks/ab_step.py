@@ -12,6 +12,7 @@ and/or ``lever:NAME=VALUE`` code switches (the old behaviour of a lever, kept to
     lever:zero_dim=embed      ZeRO shards the embed/norm dimension (now: the most major one)
     lever:step_grads=stored   gradients reduced into their stored sharding (ZeRO-1: an all-reduce;
                               now: into the optimizer state's sharding, a reduce-scatter)
+    lever:cpu_options=none    XLA:CPU's default options (now: jax_impl.devices.CPU_COMPILER_OPTIONS)
 """
 
 from __future__ import annotations
@@ -58,8 +59,16 @@ def lever(name: str, value: str) -> Iterator[None]:
             yield
         finally:
             Trainer.build = classmethod(orig_build)
+    elif name == "cpu_options" and value == "none":
+        from jax_impl import devices
+
+        orig_opts, devices.CPU_COMPILER_OPTIONS = devices.CPU_COMPILER_OPTIONS, {}
+        try:
+            yield
+        finally:
+            devices.CPU_COMPILER_OPTIONS = orig_opts
     else:
-        raise SystemExit(f"unknown lever {name}={value}; known: zero_dim=embed, step_grads=stored")
+        raise SystemExit(f"unknown lever {name}={value}; known: zero_dim=embed, step_grads=stored, cpu_options=none")
 
 
 def build(preset: str, base: dict, variant: str, guard: bool):

@@ -18,8 +18,9 @@ from configs import ConfigError
 PLATFORM_NAMES = {"cpu": "cpu", "gpu": "cuda", "sycl": "sycl"}
 
 # XLA:CPU compile options for the train step (measured in docs/performance.md). YNNPACK takes only
-# single dots: its fused reductions ran the softmax backward's row sums ~10x slower than XLA's own
-# loop emitter (-8 % fp32 / -14 % bf16 step time on the bench preset).
+# single dots: inside a scanned layer loop its fused reductions ran the softmax backward's row sums
+# ~10x slower than XLA's own loop emitter (-8 % fp32 / -14 % bf16 step time, bench preset, scan);
+# with the layers unrolled the difference is within this machine's noise, and XLA's temp memory -6 %.
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 

@@ -18,7 +18,9 @@ Schedules (``parallel.pipeline_schedule``), with m = GAS microbatches of MBS sam
 
 * ``gpipe``: a ``lax.scan`` over ``m + p - 1`` ticks, each stage runs its layers on the activation
   received in the previous tick; ``jax.grad`` of that loop is the backward pipeline (all forwards,
-  then all backwards). Residuals of all ``m + p - 1`` ticks stay alive until the backward.
+  then all backwards). Residuals of all ``m + p - 1`` ticks stay alive until the backward. The last
+  stage runs head + loss and their backward in the tick a microbatch leaves it (see ``_gpipe``), so
+  neither logits nor a copy of the head weight are kept per tick.
 * ``1f1b``: an explicit schedule of ``2(m + p - 1)`` slots. Stage ``s`` runs the forward of
   microbatch ``i`` in slot ``2i + s`` and its backward in slot ``2i + 2p - 1 - s`` (PipeDream-flush
   order: ``p - s - 1`` warm-up forwards, then alternating F/B). Forwards use ``jax.vjp`` and park
@@ -125,46 +127,53 @@ def _shift(x: jax.Array, p: int, step: int) -> jax.Array:
 
 
 # --------------------------------------------------------------------------------------- GPipe
-def _gpipe(cfg: Config, p: int, params: dict, tokens: jax.Array) -> jax.Array:
-    """Mean loss over the microbatches; differentiate it for the GPipe backward. Runs per stage.
+def _gpipe(cfg: Config, p: int, params: dict, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(surrogate, mean loss) over the microbatches; differentiate the surrogate for the GPipe backward.
 
     params: {"layers": local (L/p, ...) weights, embed, final_norm, head}; tokens (gas, batch, seq+1).
+    Runs per stage. The last stage runs the head, the loss *and their backward* in the tick where a
+    microbatch leaves it (overlapping the other stages' layers), outside autodiff; the surrogate
+    ``sum_i <dL/dy_i, y_i> + <dL/dhead, head> + <dL/dnorm, norm>`` then has exactly the loss's gradient
+    for every parameter. So no head weight or logits are saved per tick for the backward.
     """
     # outer weights as stage-varying values: their per-stage gradients then meet in a psum over stages
     # (the transpose of this cast), and model.matmul's custom vjp sees matching types
     params = {"layers": params["layers"], **_outer_weights(cfg, params)}
-    head_loss = partial(_head_loss, cfg)
-    if cfg.parallel.remat:  # keep y (batch, seq, hidden) per microbatch, not the logits (batch, seq, vocab)
-        head_loss = jax.checkpoint(head_loss, prevent_cse=False)
     m, seq = tokens.shape[0], tokens.shape[2] - 1
     s = jax.lax.axis_index(PIPE)
     run = _stage_fn(cfg, seq)
     inputs, labels = tokens[:, :, :-1], tokens[:, :, 1:]  # (gas, batch, seq)
     act = jax.eval_shape(partial(_embed, cfg), params["embed"], inputs[0])
+    norm_w, head_w = jax.lax.stop_gradient(params["final_norm"]), jax.lax.stop_gradient(params["head"])
+    head_grad = jax.value_and_grad(lambda y, n, h, lab: _head_loss(cfg, y, n, h, lab) / m, argnums=(0, 1, 2))
+    f32 = jnp.float32
 
-    def tick(recv, t):
-        # recv: (batch, seq, hidden) from stage s-1 last tick. Stage 0 feeds microbatch t (bubble ticks
-        # t >= m recompute the last one; their output is never used)
+    def tick(carry, t):
+        recv, surrogate, loss, dnorm, dhead = carry  # recv: (batch, seq, hidden) from stage s-1 last tick
+        # stage 0 feeds microbatch t (bubble ticks t >= m recompute the last one; their output is never used)
         x = jax.lax.cond(s == 0, lambda: _varying(_embed(cfg, params["embed"], inputs[jnp.minimum(t, m - 1)])),
                          lambda: recv)
         y = run(params["layers"], x)
-        return _shift(y, p, +1), y
+        i = t - (p - 1)  # the microbatch leaving the last stage this tick
 
-    _, ys = jax.lax.scan(tick, _varying(jnp.zeros(act.shape, act.dtype)), jnp.arange(m + p - 1))
+        def last(y):
+            li, (dy, dn, dh) = head_grad(y, norm_w, head_w, labels[jnp.maximum(i, 0)])
+            return li, dy.astype(y.dtype), dn, dh
 
-    # The last stage's outputs of ticks p-1 .. m+p-2 are microbatches 0 .. m-1. Their head and loss run
-    # after the tick loop, in a loop of their own: inside the tick loop (under a cond on the stage) the
-    # head weight was saved as a residual once per tick, a (ticks, hidden, vocab) copy.
-    def last_stage_loss():
-        def one(total, y_labels):
-            y, lab = y_labels
-            return total + head_loss(y, params["final_norm"], params["head"], lab), None
+        def other(y):
+            return _varying((jnp.zeros((), f32), jnp.zeros_like(y), jnp.zeros_like(dnorm), jnp.zeros_like(dhead)))
 
-        total, _ = jax.lax.scan(one, _varying(jnp.zeros((), jnp.float32)), (ys[p - 1:], labels))
-        return total
+        li, dy, dn, dh = jax.lax.cond((s == p - 1) & (i >= 0), last, other, jax.lax.stop_gradient(y))
+        surrogate = surrogate + jnp.sum(dy.astype(f32) * y.astype(f32))  # d/dy = dy
+        return (_shift(y, p, +1), surrogate, loss + li, dnorm + dn, dhead + dh), None
 
-    loss = jax.lax.cond(s == p - 1, last_stage_loss, lambda: _varying(jnp.zeros((), jnp.float32)))
-    return jax.lax.psum(loss, PIPE) / m
+    zero = jnp.zeros((), f32)
+    init = _varying((jnp.zeros(act.shape, act.dtype), zero, zero, jnp.zeros(norm_w.shape, f32),
+                     jnp.zeros(head_w.shape, f32)))
+    (_, surrogate, loss, dnorm, dhead), _ = jax.lax.scan(tick, init, jnp.arange(m + p - 1))
+    surrogate = (surrogate + jnp.sum(jax.lax.stop_gradient(dnorm) * params["final_norm"])
+                 + jnp.sum(jax.lax.stop_gradient(dhead) * params["head"]))
+    return jax.lax.psum(surrogate, PIPE), jax.lax.psum(loss, PIPE)
 
 
 # --------------------------------------------------------------------------------------- 1F1B
@@ -270,9 +279,10 @@ def loss_and_grads(cfg: Config, mesh: Mesh, params: dict, batch: jax.Array) -> t
     check(cfg, mesh.shape)
     specs = _specs(params)
     if cfg.parallel.pipeline_schedule == "gpipe":
-        fn = jax.shard_map(partial(_gpipe, cfg, p), mesh=mesh, in_specs=(specs, P()), out_specs=P(),
+        fn = jax.shard_map(partial(_gpipe, cfg, p), mesh=mesh, in_specs=(specs, P()), out_specs=(P(), P()),
                            axis_names={PIPE})
-        return jax.value_and_grad(fn)(params, batch)
+        (_, loss), grads = jax.value_and_grad(fn, has_aux=True)(params, batch)
+        return loss, grads
     fn = jax.shard_map(partial(_one_f_one_b, cfg, p), mesh=mesh, in_specs=(specs, P()), out_specs=(P(), specs),
                        axis_names={PIPE})
     return fn(params, batch)

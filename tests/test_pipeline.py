@@ -106,9 +106,10 @@ def _temp_bytes(schedule: str, gas: int) -> int:
 
 
 def test_1f1b_peak_activation_memory_below_gpipe():
-    # GAS >= 2 x stages: GPipe keeps m + p - 1 ticks of residuals, 1F1B a ring of p microbatches
-    gpipe, ofob = _temp_bytes("gpipe", 8), _temp_bytes("1f1b", 8)
-    assert ofob < 0.8 * gpipe, (ofob, gpipe)
+    # GAS >= 2 x stages: GPipe keeps m + p - 1 ticks of residuals, 1F1B a ring of p microbatches. GAS 16:
+    # at this tiny size the fixed temporaries (weights, gradients) are a large share at GAS 8 already
+    gpipe, ofob = _temp_bytes("gpipe", 16), _temp_bytes("1f1b", 16)
+    assert ofob < 0.6 * gpipe, (ofob, gpipe)
 
 
 @pytest.mark.slow
