@@ -2,7 +2,8 @@
 
 The model labels every array dimension with a logical name; ``RULES`` maps those names to
 mesh axes for compute. ZeRO stages decide which of the *stored* trees (params, grads,
-optimizer state) also shard their ``embed``/``norm`` dimension over the data-parallel axes:
+optimizer state) also shard one dimension -- the most major after ``layers``, see
+``ZeroPlan.zero_dim`` -- over the data-parallel axes:
 
     ZeRO-0  nothing             ZeRO-2  + gradients
     ZeRO-1  optimizer state     ZeRO-3  + parameters
