@@ -84,11 +84,10 @@ def _stage_fn(cfg: Config, seq: int) -> Callable[[dict, jax.Array], jax.Array]:
 
 
 def _embed(cfg: Config, embed: jax.Array, tokens: jax.Array) -> jax.Array:
-    """tokens (..., batch, seq) -> (..., batch, seq, hidden) in the compute dtype (as model.forward)."""
+    """tokens (batch, seq) -> (batch, seq, hidden) in the compute dtype (as model.forward)."""
     V, h = cfg.model.padded_vocab, cfg.model.hidden
     table = gather_weight(embed, PARAM_AXES["embed"], (V, h))
-    names = (None,) * (tokens.ndim - 2) + ("batch", "seq", "act_embed")
-    return constrain(jnp.take(table, tokens, axis=0).astype(DTYPES[cfg.train.dtype]), names)
+    return constrain(jnp.take(table, tokens, axis=0).astype(DTYPES[cfg.train.dtype]), ("batch", "seq", "act_embed"))
 
 
 def _head_loss(cfg: Config, y: jax.Array, final_norm: jax.Array, head: jax.Array, labels: jax.Array) -> jax.Array:

@@ -61,10 +61,6 @@ def param_names(params_like: dict) -> dict:
             for k, v in params_like.items()}
 
 
-def _tree_map_names(fn, names: dict) -> dict:
-    return jax.tree.map(fn, names, is_leaf=lambda x: isinstance(x, tuple))
-
-
 @dataclass
 class Trainer:
     cfg: Config
@@ -142,8 +138,8 @@ class Trainer:
         grad_fn = jax.value_and_grad(self.loss_fn)
 
         # Gradients live only inside the step, so they are reduced straight into the sharding of the
-        # optimizer state that consumes them: under ZeRO-1 a reduce-scatter instead of DeepSpeed's full
-        # all-reduce (half the traffic, half the buffer); ZeRO-2/3 store them that way anyway.
+        # optimizer state that consumes them: under ZeRO-1 a reduce-scatter instead of an all-reduce of
+        # the full gradients (half the traffic, half the buffer); ZeRO-2/3 store them that way anyway.
         step_grad_sh = self.opt_leaf_sh
 
         def micro(tokens):
@@ -204,7 +200,7 @@ class Trainer:
     def compile_step(self, guard: bool = False, compiler_options: dict | None = None):
         """Ahead-of-time compile of the train step on abstract inputs (allocates nothing).
 
-        ``compiler_options`` replace the backend's defaults (``jax_impl.devices.compiler_options``).
+        ``compiler_options`` are added to (and override) the backend's (``jax_impl.devices.compiler_options``).
         """
         with activate(self.mesh):
             lowered = self.jitted_step(guard=guard).lower(self.storage, self.opt_abstract, self.batch_abstract())
