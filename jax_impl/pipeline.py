@@ -169,7 +169,11 @@ def _gpipe(cfg: Config, p: int, params: dict, tokens: jax.Array) -> tuple[jax.Ar
     zero = jnp.zeros((), f32)
     init = _varying((jnp.zeros(act.shape, act.dtype), zero, zero, jnp.zeros(norm_w.shape, f32),
                      jnp.zeros(head_w.shape, f32)))
-    (_, surrogate, loss, dnorm, dhead), _ = jax.lax.scan(tick, init, jnp.arange(m + p - 1))
+    # a model small enough to unroll its layers (ParallelConfig.layer_unroll) unrolls its ticks too: no
+    # loop-carried residual stacks (-10 % step time, -8 to -15 % XLA temp on the bench preset, pp2 GAS 4)
+    ticks, n_layers = m + p - 1, cfg.model.n_layers
+    unroll = ticks if cfg.parallel.layer_unroll(n_layers) == n_layers and ticks <= 16 else 1
+    (_, surrogate, loss, dnorm, dhead), _ = jax.lax.scan(tick, init, jnp.arange(ticks), unroll=unroll)
     surrogate = (surrogate + jnp.sum(jax.lax.stop_gradient(dnorm) * params["final_norm"])
                  + jnp.sum(jax.lax.stop_gradient(dhead) * params["head"]))
     return jax.lax.psum(surrogate, PIPE), jax.lax.psum(loss, PIPE)
