@@ -116,12 +116,10 @@ def run_step(v: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from profile_step import add_layout_args
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="bench")
-    ap.add_argument("--mesh", default="data=2")
-    ap.add_argument("--zero", type=int, default=1)
-    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
-    ap.add_argument("--devices", type=int, default=2)
+    add_layout_args(ap)
     ap.add_argument("--a", default="", help="variant A (default: the code as it is)")
     ap.add_argument("--b", required=True, help="variant B")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per variant")

@@ -143,13 +143,18 @@ def profile(preset: str, overrides: dict, steps: int, warmup: int, guard: bool =
             "devices": mesh.size}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_layout_args(ap: argparse.ArgumentParser) -> None:
+    """The flags that pick the step to measure (shared with ab_step.py)."""
     ap.add_argument("--preset", default="bench")
     ap.add_argument("--mesh", default="data=2")
     ap.add_argument("--zero", type=int, default=1)
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--devices", type=int, default=2)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_layout_args(ap)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-guard", dest="guard", action="store_false",
