@@ -5,8 +5,8 @@
 
 This 2-core machine is shared and its speed drifts by +-20 % over minutes, so two variants timed
 in separate runs cannot be told apart by a 5 % lever. Here both are compiled in the same process
-and alternate step by step; the ratio of their medians is what each lever's figure in
-docs/performance.md comes from. A variant is a comma list of config overrides (``key=value``)
+and alternate step by step; the median over adjacent (A, B) pairs of B's step time / A's is what each
+lever's figure in docs/performance.md comes from. A variant is a comma list of config overrides (``key=value``)
 and/or ``lever:NAME=VALUE`` code switches (the old behaviour of a lever, kept to measure it):
 
     lever:zero_dim=embed      ZeRO shards the embed/norm dimension (now: the most major one)
@@ -71,13 +71,8 @@ def lever(name: str, value: str) -> Iterator[None]:
         raise SystemExit(f"unknown lever {name}={value}; known: zero_dim=embed, step_grads=stored, cpu_options=none")
 
 
-def build(preset: str, base: dict, variant: str, guard: bool):
-    import jax
-
-    from aurora_data import SyntheticSource, global_batch
-    from configs import load_config
-    from jax_impl.sharding import batch_sharding, make_mesh
-    from jax_impl.trainer import Trainer
+def build(preset: str, base: dict, variant: str, guard: bool) -> dict:
+    from profile_step import compiled_step
 
     overrides, levers, xla = dict(base), [], {}
     for item in filter(None, variant.split(",")):
@@ -91,20 +86,9 @@ def build(preset: str, base: dict, variant: str, guard: bool):
     with contextlib.ExitStack() as stack:
         for name, value in levers:
             stack.enter_context(lever(name, value))
-        cfg = load_config(preset, overrides)
-        mesh = make_mesh(cfg.mesh_shape())
-        tr = Trainer.build(cfg, mesh)
-        t0 = time.perf_counter()
-        params, opt = tr.init_state()
-        step = tr.compile_step(guard=guard, compiler_options=xla or None)
-        compile_s = time.perf_counter() - t0
-    p = cfg.parallel
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    src = SyntheticSource(cfg.model.vocab_size, cfg.data.seq_len)
-    batch = jax.device_put(global_batch(src, 0, p.mbs, p.gas, dp), batch_sharding(mesh))
-    ma = step.memory_analysis()
-    return {"step": step, "state": [params, opt], "batch": batch, "compile_s": compile_s,
-            "temp_mib": ma.temp_size_in_bytes / 2**20, "cfg": cfg, "times": [], "losses": []}
+        c = compiled_step(preset, overrides, guard, xla or None)
+    return {"step": c["step"], "state": [c["params"], c["opt"]], "batch": c["batch"], "compile_s": c["compile_s"],
+            "temp_mib": c["step"].memory_analysis().temp_size_in_bytes / 2**20, "times": [], "losses": []}
 
 
 def run_step(v: dict) -> None:

@@ -99,7 +99,9 @@ def self_times(events: list[dict]) -> collections.Counter:
     return out
 
 
-def profile(preset: str, overrides: dict, steps: int, warmup: int, guard: bool = True) -> dict:
+def compiled_step(preset: str, overrides: dict, guard: bool = True, compiler_options: dict | None = None) -> dict:
+    """The trainer's step for a config, AOT-compiled, with fresh state and one synthetic batch (shared with
+    ab_step.py). ``compile_s`` is init + compile."""
     import jax
 
     from aurora_data import SyntheticSource, global_batch
@@ -110,12 +112,22 @@ def profile(preset: str, overrides: dict, steps: int, warmup: int, guard: bool =
     cfg = load_config(preset, overrides)
     mesh = make_mesh(cfg.mesh_shape())
     tr = Trainer.build(cfg, mesh)
+    t0 = time.perf_counter()
     params, opt = tr.init_state()
-    step = tr.compile_step(guard=guard)
+    step = tr.compile_step(guard=guard, compiler_options=compiler_options)
+    compile_s = time.perf_counter() - t0
     p = cfg.parallel
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     src = SyntheticSource(cfg.model.vocab_size, cfg.data.seq_len)
     batch = jax.device_put(global_batch(src, 0, p.mbs, p.gas, dp), batch_sharding(mesh))
+    return {"step": step, "params": params, "opt": opt, "batch": batch, "compile_s": compile_s, "devices": mesh.size}
+
+
+def profile(preset: str, overrides: dict, steps: int, warmup: int, guard: bool = True) -> dict:
+    import jax
+
+    c = compiled_step(preset, overrides, guard)
+    step, params, opt, batch = c["step"], c["params"], c["opt"], c["batch"]
     walls = []
     for i in range(warmup + steps):
         t = time.perf_counter()
@@ -140,7 +152,7 @@ def profile(preset: str, overrides: dict, steps: int, warmup: int, guard: bool =
         cats[category(n, hlo.get(n))] += ms
     walls.sort()
     return {"wall_ms": walls[len(walls) // 2] * 1e3, "ops": ops, "categories": dict(cats), "hlo": hlo,
-            "devices": mesh.size}
+            "devices": c["devices"]}
 
 
 def add_layout_args(ap: argparse.ArgumentParser) -> None:
