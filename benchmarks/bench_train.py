@@ -44,19 +44,14 @@ def matmul_timer(dtype_name: str, n: int = 2048):
 def bench_layout(preset: str, mesh_spec: str, dtype: str, steps: int, warmup: int) -> dict:
     matmul = matmul_timer(dtype)
     import jax
+    from profile_step import compiled_step
 
     from aurora_data import SyntheticSource, global_batch
-    from configs import load_config
-    from jax_impl.sharding import batch_sharding, make_mesh
-    from jax_impl.trainer import Trainer
+    from jax_impl.sharding import batch_sharding
 
-    cfg = load_config(preset, {"parallel.mesh": mesh_spec, "train.dtype": dtype, "train.steps": steps + warmup})
-    mesh = make_mesh(cfg.mesh_shape())
-    tr = Trainer.build(cfg, mesh)
-    t0 = time.perf_counter()
-    params, opt = tr.init_state()
-    step = tr.compile_step()
-    compile_s = time.perf_counter() - t0
+    c = compiled_step(preset, {"parallel.mesh": mesh_spec, "train.dtype": dtype, "train.steps": steps + warmup},
+                      guard=False)
+    cfg, mesh, step, params, opt, compile_s = c["cfg"], c["mesh"], c["step"], c["params"], c["opt"], c["compile_s"]
     p, seq = cfg.parallel, cfg.data.seq_len
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     gbs = p.mbs * p.gas * dp

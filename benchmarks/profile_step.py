@@ -101,7 +101,7 @@ def self_times(events: list[dict]) -> collections.Counter:
 
 def compiled_step(preset: str, overrides: dict, guard: bool = True, compiler_options: dict | None = None) -> dict:
     """The trainer's step for a config, AOT-compiled, with fresh state and one synthetic batch (shared with
-    ab_step.py). ``compile_s`` is init + compile."""
+    ab_step.py and bench_train.py). ``compile_s`` is init + compile."""
     import jax
 
     from aurora_data import SyntheticSource, global_batch
@@ -120,7 +120,8 @@ def compiled_step(preset: str, overrides: dict, guard: bool = True, compiler_opt
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     src = SyntheticSource(cfg.model.vocab_size, cfg.data.seq_len)
     batch = jax.device_put(global_batch(src, 0, p.mbs, p.gas, dp), batch_sharding(mesh))
-    return {"step": step, "params": params, "opt": opt, "batch": batch, "compile_s": compile_s, "devices": mesh.size}
+    return {"step": step, "params": params, "opt": opt, "batch": batch, "compile_s": compile_s, "devices": mesh.size,
+            "cfg": cfg, "mesh": mesh}
 
 
 def profile(preset: str, overrides: dict, steps: int, warmup: int, guard: bool = True) -> dict:
