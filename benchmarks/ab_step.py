@@ -13,6 +13,8 @@ and/or ``lever:NAME=VALUE`` code switches (the old behaviour of a lever, kept to
     lever:step_grads=stored   gradients reduced into their stored sharding (ZeRO-1: an all-reduce;
                               now: into the optimizer state's sharding, a reduce-scatter)
     lever:cpu_options=none    XLA:CPU's default options (now: jax_impl.devices.CPU_COMPILER_OPTIONS)
+    lever:guard=select        the non-finite guard as where(ok, new, old) over params and Adam moments
+                              (now: a branch around the update, jax_impl.trainer.guarded_update)
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 @contextlib.contextmanager
 def lever(name: str, value: str) -> Iterator[None]:
     """Switch one code-level lever back to its earlier behaviour while a variant is built and compiled."""
+    import jax
+
     from jax_impl import sharding
 
     if name == "zero_dim" and value == "embed":
@@ -67,8 +71,21 @@ def lever(name: str, value: str) -> Iterator[None]:
             yield
         finally:
             devices.CPU_COMPILER_OPTIONS = orig_opts
+    elif name == "guard" and value == "select":
+        from jax_impl import trainer
+
+        def select(ok, apply, params, opt_state, grads):
+            new = apply(params, opt_state, grads)
+            return jax.tree.map(lambda n, o: jax.numpy.where(ok, n, o), new, (params, opt_state))
+
+        orig, trainer.guarded_update = trainer.guarded_update, select
+        try:
+            yield
+        finally:
+            trainer.guarded_update = orig
     else:
-        raise SystemExit(f"unknown lever {name}={value}; known: zero_dim=embed, step_grads=stored, cpu_options=none")
+        raise SystemExit(f"unknown lever {name}={value}; known: zero_dim=embed, step_grads=stored, "
+                         "cpu_options=none, guard=select")
 
 
 def build(preset: str, base: dict, variant: str, guard: bool) -> dict:
@@ -110,11 +127,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--no-guard", dest="guard", action="store_false", help="without the non-finite guard")
     args = ap.parse_args(argv)
+    from jax_impl import devices
 
-    import jax
-
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", args.devices)
+    devices.configure("cpu", args.devices)  # + host buffer reuse, as jax_impl.train
     base = {"parallel.mesh": args.mesh, "parallel.zero": args.zero, "train.dtype": args.dtype}
     va = build(args.preset, base, args.a, args.guard)
     vb = build(args.preset, base, args.b, args.guard)

@@ -85,11 +85,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     args = ap.parse_args(argv)
+    from jax_impl import devices
 
-    import jax
-
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", args.devices)
+    devices.configure("cpu", args.devices)  # + host buffer reuse, as jax_impl.train
 
     rows = []
     print(f"{args.preset} preset on {args.devices} CPU devices; matmul rate timed after every step (same load)")

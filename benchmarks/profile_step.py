@@ -106,6 +106,7 @@ def compiled_step(preset: str, overrides: dict, guard: bool = True, compiler_opt
 
     from aurora_data import SyntheticSource, global_batch
     from configs import load_config
+    from jax_impl import devices
     from jax_impl.sharding import batch_sharding, make_mesh
     from jax_impl.trainer import Trainer
 
@@ -116,6 +117,7 @@ def compiled_step(preset: str, overrides: dict, guard: bool = True, compiler_opt
     params, opt = tr.init_state()
     step = tr.compile_step(guard=guard, compiler_options=compiler_options)
     compile_s = time.perf_counter() - t0
+    devices.release_host_memory()
     p = cfg.parallel
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     src = SyntheticSource(cfg.model.vocab_size, cfg.data.seq_len)
@@ -175,11 +177,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--top", type=int, default=15, help="also list the N most expensive ops")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
     args = ap.parse_args(argv)
+    from jax_impl import devices
 
-    import jax
-
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", args.devices)
+    devices.configure("cpu", args.devices)  # + host buffer reuse, as jax_impl.train
     overrides = {"parallel.mesh": args.mesh, "parallel.zero": args.zero, "train.dtype": args.dtype}
     overrides.update(kv.split("=", 1) for kv in args.set)
     r = profile(args.preset, overrides, args.steps, args.warmup, args.guard)

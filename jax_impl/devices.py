@@ -14,6 +14,10 @@ import importlib.util
 import os
 
 from configs import ConfigError
+from configs.hostmem import host_memory_reused, release_host_memory, reuse_host_memory
+
+__all__ = ["compiler_options", "configure", "detect", "host_memory_reused", "release_host_memory",
+           "reuse_host_memory"]
 
 PLATFORM_NAMES = {"cpu": "cpu", "gpu": "cuda", "sycl": "sycl"}
 
@@ -80,6 +84,8 @@ def configure(platform: str, n_devices: int | None) -> str:
             )
         return platform
     jax.config.update("jax_platforms", PLATFORM_NAMES[platform])
+    if platform == "cpu":
+        reuse_host_memory()  # XLA:CPU's per-step buffers stay mapped (configs.hostmem)
     if platform == "cpu" and n_devices:
         # never lower a count someone already asked for (e.g. a test session's 8 devices)
         jax.config.update("jax_num_cpu_devices", max(n_devices, jax.config.jax_num_cpu_devices))

@@ -55,6 +55,15 @@ def make_optimizer(cfg: Config, params_like: Any) -> optax.GradientTransformatio
     )
 
 
+def guarded_update(ok: jax.Array, apply: Any, params: Any, opt_state: Any, grads: Any) -> tuple[Any, Any]:
+    """``apply(params, opt_state, grads)`` if ``ok`` else the state unchanged.
+
+    A branch rather than ``where(ok, new, old)``: the update runs only when it is kept, and no select
+    pass over params and Adam moments follows it (docs/performance.md).
+    """
+    return jax.lax.cond(ok, apply, lambda p, o, g: (p, o), params, opt_state, grads)
+
+
 def param_names(params_like: dict) -> dict:
     """The tree of logical axis names, mirroring the params dict."""
     return {k: ({n: PARAM_AXES[n] for n in v} if isinstance(v, dict) else PARAM_AXES[k])
@@ -163,13 +172,18 @@ class Trainer:
             grads = jax.tree.map(lambda g: g / gas, grads)
             loss = jnp.mean(losses)
         grad_norm = optax.tree.norm(grads)
-        updates, new_opt = self.tx.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
         metrics = {"loss": loss, "grad_norm": grad_norm}
+
+        def apply(params, opt_state, grads):
+            updates, new_opt = self.tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), new_opt
+
         if guard:  # a non-finite step changes nothing (Adam moments and the schedule count included)
             ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
-            new_params, new_opt, metrics["finite"] = keep(new_params, params), keep(new_opt, opt_state), ok
+            new_params, new_opt = guarded_update(ok, apply, params, opt_state, grads)
+            metrics["finite"] = ok
+        else:
+            new_params, new_opt = apply(params, opt_state, grads)
         if with_grads:  # for checks and debugging: the step's (averaged, storage-shaped) gradients
             metrics["grads"] = grads
         return new_params, new_opt, metrics

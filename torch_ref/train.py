@@ -256,6 +256,9 @@ def run_worker(run_dir: Path | None, cfg: Config | None = None, init: str = "jax
 
 def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: Config | None, init: str,
             quiet: bool, ckpt: dict[str, Any]) -> dict[str, Any]:
+    from configs.hostmem import host_memory_reused, reuse_host_memory
+
+    reuse_host_memory()  # before torch starts threads: the same allocator settings as the JAX side
     import numpy as np
     import torch
 
@@ -340,7 +343,8 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
             "accelerator": acc.device_name(), "backend": backend, "world_size": world, "devices": world,
             "mesh": layout.mesh, "layout": layout.label, "layout_impl": layout.description, "engine": layout.engine,
             "zero": p.zero, "dtype": cfg.train.dtype, "gbs": gbs, "init": init, "threads_per_rank":
-            torch.get_num_threads(), "dist_init_s": dist_init_s, "engine_init_s": engine_init_s, "init_s": init_s,
+            torch.get_num_threads(), "host_malloc_reuse": host_memory_reused(), "dist_init_s": dist_init_s,
+            "engine_init_s": engine_init_s, "init_s": init_s,
         })
     log = MetricsLog(run_dir, cfg, "torch") if rank == 0 else None
     losses: list[float] = []
