@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -81,25 +82,34 @@ def _free_port() -> int:
 
 
 def run_two_processes(tmp_path, name: str, *args: str, timeout: int = 500) -> list[subprocess.CompletedProcess]:
-    """2 processes x 4 CPU devices through jax.distributed (gloo), as mpiexec would start them."""
+    """2 processes x 4 CPU devices through jax.distributed (gloo), as mpiexec would start them.
+
+    Waits for both to exit; only a failed process (or the timeout) makes it kill the other, so that a peer
+    is never left waiting for a dead one, and a process still tearing down after its peer is not killed.
+    """
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
     env["OMP_NUM_THREADS"] = "1"
-    procs = [subprocess.Popen([sys.executable, "-m", "jax_impl.train", *TINY, "--out-dir", str(tmp_path), "--name",
-                               name, *args],
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**env, "PMI_RANK": str(i), "PMI_SIZE": "2",
-                                   "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}"})
-             for i in range(2)]
-    out = []
-    for p in procs:
-        try:
-            o, e = p.communicate(timeout=timeout)
-        finally:
-            for q in procs:  # never leave a peer waiting for the other
-                if q.poll() is None:
-                    q.kill()
-        out.append(subprocess.CompletedProcess(p.args, p.returncode, o, e))
+    logs = [(tmp_path / f"{name}.{i}.out", tmp_path / f"{name}.{i}.err") for i in range(2)]
+    procs = []
+    for i, (out, err) in enumerate(logs):
+        with out.open("w") as fo, err.open("w") as fe:  # files, not pipes: a full pipe would stall the child
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "jax_impl.train", *TINY, "--out-dir", str(tmp_path), "--name", name, *args],
+                cwd=ROOT, stdout=fo, stderr=fe, text=True,
+                env={**env, "PMI_RANK": str(i), "PMI_SIZE": "2", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}"}))
+    deadline = time.monotonic() + timeout
+    try:
+        while any(p.poll() is None for p in procs):
+            if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        for q in procs:
+            if q.poll() is None:
+                q.kill()
+    out = [subprocess.CompletedProcess(p.args, p.wait(), o.read_text(), e.read_text())
+           for p, (o, e) in zip(procs, logs, strict=True)]
     for r in out:
         assert r.returncode == 0, r.stderr[-4000:]
     return out
