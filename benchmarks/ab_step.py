@@ -13,6 +13,7 @@ and/or ``lever:NAME=VALUE`` code switches (the old behaviour of a lever, kept to
     lever:step_grads=stored   gradients reduced into their stored sharding (ZeRO-1: an all-reduce;
                               now: into the optimizer state's sharding, a reduce-scatter)
     lever:cpu_options=none    XLA:CPU's default options (now: jax_impl.devices.CPU_COMPILER_OPTIONS)
+    lever:attn_vjp=autodiff   attention's backward by autodiff (now: jax_impl.model._attend's written-out VJP)
     lever:guard=select        the non-finite guard as where(ok, new, old) over params and Adam moments
                               (now: a branch around the update, jax_impl.trainer.guarded_update)
 """
@@ -71,6 +72,19 @@ def lever(name: str, value: str) -> Iterator[None]:
             yield
         finally:
             devices.CPU_COMPILER_OPTIONS = orig_opts
+    elif name == "attn_vjp" and value == "autodiff":
+        from jax_impl import model
+
+        def plain(q, k, v, q_offset):
+            probs = model._probs(q, k, q_offset)
+            out = jax.numpy.einsum("bngqk,bknd->bqngd", probs, v, preferred_element_type=jax.numpy.float32)
+            return out.astype(q.dtype)
+
+        orig, model._attend = model._attend, plain
+        try:
+            yield
+        finally:
+            model._attend = orig
     elif name == "guard" and value == "select":
         from jax_impl import trainer
 
@@ -85,7 +99,7 @@ def lever(name: str, value: str) -> Iterator[None]:
             trainer.guarded_update = orig
     else:
         raise SystemExit(f"unknown lever {name}={value}; known: zero_dim=embed, step_grads=stored, "
-                         "cpu_options=none, guard=select")
+                         "cpu_options=none, guard=select, attn_vjp=autodiff")
 
 
 def build(preset: str, base: dict, variant: str, guard: bool) -> dict:

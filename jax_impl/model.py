@@ -111,15 +111,47 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x32 * cos[None, :, None, :] + rotated * sin[None, :, None, :]).astype(x.dtype)
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, q_offset) -> jax.Array:
-    """q (batch, cq, kv_heads, group, head_dim) attends causally to all of k, v (batch, seq, kv_heads, head_dim)."""
+def _probs(q: jax.Array, k: jax.Array, q_offset) -> jax.Array:
+    """Causal softmax(q k^T / sqrt(d)) in fp32, cast to k's dtype: (batch, kv_heads, group, cq, seq)."""
     cq, s, hd = q.shape[1], k.shape[1], q.shape[-1]
     scores = jnp.einsum("bqngd,bknd->bngqk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(hd)
     mask = (q_offset + jnp.arange(cq))[:, None] >= jnp.arange(s)[None, :]  # (cq, seq)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # (batch, kv_heads, group, cq, seq)
+    return jax.nn.softmax(scores, axis=-1).astype(k.dtype)
+
+
+@jax.custom_vjp
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, q_offset) -> jax.Array:
+    """q (batch, cq, kv_heads, group, head_dim) attends causally to all of k, v (batch, seq, kv_heads, head_dim)."""
+    probs = _probs(q, k, q_offset)  # (batch, kv_heads, group, cq, seq)
     out = jnp.einsum("bngqk,bknd->bqngd", probs, v, preferred_element_type=jnp.float32)
     return out.astype(q.dtype)  # (batch, cq, kv_heads, group, head_dim)
+
+
+def _attend_fwd(q, k, v, q_offset):
+    probs = _probs(q, k, q_offset)
+    out = jnp.einsum("bngqk,bknd->bqngd", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
+    return out, (q, k, v, probs)
+
+
+def _attend_bwd(res, dout):
+    """The softmax-attention backward written out, so that the weight-like products (dK, dV) contract the
+    score-sized operand along its major axes as the *right* operand: XLA:CPU then transposes the small
+    (seq x head_dim) operands instead of copying the (cq x seq) probabilities (docs/performance.md)."""
+    q, k, v, probs = res
+    f32, scale = jnp.float32, 1.0 / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
+    dout = dout.astype(q.dtype)
+    dprobs = jnp.einsum("bqngd,bknd->bngqk", dout, v, preferred_element_type=f32)
+    p32 = probs.astype(f32)
+    dscores = (p32 * (dprobs - jnp.sum(dprobs * p32, axis=-1, keepdims=True)) * scale).astype(q.dtype)
+    dv = jnp.einsum("bqngd,bngqk->bndk", dout, probs, preferred_element_type=f32)  # (batch, kv, head_dim, seq)
+    dk = jnp.einsum("bqngd,bngqk->bndk", q, dscores, preferred_element_type=f32)
+    dq = jnp.einsum("bngqk,bknd->bqngd", dscores, k, preferred_element_type=f32)
+    to_kv = lambda t, like: t.transpose(0, 3, 1, 2).astype(like.dtype)  # noqa: E731 -- (b, n, d, s) -> (b, s, n, d)
+    return dq.astype(q.dtype), to_kv(dk, k), to_kv(dv, v), None  # q_offset: an integer position
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int = 0, impl: str = "xla") -> jax.Array:
