@@ -123,13 +123,11 @@ def _probs(q: jax.Array, k: jax.Array, q_offset) -> jax.Array:
 @jax.custom_vjp
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, q_offset) -> jax.Array:
     """q (batch, cq, kv_heads, group, head_dim) attends causally to all of k, v (batch, seq, kv_heads, head_dim)."""
-    probs = _probs(q, k, q_offset)  # (batch, kv_heads, group, cq, seq)
-    out = jnp.einsum("bngqk,bknd->bqngd", probs, v, preferred_element_type=jnp.float32)
-    return out.astype(q.dtype)  # (batch, cq, kv_heads, group, head_dim)
+    return _attend_fwd(q, k, v, q_offset)[0]  # (batch, cq, kv_heads, group, head_dim)
 
 
 def _attend_fwd(q, k, v, q_offset):
-    probs = _probs(q, k, q_offset)
+    probs = _probs(q, k, q_offset)  # (batch, kv_heads, group, cq, seq)
     out = jnp.einsum("bngqk,bknd->bqngd", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
     return out, (q, k, v, probs)
 
