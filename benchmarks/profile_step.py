@@ -105,8 +105,7 @@ def compiled_step(preset: str, overrides: dict, guard: bool = True, compiler_opt
     import jax
 
     from aurora_data import SyntheticSource, global_batch
-    from configs import load_config
-    from jax_impl import devices
+    from configs import hostmem, load_config
     from jax_impl.sharding import batch_sharding, make_mesh
     from jax_impl.trainer import Trainer
 
@@ -117,7 +116,7 @@ def compiled_step(preset: str, overrides: dict, guard: bool = True, compiler_opt
     params, opt = tr.init_state()
     step = tr.compile_step(guard=guard, compiler_options=compiler_options)
     compile_s = time.perf_counter() - t0
-    devices.release_host_memory()
+    hostmem.release_host_memory()
     p = cfg.parallel
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     src = SyntheticSource(cfg.model.vocab_size, cfg.data.seq_len)

@@ -14,10 +14,7 @@ import importlib.util
 import os
 
 from configs import ConfigError
-from configs.hostmem import host_memory_reused, release_host_memory, reuse_host_memory
-
-__all__ = ["compiler_options", "configure", "detect", "host_memory_reused", "release_host_memory",
-           "reuse_host_memory"]
+from configs.hostmem import reuse_host_memory
 
 PLATFORM_NAMES = {"cpu": "cpu", "gpu": "cuda", "sycl": "sycl"}
 

@@ -203,7 +203,8 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
     from tqdm import tqdm
 
     from aurora_data import build_source
-    from jax_impl import checkpoint, devices, distributed, resilience
+    from configs import hostmem
+    from jax_impl import checkpoint, distributed, resilience
     from jax_impl.sharding import activate, batch_sharding
 
     opts = opts or RunOptions()
@@ -250,12 +251,12 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
         params, opt_state = trainer.init_state()
     compiled = resilience.compile_guarded(trainer)
     compile_s = time.perf_counter() - t0
-    devices.release_host_memory()  # the compiler's peak need not stay resident (configs.hostmem)
+    hostmem.release_host_memory()  # the compiler's peak need not stay resident
     ma = compiled.memory_analysis()
     if lead:
         write_meta(run_dir, {
             "framework": "jax", "jax": jax.__version__, "platform": platform, "devices": n_dev,
-            "host_malloc_reuse": devices.host_memory_reused(),
+            "host_malloc_reuse": hostmem.host_memory_reused(),
             "processes": jax.process_count(),
             "device_kind": jax.devices()[0].device_kind, "mesh": dict(mesh.shape), "layout": layout_label(cfg),
             "zero": p.zero, "dtype": cfg.train.dtype, "gbs": gbs, "compile_s": compile_s,
