@@ -1,6 +1,6 @@
 """One-GPU bf16 training throughput, JAX vs PyTorch (eager and torch.compile), as MFU.
 
-    python benchmarks/bench_gpu.py [--preset gpu-1b] [--steps 10] [--out results.json]
+    python benchmarks/bench_gpu.py [--preset gpu-1b] [--steps 10] [--set parallel.matmul_out=fp32] [--out r.json]
 
 Same model (``gpu-1b``: ~1.0B parameters), batch and optimizer (AdamW with clipping, fp32 master
 weights, bf16 compute) on both sides. Reports, per framework, the median step time after warm-up,
@@ -130,14 +130,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--only", default="jax,torch,torch.compile")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override, e.g. parallel.matmul_out=fp32 (repeatable)")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
 
-    from configs import load_config
+    from configs import load_config, parse_overrides
 
-    cfg = load_config(args.preset)
+    overrides = parse_overrides([f"--{kv}" for kv in args.set])
+    cfg = load_config(args.preset, overrides)
     flops_step = cfg.model.flops_per_sample(cfg.data.seq_len) * cfg.parallel.mbs * cfg.parallel.gas
-    res: dict = {"preset": args.preset, "n_params": cfg.model.n_params(), "tokens_per_step":
+    res: dict = {"preset": args.preset, "overrides": overrides, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                 "n_params": cfg.model.n_params(), "tokens_per_step":
                  cfg.parallel.mbs * cfg.parallel.gas * cfg.data.seq_len, "model_tflop_per_step": flops_step / 1e12}
     print(json.dumps(res), flush=True)
     sections = {

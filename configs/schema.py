@@ -113,12 +113,16 @@ class ParallelConfig:
     pipeline_schedule: str = "gpipe"  # gpipe | 1f1b (pipeline axis > 1)
     attn_chunk: int = 1024  # JAX: queries per attention block when seq > this (0 = never chunk)
     attn_impl: str = "xla"  # JAX attention: xla (any device) | cudnn (fused flash attention, NVIDIA GPU, bf16)
+    # JAX: the layer projections' output dtype. fp32 (bf16-in/fp32-out dots: fast on XLA:CPU) | compute
+    # (the compute dtype, fp32-accumulated: half the activation bytes; for GPUs). Same numbers in fp32.
+    matmul_out: str = "fp32"
     scan_unroll: int = 0  # JAX: layers per iteration of the layer scan; 0 = auto (see layer_unroll)
 
     def layer_unroll(self, n_layers: int) -> int:
         """Layers per scan iteration. Auto unrolls models of <= 8 layers fully: XLA:CPU then needs no
         loop-carried stacks (zero-filled, updated slice by slice) -- -21 % step time on the bench
-        preset -- while a 70B's 80 layers stay one compiled layer."""
+        preset -- while a 70B's 80 layers stay one compiled layer. On a GPU full unrolling paid more
+        (gpu-1b, 18 layers, H200: -20 % step time, half the memory), so that preset sets it."""
         if self.scan_unroll:
             return min(self.scan_unroll, n_layers)
         return n_layers if n_layers <= 8 else 1
@@ -422,6 +426,7 @@ def validate_config(cfg: Config, n_devices: int | None = None) -> None:
     _choice("parallel.remat_policy", p.remat_policy, ("full", "save_dots", "save_attn_out"))
     _choice("parallel.pipeline_schedule", p.pipeline_schedule, ("gpipe", "1f1b"))
     _choice("parallel.attn_impl", p.attn_impl, ("xla", "cudnn"))
+    _choice("parallel.matmul_out", p.matmul_out, ("fp32", "compute"))
     if p.attn_impl == "cudnn" and cfg.train.dtype != "bf16":
         raise ConfigError("parallel.attn_impl=cudnn runs in bf16 only; add --dtype bf16 or use attn_impl=xla")
     if p.scan_unroll < 0:

@@ -59,26 +59,33 @@ def _ones(shape: tuple[int, ...], name: str) -> nnx.Param:
     return nnx.Param(jnp.ones(shape, jnp.float32), out_sharding=PARAM_AXES[name], eager_sharding=False)
 
 
-@jax.custom_vjp
-def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x (..., k) @ w (k, n) in x's dtype with fp32 accumulation; returns fp32.
+def matmul(x: jax.Array, w: jax.Array, out_dtype=jnp.float32) -> jax.Array:
+    """x (..., k) @ w (k, n) in x's dtype with fp32 accumulation; returns ``out_dtype`` (fp32 by default).
 
     The backward pass casts the cotangent to x's dtype first, so every dot -- weight
-    gradients included -- is compute-dtype in, fp32 out (XLA:CPU runs bf16->bf16 dots ~6x
-    slower than fp32, and bf16->fp32 dots fast). In fp32 this is an ordinary matmul.
+    gradients included -- is compute-dtype in, fp32-accumulated (XLA:CPU runs bf16->bf16 dots ~6x
+    slower than bf16->fp32, hence the fp32 output there). ``out_dtype=x.dtype`` writes the
+    result (and the input gradient) in the compute dtype instead: on a GPU the library still
+    accumulates in fp32, and half the activation bytes are written and kept for the backward pass.
+    Weight gradients are fp32 either way. In fp32 this is an ordinary matmul.
     """
-    return jnp.matmul(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    return _matmul(x, w, jnp.dtype(out_dtype))
 
 
-def _matmul_fwd(x, w):
-    return matmul(x, w), (x, w)
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(x: jax.Array, w: jax.Array, out) -> jax.Array:
+    return jnp.matmul(x, w.astype(x.dtype), preferred_element_type=out)
 
 
-def _matmul_bwd(res, ct):
+def _matmul_fwd(x, w, out):
+    return _matmul(x, w, out), (x, w)
+
+
+def _matmul_bwd(out, res, ct):
     x, w = res
     ct = ct.astype(x.dtype)
     wc = w.astype(x.dtype)
-    dx = jnp.matmul(ct, wc.T, preferred_element_type=jnp.float32).astype(x.dtype)
+    dx = jnp.matmul(ct, wc.T, preferred_element_type=out).astype(x.dtype)
     # dW = sum over (batch, seq) of x^T ct, contracted over the leading dims as they are: on
     # XLA:CPU this bf16 dot runs 2-4x faster than flattening to 2-D first (x.reshape(-1, k).T @ ...).
     lead = tuple(range(x.ndim - 1))
@@ -86,7 +93,7 @@ def _matmul_bwd(res, ct):
     return dx, dw.astype(w.dtype)
 
 
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float, dtype) -> jax.Array:
@@ -177,29 +184,31 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int = 0, impl: st
 
 
 def block(cfg: ModelConfig, dtype, attn_chunk: int, cos: jax.Array, sin: jax.Array, x: jax.Array, p: dict,
-          attn_impl: str = "xla") -> jax.Array:
-    """One pre-norm transformer layer. x (batch, seq, hidden) in the compute dtype."""
+          attn_impl: str = "xla", matmul_out: str = "fp32") -> jax.Array:
+    """One pre-norm transformer layer. x (batch, seq, hidden) in the compute dtype; ``matmul_out``:
+    the projections' output dtype, fp32 or the compute dtype (ParallelConfig.matmul_out)."""
     h, nh, nkv, hd, f = cfg.hidden, cfg.n_heads, cfg.n_kv_heads, cfg.dim_head, cfg.ffn_hidden
     b, s, _ = x.shape
     w = {k: gather_weight(p[k], PARAM_AXES[k][1:], shape) for k, shape in (
         ("attn_norm", (h,)), ("wq", (h, nh * hd)), ("wk", (h, nkv * hd)), ("wv", (h, nkv * hd)),
         ("wo", (nh * hd, h)), ("mlp_norm", (h,)), ("w_gate", (h, f)), ("w_up", (h, f)), ("w_down", (f, h)))}
 
+    mm = partial(matmul, out_dtype=dtype if matmul_out == "compute" else jnp.float32)
     y = rms_norm(x, w["attn_norm"], cfg.norm_eps, dtype)
-    q = matmul(y, w["wq"]).astype(dtype).reshape(b, s, nh, hd)  # (batch, seq, heads, head_dim)
-    k = matmul(y, w["wk"]).astype(dtype).reshape(b, s, nkv, hd)  # (batch, seq, kv_heads, head_dim)
-    v = matmul(y, w["wv"]).astype(dtype).reshape(b, s, nkv, hd)
+    q = mm(y, w["wq"]).astype(dtype).reshape(b, s, nh, hd)  # (batch, seq, heads, head_dim)
+    k = mm(y, w["wk"]).astype(dtype).reshape(b, s, nkv, hd)  # (batch, seq, kv_heads, head_dim)
+    v = mm(y, w["wv"]).astype(dtype).reshape(b, s, nkv, hd)
     q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "act_heads", None))
     k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "act_kv_heads", None))
     a = attention(q, k, v, attn_chunk, attn_impl)  # (batch, seq, heads*head_dim)
     a = checkpoint_name(a, "attn_out")
-    x = x + constrain(matmul(a, w["wo"]).astype(dtype), ("batch", "seq", "act_embed"))
+    x = x + constrain(mm(a, w["wo"]).astype(dtype), ("batch", "seq", "act_embed"))
 
     y = rms_norm(x, w["mlp_norm"], cfg.norm_eps, dtype)
-    g = matmul(y, w["w_gate"])  # (batch, seq, ffn) fp32
-    u = matmul(y, w["w_up"])
-    m = constrain((jax.nn.silu(g) * u).astype(dtype), ("batch", "seq", "act_mlp"))
-    return x + constrain(matmul(m, w["w_down"]).astype(dtype), ("batch", "seq", "act_embed"))
+    g = mm(y, w["w_gate"])  # (batch, seq, ffn)
+    u = mm(y, w["w_up"])
+    m = constrain((jax.nn.silu(g.astype(jnp.float32)) * u).astype(dtype), ("batch", "seq", "act_mlp"))
+    return x + constrain(mm(m, w["w_down"]).astype(dtype), ("batch", "seq", "act_embed"))
 
 
 class Layers(nnx.Module):
@@ -240,7 +249,8 @@ def init_params(cfg: ModelConfig, seed: int) -> dict:
 
 
 def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, *, dtype=jnp.float32, remat: bool = False,
-            remat_policy: str = "full", attn_chunk: int = 0, attn_impl: str = "xla", unroll: int = 1) -> jax.Array:
+            remat_policy: str = "full", attn_chunk: int = 0, attn_impl: str = "xla", unroll: int = 1,
+            matmul_out: str = "fp32") -> jax.Array:
     """tokens (batch, seq) int32 -> logits (batch, seq, padded_vocab) fp32.
 
     ``params`` may hold padded storage arrays (see ``jax_impl.sharding``); every weight is
@@ -253,7 +263,7 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, *, dtype=jnp.floa
     x = constrain(jnp.take(embed, tokens, axis=0).astype(dtype), ("batch", "seq", "act_embed"))
     cos, sin = rope_tables(s, cfg.dim_head, cfg.rope_theta)
 
-    layer = partial(block, cfg, dtype, attn_chunk, cos, sin, attn_impl=attn_impl)
+    layer = partial(block, cfg, dtype, attn_chunk, cos, sin, attn_impl=attn_impl, matmul_out=matmul_out)
     if remat:
         layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
     x, _ = jax.lax.scan(lambda carry, p: (layer(carry, p), None), x, params["layers"], unroll=unroll)

@@ -70,7 +70,7 @@ def _stage_fn(cfg: Config, seq: int) -> Callable[[dict, jax.Array], jax.Array]:
     m, par = cfg.model, cfg.parallel
     dtype = DTYPES[cfg.train.dtype]
     cos, sin = rope_tables(seq, m.dim_head, m.rope_theta)
-    layer = partial(block, m, dtype, par.attn_chunk, cos, sin, attn_impl=par.attn_impl)
+    layer = partial(block, m, dtype, par.attn_chunk, cos, sin, attn_impl=par.attn_impl, matmul_out=par.matmul_out)
     if par.remat:
         layer = jax.checkpoint(layer, policy=REMAT_POLICIES[par.remat_policy], prevent_cse=False)
 

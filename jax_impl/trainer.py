@@ -140,7 +140,7 @@ class Trainer:
         p, m = self.cfg.parallel, self.cfg.model
         logits = forward(m, params, tokens[:, :-1], dtype=DTYPES[self.cfg.train.dtype], remat=p.remat,
                          remat_policy=p.remat_policy, attn_chunk=p.attn_chunk,
-                         attn_impl=p.attn_impl, unroll=p.layer_unroll(m.n_layers))
+                         attn_impl=p.attn_impl, unroll=p.layer_unroll(m.n_layers), matmul_out=p.matmul_out)
         return cross_entropy(logits, tokens[:, 1:])
 
     def _step(self, params: dict, opt_state: Any, batch: jax.Array, with_grads: bool = False, guard: bool = False):

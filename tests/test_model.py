@@ -133,3 +133,44 @@ def test_bf16_tracks_fp32_and_every_dot_accumulates_in_fp32(tiny):
     assert len(dots) >= 20  # forward and backward dots of 2 layers + head
     bf16_out = [d for d in dots if d.rstrip().endswith("bf16>")]
     assert not bf16_out, f"bf16->bf16 dots (slow on XLA:CPU): {bf16_out[:2]}"
+
+
+def test_matmul_out_compute_is_fp32_accumulated_bf16_and_exact_in_fp32(tiny):
+    """parallel.matmul_out=compute: projections write the compute dtype (half the bytes on a GPU). In fp32 it
+    is the same program's numbers; in bf16 its dots are bf16-out, the weight gradients and loss stay fp32."""
+    cfg, params, tokens = tiny
+    l0, g0 = _loss_and_grads(cfg, params, tokens)
+    l1, g1 = _loss_and_grads(cfg, params, tokens, matmul_out="compute")
+    assert float(l1) == float(l0)
+    assert_tree_close(g1, g0, rtol=0)
+
+    l32, g32 = _loss_and_grads(cfg, params, tokens, dtype=jnp.bfloat16)
+    l16, g16 = _loss_and_grads(cfg, params, tokens, dtype=jnp.bfloat16, matmul_out="compute")
+    assert float(l16) != float(l32)  # the FFN's gate/up outputs are rounded to bf16 now
+    assert abs(float(l16) - float(l32)) / float(l32) < 1e-3
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(g16))
+    assert_tree_close(g16, g32, rtol=2e-2)
+
+    def loss(p):
+        return M.cross_entropy(M.forward(cfg.model, p, tokens[:, :-1], dtype=jnp.bfloat16, matmul_out="compute"),
+                               tokens[:, 1:])
+    dots = [ln for ln in jax.jit(jax.value_and_grad(loss)).lower(params).as_text().splitlines()
+            if "stablehlo.dot_general" in ln]
+    bf16_out = [d for d in dots if d.rstrip().endswith("bf16>")]
+    # 7 projections x (forward + input gradient) per layer, in the scan's one body; weight-gradient and
+    # head dots stay fp32-out
+    assert len(bf16_out) == 14, len(bf16_out)
+
+
+def test_matmul_out_dtype_and_vjp():
+    r = np.random.default_rng(2)
+    x = jnp.asarray(r.standard_normal((3, 5, 16)), jnp.bfloat16)
+    w = jnp.asarray(r.standard_normal((16, 8)), jnp.float32)
+    y, vjp = jax.vjp(lambda x, w: M.matmul(x, w, out_dtype=jnp.bfloat16), x, w)
+    assert y.dtype == jnp.bfloat16
+    dx, dw = vjp(jnp.ones_like(y))
+    assert (dx.dtype, dw.dtype) == (jnp.bfloat16, jnp.float32)
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(M.matmul(x, w), np.float32), rtol=1e-2,
+                               atol=1e-2)
+    ref = np.einsum("bsk,bsn->kn", np.asarray(x, np.float32), np.ones((3, 5, 8), np.float32))
+    np.testing.assert_allclose(np.asarray(dw), ref, rtol=1e-6)
