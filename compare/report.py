@@ -82,10 +82,13 @@ class ReportError(ValueError):
 
 
 # ----------------------------------------------------------------------------- runs
-def run_config(preset: str, layout: LayoutSpec, dtype: str, steps: int, runs_dir: Path, framework: str) -> Config:
+def run_config(preset: str, layout: LayoutSpec, dtype: str, steps: int, runs_dir: Path, framework: str,
+               repeat: int = 1) -> Config:
+    """A layout's run config; repeats after the first are the same runs under the names ``...-r2``, ``-r3``."""
+    suffix = f"-r{repeat}" if repeat > 1 else ""
     return load_config(preset, {
         **layout.overrides(), "train.dtype": dtype, "train.steps": steps, "train.wandb": "disabled",
-        "train.out_dir": str(runs_dir), "train.name": f"{layout.name}-{dtype}-{framework}",
+        "train.out_dir": str(runs_dir), "train.name": f"{layout.name}-{dtype}-{framework}{suffix}",
     })
 
 
@@ -278,7 +281,7 @@ def render(results: dict[str, Any]) -> str:
             t = r.get("throughput", {}).get(fw)
             if not t:
                 continue
-            ratio = r.get("speed_ratio") if fw == "jax" else None
+            ratio = ratio_text(r) if fw == "jax" else ""
             label = f" ({t['label']})" if fw == "torch" and t["label"] else ""
             lines.append(
                 f"| {r['layout']} | {r['dtype']} | {fw}{label}"
@@ -286,7 +289,7 @@ def render(results: dict[str, Any]) -> str:
                 f"| {_n(t['tokens_per_s_per_device'], 0)} | {_n(t['tflops_per_device'], 4)} "
                 f"| {_n(t['tflops_per_device_legacy'], 4)} | {_n(t['startup_s'], 1)} | {_mib(t['peak_rss_bytes'])} "
                 f"| {_mib(t.get('peak_rss_per_device_bytes'))} | {_mib(t['compiled_peak_bytes'])} "
-                f"| {_n(ratio) + '×' if ratio else ''} |")
+                f"| {ratio} |")
     failed = {k: r["error"] for k, r in results["layouts"].items() if "error" in r}
     if failed:
         lines += ["", "## Not compared", ""] + [f"- **{k}**: {v}" for k, v in sorted(failed.items())]
@@ -370,38 +373,58 @@ def print_table(results: dict[str, Any]) -> None:
         p, tp = r["parity"], r["throughput"]
         t.add_row(r["layout"], r["dtype"], _e(p["max_rel"]), "[green]PASS[/]" if p["pass"] else "[red]FAIL[/]",
                   _n(tp["jax"]["tokens_per_s_per_device"], 0), _n(tp["torch"]["tokens_per_s_per_device"], 0),
-                  _n(r["speed_ratio"]) + "×")
+                  ratio_text(r))
     Console().print(t)
 
 
 # ----------------------------------------------------------------------------- driver
 def compare_layout(preset: str, layout: LayoutSpec, dtype: str, steps: int, runs_dir: Path, rerun: bool,
-                   timeout_s: int, progress, run: bool = True) -> dict[str, Any]:
-    runs: dict[str, Run] = {}
-    for fw in FRAMEWORKS:
-        cfg = run_config(preset, layout, dtype, steps, runs_dir, fw)
-        run_dir = runs_dir / cfg.train.name
-        if not run:
-            found = load_run(run_dir)  # names what is missing or corrupt
-            diff = config_diff(found.config, cfg.to_dict())
-            if diff:
-                raise ReportError(f"{run_dir} was run with another config: " + "; ".join(diff))
-        elif rerun or not reusable(run_dir, cfg):
-            progress(f"{layout.name} {dtype}: running {fw}")
-            t = time.perf_counter()
-            execute(fw, cfg, runs_dir / f"{cfg.train.name}.log", timeout_s)
-            progress(f"{layout.name} {dtype}: {fw} done in {time.perf_counter() - t:.0f}s")
-        else:
-            progress(f"{layout.name} {dtype}: reusing {run_dir}")
-        runs[fw] = load_run(run_dir)
-    pair_check(runs["jax"], runs["torch"])
-    tp = {fw: throughput(r) for fw, r in runs.items()}
+                   timeout_s: int, progress, run: bool = True, repeats: int = 1) -> dict[str, Any]:
+    """Parity and throughput of one layout. With ``repeats`` > 1 the JAX and DeepSpeed runs alternate
+    (jax, torch, jax, torch, ...), and the speed ratio is the median of the pairs' ratios: each pair ran
+    back to back, so the machine's drift over the whole comparison cancels out of it."""
+    pairs: list[dict[str, Run]] = []
+    for rep in range(1, repeats + 1):
+        runs: dict[str, Run] = {}
+        tag = f" (pair {rep}/{repeats})" if repeats > 1 else ""
+        for fw in FRAMEWORKS:
+            cfg = run_config(preset, layout, dtype, steps, runs_dir, fw, rep)
+            run_dir = runs_dir / cfg.train.name
+            if not run:
+                found = load_run(run_dir)  # names what is missing or corrupt
+                diff = config_diff(found.config, cfg.to_dict())
+                if diff:
+                    raise ReportError(f"{run_dir} was run with another config: " + "; ".join(diff))
+            elif rerun or not reusable(run_dir, cfg):
+                progress(f"{layout.name} {dtype}: running {fw}{tag}")
+                t = time.perf_counter()
+                execute(fw, cfg, runs_dir / f"{cfg.train.name}.log", timeout_s)
+                progress(f"{layout.name} {dtype}: {fw} done in {time.perf_counter() - t:.0f}s")
+            else:
+                progress(f"{layout.name} {dtype}: reusing {run_dir}")
+            runs[fw] = load_run(run_dir)
+        pair_check(runs["jax"], runs["torch"])
+        pairs.append(runs)
+    verdicts = [parity(r["jax"], r["torch"], dtype) for r in pairs]
+    par = dict(verdicts[0], **{"pass": all(v["pass"] for v in verdicts)})  # losses repeat exactly on CPU
+    tps = [{fw: throughput(r) for fw, r in runs.items()} for runs in pairs]
+    ratios = [t["jax"]["tokens_per_s_per_device"] / t["torch"]["tokens_per_s_per_device"] for t in tps]
+    # per framework, the repeat with the median tokens/s (a real run's figures, RSS and startup included)
+    tp = {fw: sorted((t[fw] for t in tps), key=lambda x: x["tokens_per_s_per_device"])[(len(tps) - 1) // 2]
+          for fw in FRAMEWORKS}
     return {
         "layout": layout.name, "dtype": dtype, "note": layout.note,
-        "runs": {fw: str(r.run_dir) for fw, r in runs.items()},
-        "parity": parity(runs["jax"], runs["torch"], dtype), "throughput": tp,
-        "speed_ratio": tp["jax"]["tokens_per_s_per_device"] / tp["torch"]["tokens_per_s_per_device"],
+        "runs": {fw: str(r.run_dir) for fw, r in pairs[0].items()},
+        "parity": par, "throughput": tp,
+        "speed_ratio": statistics.median(ratios), "speed_ratios": ratios,
     }
+
+
+def ratio_text(r: dict[str, Any]) -> str:
+    """``1.23×``, or with repeats ``1.23× (1.10–1.31, 3 pairs)``."""
+    ratios = r.get("speed_ratios") or [r["speed_ratio"]]
+    text = _n(r["speed_ratio"]) + "×"
+    return text if len(ratios) == 1 else f"{text} ({_n(min(ratios))}–{_n(max(ratios))}, {len(ratios)} pairs)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -417,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-run", dest="run", action="store_false",
                     help="run nothing: report only on the run directories under --runs (e.g. runs made elsewhere)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per trainer run")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run each layout's JAX/DeepSpeed pair N times, alternating; the ratio is the median of "
+                         "the pairs' ratios (this machine drifts by tens of %% between minutes)")
     ap.add_argument("--reference", help="also check and render the study's table (CSV, as compare/data/)")
     ap.add_argument("--assert", dest="strict", action="store_true",
                     help="exit 1 if any compared layout fails parity or any layout could not be compared")
@@ -429,10 +455,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in LAYOUTS]
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
     bad_dtypes = [d for d in dtypes if d not in THRESHOLDS]
-    if unknown or bad_dtypes or args.steps < 1:
+    if unknown or bad_dtypes or args.steps < 1 or args.repeats < 1:
         msg = (f"unknown layout(s) {', '.join(unknown)}; choose from {', '.join(LAYOUTS)}" if unknown else
                f"unknown dtype(s) {', '.join(bad_dtypes)}; use fp32, bf16" if bad_dtypes else
-               f"--steps {args.steps} must be >= 1")
+               f"--steps {args.steps} must be >= 1" if args.steps < 1 else
+               f"--repeats {args.repeats} must be >= 1")
         print(f"error: {msg}", file=sys.stderr)
         return 2
     try:
@@ -453,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
             key = f"{name}/{dtype}"
             try:
                 results["layouts"][key] = compare_layout(args.preset, LAYOUTS[name], dtype, args.steps, runs_dir,
-                                                         args.rerun, args.timeout, progress, args.run)
+                                                         args.rerun, args.timeout, progress, args.run,
+                                                         args.repeats)
             except (ReportError, ConfigError) as e:
                 results["layouts"][key] = {"layout": name, "dtype": dtype, "error": str(e)}
                 progress(f"{key}: not compared — {str(e).splitlines()[0]}")

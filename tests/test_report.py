@@ -11,9 +11,9 @@ from configs.rundir import METRIC_KEYS, write_config, write_meta
 from jax_impl.train import main as jax_main
 
 
-def make_run(runs_dir, layout: str, dtype: str, fw: str, losses, steps=None, **cfg_over):
+def make_run(runs_dir, layout: str, dtype: str, fw: str, losses, steps=None, repeat=1, step_s=None, **cfg_over):
     """A fixture run directory as a trainer would leave it."""
-    cfg = report.run_config("tiny", report.LAYOUTS[layout], dtype, steps or len(losses), runs_dir, fw)
+    cfg = report.run_config("tiny", report.LAYOUTS[layout], dtype, steps or len(losses), runs_dir, fw, repeat)
     for k, v in cfg_over.items():
         section, key = k.split(".")
         setattr(getattr(cfg, section), key, v)
@@ -25,7 +25,7 @@ def make_run(runs_dir, layout: str, dtype: str, fw: str, losses, steps=None, **c
     with (run_dir / "metrics.jsonl").open("w") as f:
         for i, loss in enumerate(losses, 1):
             row = dict.fromkeys(METRIC_KEYS)
-            row.update(step=i, loss=loss, grad_norm=1.0 + 0.01 * i, step_time_s=0.1 if fw == "jax" else 0.2,
+            row.update(step=i, loss=loss, grad_norm=1.0 + 0.01 * i, step_time_s=step_s or (0.1 if fw == "jax" else 0.2),
                        peak_mem_bytes=2**28)
             f.write(json.dumps(row) + "\n")
     return run_dir
@@ -116,3 +116,22 @@ def test_real_jax_and_deepspeed_runs_pass_fp32_parity_and_a_changed_lr_fails(tmp
     with pytest.raises(report.ReportError, match=r"optim\.lr"):
         report.pair_check(changed, torch_run)
     shutil.rmtree(other)
+
+
+def test_repeats_alternate_pairs_and_report_the_median_pair_ratio(tmp_path, capsys):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    for rep, torch_s in enumerate((0.2, 0.1, 0.3), 1):  # JAX/DS ratios 2, 1, 3 (JAX at 0.1 s each time)
+        make_run(runs, "zero1", "fp32", "jax", losses(), repeat=rep)
+        make_run(runs, "zero1", "fp32", "torch", [x * (1 + 2e-7) for x in losses()], repeat=rep, step_s=torch_s)
+    assert (runs / "zero1-fp32-torch-r3").is_dir()
+    args = ["--layouts", "zero1", "--dtype", "fp32", "--steps", "12", "--runs", str(runs), "--out", str(out),
+            "--no-run", "--assert"]
+    assert report.main([*args, "--repeats", "3"]) == 0
+    r = json.loads((out / "report.json").read_text())["layouts"]["zero1/fp32"]
+    assert r["speed_ratios"] == pytest.approx([2.0, 1.0, 3.0]) and r["speed_ratio"] == pytest.approx(2.0)
+    assert r["throughput"]["torch"]["step_time_s"] == pytest.approx(0.2)  # the median repeat's own figures
+    assert "2.00× (1.00–3.00, 3 pairs)" in (out / "report.md").read_text()
+    assert report.main([*args, "--repeats", "4"]) == 1  # a 4th pair was never run: not compared
+    assert "zero1-fp32-jax-r4" in (out / "report.md").read_text()
+    assert report.main([*args, "--repeats", "0"]) == 2
+    assert "--repeats 0 must be >= 1" in capsys.readouterr().err
