@@ -14,6 +14,7 @@ and/or ``lever:NAME=VALUE`` code switches (the old behaviour of a lever, kept to
                               now: into the optimizer state's sharding, a reduce-scatter)
     lever:cpu_options=none    XLA:CPU's default options (now: jax_impl.devices.CPU_COMPILER_OPTIONS)
     lever:attn_vjp=autodiff   attention's backward by autodiff (now: jax_impl.model._attend's written-out VJP)
+    lever:clip=optax          optax.clip_by_global_norm, which recomputes the norm the step already has
     lever:guard=select        the non-finite guard as where(ok, new, old) over params and Adam moments
                               (now: a branch around the update, jax_impl.trainer.guarded_update)
 """
@@ -83,6 +84,16 @@ def lever(name: str, value: str) -> Iterator[None]:
             yield
         finally:
             model._attend = orig
+    elif name == "clip" and value == "optax":
+        import optax
+
+        from jax_impl import trainer
+
+        orig, trainer.clip_by_global_norm = trainer.clip_by_global_norm, optax.clip_by_global_norm
+        try:
+            yield
+        finally:
+            trainer.clip_by_global_norm = orig
     elif name == "guard" and value == "select":
         from jax_impl import trainer
 
@@ -97,7 +108,7 @@ def lever(name: str, value: str) -> Iterator[None]:
             trainer.guarded_update = orig
     else:
         raise SystemExit(f"unknown lever {name}={value}; known: zero_dim=embed, step_grads=stored, "
-                         "cpu_options=none, guard=select, attn_vjp=autodiff")
+                         "cpu_options=none, guard=select, attn_vjp=autodiff, clip=optax")
 
 
 def build(preset: str, base: dict, variant: str, guard: bool) -> dict:

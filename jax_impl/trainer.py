@@ -43,13 +43,28 @@ def lr_schedule(cfg: Config) -> optax.Schedule:
     return sched
 
 
-def make_optimizer(cfg: Config, params_like: Any) -> optax.GradientTransformation:
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """``optax.clip_by_global_norm`` (same arithmetic, same empty state) that takes the norm when the caller
+    already has it (``tx.update(..., grad_norm=n)``): the step computes it for its metrics and guard, and a
+    second pass over every gradient is measurable on a memory-bound update."""
+
+    def update_fn(updates, state, params=None, *, grad_norm=None, **extra):
+        del params, extra
+        g_norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
+        trigger = jnp.squeeze(g_norm < max_norm)
+        return jax.tree.map(lambda t: jax.lax.select(trigger, t, (t / g_norm.astype(t.dtype)) * max_norm),
+                            updates), state
+
+    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
+
+
+def make_optimizer(cfg: Config, params_like: Any) -> optax.GradientTransformationExtraArgs:
     """Clip by global norm, then AdamW; no weight decay on norm weights (as Megatron)."""
     o = cfg.optim
     decay_mask = {k: ({n: not n.endswith("norm") for n in v} if isinstance(v, dict) else not k.endswith("norm"))
                   for k, v in params_like.items()}
     return optax.chain(
-        optax.clip_by_global_norm(o.clip) if o.clip > 0 else optax.identity(),
+        clip_by_global_norm(o.clip) if o.clip > 0 else optax.identity(),
         optax.adamw(lr_schedule(cfg), b1=o.beta1, b2=o.beta2, eps=o.eps, weight_decay=o.weight_decay,
                     mask=decay_mask),
     )
@@ -175,7 +190,7 @@ class Trainer:
         metrics = {"loss": loss, "grad_norm": grad_norm}
 
         def apply(params, opt_state, grads):
-            updates, new_opt = self.tx.update(grads, opt_state, params)
+            updates, new_opt = self.tx.update(grads, opt_state, params, grad_norm=grad_norm)
             return optax.apply_updates(params, updates), new_opt
 
         if guard:  # a non-finite step changes nothing (Adam moments and the schedule count included)
