@@ -422,7 +422,7 @@ def compare_layout(preset: str, layout: LayoutSpec, dtype: str, steps: int, runs
 
 def ratio_text(r: dict[str, Any]) -> str:
     """``1.23×``, or with repeats ``1.23× (1.10–1.31, 3 pairs)``."""
-    ratios = r.get("speed_ratios") or [r["speed_ratio"]]
+    ratios = r["speed_ratios"]
     text = _n(r["speed_ratio"]) + "×"
     return text if len(ratios) == 1 else f"{text} ({_n(min(ratios))}–{_n(max(ratios))}, {len(ratios)} pairs)"
 
