@@ -14,6 +14,8 @@ and/or ``lever:NAME=VALUE`` code switches (the old behaviour of a lever, kept to
                               now: into the optimizer state's sharding, a reduce-scatter)
     lever:cpu_options=none    XLA:CPU's default options (now: jax_impl.devices.CPU_COMPILER_OPTIONS)
     lever:attn_vjp=autodiff   attention's backward by autodiff (now: jax_impl.model._attend's written-out VJP)
+    lever:attn_layout=seq     attention's einsums on sequence-major q/k/v (now: head-major, jax_impl.model._heads_major)
+    lever:norm=optax          optax.tree.norm for the gradient norm (now: trainer.global_norm, one dot per leaf)
     lever:clip=optax          optax.clip_by_global_norm, which recomputes the norm the step already has
     lever:guard=select        the non-finite guard as where(ok, new, old) over params and Adam moments
                               (now: a branch around the update, jax_impl.trainer.guarded_update)
@@ -84,6 +86,15 @@ def lever(name: str, value: str) -> Iterator[None]:
             yield
         finally:
             model._attend = orig
+    elif name == "norm" and value == "optax":
+        import optax
+
+        from jax_impl import trainer
+        orig, trainer.global_norm = trainer.global_norm, optax.tree.norm
+        try:
+            yield
+        finally:
+            trainer.global_norm = orig
     elif name == "clip" and value == "optax":
         import optax
 
@@ -106,9 +117,46 @@ def lever(name: str, value: str) -> Iterator[None]:
             yield
         finally:
             trainer.guarded_update = orig
+    elif (name, value) == ("attn_layout", "seq"):
+        from jax_impl import model
+        jnp = jax.numpy
+
+        # the attention core as it was before session 5: einsums on the sequence-major q, k, v, which left
+        # XLA:CPU to transpose score-sized operands and results (same numbers, bit for bit)
+        def probs_of(q, k, q_offset):
+            cq, s, hd = q.shape[1], k.shape[1], q.shape[-1]
+            scores = jnp.einsum("bqngd,bknd->bngqk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(hd)
+            mask = (q_offset + jnp.arange(cq))[:, None] >= jnp.arange(s)[None, :]
+            return jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1).astype(k.dtype)
+
+        def fwd(q, k, v, q_offset):
+            probs = probs_of(q, k, q_offset)
+            out = jnp.einsum("bngqk,bknd->bqngd", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
+            return out, (q, k, v, probs)
+
+        def bwd(res, dout):
+            q, k, v, probs = res
+            f32, scale = jnp.float32, 1.0 / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
+            dout = dout.astype(q.dtype)
+            dprobs = jnp.einsum("bqngd,bknd->bngqk", dout, v, preferred_element_type=f32)
+            p32 = probs.astype(f32)
+            dscores = (p32 * (dprobs - jnp.sum(dprobs * p32, axis=-1, keepdims=True)) * scale).astype(q.dtype)
+            dv = jnp.einsum("bqngd,bngqk->bndk", dout, probs, preferred_element_type=f32)
+            dk = jnp.einsum("bqngd,bngqk->bndk", q, dscores, preferred_element_type=f32)
+            dq = jnp.einsum("bngqk,bknd->bqngd", dscores, k, preferred_element_type=f32)
+            return (dq.astype(q.dtype), dk.transpose(0, 3, 1, 2).astype(k.dtype),
+                    dv.transpose(0, 3, 1, 2).astype(v.dtype), None)
+
+        seq_major = jax.custom_vjp(lambda q, k, v, q_offset: fwd(q, k, v, q_offset)[0])
+        seq_major.defvjp(fwd, bwd)
+        orig, model._attend = model._attend, seq_major
+        try:
+            yield
+        finally:
+            model._attend = orig
     else:
         raise SystemExit(f"unknown lever {name}={value}; known: zero_dim=embed, step_grads=stored, "
-                         "cpu_options=none, guard=select, attn_vjp=autodiff, clip=optax")
+                         "cpu_options=none, guard=select, attn_vjp=autodiff, clip=optax, attn_layout=seq, norm=optax")
 
 
 def build(preset: str, base: dict, variant: str, guard: bool) -> dict:

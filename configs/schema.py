@@ -111,6 +111,9 @@ class ParallelConfig:
     remat: bool = False  # activation checkpointing per layer
     remat_policy: str = "full"  # full | save_dots | save_attn_out
     pipeline_schedule: str = "gpipe"  # gpipe | 1f1b (pipeline axis > 1)
+    # JAX GPipe: final norm + head + loss of the microbatch leaving the last stage computed by every stage on
+    # its 1/p of the vocabulary (split) or by the last stage alone (last); 1F1B always uses the last stage
+    pipeline_head: str = "split"
     attn_chunk: int = 1024  # JAX: queries per attention block when seq > this (0 = never chunk)
     attn_impl: str = "xla"  # JAX attention: xla (any device) | cudnn (fused flash attention, NVIDIA GPU, bf16)
     # JAX: the layer projections' output dtype. fp32 (bf16-in/fp32-out dots: fast on XLA:CPU) | compute
@@ -417,6 +420,13 @@ def validate_config(cfg: Config, n_devices: int | None = None) -> None:
                 f"pipeline parallelism runs with ZeRO 0 or 1 (as DeepSpeed's PipelineModule); got --zero {p.zero}: "
                 "use --zero 1"
             )
+        split = mesh["pipeline"] * tp
+        if p.pipeline_schedule == "gpipe" and p.pipeline_head == "split" and m.padded_vocab % split:
+            raise ConfigError(
+                f"parallel.pipeline_head='split' gives each of the {mesh['pipeline']} stages 1/{mesh['pipeline']} of "
+                f"the vocabulary, but padded vocab {m.padded_vocab} is not divisible by pipeline x tensor = {split}; "
+                "use parallel.pipeline_head=last or pad the vocabulary (model.vocab_pad_to)"
+            )
         if p.pipeline_schedule == "1f1b" and p.gas < mesh["pipeline"]:
             raise ConfigError(
                 f"parallel.pipeline_schedule='1f1b' needs at least one microbatch per stage in flight: "
@@ -425,6 +435,7 @@ def validate_config(cfg: Config, n_devices: int | None = None) -> None:
             )
     _choice("parallel.remat_policy", p.remat_policy, ("full", "save_dots", "save_attn_out"))
     _choice("parallel.pipeline_schedule", p.pipeline_schedule, ("gpipe", "1f1b"))
+    _choice("parallel.pipeline_head", p.pipeline_head, ("split", "last"))
     _choice("parallel.attn_impl", p.attn_impl, ("xla", "cudnn"))
     _choice("parallel.matmul_out", p.matmul_out, ("fp32", "compute"))
     if p.attn_impl == "cudnn" and cfg.train.dtype != "bf16":

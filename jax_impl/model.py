@@ -118,13 +118,22 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x32 * cos[None, :, None, :] + rotated * sin[None, :, None, :]).astype(x.dtype)
 
 
-def _probs(q: jax.Array, k: jax.Array, q_offset) -> jax.Array:
-    """Causal softmax(q k^T / sqrt(d)) in fp32, cast to k's dtype: (batch, kv_heads, group, cq, seq)."""
-    cq, s, hd = q.shape[1], k.shape[1], q.shape[-1]
-    scores = jnp.einsum("bqngd,bknd->bngqk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(hd)
+def _probs(qh: jax.Array, kh: jax.Array, q_offset) -> jax.Array:
+    """Causal softmax(q k^T / sqrt(d)) in fp32, cast to k's dtype: (batch, kv_heads, group, cq, seq).
+
+    qh (batch, kv_heads, group, cq, head_dim), kh (batch, kv_heads, seq, head_dim): head-major, so that the
+    score dot's natural output order (batch dims, lhs free, rhs free) is the softmax's layout."""
+    cq, s, hd = qh.shape[3], kh.shape[2], qh.shape[-1]
+    scores = jnp.einsum("bngqd,bnkd->bngqk", qh, kh, preferred_element_type=jnp.float32) / jnp.sqrt(hd)
     mask = (q_offset + jnp.arange(cq))[:, None] >= jnp.arange(s)[None, :]  # (cq, seq)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    return jax.nn.softmax(scores, axis=-1).astype(k.dtype)
+    return jax.nn.softmax(scores, axis=-1).astype(kh.dtype)
+
+
+def _heads_major(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(batch, seq, kv_heads, [group,] head_dim) -> (batch, kv_heads, [group,] seq, head_dim): the score-sized
+    dots then need no transposes of their (seq x seq) operands or results on XLA:CPU, only of these small ones."""
+    return q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
 @jax.custom_vjp
@@ -134,26 +143,27 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, q_offset) -> jax.Array:
 
 
 def _attend_fwd(q, k, v, q_offset):
-    probs = _probs(q, k, q_offset)  # (batch, kv_heads, group, cq, seq)
-    out = jnp.einsum("bngqk,bknd->bqngd", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
-    return out, (q, k, v, probs)
+    qh, kh, vh = _heads_major(q, k, v)
+    probs = _probs(qh, kh, q_offset)  # (batch, kv_heads, group, cq, seq)
+    out = jnp.einsum("bngqk,bnkd->bngqd", probs, vh, preferred_element_type=jnp.float32).astype(q.dtype)
+    return out.transpose(0, 3, 1, 2, 4), (qh, kh, vh, probs)
 
 
 def _attend_bwd(res, dout):
     """The softmax-attention backward written out, so that the weight-like products (dK, dV) contract the
     score-sized operand along its major axes as the *right* operand: XLA:CPU then transposes the small
     (seq x head_dim) operands instead of copying the (cq x seq) probabilities (docs/performance.md)."""
-    q, k, v, probs = res
-    f32, scale = jnp.float32, 1.0 / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
-    dout = dout.astype(q.dtype)
-    dprobs = jnp.einsum("bqngd,bknd->bngqk", dout, v, preferred_element_type=f32)
+    qh, kh, vh, probs = res
+    f32, scale = jnp.float32, 1.0 / jnp.sqrt(qh.shape[-1]).astype(jnp.float32)
+    dout = dout.astype(qh.dtype).transpose(0, 2, 3, 1, 4)  # (batch, kv_heads, group, cq, head_dim)
+    dprobs = jnp.einsum("bngqd,bnkd->bngqk", dout, vh, preferred_element_type=f32)
     p32 = probs.astype(f32)
-    dscores = (p32 * (dprobs - jnp.sum(dprobs * p32, axis=-1, keepdims=True)) * scale).astype(q.dtype)
-    dv = jnp.einsum("bqngd,bngqk->bndk", dout, probs, preferred_element_type=f32)  # (batch, kv, head_dim, seq)
-    dk = jnp.einsum("bqngd,bngqk->bndk", q, dscores, preferred_element_type=f32)
-    dq = jnp.einsum("bngqk,bknd->bqngd", dscores, k, preferred_element_type=f32)
+    dscores = (p32 * (dprobs - jnp.sum(dprobs * p32, axis=-1, keepdims=True)) * scale).astype(qh.dtype)
+    dv = jnp.einsum("bngqd,bngqk->bndk", dout, probs, preferred_element_type=f32)  # (batch, kv, head_dim, seq)
+    dk = jnp.einsum("bngqd,bngqk->bndk", qh, dscores, preferred_element_type=f32)
+    dq = jnp.einsum("bngqk,bnkd->bngqd", dscores, kh, preferred_element_type=f32)
     to_kv = lambda t, like: t.transpose(0, 3, 1, 2).astype(like.dtype)  # noqa: E731 -- (b, n, d, s) -> (b, s, n, d)
-    return dq.astype(q.dtype), to_kv(dk, k), to_kv(dv, v), None  # q_offset: an integer position
+    return dq.transpose(0, 3, 1, 2, 4).astype(qh.dtype), to_kv(dk, kh), to_kv(dv, vh), None  # q_offset: a position
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
@@ -176,10 +186,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int = 0, impl: st
     if chunk <= 0 or s <= chunk or s % chunk:
         out = _attend(q, k, v, 0)
     else:
-        blocks = q.reshape(b, s // chunk, chunk, nkv, nh // nkv, hd).swapaxes(0, 1)
-        one = jax.checkpoint(lambda qb_i: _attend(qb_i[0], k, v, qb_i[1] * chunk), prevent_cse=False)
-        out = jax.lax.map(one, (blocks, jnp.arange(s // chunk)))  # (nblocks, batch, chunk, kv, group, hd)
-        out = out.swapaxes(0, 1)
+        # query block i sees keys 0 .. (i+1)*chunk - 1 only: the blocks above the causal diagonal are never
+        # computed (the (n+1)/2n of the score work that is left for n blocks), each block's probabilities
+        # are recomputed in the backward pass (live scores: chunk x seq at most)
+        one = jax.checkpoint(_attend, prevent_cse=False, static_argnums=(3,))
+        out = jnp.concatenate([one(q[:, i:i + chunk], k[:, :i + chunk], v[:, :i + chunk], i)
+                               for i in range(0, s, chunk)], axis=1)
     return out.reshape(b, s, nh * hd)  # (batch, seq, heads*head_dim)
 
 

@@ -64,10 +64,14 @@ def test_pipeline_loss_and_grads_equal_single_device(reference, stages, schedule
     assert grads["layers"]["w_up"].sharding.spec[0] == "pipeline"  # gradients stay with their stage
 
 
-def test_pipeline_data_tensor_equals_single_device(reference):
+@pytest.mark.parametrize("schedule,head", [("1f1b", "last"), ("gpipe", "split"),
+                                           pytest.param("gpipe", "last", marks=pytest.mark.slow)])
+def test_pipeline_data_tensor_equals_single_device(reference, schedule, head):
+    """GPipe's split head takes every stage's vocabulary columns s, s+p, ... out of a tensor-sharded head."""
     ref_loss, ref_grads, batch = reference
     cfg = load_config("tiny", {**BASE, "parallel.mesh": "pipeline=2,data=2,tensor=2", "parallel.zero": 1,
-                               "parallel.pipeline_schedule": "1f1b", "parallel.remat": True})
+                               "parallel.pipeline_schedule": schedule, "parallel.remat": schedule == "1f1b",
+                               "parallel.pipeline_head": head})
     mesh = make_mesh(cfg.mesh_shape())
     tr = Trainer.build(cfg, mesh)
     params, _ = tr.init_state()
@@ -153,6 +157,12 @@ def test_bad_pipeline_configs_raise_before_compile():
         pipeline.check(cfg, {"pipeline": 4})
     pipeline.check(cfg_for(4, **{"model.n_layers": 4, "parallel.gas": 2, "parallel.zero": 1}),
                    {"pipeline": 4})  # GPipe runs any GAS (with a bubble of (p-1)/(m+p-1))
+    with pytest.raises(ConfigError, match=r"padded vocab 258 is not divisible by pipeline x tensor = 4; use "
+                       r"parallel.pipeline_head=last"):
+        pipeline.check(cfg_for(4, **{"model.n_layers": 4, "model.vocab_size": 258, "model.vocab_pad_to": 2,
+                                     "parallel.zero": 1}), {"pipeline": 4})
+    pipeline.check(cfg_for(4, **{"model.n_layers": 4, "model.vocab_size": 258, "model.vocab_pad_to": 2,
+                                 "parallel.zero": 1, "parallel.pipeline_head": "last"}), {"pipeline": 4})
     with pytest.raises(ConfigError, match="ZeRO 0 or 1"):
         pipeline.check(cfg_for(2, **{"model.n_layers": 4, "parallel.zero": 3}), {"pipeline": 2})
     # and the trainer refuses before building anything
