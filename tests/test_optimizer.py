@@ -41,3 +41,13 @@ def test_full_chain_update_equals_the_chain_with_optax_clipping(monkeypatch):
     assert jax.tree.structure(ours) == jax.tree.structure(ref)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_global_norm_equals_optax_tree_norm():
+    """trainer.global_norm (one full-contraction dot per leaf) is optax.tree.norm up to summation order."""
+    r = np.random.default_rng(3)
+    tree = {"w": jnp.asarray(r.standard_normal((4, 64, 96), np.float32)),
+            "b": jnp.asarray(r.standard_normal(7, np.float32)), "s": jnp.asarray(np.float32(-2.5))}
+    got, want = float(trainer.global_norm(tree)), float(optax.tree.norm(tree))
+    assert got == pytest.approx(want, rel=1e-6)
+    assert float(trainer.global_norm({"z": jnp.zeros((3, 3))})) == 0.0
