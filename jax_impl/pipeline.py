@@ -95,34 +95,29 @@ def _embed(cfg: Config, embed: jax.Array, tokens: jax.Array) -> jax.Array:
     return constrain(jnp.take(table, tokens, axis=0).astype(DTYPES[cfg.train.dtype]), ("batch", "seq", "act_embed"))
 
 
-def _head_loss(cfg: Config, y: jax.Array, final_norm: jax.Array, head: jax.Array, labels: jax.Array) -> jax.Array:
-    """Final norm + head + mean cross-entropy of one microbatch; y (batch, seq, hidden)."""
+def _head_loss(cfg: Config, y: jax.Array, final_norm: jax.Array, head: jax.Array, labels: jax.Array,
+               split: int = 0) -> jax.Array:
+    """Final norm + head + mean cross-entropy of one microbatch; y (batch, seq, hidden).
+
+    With ``split`` = p stages, every stage runs this on the same y with ``head`` its columns ``s, s+p, s+2p, ...``
+    (hidden, V/p): the log-partition and the gold logit are combined over the stages (an all-gather of
+    (batch, seq) values and a psum)."""
     V, h = cfg.model.padded_vocab, cfg.model.hidden
     x = rms_norm(y, gather_weight(final_norm, ("norm",), (h,)), cfg.model.norm_eps, DTYPES[cfg.train.dtype])
-    logits = constrain(matmul(x, gather_weight(head, PARAM_AXES["head"], (h, V))), ("batch", "seq", "act_vocab"))
+    logits = constrain(matmul(x, head if split else gather_weight(head, PARAM_AXES["head"], (h, V))),
+                       ("batch", "seq", "act_vocab"))  # (batch, seq, V or V/p)
+    logz = jax.nn.logsumexp(logits, axis=-1)  # (batch, seq)
+    cols = labels
+    if split:
+        logz = jax.nn.logsumexp(jax.lax.all_gather(logz, PIPE), axis=0)
+        cols = jnp.where(labels % split == jax.lax.axis_index(PIPE), labels // split, -1)  # -1: not this stage's
     # model.cross_entropy picks the gold logit with take_along_axis; inside this loop, with vocab over
     # `tensor` and batch over `data`, that gather aborts XLA's SPMD partitioner (jax 0.10.2, CPU). A
     # one-hot sum is the same number (one nonzero term) and partitions as a plain reduction.
-    logz = jax.nn.logsumexp(logits, axis=-1)  # (batch, seq)
-    gold = jnp.sum(jnp.where(jax.nn.one_hot(labels, V, dtype=jnp.bool_), logits, 0.0), axis=-1)
+    gold = jnp.sum(jnp.where(jax.nn.one_hot(cols, logits.shape[-1], dtype=jnp.bool_), logits, 0.0), axis=-1)
+    if split:
+        gold = jax.lax.psum(gold, PIPE)
     return jnp.mean(logz - gold)
-
-
-def _split_head_loss(cfg: Config, p: int, y: jax.Array, final_norm: jax.Array, head_cols: jax.Array,
-                     labels: jax.Array) -> jax.Array:
-    """Mean cross-entropy of one microbatch with the vocabulary split over the stages (run by every stage).
-
-    y (batch, seq, hidden) is the same on every stage; head_cols (hidden, V/p) are this stage's columns
-    ``s, s+p, s+2p, ...`` of the head. Each stage computes its logits, and the log-partition and gold logit
-    are combined over the stages (an all-gather of (batch, seq) values and a psum).
-    """
-    s, vp = jax.lax.axis_index(PIPE), head_cols.shape[-1]
-    x = rms_norm(y, final_norm, cfg.model.norm_eps, DTYPES[cfg.train.dtype])
-    logits = constrain(matmul(x, head_cols), ("batch", "seq", "act_vocab"))  # (batch, seq, V/p)
-    lse = jax.nn.logsumexp(jax.lax.all_gather(jax.nn.logsumexp(logits, axis=-1), PIPE), axis=0)  # (batch, seq)
-    mine = jax.nn.one_hot(jnp.where(labels % p == s, labels // p, -1), vp, dtype=jnp.bool_)  # -1: no column
-    gold = jax.lax.psum(jnp.sum(jnp.where(mine, logits, 0.0), axis=-1), PIPE)
-    return jnp.mean(lse - gold)
 
 
 def _outer_weights(cfg: Config, params: dict) -> dict:
@@ -172,7 +167,7 @@ def _gpipe(cfg: Config, p: int, params: dict, tokens: jax.Array) -> tuple[jax.Ar
         head_w = jax.lax.dynamic_index_in_dim(head_w.reshape(-1, V // p, p), s, axis=2, keepdims=False)
         # the loss is reduced over the stages inside, so each stage's seed of 1 reaches every stage's share:
         # differentiate loss / p for the gradient of the loss (and report p x that value)
-        split_grad = jax.value_and_grad(lambda y, n, h, lab: _split_head_loss(cfg, p, y, n, h, lab) / (m * p),
+        split_grad = jax.value_and_grad(lambda y, n, h, lab: _head_loss(cfg, y, n, h, lab, split=p) / (m * p),
                                         argnums=(0, 1, 2))
 
         def head_grad(*args):
