@@ -17,6 +17,7 @@ and/or ``lever:NAME=VALUE`` code switches (the old behaviour of a lever, kept to
     lever:attn_layout=seq     attention's einsums on sequence-major q/k/v (now: head-major, jax_impl.model._heads_major)
     lever:norm=optax          optax.tree.norm for the gradient norm (now: trainer.global_norm, one dot per leaf)
     lever:clip=optax          optax.clip_by_global_norm, which recomputes the norm the step already has
+    lever:ticks=scan          GPipe's unrolled ticks as an unrolled lax.scan (traced tick index; now: a Python loop)
     lever:guard=select        the non-finite guard as where(ok, new, old) over params and Adam moments
                               (now: a branch around the update, jax_impl.trainer.guarded_update)
 """
@@ -154,9 +155,18 @@ def lever(name: str, value: str) -> Iterator[None]:
             yield
         finally:
             model._attend = orig
+    elif name == "ticks" and value == "scan":
+        from jax_impl import pipeline
+
+        pipeline.TICKS_AS_SCAN = True
+        try:
+            yield
+        finally:
+            pipeline.TICKS_AS_SCAN = False
     else:
         raise SystemExit(f"unknown lever {name}={value}; known: zero_dim=embed, step_grads=stored, "
-                         "cpu_options=none, guard=select, attn_vjp=autodiff, clip=optax, attn_layout=seq, norm=optax")
+                         "cpu_options=none, guard=select, attn_vjp=autodiff, clip=optax, attn_layout=seq, norm=optax, "
+                         "ticks=scan")
 
 
 def build(preset: str, base: dict, variant: str, guard: bool) -> dict:

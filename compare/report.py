@@ -58,6 +58,7 @@ class LayoutSpec:
     zero: int
     extra: dict[str, Any] = field(default_factory=dict)
     note: str = ""
+    default: bool = True  # in the default --layouts (the study's layouts); False: a JAX option, run by name
 
     def overrides(self) -> dict[str, Any]:
         return {"parallel.mesh": self.mesh, "parallel.zero": self.zero, **self.extra}
@@ -74,6 +75,9 @@ LAYOUTS = {spec.name: spec for spec in (
     LayoutSpec("tp2", "data=1,tensor=2", 1, note="tensor parallel 2 + ZeRO-1"),
     LayoutSpec("tp2-zero2", "data=2,tensor=2", 2, note="the 42B layout's shape: TP + ZeRO-2"),
     LayoutSpec("pp2-zero1", "pipeline=2,data=1", 1, {"parallel.gas": 4}, "Pipeline + ZeRO-1, GAS 4"),
+    LayoutSpec("pp2v2-zero1", "pipeline=2,data=1", 1, {"parallel.gas": 4, "parallel.pipeline_repeats": 2},
+               "the same; JAX: circular schedule, 2 rounds of 1 layer per stage (DeepSpeed: its 1F1B, unchanged)",
+               default=False),
 )}
 
 
@@ -430,7 +434,9 @@ def ratio_text(r: dict[str, Any]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m compare.report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma list of {', '.join(LAYOUTS)}")
+    ap.add_argument("--layouts", default=",".join(n for n, spec in LAYOUTS.items() if spec.default),
+                    help=f"comma list of {', '.join(LAYOUTS)} (default: all but "
+                         f"{', '.join(n for n, spec in LAYOUTS.items() if not spec.default)})")
     ap.add_argument("--dtype", default="fp32,bf16", help="fp32, bf16 or both (comma list)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--preset", default="tiny", help="the parity preset (default: tiny)")

@@ -114,6 +114,10 @@ class ParallelConfig:
     # JAX GPipe: final norm + head + loss of the microbatch leaving the last stage computed by every stage on
     # its 1/p of the vocabulary (split) or by the last stage alone (last); 1F1B always uses the last stage
     pipeline_head: str = "split"
+    # JAX GPipe: chunks of layers per stage visited in turn (circular / interleaved schedule): stage s runs the
+    # logical stages s, s+p, ... of L/(p*repeats) layers each, so a microbatch goes round the stages `repeats`
+    # times and the bubble shrinks from (p-1)/(m+p-1) to (p-1)/(m*repeats+p-1) of the work (needs gas >= pipeline)
+    pipeline_repeats: int = 1
     attn_chunk: int = 1024  # JAX: queries per attention block when seq > this (0 = never chunk)
     attn_impl: str = "xla"  # JAX attention: xla (any device) | cudnn (fused flash attention, NVIDIA GPU, bf16)
     # JAX: the layer projections' output dtype. fp32 (bf16-in/fp32-out dots: fast on XLA:CPU) | compute
@@ -420,6 +424,26 @@ def validate_config(cfg: Config, n_devices: int | None = None) -> None:
                 f"pipeline parallelism runs with ZeRO 0 or 1 (as DeepSpeed's PipelineModule); got --zero {p.zero}: "
                 "use --zero 1"
             )
+        pr = p.pipeline_repeats
+        if pr < 1:
+            raise ConfigError(f"parallel.pipeline_repeats={pr} must be >= 1 (1 = plain GPipe)")
+        if pr > 1:
+            if p.pipeline_schedule != "gpipe":
+                raise ConfigError(f"parallel.pipeline_repeats={pr} runs with parallel.pipeline_schedule=gpipe only; "
+                                  "set parallel.pipeline_repeats=1 for 1f1b")
+            if m.n_layers % (mesh["pipeline"] * pr):
+                ok = [r for r in range(1, m.n_layers // mesh["pipeline"] + 1)
+                      if m.n_layers % (mesh["pipeline"] * r) == 0]
+                raise ConfigError(
+                    f"parallel.pipeline_repeats={pr}: model.n_layers={m.n_layers} does not split into "
+                    f"pipeline x repeats = {mesh['pipeline'] * pr} equal chunks; pick repeats from {ok}"
+                )
+            if p.gas < mesh["pipeline"]:
+                raise ConfigError(
+                    f"parallel.pipeline_repeats={pr} sends each microbatch round the stages again, which needs "
+                    f"gas >= pipeline: gas={p.gas} < pipeline={mesh['pipeline']}; set --gas {mesh['pipeline']} "
+                    "or more, or parallel.pipeline_repeats=1"
+                )
         split = mesh["pipeline"] * tp
         if p.pipeline_schedule == "gpipe" and p.pipeline_head == "split" and m.padded_vocab % split:
             raise ConfigError(

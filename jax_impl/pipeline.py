@@ -21,11 +21,21 @@ price of keeping the schedule free of extra collectives (see ``report_placement`
 
 Schedules (``parallel.pipeline_schedule``), with m = GAS microbatches of MBS samples per data rank:
 
-* ``gpipe``: a ``lax.scan`` over ``m + p - 1`` ticks, each stage runs its layers on the activation
+* ``gpipe``: a loop over ``m + p - 1`` ticks, each stage runs its layers on the activation
   received in the previous tick; ``jax.grad`` of that loop is the backward pipeline (all forwards,
   then all backwards). Residuals of all ``m + p - 1`` ticks stay alive until the backward. The last
   stage runs head + loss and their backward in the tick a microbatch leaves it (see ``_gpipe``), so
-  neither logits nor a copy of the head weight are kept per tick.
+  neither logits nor a copy of the head weight are kept per tick. A model whose layers are unrolled
+  (``ParallelConfig.layer_unroll``) unrolls the ticks as a Python loop: each tick then knows which
+  stages hold a real microbatch, and ticks where none leaves run no head at all (bench pp2: -8 % step
+  time in fp32, -14 % in bf16 against the same ticks as an unrolled ``lax.scan``); larger models
+  ``lax.scan`` them.
+  ``parallel.pipeline_repeats`` = v > 1 makes it circular (interleaved): each stage holds v chunks of
+  L/(p v) layers (logical stages s, s+p, ...: chunk r of the stored stack's v contiguous chunks,
+  sharded over the stages, see ``_chunks``), a microbatch goes round the ring v times, and
+  ``m v + p - 1`` ticks of 1/v the work replace ``m + p - 1``: the bubble shrinks from
+  (p-1)/(m+p-1) to (p-1)/(m v+p-1). Price: the layer exchange of ``_chunks`` (and of the
+  gradients) per step, one activation buffer of m microbatches, and m >= p.
 * ``1f1b``: an explicit schedule of ``2(m + p - 1)`` slots. Stage ``s`` runs the forward of
   microbatch ``i`` in slot ``2i + s`` and its backward in slot ``2i + 2p - 1 - s`` (PipeDream-flush
   order: ``p - s - 1`` warm-up forwards, then alternating F/B). Forwards use ``jax.vjp`` and park
@@ -44,6 +54,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -53,6 +64,7 @@ from jax_impl.sharding import PIPELINE_AXIS, constrain, gather_weight
 
 PIPE = PIPELINE_AXIS
 OUTER = ("embed", "final_norm", "head")  # weights outside the layer stack
+TICKS_AS_SCAN = False  # benchmarks/ab_step.py lever:ticks=scan: unrolled ticks as an unrolled lax.scan (traced t)
 
 
 def stages(mesh_shape: Any) -> int:
@@ -70,19 +82,32 @@ def check(cfg: Config, mesh_shape: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------- pieces
-def _stage_fn(cfg: Config, seq: int) -> Callable[[dict, jax.Array], jax.Array]:
-    """This stage's layers: x (batch, seq, hidden) -> same, scanning the local (L/p, ...) weights."""
+def _stage_fn(cfg: Config, seq: int) -> Callable[..., jax.Array]:
+    """This stage's layers: ``run(layers, x)`` scans x (batch, seq, hidden) through the local (L/p, ...) weights;
+    ``run(layers, x, start=i, count=n)`` through layers i .. i+n-1 of them, i traced (a circular schedule's chunk)."""
     m, par = cfg.model, cfg.parallel
     dtype = DTYPES[cfg.train.dtype]
     cos, sin = rope_tables(seq, m.dim_head, m.rope_theta)
-    layer = partial(block, m, dtype, par.attn_chunk, cos, sin, attn_impl=par.attn_impl, matmul_out=par.matmul_out)
-    if par.remat:
-        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[par.remat_policy], prevent_cse=False)
+    block_fn = partial(block, m, dtype, par.attn_chunk, cos, sin, attn_impl=par.attn_impl, matmul_out=par.matmul_out)
+    policy = REMAT_POLICIES[par.remat_policy]
+    layer = jax.checkpoint(block_fn, policy=policy, prevent_cse=False) if par.remat else block_fn
 
+    def layer_at(x, layers, i):
+        # the weights indexed *inside* the (checkpointed) layer: indexed outside, autodiff would save them per
+        # tick as residuals (the 70B plan, pp8 x v2: 647 GiB temp); recomputing an index costs nothing
+        w = jax.tree.map(lambda a: checkpoint_name(jax.lax.dynamic_index_in_dim(a, i, keepdims=False), "pipe_w"),
+                         layers)
+        return block_fn(x, w)
+
+    layer_at = jax.checkpoint(layer_at, prevent_cse=False, policy=policy if par.remat else
+                              jax.checkpoint_policies.save_anything_except_these_names("pipe_w"))
     unroll = par.layer_unroll(m.n_layers)  # as model.forward: small models unroll their layer loop
 
-    def run(layers: dict, x: jax.Array) -> jax.Array:
-        x, _ = jax.lax.scan(lambda c, w: (layer(c, w), None), x, layers, unroll=unroll)
+    def run(layers: dict, x: jax.Array, start: jax.Array | None = None, count: int = 0) -> jax.Array:
+        if start is None:
+            x, _ = jax.lax.scan(lambda c, w: (layer(c, w), None), x, layers, unroll=unroll)
+        else:
+            x, _ = jax.lax.scan(lambda c, j: (layer_at(c, layers, start + j), None), x, jnp.arange(count))
         return x
 
     return run
@@ -136,19 +161,33 @@ def _varying(x: Any) -> Any:
     return jax.tree.map(cast, x)
 
 
-def _shift(x: jax.Array, p: int, step: int) -> jax.Array:
-    """Send to stage s + step (step = +1: activations forward, -1: cotangents backward); no wrap-around."""
-    perm = [(s, s + step) for s in range(p) if 0 <= s + step < p]
+def _shift(x: jax.Array, p: int, step: int, wrap: bool = False) -> jax.Array:
+    """Send to stage s + step (step = +1: activations forward, -1: cotangents backward); with ``wrap`` the last
+    stage sends to the first (the circular schedule's next round)."""
+    perm = [(s, (s + step) % p) for s in range(p) if wrap or 0 <= s + step < p]
     return jax.lax.ppermute(x, PIPE, perm)
+
+
+def _chunks(layers: dict, v: int) -> list[dict]:
+    """The stored (L, ...) stack as v contiguous chunks of L/v layers. Sharded over the p stages, chunk r puts
+    layers (r p + s) L/(p v) ... on stage s: its round-r logical stage of the circular schedule. (XLA moves the
+    (v-1)/v of each stage's layers that the stored contiguous blocks keep elsewhere, and their gradients back,
+    once per step; a split's transpose is a single concatenation.)"""
+    parts = jax.tree.map(lambda w: jnp.split(w, v, axis=0), layers)
+    return [jax.tree.map(lambda ps, r=r: ps[r], parts, is_leaf=lambda x: isinstance(x, list)) for r in range(v)]
 
 
 # --------------------------------------------------------------------------------------- GPipe
 def _gpipe(cfg: Config, p: int, params: dict, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(surrogate, mean loss) over the microbatches; differentiate the surrogate for the GPipe backward.
 
-    params: {"layers": local (L/p, ...) weights, embed, final_norm, head}; tokens (gas, batch, seq+1).
-    Runs per stage. The last stage runs the head, the loss *and their backward* in the tick where a
-    microbatch leaves it (overlapping the other stages' layers), outside autodiff; the surrogate
+    params: {"layers": local (L/p, ...) weights (in circular order when ``pipeline_repeats`` v > 1), embed,
+    final_norm, head}; tokens (gas, batch, seq+1). Runs per stage. Stage s works in tick t on item k = t - s:
+    round r = k // m (its r-th chunk of L/(p v) layers) of microbatch k % m; m v + p - 1 ticks in all. A
+    microbatch leaving the last stage before its last round goes back to stage 0 (ring shift) and waits in a
+    buffer of m activations until its next round starts there, m - p ticks later.
+    The last stage's output of the last round runs the head, the loss *and their backward* in that tick
+    (overlapping the other stages' layers), outside autodiff; the surrogate
     ``sum_i <dL/dy_i, y_i> + <dL/dhead, head> + <dL/dnorm, norm>`` then has exactly the loss's gradient
     for every parameter. So no head weight or logits are saved per tick for the backward.
     """
@@ -156,6 +195,7 @@ def _gpipe(cfg: Config, p: int, params: dict, tokens: jax.Array) -> tuple[jax.Ar
     # (the transpose of this cast), and model.matmul's custom vjp sees matching types
     params = {"layers": params["layers"], **_outer_weights(cfg, params)}
     m, seq = tokens.shape[0], tokens.shape[2] - 1
+    v = cfg.parallel.pipeline_repeats
     s = jax.lax.axis_index(PIPE)
     run = _stage_fn(cfg, seq)
     inputs, labels = tokens[:, :, :-1], tokens[:, :, 1:]  # (gas, batch, seq)
@@ -176,14 +216,44 @@ def _gpipe(cfg: Config, p: int, params: dict, tokens: jax.Array) -> tuple[jax.Ar
     else:
         head_grad = jax.value_and_grad(lambda y, n, h, lab: _head_loss(cfg, y, n, h, lab) / m, argnums=(0, 1, 2))
     f32 = jnp.float32
+    # v > 1: params["layers"] is the list of this stage's v chunks (see _chunks); a traced tick indexes them stacked
+    chunks = params["layers"] if v > 1 else [params["layers"]]
+    lc = jax.tree.leaves(chunks[0])[0].shape[0]  # layers per chunk
+    stacked = jax.tree.map(lambda *c: jnp.concatenate(c), *chunks) if v > 1 else params["layers"]
+
+    def chunk(t):
+        """This stage's layers for tick t: its chunk of round clip((t - s) // m). With t a Python int (unrolled
+        ticks) every stage is in one of two rounds, usually the same one: that chunk, else a select of two."""
+        if v == 1:
+            return params["layers"]
+        rnd = jnp.clip((t - s) // m, 0, v - 1)
+        if isinstance(t, int):
+            first, last = (min(max((t - q) // m, 0), v - 1) for q in (0, p - 1))  # stage 0's and p-1's round
+            if first == last:
+                return chunks[first]
+            return jax.tree.map(lambda a, b: jnp.where(rnd == first, a, b), chunks[first], chunks[last])
+        return rnd * lc  # traced ticks: the chunk's first layer, indexed inside each layer (see _stage_fn)
 
     def tick(carry, t):
-        recv, surrogate, loss, dnorm, dhead = carry  # recv: (batch, seq, hidden) from stage s-1 last tick
-        # stage 0 feeds microbatch t (bubble ticks t >= m recompute the last one; their output is never used)
-        x = jax.lax.cond(s == 0, lambda: _varying(_embed(cfg, params["embed"], inputs[jnp.minimum(t, m - 1)])),
-                         lambda: recv)
-        y = run(params["layers"], x)
-        i = t - (p - 1)  # the microbatch leaving the last stage this tick
+        recv, buf, surrogate, loss, dnorm, dhead = carry  # recv: (batch, seq, hidden) from stage s-1 last tick
+        static = isinstance(t, int)
+        if v > 1:  # on stage 0, recv is the last stage's output of item t - p: park it until round r+1 starts
+            buf = buf.at[(t - p) % m].set(recv)
+
+        def feed():  # stage 0: microbatch t's embedding in round 0 (bubble ticks repeat the last one), else the buffer
+            emb = lambda: _varying(_embed(cfg, params["embed"], inputs[jnp.minimum(t, m - 1)]))  # noqa: E731
+            if v == 1 or (static and t < m):
+                return emb()
+            if static:
+                return buf[t % m]
+            return jax.lax.cond(t < m, emb, lambda: buf[t % m])
+
+        if static:  # (a cond per unrolled tick trips XLA's conditional-sharding check on a tensor-sharded embedding)
+            x = jnp.where(s == 0, feed(), recv)
+        else:
+            x = jax.lax.cond(s == 0, feed, lambda: recv)
+        y = run(chunk(t), x) if static or v == 1 else run(stacked, x, start=chunk(t), count=lc)
+        i = t - (p - 1) - (v - 1) * m  # the microbatch leaving the last stage after its last round this tick
 
         def last(y):
             li, (dy, dn, dh) = head_grad(y, norm_w, head_w, labels[jnp.maximum(i, 0)])
@@ -192,26 +262,35 @@ def _gpipe(cfg: Config, p: int, params: dict, tokens: jax.Array) -> tuple[jax.Ar
         def other(y):
             return _varying((jnp.zeros((), f32), jnp.zeros_like(y), jnp.zeros_like(dnorm), jnp.zeros_like(dhead)))
 
+        send = _shift(y, p, +1, wrap=v > 1)
+        if static and i < 0:  # no microbatch leaves in this tick: no head work at all
+            return (send, buf, surrogate, loss, dnorm, dhead), None
         if split:
             # every stage gets the microbatch leaving the last stage and runs its share of the head on it
             # (in fp32: a bf16 all-reduce here aborts XLA:CPU's AllReducePromotion pass, jax 0.10.2)
             y_out = jax.lax.psum(jnp.where(s == p - 1, jax.lax.stop_gradient(y).astype(f32), 0), PIPE).astype(y.dtype)
-            li, dy, dn, dh = jax.lax.cond(i >= 0, last, other, y_out)
+            li, dy, dn, dh = last(y_out) if static else jax.lax.cond(i >= 0, last, other, y_out)
             li = jnp.where(s == p - 1, li, 0.0)  # the same value on every stage: count it once
             dy = jnp.where(s == p - 1, dy, 0)  # (dn, dh: each stage's own share; summed over stages below)
         else:
             li, dy, dn, dh = jax.lax.cond((s == p - 1) & (i >= 0), last, other, jax.lax.stop_gradient(y))
         surrogate = surrogate + jnp.sum(dy.astype(f32) * y.astype(f32))  # d/dy = dy
-        return (_shift(y, p, +1), surrogate, loss + li, dnorm + dn, dhead + dh), None
+        return (send, buf, surrogate, loss + li, dnorm + dn, dhead + dh), None
 
     zero = jnp.zeros((), f32)
-    init = _varying((jnp.zeros(act.shape, act.dtype), zero, zero, jnp.zeros(norm_w.shape, f32),
-                     jnp.zeros(head_w.shape, f32)))
-    # a model small enough to unroll its layers (ParallelConfig.layer_unroll) unrolls its ticks too: no
-    # loop-carried residual stacks (-10 % step time, -8 to -15 % XLA temp on the bench preset, pp2 GAS 4)
-    ticks, n_layers = m + p - 1, cfg.model.n_layers
-    unroll = ticks if cfg.parallel.layer_unroll(n_layers) == n_layers and ticks <= 16 else 1
-    (_, surrogate, loss, dnorm, dhead), _ = jax.lax.scan(tick, init, jnp.arange(ticks), unroll=unroll)
+    buf = jnp.zeros((m, *act.shape), act.dtype) if v > 1 else None  # (gas, batch, seq, hidden)
+    carry = _varying((jnp.zeros(act.shape, act.dtype), buf, zero, zero, jnp.zeros(norm_w.shape, f32),
+                      jnp.zeros(head_w.shape, f32)))
+    # a model small enough to unroll its layers (ParallelConfig.layer_unroll) unrolls its ticks too, as a
+    # Python loop: no loop-carried residual stacks (-10 % step time, -8 to -15 % XLA temp on the bench
+    # preset, pp2 GAS 4), and each tick knows statically which chunk it runs and whether the head does
+    ticks, n_layers = m * v + p - 1, cfg.model.n_layers
+    if cfg.parallel.layer_unroll(n_layers) == n_layers and ticks <= 16 and not TICKS_AS_SCAN:
+        for t in range(ticks):
+            carry, _ = tick(carry, t)
+    else:
+        carry, _ = jax.lax.scan(tick, carry, jnp.arange(ticks))
+    _, _, surrogate, loss, dnorm, dhead = carry
     if split:  # this stage's columns back into the head's shape
         full = jnp.zeros((dhead.shape[0], dhead.shape[1], p), f32)
         dhead = jax.lax.dynamic_update_index_in_dim(full, dhead, s, axis=2).reshape(dhead.shape[0], -1)
@@ -323,8 +402,15 @@ def loss_and_grads(cfg: Config, mesh: Mesh, params: dict, batch: jax.Array) -> t
     check(cfg, mesh.shape)
     specs = _specs(params)
     if cfg.parallel.pipeline_schedule == "gpipe":
-        fn = jax.shard_map(partial(_gpipe, cfg, p), mesh=mesh, in_specs=(specs, P()), out_specs=(P(), P()),
-                           axis_names={PIPE})
+        v = cfg.parallel.pipeline_repeats
+        if v > 1:  # the layers as v chunks (circular schedule), each sharded over the stages
+            specs = dict(specs, layers=[specs["layers"]] * v)
+        staged = jax.shard_map(partial(_gpipe, cfg, p), mesh=mesh, in_specs=(specs, P()), out_specs=(P(), P()),
+                               axis_names={PIPE})
+
+        def fn(params, batch):
+            return staged(dict(params, layers=_chunks(params["layers"], v)) if v > 1 else params, batch)
+
         (_, loss), grads = jax.value_and_grad(fn, has_aux=True)(params, batch)
         return loss, grads
     fn = jax.shard_map(partial(_one_f_one_b, cfg, p), mesh=mesh, in_specs=(specs, P()), out_specs=(P(), specs),

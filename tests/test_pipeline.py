@@ -82,6 +82,48 @@ def test_pipeline_data_tensor_equals_single_device(reference, schedule, head):
     assert_tree_close(tr.logical_params(grads), ref_grads, rtol=1e-5)
 
 
+@pytest.mark.parametrize("over", [
+    {"parallel.mesh": "pipeline=2"},  # unrolled ticks: each tick's chunk is static, a select where stages straddle
+    {"parallel.mesh": "pipeline=2", "parallel.scan_unroll": 1},  # a lax.scan over ticks: chunks by dynamic slice
+    pytest.param({"parallel.mesh": "pipeline=2", "parallel.scan_unroll": 1, "parallel.remat": True},
+                 marks=pytest.mark.slow),
+    pytest.param({"parallel.mesh": "pipeline=2", "parallel.pipeline_head": "last"}, marks=pytest.mark.slow),
+    pytest.param({"parallel.mesh": "pipeline=2,data=2,tensor=2", "parallel.zero": 1}, marks=pytest.mark.slow)],
+    ids=["unrolled", "scanned", "scanned-remat", "head-last", "data-tensor"])
+def test_circular_pipeline_equals_single_device(reference, over):
+    """pipeline_repeats=2: 4 layers on 2 stages in 4 chunks of 1; stage 0 runs layers 0 and 2, stage 1 layers 1, 3."""
+    ref_loss, ref_grads, batch = reference
+    cfg = load_config("tiny", {**BASE, "parallel.pipeline_repeats": 2, **over})
+    mesh = make_mesh(cfg.mesh_shape())
+    tr = Trainer.build(cfg, mesh)
+    params, _ = tr.init_state()
+    with activate(mesh):
+        b = jax.device_put(batch, batch_sharding(mesh))
+        loss, grads = jax.jit(lambda p, b: pipeline.loss_and_grads(cfg, mesh, p, b))(params, b)
+    assert float(loss) == pytest.approx(ref_loss, rel=1e-5)
+    assert_tree_close(tr.logical_params(grads), ref_grads, rtol=1e-5)  # in stored layer order
+
+
+def test_circular_pipeline_with_gas_equal_to_stages():
+    """m = p: the last stage's output re-enters stage 0 in the very next tick (written and read in one tick)."""
+    over = {**BASE, "parallel.gas": 2, "model.n_layers": 8}
+    cfg1 = load_config("tiny", {**over, "parallel.mesh": "data=1"})
+    tr1 = Trainer.build(cfg1, make_mesh(cfg1.mesh_shape()))
+    params, _ = tr1.init_state()
+    batch = _batch(cfg1)[:2]
+    with activate(tr1.mesh):
+        ref_loss, ref_grads = jax.jit(jax.value_and_grad(lambda p: (tr1.loss_fn(p, batch[0])
+                                                                    + tr1.loss_fn(p, batch[1])) / 2))(params)
+    cfg = load_config("tiny", {**over, "parallel.mesh": "pipeline=2", "parallel.pipeline_repeats": 4})
+    mesh = make_mesh(cfg.mesh_shape())
+    tr = Trainer.build(cfg, mesh)
+    params, _ = tr.init_state()
+    with activate(mesh):
+        loss, grads = jax.jit(lambda p, b: pipeline.loss_and_grads(cfg, mesh, p, b))(params, batch)
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
+    assert_tree_close(tr.logical_params(grads), ref_grads, rtol=1e-5)
+
+
 def test_stages_store_only_their_layers():
     cfg = load_config("tiny", {**BASE, "model.n_layers": 8, "parallel.mesh": "pipeline=4,data=2", "parallel.zero": 1})
     mesh = make_mesh(cfg.mesh_shape())
@@ -163,6 +205,20 @@ def test_bad_pipeline_configs_raise_before_compile():
                                      "parallel.zero": 1}), {"pipeline": 4})
     pipeline.check(cfg_for(4, **{"model.n_layers": 4, "model.vocab_size": 258, "model.vocab_pad_to": 2,
                                  "parallel.zero": 1, "parallel.pipeline_head": "last"}), {"pipeline": 4})
+    with pytest.raises(ConfigError, match=r"pipeline_repeats=3: model.n_layers=4 does not split into pipeline x "
+                       r"repeats = 6 equal chunks; pick repeats from \[1, 2\]"):
+        pipeline.check(cfg_for(2, **{"model.n_layers": 4, "parallel.zero": 1, "parallel.gas": 4,
+                                     "parallel.pipeline_repeats": 3}), {"pipeline": 2})
+    with pytest.raises(ConfigError, match=r"gas=1 < pipeline=2; set --gas 2 or more, or parallel.pipeline_repeats=1"):
+        pipeline.check(cfg_for(2, **{"model.n_layers": 4, "parallel.zero": 1, "parallel.pipeline_repeats": 2}),
+                       {"pipeline": 2})
+    with pytest.raises(ConfigError, match=r"pipeline_repeats=2 runs with parallel.pipeline_schedule=gpipe only"):
+        pipeline.check(cfg_for(2, **{"model.n_layers": 4, "parallel.zero": 1, "parallel.gas": 4,
+                                     "parallel.pipeline_repeats": 2, "parallel.pipeline_schedule": "1f1b"}),
+                       {"pipeline": 2})
+    with pytest.raises(ConfigError, match=r"pipeline_repeats=0 must be >= 1"):
+        pipeline.check(cfg_for(2, **{"model.n_layers": 4, "parallel.zero": 1, "parallel.pipeline_repeats": 0}),
+                       {"pipeline": 2})
     with pytest.raises(ConfigError, match="ZeRO 0 or 1"):
         pipeline.check(cfg_for(2, **{"model.n_layers": 4, "parallel.zero": 3}), {"pipeline": 2})
     # and the trainer refuses before building anything

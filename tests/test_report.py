@@ -92,6 +92,15 @@ def test_bad_arguments(argv, msg, capsys, tmp_path):
     assert msg in capsys.readouterr().err
 
 
+def test_default_layouts_are_the_studys_and_the_circular_pipeline_runs_by_name():
+    default = report.build_parser().parse_args([]).layouts.split(",")
+    assert default == ["zero1", "zero2", "zero3", "zero3-hpz", "mics", "tp2", "tp2-zero2", "pp2-zero1"]
+    circ = report.LAYOUTS["pp2v2-zero1"].overrides()
+    assert circ["parallel.pipeline_repeats"] == 2 and circ["parallel.mesh"] == report.LAYOUTS["pp2-zero1"].mesh
+    cfg = report.run_config("bench", report.LAYOUTS["pp2v2-zero1"], "fp32", 3, "runs", "torch")  # 4 layers
+    assert cfg.parallel.pipeline_repeats == 2  # both sides load it; only the JAX trainer has the schedule
+
+
 def test_missing_run_is_named(tmp_path):
     with pytest.raises(report.ReportError, match="no such run directory"):
         report.load_run(tmp_path / "nope")
