@@ -104,6 +104,7 @@ def test_circular_pipeline_equals_single_device(reference, over):
     assert_tree_close(tr.logical_params(grads), ref_grads, rtol=1e-5)  # in stored layer order
 
 
+@pytest.mark.slow
 def test_circular_pipeline_with_gas_equal_to_stages():
     """m = p: the last stage's output re-enters stage 0 in the very next tick (written and read in one tick)."""
     over = {**BASE, "parallel.gas": 2, "model.n_layers": 8}
