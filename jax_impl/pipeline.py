@@ -181,9 +181,10 @@ def _chunks(layers: dict, v: int) -> list[dict]:
 def _gpipe(cfg: Config, p: int, params: dict, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(surrogate, mean loss) over the microbatches; differentiate the surrogate for the GPipe backward.
 
-    params: {"layers": local (L/p, ...) weights (in circular order when ``pipeline_repeats`` v > 1), embed,
-    final_norm, head}; tokens (gas, batch, seq+1). Runs per stage. Stage s works in tick t on item k = t - s:
-    round r = k // m (its r-th chunk of L/(p v) layers) of microbatch k % m; m v + p - 1 ticks in all. A
+    params: {"layers": local (L/p, ...) weights (with ``pipeline_repeats`` v > 1: a list of the stage's v
+    chunks of L/(p v), see ``_chunks``), embed, final_norm, head}; tokens (gas, batch, seq+1). Runs per stage.
+    Stage s works in tick t on item k = t - s: round r = k // m (its r-th chunk of layers) of microbatch
+    k % m; m v + p - 1 ticks in all. A
     microbatch leaving the last stage before its last round goes back to stage 0 (ring shift) and waits in a
     buffer of m activations until its next round starts there, m - p ticks later.
     The last stage's output of the last round runs the head, the loss *and their backward* in that tick
