@@ -43,6 +43,17 @@ def reference():
     return float(value), grads, batch
 
 
+def _pipelined(cfg, batch) -> tuple[float, dict, dict]:
+    """Loss, logical and stored gradients of pipeline.loss_and_grads for cfg on batch (over the mesh's data axes)."""
+    mesh = make_mesh(cfg.mesh_shape())
+    tr = Trainer.build(cfg, mesh)
+    params, _ = tr.init_state()
+    with activate(mesh):
+        b = jax.device_put(batch, batch_sharding(mesh))
+        loss, grads = jax.jit(lambda p, b: pipeline.loss_and_grads(cfg, mesh, p, b))(params, b)
+    return float(loss), tr.logical_params(grads), grads
+
+
 CASES = [(p, sched, remat) for p in (2, 4) for sched in ("gpipe", "1f1b") for remat in (False, True)]
 FAST = {(2, "gpipe", False), (4, "1f1b", False)}  # + pp2 1F1B remat on data x tensor below; the rest: slow tier
 
@@ -54,14 +65,10 @@ def test_pipeline_loss_and_grads_equal_single_device(reference, stages, schedule
     ref_loss, ref_grads, batch = reference
     cfg = load_config("tiny", {**BASE, "parallel.mesh": f"pipeline={stages}", "parallel.remat": remat,
                                "parallel.pipeline_schedule": schedule})
-    mesh = make_mesh(cfg.mesh_shape())
-    tr = Trainer.build(cfg, mesh)
-    params, _ = tr.init_state()
-    with activate(mesh):
-        loss, grads = jax.jit(lambda p, b: pipeline.loss_and_grads(cfg, mesh, p, b))(params, batch)
-    assert float(loss) == pytest.approx(ref_loss, rel=1e-5)
-    assert_tree_close(tr.logical_params(grads), ref_grads, rtol=1e-5)
-    assert grads["layers"]["w_up"].sharding.spec[0] == "pipeline"  # gradients stay with their stage
+    loss, grads, stored = _pipelined(cfg, batch)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert_tree_close(grads, ref_grads, rtol=1e-5)
+    assert stored["layers"]["w_up"].sharding.spec[0] == "pipeline"  # gradients stay with their stage
 
 
 @pytest.mark.parametrize("schedule,head", [("1f1b", "last"), ("gpipe", "split"),
@@ -72,19 +79,14 @@ def test_pipeline_data_tensor_equals_single_device(reference, schedule, head):
     cfg = load_config("tiny", {**BASE, "parallel.mesh": "pipeline=2,data=2,tensor=2", "parallel.zero": 1,
                                "parallel.pipeline_schedule": schedule, "parallel.remat": schedule == "1f1b",
                                "parallel.pipeline_head": head})
-    mesh = make_mesh(cfg.mesh_shape())
-    tr = Trainer.build(cfg, mesh)
-    params, _ = tr.init_state()
-    with activate(mesh):
-        b = jax.device_put(batch, batch_sharding(mesh))
-        loss, grads = jax.jit(lambda p, b: pipeline.loss_and_grads(cfg, mesh, p, b))(params, b)
-    assert float(loss) == pytest.approx(ref_loss, rel=1e-5)
-    assert_tree_close(tr.logical_params(grads), ref_grads, rtol=1e-5)
+    loss, grads, _ = _pipelined(cfg, batch)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert_tree_close(grads, ref_grads, rtol=1e-5)
 
 
 @pytest.mark.parametrize("over", [
     {"parallel.mesh": "pipeline=2"},  # unrolled ticks: each tick's chunk is static, a select where stages straddle
-    {"parallel.mesh": "pipeline=2", "parallel.scan_unroll": 1},  # a lax.scan over ticks: chunks by dynamic slice
+    {"parallel.mesh": "pipeline=2", "parallel.scan_unroll": 1},  # a lax.scan over ticks: chunk indexed per layer
     pytest.param({"parallel.mesh": "pipeline=2", "parallel.scan_unroll": 1, "parallel.remat": True},
                  marks=pytest.mark.slow),
     pytest.param({"parallel.mesh": "pipeline=2", "parallel.pipeline_head": "last"}, marks=pytest.mark.slow),
@@ -93,15 +95,9 @@ def test_pipeline_data_tensor_equals_single_device(reference, schedule, head):
 def test_circular_pipeline_equals_single_device(reference, over):
     """pipeline_repeats=2: 4 layers on 2 stages in 4 chunks of 1; stage 0 runs layers 0 and 2, stage 1 layers 1, 3."""
     ref_loss, ref_grads, batch = reference
-    cfg = load_config("tiny", {**BASE, "parallel.pipeline_repeats": 2, **over})
-    mesh = make_mesh(cfg.mesh_shape())
-    tr = Trainer.build(cfg, mesh)
-    params, _ = tr.init_state()
-    with activate(mesh):
-        b = jax.device_put(batch, batch_sharding(mesh))
-        loss, grads = jax.jit(lambda p, b: pipeline.loss_and_grads(cfg, mesh, p, b))(params, b)
-    assert float(loss) == pytest.approx(ref_loss, rel=1e-5)
-    assert_tree_close(tr.logical_params(grads), ref_grads, rtol=1e-5)  # in stored layer order
+    loss, grads, _ = _pipelined(load_config("tiny", {**BASE, "parallel.pipeline_repeats": 2, **over}), batch)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert_tree_close(grads, ref_grads, rtol=1e-5)  # in stored layer order
 
 
 @pytest.mark.slow
@@ -116,13 +112,9 @@ def test_circular_pipeline_with_gas_equal_to_stages():
         ref_loss, ref_grads = jax.jit(jax.value_and_grad(lambda p: (tr1.loss_fn(p, batch[0])
                                                                     + tr1.loss_fn(p, batch[1])) / 2))(params)
     cfg = load_config("tiny", {**over, "parallel.mesh": "pipeline=2", "parallel.pipeline_repeats": 4})
-    mesh = make_mesh(cfg.mesh_shape())
-    tr = Trainer.build(cfg, mesh)
-    params, _ = tr.init_state()
-    with activate(mesh):
-        loss, grads = jax.jit(lambda p, b: pipeline.loss_and_grads(cfg, mesh, p, b))(params, batch)
-    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
-    assert_tree_close(tr.logical_params(grads), ref_grads, rtol=1e-5)
+    loss, grads, _ = _pipelined(cfg, batch)
+    assert loss == pytest.approx(float(ref_loss), rel=1e-5)
+    assert_tree_close(grads, ref_grads, rtol=1e-5)
 
 
 def test_stages_store_only_their_layers():
