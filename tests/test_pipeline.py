@@ -86,7 +86,8 @@ def test_pipeline_data_tensor_equals_single_device(reference, schedule, head):
 
 @pytest.mark.parametrize("over", [
     {"parallel.mesh": "pipeline=2"},  # unrolled ticks: each tick's chunk is static, a select where stages straddle
-    {"parallel.mesh": "pipeline=2", "parallel.scan_unroll": 1},  # a lax.scan over ticks: chunk indexed per layer
+    pytest.param({"parallel.mesh": "pipeline=2", "parallel.scan_unroll": 1},  # lax.scan ticks: chunk indexed per layer
+                 marks=pytest.mark.slow),
     pytest.param({"parallel.mesh": "pipeline=2", "parallel.scan_unroll": 1, "parallel.remat": True},
                  marks=pytest.mark.slow),
     pytest.param({"parallel.mesh": "pipeline=2", "parallel.pipeline_head": "last"}, marks=pytest.mark.slow),
