@@ -31,6 +31,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -43,16 +44,11 @@ def lever(name: str, value: str) -> Iterator[None]:
     from jax_impl import sharding
 
     if name == "zero_dim" and value == "embed":
-        orig = sharding.ZeroPlan.zero_dim
-
         def embed_dim(self, names, shape):
             return next(i for i, n in enumerate(names) if n in sharding.ZERO_DIMS)
 
-        sharding.ZeroPlan.zero_dim = embed_dim
-        try:
+        with mock.patch.object(sharding.ZeroPlan, "zero_dim", embed_dim):
             yield
-        finally:
-            sharding.ZeroPlan.zero_dim = orig
     elif name == "step_grads" and value == "stored":
         from jax_impl.trainer import Trainer
 
@@ -63,49 +59,34 @@ def lever(name: str, value: str) -> Iterator[None]:
             tr.opt_leaf_sh = tr.grad_sh  # reduce gradients into their stored ZeRO sharding (ZeRO-1: all-reduce)
             return tr
 
-        Trainer.build = classmethod(build)
-        try:
+        with mock.patch.object(Trainer, "build", classmethod(build)):
             yield
-        finally:
-            Trainer.build = classmethod(orig_build)
     elif name == "cpu_options" and value == "none":
         from jax_impl import devices
 
-        orig_opts, devices.CPU_COMPILER_OPTIONS = devices.CPU_COMPILER_OPTIONS, {}
-        try:
+        with mock.patch.object(devices, "CPU_COMPILER_OPTIONS", {}):
             yield
-        finally:
-            devices.CPU_COMPILER_OPTIONS = orig_opts
     elif name == "attn_vjp" and value == "autodiff":
         from jax_impl import model
 
         def plain(q, k, v, q_offset):  # the same forward, differentiated by JAX
             return model._attend_fwd(q, k, v, q_offset)[0]
 
-        orig, model._attend = model._attend, plain
-        try:
+        with mock.patch.object(model, "_attend", plain):
             yield
-        finally:
-            model._attend = orig
     elif name == "norm" and value == "optax":
         import optax
 
         from jax_impl import trainer
-        orig, trainer.global_norm = trainer.global_norm, optax.tree.norm
-        try:
+        with mock.patch.object(trainer, "global_norm", optax.tree.norm):
             yield
-        finally:
-            trainer.global_norm = orig
     elif name == "clip" and value == "optax":
         import optax
 
         from jax_impl import trainer
 
-        orig, trainer.clip_by_global_norm = trainer.clip_by_global_norm, optax.clip_by_global_norm
-        try:
+        with mock.patch.object(trainer, "clip_by_global_norm", optax.clip_by_global_norm):
             yield
-        finally:
-            trainer.clip_by_global_norm = orig
     elif name == "guard" and value == "select":
         from jax_impl import trainer
 
@@ -113,11 +94,8 @@ def lever(name: str, value: str) -> Iterator[None]:
             new = apply(params, opt_state, grads)
             return jax.tree.map(lambda n, o: jax.numpy.where(ok, n, o), new, (params, opt_state))
 
-        orig, trainer.guarded_update = trainer.guarded_update, select
-        try:
+        with mock.patch.object(trainer, "guarded_update", select):
             yield
-        finally:
-            trainer.guarded_update = orig
     elif (name, value) == ("attn_layout", "seq"):
         from jax_impl import model
         jnp = jax.numpy
@@ -150,19 +128,13 @@ def lever(name: str, value: str) -> Iterator[None]:
 
         seq_major = jax.custom_vjp(lambda q, k, v, q_offset: fwd(q, k, v, q_offset)[0])
         seq_major.defvjp(fwd, bwd)
-        orig, model._attend = model._attend, seq_major
-        try:
+        with mock.patch.object(model, "_attend", seq_major):
             yield
-        finally:
-            model._attend = orig
     elif name == "ticks" and value == "scan":
         from jax_impl import pipeline
 
-        pipeline.TICKS_AS_SCAN = True
-        try:
+        with mock.patch.object(pipeline, "TICKS_AS_SCAN", True):
             yield
-        finally:
-            pipeline.TICKS_AS_SCAN = False
     else:
         raise SystemExit(f"unknown lever {name}={value}; known: zero_dim=embed, step_grads=stored, "
                          "cpu_options=none, guard=select, attn_vjp=autodiff, clip=optax, attn_layout=seq, norm=optax, "
