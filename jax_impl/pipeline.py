@@ -184,9 +184,9 @@ def _gpipe(cfg: Config, p: int, params: dict, tokens: jax.Array) -> tuple[jax.Ar
     params: {"layers": local (L/p, ...) weights (with ``pipeline_repeats`` v > 1: a list of the stage's v
     chunks of L/(p v), see ``_chunks``), embed, final_norm, head}; tokens (gas, batch, seq+1). Runs per stage.
     Stage s works in tick t on item k = t - s: round r = k // m (its r-th chunk of layers) of microbatch
-    k % m; m v + p - 1 ticks in all. A
-    microbatch leaving the last stage before its last round goes back to stage 0 (ring shift) and waits in a
-    buffer of m activations until its next round starts there, m - p ticks later.
+    k % m; m v + p - 1 ticks in all. A microbatch leaving the last stage before its last round goes back to
+    stage 0 (ring shift) and waits in a buffer of m activations until its next round starts there, m - p
+    ticks later.
     The last stage's output of the last round runs the head, the loss *and their backward* in that tick
     (overlapping the other stages' layers), outside autodiff; the surrogate
     ``sum_i <dL/dy_i, y_i> + <dL/dhead, head> + <dL/dnorm, norm>`` then has exactly the loss's gradient
@@ -217,10 +217,15 @@ def _gpipe(cfg: Config, p: int, params: dict, tokens: jax.Array) -> tuple[jax.Ar
     else:
         head_grad = jax.value_and_grad(lambda y, n, h, lab: _head_loss(cfg, y, n, h, lab) / m, argnums=(0, 1, 2))
     f32 = jnp.float32
+    # a model small enough to unroll its layers (ParallelConfig.layer_unroll) unrolls its ticks too, as a
+    # Python loop: no loop-carried residual stacks (-10 % step time, -8 to -15 % XLA temp on the bench
+    # preset, pp2 GAS 4), and each tick knows statically which chunk it runs and whether the head does
+    ticks, n_layers = m * v + p - 1, cfg.model.n_layers
+    unrolled = cfg.parallel.layer_unroll(n_layers) == n_layers and ticks <= 16 and not TICKS_AS_SCAN
     # v > 1: params["layers"] is the list of this stage's v chunks (see _chunks); a traced tick indexes them stacked
     chunks = params["layers"] if v > 1 else [params["layers"]]
     lc = jax.tree.leaves(chunks[0])[0].shape[0]  # layers per chunk
-    stacked = jax.tree.map(lambda *c: jnp.concatenate(c), *chunks) if v > 1 else params["layers"]
+    stacked = jax.tree.map(lambda *c: jnp.concatenate(c), *chunks) if v > 1 and not unrolled else None
 
     def chunk(t):
         """This stage's layers for tick t: its chunk of round clip((t - s) // m). With t a Python int (unrolled
@@ -282,11 +287,7 @@ def _gpipe(cfg: Config, p: int, params: dict, tokens: jax.Array) -> tuple[jax.Ar
     buf = jnp.zeros((m, *act.shape), act.dtype) if v > 1 else None  # (gas, batch, seq, hidden)
     carry = _varying((jnp.zeros(act.shape, act.dtype), buf, zero, zero, jnp.zeros(norm_w.shape, f32),
                       jnp.zeros(head_w.shape, f32)))
-    # a model small enough to unroll its layers (ParallelConfig.layer_unroll) unrolls its ticks too, as a
-    # Python loop: no loop-carried residual stacks (-10 % step time, -8 to -15 % XLA temp on the bench
-    # preset, pp2 GAS 4), and each tick knows statically which chunk it runs and whether the head does
-    ticks, n_layers = m * v + p - 1, cfg.model.n_layers
-    if cfg.parallel.layer_unroll(n_layers) == n_layers and ticks <= 16 and not TICKS_AS_SCAN:
+    if unrolled:
         for t in range(ticks):
             carry, _ = tick(carry, t)
     else:
