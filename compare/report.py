@@ -26,7 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,9 @@ class LayoutSpec:
     extra: dict[str, Any] = field(default_factory=dict)
     note: str = ""
     default: bool = True  # in the default --layouts (the study's layouts); False: a JAX option, run by name
+    # JAX processes (multi-controller, gloo between them, the devices split evenly); DeepSpeed always runs
+    # one process per rank
+    jax_processes: int = 1
 
     def overrides(self) -> dict[str, Any]:
         return {"parallel.mesh": self.mesh, "parallel.zero": self.zero, **self.extra}
@@ -74,10 +77,17 @@ LAYOUTS = {spec.name: spec for spec in (
                "torch side: FSDP2 hybrid shard (DeepSpeed >= 0.19.7 has no MiCS)"),
     LayoutSpec("tp2", "data=1,tensor=2", 1, note="tensor parallel 2 + ZeRO-1"),
     LayoutSpec("tp2-zero2", "data=2,tensor=2", 2, note="the 42B layout's shape: TP + ZeRO-2"),
-    LayoutSpec("pp2-zero1", "pipeline=2,data=1", 1, {"parallel.gas": 4}, "Pipeline + ZeRO-1, GAS 4"),
-    LayoutSpec("pp2v2-zero1", "pipeline=2,data=1", 1, {"parallel.gas": 4, "parallel.pipeline_repeats": 2},
+    # a pipeline stage per JAX process, as DeepSpeed's ranks: in one process the two stages' programs share
+    # XLA's intra-op thread pool (memory-bound ops 2-3x slower per call; the step 0-15 % slower in alternating
+    # runs, docs/performance.md section 10); the head on the last stage, as DeepSpeed's, because with the split
+    # head every collective of the step ran 0.3-1 s over gloo (7.5-8.5 s per step instead of 1)
+    LayoutSpec("pp2-zero1", "pipeline=2,data=1", 1, {"parallel.gas": 4, "parallel.pipeline_head": "last"},
+               "Pipeline + ZeRO-1, GAS 4; JAX: 2 processes (a stage each), head on the last stage",
+               jax_processes=2),
+    LayoutSpec("pp2v2-zero1", "pipeline=2,data=1", 1, {"parallel.gas": 4, "parallel.pipeline_repeats": 2,
+                                                       "parallel.pipeline_head": "last"},
                "the same; JAX: circular schedule, 2 rounds of 1 layer per stage (DeepSpeed: its 1F1B, unchanged)",
-               default=False),
+               default=False, jax_processes=2),
 )}
 
 
@@ -152,37 +162,81 @@ def load_run(run_dir: Path) -> Run:
     return Run(meta.get("framework", "?"), run_dir, config, meta, metrics)
 
 
-def reusable(run_dir: Path, cfg: Config) -> bool:
+def reusable(run_dir: Path, cfg: Config, processes: int | None = None) -> bool:
+    """A finished run of exactly this config (and, for JAX, made by ``processes`` processes)."""
     try:
         run = load_run(run_dir)
     except ReportError:
         return False
+    if processes is not None and (run.meta.get("processes") or 1) != processes:
+        return False
     return not config_diff(run.config, cfg.to_dict()) and len(run.metrics) == cfg.train.steps
 
 
-def execute(framework: str, cfg: Config, log: Path, timeout_s: int) -> None:
-    """Run one trainer in its own process (fresh JAX device count / torch workers)."""
+def trainer_argv(framework: str, cfg: Config) -> list[str]:
+    """The trainer's command line for ``cfg``: the CLI's own flags, and every parallel setting that differs
+    from the preset's as a dotted override (a layout's extras: pipeline_repeats, pipeline_head, hpz, ...)."""
+    p, preset = cfg.parallel, load_config(cfg.preset).parallel
+    argv = [sys.executable, "-m", FRAMEWORKS[framework], "--preset", cfg.preset, "--quiet",
+            "--mesh", p.mesh, "--zero", str(p.zero), "--gas", str(p.gas), "--mbs", str(p.mbs),
+            "--steps", str(cfg.train.steps), "--dtype", cfg.train.dtype, "--wandb", "disabled",
+            "--out-dir", cfg.train.out_dir, "--name", cfg.train.name]
+    for f in fields(p):
+        value = getattr(p, f.name)
+        if f.name not in ("mesh", "zero", "gas", "mbs") and value != getattr(preset, f.name):
+            argv.append(f"--parallel.{f.name}={str(value).lower() if isinstance(value, bool) else value}")
+    return argv
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def execute(framework: str, cfg: Config, log: Path, timeout_s: int, processes: int = 1) -> None:
+    """Run one trainer in its own process(es): fresh JAX device count / torch workers. JAX with ``processes``
+    > 1 starts them as a launcher would (rank, size and coordinator in the environment; process 0 writes the
+    run directory); they are all waited for, and a failed one (or the timeout) stops the others."""
     run_dir = Path(cfg.train.out_dir) / cfg.train.name
     if run_dir.exists():  # a stale or different run of the same name: replace it
         import shutil
 
         shutil.rmtree(run_dir)
-    p = cfg.parallel
-    argv = [sys.executable, "-m", FRAMEWORKS[framework], "--preset", cfg.preset, "--quiet",
-            "--mesh", p.mesh, "--zero", str(p.zero), "--gas", str(p.gas), "--mbs", str(p.mbs),
-            "--steps", str(cfg.train.steps), "--dtype", cfg.train.dtype, "--wandb", "disabled",
-            "--out-dir", cfg.train.out_dir, "--name", cfg.train.name,
-            f"--parallel.hpz={str(p.hpz).lower()}", f"--parallel.mics={str(p.mics).lower()}"]
+    argv = trainer_argv(framework, cfg)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("XLA_FLAGS", None)
-    with log.open("w") as f:
-        try:
-            r = subprocess.run(argv, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise ReportError(f"{framework} run {cfg.train.name} exceeded {timeout_s}s (log {log})") from None
-    if r.returncode != 0:
-        tail = "\n".join(log.read_text().splitlines()[-6:])
-        raise ReportError(f"{framework} run {cfg.train.name} failed (exit {r.returncode}); log {log}:\n{tail}")
+    logs = [log] + [log.with_name(f"{log.stem}.{i}{log.suffix}") for i in range(1, processes)]
+    ranks: list[dict[str, str]] = [{}]
+    if processes > 1:
+        addr = f"127.0.0.1:{_free_port()}"
+        ranks = [{"PMI_RANK": str(i), "PMI_SIZE": str(processes), "JAX_COORDINATOR_ADDRESS": addr}
+                 for i in range(processes)]
+    files = [lg.open("w") for lg in logs]
+    procs = [subprocess.Popen(argv, cwd=ROOT, env={**env, **rank}, stdout=f, stderr=subprocess.STDOUT)
+             for rank, f in zip(ranks, files, strict=True)]
+    deadline = time.monotonic() + timeout_s
+    try:
+        while any(q.poll() is None for q in procs):
+            if any(q.poll() not in (None, 0) for q in procs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        timed_out = any(q.poll() is None for q in procs) and time.monotonic() > deadline
+        for q in procs:
+            if q.poll() is None:
+                q.kill()
+        codes = [q.wait() for q in procs]
+        for f in files:
+            f.close()
+    if timed_out:
+        raise ReportError(f"{framework} run {cfg.train.name} exceeded {timeout_s}s (log {log})")
+    for code, lg in zip(codes, logs, strict=True):
+        if code != 0:
+            tail = "\n".join(lg.read_text().splitlines()[-6:])
+            raise ReportError(f"{framework} run {cfg.train.name} failed (exit {code}); log {lg}:\n{tail}")
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -399,11 +453,15 @@ def compare_layout(preset: str, layout: LayoutSpec, dtype: str, steps: int, runs
                 diff = config_diff(found.config, cfg.to_dict())
                 if diff:
                     raise ReportError(f"{run_dir} was run with another config: " + "; ".join(diff))
-            elif rerun or not reusable(run_dir, cfg):
-                progress(f"{layout.name} {dtype}: running {fw}{tag}")
+            elif rerun or not reusable(run_dir, cfg, layout.jax_processes if fw == "jax" else None):
+                nproc = layout.jax_processes if fw == "jax" else 1
+                progress(f"{layout.name} {dtype}: running {fw}{tag}" + (f" ({nproc} processes)" if nproc > 1 else ""))
                 t = time.perf_counter()
-                execute(fw, cfg, runs_dir / f"{cfg.train.name}.log", timeout_s)
+                execute(fw, cfg, runs_dir / f"{cfg.train.name}.log", timeout_s, nproc)
                 progress(f"{layout.name} {dtype}: {fw} done in {time.perf_counter() - t:.0f}s")
+                diff = config_diff(load_run(run_dir).config, cfg.to_dict())
+                if diff:  # the trainer did not take a setting of the layout: its figures would be another layout's
+                    raise ReportError(f"{fw} run {run_dir} ran another config than the layout's: " + "; ".join(diff))
             else:
                 progress(f"{layout.name} {dtype}: reusing {run_dir}")
             runs[fw] = load_run(run_dir)

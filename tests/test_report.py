@@ -144,3 +144,41 @@ def test_repeats_alternate_pairs_and_report_the_median_pair_ratio(tmp_path, caps
     assert "zero1-fp32-jax-r4" in (out / "report.md").read_text()
     assert report.main([*args, "--repeats", "0"]) == 2
     assert "--repeats 0 must be >= 1" in capsys.readouterr().err
+
+
+def test_trainer_argv_carries_every_parallel_setting_of_the_layout():
+    cfg = report.run_config("bench", report.LAYOUTS["pp2v2-zero1"], "fp32", 3, "runs", "jax")
+    argv = report.trainer_argv("jax", cfg)
+    assert "--parallel.pipeline_repeats=2" in argv and "--parallel.pipeline_head=last" in argv
+    assert argv[argv.index("--mesh") + 1] == "pipeline=2,data=1" and argv[argv.index("--gas") + 1] == "4"
+    hpz = report.run_config("tiny", report.LAYOUTS["zero3-hpz"], "fp32", 3, "runs", "torch")
+    assert "--parallel.hpz=true" in report.trainer_argv("torch", hpz)
+    plain = report.trainer_argv("jax", report.run_config("tiny", report.LAYOUTS["zero1"], "fp32", 3, "runs", "jax"))
+    assert not [a for a in plain if a.startswith("--parallel.")]  # nothing that the preset already says
+
+
+def test_a_run_that_ignored_a_layout_setting_is_refused(tmp_path, monkeypatch):
+    # a trainer that dropped a setting of the layout (session 6's report dropped pipeline_repeats: its
+    # "circular" pp2v2 runs were v = 1)
+    def fake_execute(fw, cfg, log, timeout_s, processes=1):
+        make_run(tmp_path, "pp2-zero1", "fp32", fw, losses(3), **{"parallel.pipeline_head": "split"})
+
+    monkeypatch.setattr(report, "execute", fake_execute)
+    with pytest.raises(report.ReportError, match=r"ran another config than the layout's: parallel\.pipeline_head"):
+        report.compare_layout("tiny", report.LAYOUTS["pp2-zero1"], "fp32", 3, tmp_path, True, 60, print)
+
+
+@pytest.mark.slow
+def test_pipeline_pair_runs_jax_as_two_processes(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    code = report.main(["--layouts", "pp2-zero1", "--dtype", "fp32", "--steps", "3", "--runs", str(runs),
+                        "--out", str(out), "--assert"])
+    data = json.loads((out / "report.json").read_text())["layouts"]["pp2-zero1/fp32"]
+    assert code == 0, data.get("error") or data["parity"]["rel"]
+    meta = json.loads((runs / "pp2-zero1-fp32-jax" / "meta.json").read_text())
+    assert meta["processes"] == 2 and meta["devices"] == 2
+    assert (runs / "pp2-zero1-fp32-jax.1.log").is_file()  # process 1's own log
+    assert report.reusable(runs / "pp2-zero1-fp32-jax", report.run_config(
+        "tiny", report.LAYOUTS["pp2-zero1"], "fp32", 3, runs, "jax"), processes=2)
+    assert not report.reusable(runs / "pp2-zero1-fp32-jax", report.run_config(
+        "tiny", report.LAYOUTS["pp2-zero1"], "fp32", 3, runs, "jax"), processes=1)  # made by 2 processes
