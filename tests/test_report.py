@@ -182,3 +182,29 @@ def test_pipeline_pair_runs_jax_as_two_processes(tmp_path):
         "tiny", report.LAYOUTS["pp2-zero1"], "fp32", 3, runs, "jax"), processes=2)
     assert not report.reusable(runs / "pp2-zero1-fp32-jax", report.run_config(
         "tiny", report.LAYOUTS["pp2-zero1"], "fp32", 3, runs, "jax"), processes=1)  # made by 2 processes
+
+
+def test_execute_starts_ranks_as_a_launcher_would_and_drops_the_callers_launcher(tmp_path, monkeypatch):
+    started = []
+
+    class Done:
+        def __init__(self, argv, env, **kw):
+            started.append(env)
+
+        def poll(self):
+            return 0
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(report.subprocess, "Popen", Done)
+    monkeypatch.setenv("PMI_RANK", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    cfg = report.run_config("tiny", report.LAYOUTS["pp2-zero1"], "fp32", 3, tmp_path, "jax")
+    report.execute("jax", cfg, tmp_path / "one.log", 10)
+    assert "PMI_RANK" not in started[0] and "SLURM_NTASKS" not in started[0]
+    started.clear()
+    report.execute("jax", cfg, tmp_path / "two.log", 10, processes=2)
+    assert [(e["PMI_RANK"], e["PMI_SIZE"]) for e in started] == [("0", "2"), ("1", "2")]
+    assert started[0]["JAX_COORDINATOR_ADDRESS"] == started[1]["JAX_COORDINATOR_ADDRESS"]
+    assert "SLURM_NTASKS" not in started[1] and (tmp_path / "two.1.log").is_file()
