@@ -229,19 +229,19 @@ def execute(framework: str, cfg: Config, log: Path, timeout_s: int, processes: i
                 break
             time.sleep(0.2)
     finally:
-        timed_out = any(q.poll() is None for q in procs) and time.monotonic() > deadline
+        ended = [q.poll() for q in procs]  # before the kill: the process that failed on its own is the one to name
         for q in procs:
             if q.poll() is None:
                 q.kill()
-        codes = [q.wait() for q in procs]
+            q.wait()
         for f in files:
             f.close()
-    if timed_out:
-        raise ReportError(f"{framework} run {cfg.train.name} exceeded {timeout_s}s (log {log})")
-    for code, lg in zip(codes, logs, strict=True):
-        if code != 0:
+    for code, lg in zip(ended, logs, strict=True):
+        if code not in (None, 0):
             tail = "\n".join(lg.read_text().splitlines()[-6:])
             raise ReportError(f"{framework} run {cfg.train.name} failed (exit {code}); log {lg}:\n{tail}")
+    if None in ended:
+        raise ReportError(f"{framework} run {cfg.train.name} exceeded {timeout_s}s (log {log})")
 
 
 # ----------------------------------------------------------------------------- analysis

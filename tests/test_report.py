@@ -208,3 +208,25 @@ def test_execute_starts_ranks_as_a_launcher_would_and_drops_the_callers_launcher
     assert [(e["PMI_RANK"], e["PMI_SIZE"]) for e in started] == [("0", "2"), ("1", "2")]
     assert started[0]["JAX_COORDINATOR_ADDRESS"] == started[1]["JAX_COORDINATOR_ADDRESS"]
     assert "SLURM_NTASKS" not in started[1] and (tmp_path / "two.1.log").is_file()
+
+
+def test_execute_names_the_process_that_failed_not_the_one_it_stopped(tmp_path, monkeypatch):
+    class Rank:
+        def __init__(self, argv, env, stdout, **kw):
+            self.rank, self.code = int(env["PMI_RANK"]), None
+            stdout.write(f"rank {self.rank} log\n")
+            stdout.flush()
+
+        def poll(self):
+            return 3 if self.rank == 1 else self.code  # rank 1 fails; rank 0 would wait for it forever
+
+        def kill(self):
+            self.code = -9
+
+        def wait(self):
+            return self.poll()
+
+    monkeypatch.setattr(report.subprocess, "Popen", Rank)
+    cfg = report.run_config("tiny", report.LAYOUTS["pp2-zero1"], "fp32", 3, tmp_path, "jax")
+    with pytest.raises(report.ReportError, match=r"failed \(exit 3\); log .*run\.1\.log:\nrank 1 log"):
+        report.execute("jax", cfg, tmp_path / "run.log", 10, processes=2)
