@@ -28,8 +28,11 @@ Schedules (``parallel.pipeline_schedule``), with m = GAS microbatches of MBS sam
   neither logits nor a copy of the head weight are kept per tick. A model whose layers are unrolled
   (``ParallelConfig.layer_unroll``) unrolls the ticks as a Python loop: each tick then knows which
   stages hold a real microbatch, and ticks where none leaves run no head at all (bench pp2: -8 % step
-  time in fp32, -14 % in bf16 against the same ticks as an unrolled ``lax.scan``); larger models
-  ``lax.scan`` them.
+  time in fp32, -14 % in bf16 against the same ticks as an unrolled ``lax.scan``); in the p - 1 fill
+  and p - 1 drain ticks the stages without a microbatch skip their layers (a ``lax.cond`` on the
+  stage, so their backward is skipped too) and leave the cores to the busy stages' intra-op threads
+  (bench pp2, 2 processes: -8 to -11 % step time in fp32, -15 % in bf16); larger models ``lax.scan``
+  them.
   ``parallel.pipeline_repeats`` = v > 1 makes it circular (interleaved): each stage holds v chunks of
   L/(p v) layers (logical stages s, s+p, ...: chunk r of the stored stack's v contiguous chunks,
   sharded over the stages, see ``_chunks``), a microbatch goes round the ring v times, and
@@ -258,30 +261,40 @@ def _gpipe(cfg: Config, p: int, params: dict, tokens: jax.Array) -> tuple[jax.Ar
             x = jnp.where(s == 0, feed(), recv)
         else:
             x = jax.lax.cond(s == 0, feed, lambda: recv)
-        y = run(chunk(t), x) if static or v == 1 else run(stacked, x, start=chunk(t), count=lc)
+        if static and not p - 1 <= t < m * v:
+            # a fill or drain tick: the stages that hold no microbatch skip their layers (and so their backward),
+            # leaving the cores to the busy stages' intra-op threads instead of computing on a bubble
+            y = jax.lax.cond((t - s >= 0) & (t - s < m * v), lambda x: run(chunk(t), x), lambda x: x, x)
+        else:
+            y = run(chunk(t), x) if static or v == 1 else run(stacked, x, start=chunk(t), count=lc)
         i = t - (p - 1) - (v - 1) * m  # the microbatch leaving the last stage after its last round this tick
 
-        def last(y):
+        # the head's sums go into the branches: a stage that runs no head passes them through (returning zero
+        # gradients to add filled and added a head-sized buffer per tick and stage)
+        def last(y, sums):
             li, (dy, dn, dh) = head_grad(y, norm_w, head_w, labels[jnp.maximum(i, 0)])
-            return _varying((li, dy.astype(y.dtype), dn, dh))
+            if split:  # every stage has li and y's cotangent: count them on the last stage only
+                li, dy = jnp.where(s == p - 1, li, 0.0), jnp.where(s == p - 1, dy, 0)
+            return _varying((dy.astype(y.dtype), tuple(a + b for a, b in zip(sums, (li, dn, dh), strict=True))))
 
-        def other(y):
-            return _varying((jnp.zeros((), f32), jnp.zeros_like(y), jnp.zeros_like(dnorm), jnp.zeros_like(dhead)))
+        def other(y, sums):
+            return _varying(jnp.zeros_like(y)), sums
 
         send = _shift(y, p, +1, wrap=v > 1)
         if static and i < 0:  # no microbatch leaves in this tick: no head work at all
             return (send, buf, surrogate, loss, dnorm, dhead), None
         if split:
             # every stage gets the microbatch leaving the last stage and runs its share of the head on it
-            # (in fp32: a bf16 all-reduce here aborts XLA:CPU's AllReducePromotion pass, jax 0.10.2)
+            # (in fp32: a bf16 all-reduce here aborts XLA:CPU's AllReducePromotion pass, jax 0.10.2);
+            # dn, dh: each stage's own share, summed over the stages after the loop
             y_out = jax.lax.psum(jnp.where(s == p - 1, jax.lax.stop_gradient(y).astype(f32), 0), PIPE).astype(y.dtype)
-            li, dy, dn, dh = last(y_out) if static else jax.lax.cond(i >= 0, last, other, y_out)
-            li = jnp.where(s == p - 1, li, 0.0)  # the same value on every stage: count it once
-            dy = jnp.where(s == p - 1, dy, 0)  # (dn, dh: each stage's own share; summed over stages below)
+            run_head = last if static else partial(jax.lax.cond, i >= 0, last, other)
+            dy, (loss, dnorm, dhead) = run_head(y_out, (loss, dnorm, dhead))
         else:
-            li, dy, dn, dh = jax.lax.cond((s == p - 1) & (i >= 0), last, other, jax.lax.stop_gradient(y))
+            dy, (loss, dnorm, dhead) = jax.lax.cond((s == p - 1) & (i >= 0), last, other, jax.lax.stop_gradient(y),
+                                                    (loss, dnorm, dhead))
         surrogate = surrogate + jnp.sum(dy.astype(f32) * y.astype(f32))  # d/dy = dy
-        return (send, buf, surrogate, loss + li, dnorm + dn, dhead + dh), None
+        return (send, buf, surrogate, loss, dnorm, dhead), None
 
     zero = jnp.zeros((), f32)
     buf = jnp.zeros((m, *act.shape), act.dtype) if v > 1 else None  # (gas, batch, seq, hidden)

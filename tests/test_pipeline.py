@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -99,6 +100,34 @@ def test_circular_pipeline_equals_single_device(reference, over):
     loss, grads, _ = _pipelined(load_config("tiny", {**BASE, "parallel.pipeline_repeats": 2, **over}), batch)
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     assert_tree_close(grads, ref_grads, rtol=1e-5)  # in stored layer order
+
+
+def _conds_running_layers(jaxpr, ffn: int) -> int:
+    """How many ``cond``s (at any depth) have a branch with an FFN matmul, i.e. run a stage's layers conditionally."""
+    def has_ffn_dot(jx) -> bool:
+        return any((e.primitive.name == "dot_general" and any(ffn in v.aval.shape for v in e.invars))
+                   or any(has_ffn_dot(sub) for sub in jax.extend.core.jaxprs_in_params(e.params)) for e in jx.eqns)
+
+    n = 0
+    for e in jaxpr.eqns:
+        if e.primitive.name == "cond" and any(has_ffn_dot(b.jaxpr) for b in e.params["branches"]):
+            n += 1
+        n += sum(_conds_running_layers(sub, ffn) for sub in jax.extend.core.jaxprs_in_params(e.params))
+    return n
+
+
+@pytest.mark.parametrize("stages", [2, 4])
+def test_gpipe_fill_and_drain_ticks_skip_idle_stages(stages):
+    """The p - 1 fill and p - 1 drain ticks run the layers under a cond on the stage (forward and backward), so a
+    stage without a microbatch computes nothing; the m - p + 1 full ticks run them unconditionally."""
+    cfg = load_config("tiny", {**BASE, "parallel.mesh": f"pipeline={stages}"})
+    mesh = make_mesh(cfg.mesh_shape())
+    params, _ = Trainer.build(cfg, mesh).init_state()
+    batch = jax.ShapeDtypeStruct((GAS, MBS, cfg.data.seq_len + 1), jnp.int32)
+    with activate(mesh):
+        jaxpr = jax.make_jaxpr(lambda p, b: pipeline.loss_and_grads(cfg, mesh, p, b))(params, batch)
+    # forward: one cond per fill/drain tick; backward: their transposes
+    assert _conds_running_layers(jaxpr.jaxpr, cfg.model.ffn_hidden) == 2 * 2 * (stages - 1)
 
 
 @pytest.mark.slow
