@@ -31,8 +31,8 @@ Schedules (``parallel.pipeline_schedule``), with m = GAS microbatches of MBS sam
   time in fp32, -14 % in bf16 against the same ticks as an unrolled ``lax.scan``); in the p - 1 fill
   and p - 1 drain ticks the stages without a microbatch skip their layers (a ``lax.cond`` on the
   stage, so their backward is skipped too) and leave the cores to the busy stages' intra-op threads
-  (bench pp2, 2 processes: -8 to -11 % step time in fp32, -15 % in bf16); larger models ``lax.scan``
-  them.
+  (bench pp2, 2 processes: step time B/A median 0.92 over 9 fp32 rounds, 0.84-0.85 in bf16;
+  docs/performance.md §11); larger models ``lax.scan`` them.
   ``parallel.pipeline_repeats`` = v > 1 makes it circular (interleaved): each stage holds v chunks of
   L/(p v) layers (logical stages s, s+p, ...: chunk r of the stored stack's v contiguous chunks,
   sharded over the stages, see ``_chunks``), a microbatch goes round the ring v times, and
