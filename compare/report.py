@@ -196,10 +196,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def execute(framework: str, cfg: Config, log: Path, timeout_s: int, processes: int = 1) -> None:
+def execute(framework: str, cfg: Config, log: Path, timeout_s: int, processes: int = 1, root: Path = ROOT) -> None:
     """Run one trainer in its own process(es): fresh JAX device count / torch workers. JAX with ``processes``
     > 1 starts them as a launcher would (rank, size and coordinator in the environment; process 0 writes the
-    run directory); they are all waited for, and a failed one (or the timeout) stops the others."""
+    run directory); they are all waited for, and a failed one (or the timeout) stops the others. ``root``: the
+    source tree whose trainer runs (benchmarks/ab_processes.py runs two)."""
     run_dir = Path(cfg.train.out_dir) / cfg.train.name
     if run_dir.exists():  # a stale or different run of the same name: replace it
         import shutil
@@ -220,7 +221,7 @@ def execute(framework: str, cfg: Config, log: Path, timeout_s: int, processes: i
         ranks = [{"PMI_RANK": str(i), "PMI_SIZE": str(processes), "JAX_COORDINATOR_ADDRESS": addr}
                  for i in range(processes)]
     files = [lg.open("w") for lg in logs]
-    procs = [subprocess.Popen(argv, cwd=ROOT, env={**env, **rank}, stdout=f, stderr=subprocess.STDOUT)
+    procs = [subprocess.Popen(argv, cwd=root, env={**env, **rank}, stdout=f, stderr=subprocess.STDOUT)
              for rank, f in zip(ranks, files, strict=True)]
     deadline = time.monotonic() + timeout_s
     try:

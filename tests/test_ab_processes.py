@@ -16,7 +16,7 @@ def test_refuses_a_directory_that_is_not_a_project_tree(tmp_path, capsys):
         ab_processes.main(["--a", str(tmp_path), "--b", str(ROOT)])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert str(tmp_path) in err and "git worktree add" in err
+    assert str(tmp_path.resolve()) in err and "git worktree add" in err
 
 
 @pytest.mark.slow
@@ -28,3 +28,10 @@ def test_two_trees_as_process_pairs(capsys):
     assert m, out
     assert float(m.group(1)) > 0 and float(m.group(2)) > 0
     assert m.group(3) == m.group(4)  # one tree twice: the same losses
+
+
+def test_refuses_a_setting_the_trainers_would_not_get(capsys):
+    with pytest.raises(SystemExit) as exc:
+        ab_processes.main(["--a", str(ROOT), "--b", str(ROOT), "--set", "model.hidden=256"])
+    assert exc.value.code == 2
+    assert "'model.hidden=256'" in capsys.readouterr().err
