@@ -18,6 +18,8 @@ and/or ``lever:NAME=VALUE`` code switches (the old behaviour of a lever, kept to
     lever:norm=optax          optax.tree.norm for the gradient norm (now: trainer.global_norm, one dot per leaf)
     lever:clip=optax          optax.clip_by_global_norm, which recomputes the norm the step already has
     lever:ticks=scan          GPipe's unrolled ticks as an unrolled lax.scan (traced tick index; now: a Python loop)
+    lever:gather=unpinned     ZeRO-3 weights all-gathered without first pinning the layer slice to its stored
+                              sharding (now: jax_impl.sharding.gather_weight pins it; 2-D gathers, no layout copy)
     lever:guard=select        the non-finite guard as where(ok, new, old) over params and Adam moments
                               (now: a branch around the update, jax_impl.trainer.guarded_update)
 """
@@ -130,6 +132,11 @@ def lever(name: str, value: str) -> Iterator[None]:
         seq_major.defvjp(fwd, bwd)
         with mock.patch.object(model, "_attend", seq_major):
             yield
+    elif name == "gather" and value == "unpinned":
+        from jax_impl import trainer
+
+        with mock.patch.object(trainer, "stored_as", lambda plan: contextlib.nullcontext()):
+            yield
     elif name == "ticks" and value == "scan":
         from jax_impl import pipeline
 
@@ -138,7 +145,7 @@ def lever(name: str, value: str) -> Iterator[None]:
     else:
         raise SystemExit(f"unknown lever {name}={value}; known: zero_dim=embed, step_grads=stored, "
                          "cpu_options=none, guard=select, attn_vjp=autodiff, clip=optax, attn_layout=seq, norm=optax, "
-                         "ticks=scan")
+                         "ticks=scan, gather=unpinned")
 
 
 def build(preset: str, base: dict, variant: str, guard: bool) -> dict:

@@ -56,6 +56,7 @@ RULES: dict[str, tuple[str, ...]] = {
 ZERO_DIMS = ("embed", "norm")
 
 _ACTIVE: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("mesh", default=None)
+_PLAN: contextvars.ContextVar[ZeroPlan | None] = contextvars.ContextVar("plan", default=None)
 
 
 def make_mesh(shape: dict[str, int], devices: list | None = None) -> Mesh:
@@ -78,13 +79,23 @@ def make_abstract_mesh(shape: dict[str, int]) -> AbstractMesh:
 
 @contextlib.contextmanager
 def activate(mesh: Mesh) -> Iterator[Mesh]:
-    """Make ``constrain``/``gather_weight`` act on ``mesh`` (inside: plain no-ops)."""
+    """Make ``constrain``/``gather_weight`` act on ``mesh`` (outside: plain no-ops)."""
     token = _ACTIVE.set(mesh)
     try:
         with jax.set_mesh(mesh):
             yield mesh
     finally:
         _ACTIVE.reset(token)
+
+
+@contextlib.contextmanager
+def stored_as(plan: ZeroPlan) -> Iterator[ZeroPlan]:
+    """While tracing a step: the parameters arrive sharded as ``plan`` stores them (see ``gather_weight``)."""
+    token = _PLAN.set(plan)
+    try:
+        yield plan
+    finally:
+        _PLAN.reset(token)
 
 
 def _axes(mesh: Mesh, names: tuple[str, ...]) -> tuple[str, ...]:
@@ -106,13 +117,26 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
         return x
     # [pipeline] inside jax.shard_map(axis_names={"pipeline"}) the context mesh marks `pipeline` Manual;
     # a constraint must be built on that mesh (its specs never name the manual axis: see jax_impl.pipeline).
+    return _constrain_spec(x, logical_spec(names, mesh))
+
+
+def _constrain_spec(x: jax.Array, spec: P) -> jax.Array:
     ctx = jax.sharding.get_abstract_mesh()
-    target = ctx if ctx.manual_axes else mesh
-    return jax.lax.with_sharding_constraint(x, NamedSharding(target, logical_spec(names, mesh)))
+    target = ctx if ctx.manual_axes else _ACTIVE.get()
+    return jax.lax.with_sharding_constraint(x, NamedSharding(target, spec))
 
 
 def gather_weight(w: jax.Array, names: tuple[str, ...], shape: tuple[int, ...]) -> jax.Array:
-    """A stored (maybe ZeRO-sharded, maybe padded) weight in compute layout and logical shape."""
+    """A stored (maybe ZeRO-sharded, maybe padded) weight in compute layout and logical shape.
+
+    Under ZeRO-3 the weight is first pinned to its stored sharding: a layer's slice of the stacked
+    weights is then all-gathered as the 2-D matrix it is. Left to itself, XLA gathered the
+    (1, rows, cols) slice before dropping the layer axis, in a layout with the gathered axis major,
+    and copied every gathered weight once more into the plain row-major layout the dots read.
+    """
+    plan = _PLAN.get()
+    if plan is not None and plan.params and _ACTIVE.get() is not None:
+        w = _constrain_spec(w, plan.spec(names, "params", shape))
     w = constrain(w, names)
     if w.shape != shape:
         w = w[tuple(slice(0, n) for n in shape)]

@@ -2,6 +2,7 @@
 
 import functools
 import math
+import re
 
 import jax
 import numpy as np
@@ -126,6 +127,23 @@ def test_zero_shards_the_most_major_dimension_after_layers():
     # 176 % (2 x 3) != 0: padding F would misalign the tensor halves -> shard (and pad) embed instead
     assert plan.spec(("layers", "mlp", "embed"), "params", (2, 176, 64)) == P(None, "tensor", "fsdp")
     assert plan.storage_shape(("layers", "mlp", "embed"), (2, 176, 64)) == (2, 176, 66)
+
+
+@pytest.mark.parametrize("mesh_spec", ["fsdp=4", "data=2,fsdp=2,tensor=2"])
+def test_zero3_gathers_each_layer_weight_as_a_row_major_matrix(mesh_spec):
+    """The step's all-gathers produce 1-D/2-D weights in the row-major layout the dots read. Without the
+    pin to the stored sharding (sharding.gather_weight) XLA gathered layer slices in a layout with the
+    gathered axis major ((1, rows, cols) on the bench preset, column-major here), then copied each one into
+    row-major (docs/performance.md §12)."""
+    cfg = load_config("tiny", {"parallel.mesh": mesh_spec, "parallel.zero": 3})
+    text = Trainer.build(cfg, make_mesh(cfg.mesh_shape())).compile_step().as_text()
+    gathers = re.findall(r"= (\w+)\[([\d,]*)\]\{([\d,]*)\}[^=]* all-gather\(", text)
+    n_layers, per_layer = cfg.model.n_layers, 9  # 2 norms, wq wk wv wo, gate up down
+    assert len(gathers) >= n_layers * per_layer
+    for dtype, dims, layout in gathers:
+        rank = len(dims.split(","))
+        assert rank <= 2, f"all-gather of a rank-{rank} {dtype}[{dims}]"
+        assert layout == ",".join(str(i) for i in reversed(range(rank))), f"{dtype}[{dims}]{{{layout}}}"
 
 
 @pytest.mark.parametrize("mesh_spec,extra", [("fsdp=96", {}), ("data=8,fsdp=12", {"parallel.hpz": True}),
