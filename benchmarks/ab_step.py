@@ -20,6 +20,7 @@ and/or ``lever:NAME=VALUE`` code switches (the old behaviour of a lever, kept to
     lever:ticks=scan          GPipe's unrolled ticks as an unrolled lax.scan (traced tick index; now: a Python loop)
     lever:gather=unpinned     ZeRO-3 weights all-gathered without first pinning the layer slice to its stored
                               sharding (now: jax_impl.sharding.gather_weight pins it; 2-D gathers, no layout copy)
+    lever:rope=traced         rotary tables computed inside the step (now: constants, jax_impl.model.rope_tables)
     lever:guard=select        the non-finite guard as where(ok, new, old) over params and Adam moments
                               (now: a branch around the update, jax_impl.trainer.guarded_update)
 """
@@ -137,6 +138,17 @@ def lever(name: str, value: str) -> Iterator[None]:
 
         with mock.patch.object(trainer, "stored_as", lambda plan: contextlib.nullcontext()):
             yield
+    elif name == "rope" and value == "traced":
+        from jax_impl import model, pipeline
+        jnp = jax.numpy
+
+        def traced(seq, dim, theta):
+            inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+            emb = jnp.tile(jnp.outer(jnp.arange(seq, dtype=jnp.float32), inv_freq), 2)
+            return jnp.cos(emb), jnp.sin(emb)
+
+        with mock.patch.object(model, "rope_tables", traced), mock.patch.object(pipeline, "rope_tables", traced):
+            yield
     elif name == "ticks" and value == "scan":
         from jax_impl import pipeline
 
@@ -145,7 +157,7 @@ def lever(name: str, value: str) -> Iterator[None]:
     else:
         raise SystemExit(f"unknown lever {name}={value}; known: zero_dim=embed, step_grads=stored, "
                          "cpu_options=none, guard=select, attn_vjp=autodiff, clip=optax, attn_layout=seq, norm=optax, "
-                         "ticks=scan, gather=unpinned")
+                         "ticks=scan, gather=unpinned, rope=traced")
 
 
 def build(preset: str, base: dict, variant: str, guard: bool) -> dict:

@@ -8,6 +8,11 @@ formula, all devices together) and that figure as a fraction of the measured mat
 (a (2048 x 2048) @ (2048 x 2048) dot of the same dtype, fp32 accumulation, all cores). The matmul is
 timed right after every training step, so both figures see the same machine load; the ratio is of
 their medians.
+
+The first ~10 steps of a process are not its steady state: under configs.hostmem's reuse policy the heap
+grows by one XLA temp buffer (68-128 MiB) on most of them while freed buffers fragment, and every new page
+faults in (bench fsdp=8: 33-266k minor faults and +124-766 MiB RSS per step until step 10, none after;
+docs/performance.md §12). ``--warmup`` (default 12) steps run untimed first.
 """
 
 from __future__ import annotations
@@ -83,7 +88,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--devices", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=12, help="untimed steps first (the heap's growth, see above)")
     args = ap.parse_args(argv)
     from jax_impl import devices
 

@@ -2,6 +2,7 @@
 
 import ast
 import math
+import re
 from pathlib import Path
 
 import jax
@@ -110,6 +111,20 @@ def test_rope_rotates_pairs_half_apart():
     # the first pair at position 1 rotates by angle 1 rad (inv_freq[0] = 1)
     a, b = x[0, 1, 0, 0], x[0, 1, 0, 4]
     np.testing.assert_allclose(y[0, 1, 0, 0], a * np.cos(1) - b * np.sin(1), rtol=1e-5)
+
+
+def test_rope_tables_are_constants_of_the_step(tiny):
+    """sin/cos are evaluated once, when the step is traced: inside it XLA fused them into every consumer
+    and evaluated them per element of q and k, in every layer, forward and backward (4.5 % of CPU time)."""
+    cfg, params, tokens = tiny
+
+    def loss(p):
+        return M.cross_entropy(M.forward(cfg.model, p, tokens[:, :-1]), tokens[:, 1:])
+
+    hlo = jax.jit(jax.value_and_grad(loss)).lower(params).compile().as_text()
+    assert not re.search(r"\b(sine|cosine)\(", hlo)
+    cos, sin = M.rope_tables(4, 8, 10000.0)
+    assert isinstance(cos, np.ndarray) and cos.dtype == sin.dtype == np.float32
 
 
 def _loss_and_grads(cfg, params, tokens, **kw):

@@ -56,6 +56,14 @@ def tiny_pair():
     return cfg, params, model
 
 
+@pytest.mark.parametrize("seq,dim,theta", [(16, 8, 1e4), (4096, 128, 1e4), (4096, 128, 5e5)])
+def test_rope_tables_within_one_ulp_of_torch(seq, dim, theta):
+    """JAX's tables (host constants) round the angles as torch's fp32 ops do, so even at position 4095 the
+    two frameworks rotate by the same angle: cos/sin differ by at most one fp32 ulp (2^-24 near 1)."""
+    for j, t in zip(jm.rope_tables(seq, dim, theta), tm.rope_tables(seq, dim, theta), strict=True):
+        assert float(np.abs(j - t.numpy()).max()) <= 2.0**-24
+
+
 def test_rms_norm_and_rope_match_jax():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 16, 64)).astype(np.float32) * 3
