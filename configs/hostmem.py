@@ -10,6 +10,10 @@ empty, or from mmap (every block over 32 MiB): the next step page-faults it in a
 kernel. Measured at data=2, fp32, bench preset: ~57k minor faults and ~60 ms of kernel time per JAX
 step. One arena, no mmap'd chunks and no trimming keep the pages mapped (docs/performance.md has the
 figures for both frameworks). ``AURORA_HOST_MALLOC=system`` keeps glibc's defaults.
+
+Known limit (docs/performance.md §12): the heap still grows for the first ~10 steps while freed buffers
+fragment, and in a process holding 8 fake devices, whose threads allocate their temp buffers in a different
+order each step, it kept growing for all 40 steps watched (1.5 -> 4.9 GB RSS).
 """
 
 from __future__ import annotations
