@@ -11,8 +11,9 @@ their medians.
 
 The first ~10 steps of a process are not its steady state: under configs.hostmem's reuse policy the heap
 grows by one XLA temp buffer (68-128 MiB) on most of them while freed buffers fragment, and every new page
-faults in (bench fsdp=8: 33-266k minor faults and +124-766 MiB RSS per step until step 10, none after;
-docs/performance.md §12). ``--warmup`` (default 12) steps run untimed first.
+faults in (bench fsdp=8: 33-266k minor faults and +124-766 MiB RSS on such a step). A 2-device process then
+stops growing; this 8-device one keeps growing on one step in 3-9 (docs/performance.md §12), which the timed
+steps may include. ``--warmup`` (default 12) steps run untimed first.
 """
 
 from __future__ import annotations
