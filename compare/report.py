@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from configs import Config, ConfigError, config_from_dict, load_config
+from configs.hostmem import allocator_env
 from configs.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,7 +209,7 @@ def execute(framework: str, cfg: Config, log: Path, timeout_s: int, processes: i
     from jax_impl.distributed import LOCAL_VARS, RANK_VARS, SIZE_VARS
 
     argv = trainer_argv(framework, cfg)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(allocator_env(), PYTHONUNBUFFERED="1")  # the trainers start on the policy's allocator
     # the report's own launcher (mpiexec, SLURM, torchrun) is not the trainers': its rank variables would make
     # a one-process trainer wait for peers that never come
     for key in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", *RANK_VARS, *SIZE_VARS, *LOCAL_VARS):

@@ -256,7 +256,7 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
     if lead:
         write_meta(run_dir, {
             "framework": "jax", "jax": jax.__version__, "platform": platform, "devices": n_dev,
-            "host_malloc_reuse": hostmem.host_memory_reused(),
+            "host_allocator": hostmem.host_allocator(),
             "processes": jax.process_count(),
             "device_kind": jax.devices()[0].device_kind, "mesh": dict(mesh.shape), "layout": layout_label(cfg),
             "zero": p.zero, "dtype": cfg.train.dtype, "gbs": gbs, "compile_s": compile_s,
@@ -376,4 +376,7 @@ def cli(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from configs.hostmem import reexec_with_allocator
+
+    reexec_with_allocator()  # the host allocator both trainers run under (configs/hostmem.py)
     cli()

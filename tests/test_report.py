@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 from compare import report
+from configs import hostmem
 from configs.rundir import METRIC_KEYS, write_config, write_meta
 from jax_impl.train import main as jax_main
 
@@ -177,6 +178,7 @@ def test_pipeline_pair_runs_jax_as_two_processes(tmp_path):
     assert code == 0, data.get("error") or data["parity"]["rel"]
     meta = json.loads((runs / "pp2-zero1-fp32-jax" / "meta.json").read_text())
     assert meta["processes"] == 2 and meta["devices"] == 2
+    assert meta["host_allocator"] == hostmem.child_allocator()  # report.execute
     assert (runs / "pp2-zero1-fp32-jax.1.log").is_file()  # process 1's own log
     assert report.reusable(runs / "pp2-zero1-fp32-jax", report.run_config(
         "tiny", report.LAYOUTS["pp2-zero1"], "fp32", 3, runs, "jax"), processes=2)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from configs import lr_at
+from configs import hostmem, lr_at
 from jax_impl import devices
 
 try:  # the in-process JAX run below needs 2 host devices; tests/conftest.py may already have made 8
@@ -65,6 +65,7 @@ def test_torch_matches_jax_zero1_two_ranks(tmp_path):
     meta = json.loads((t["run_dir"] / "meta.json").read_text())
     assert (meta["framework"], meta["world_size"], meta["layout"], meta["dtype"]) == ("torch", 2, "zero1", "fp32")
     assert meta["deepspeed"] and meta["torch"] and meta["engine_init_s"] > 0
+    assert meta["host_allocator"] == hostmem.child_allocator()  # the launcher's
     assert json.loads((t["run_dir"] / "ds_config.json").read_text())["zero_optimization"] == {"stage": 1}
     assert (t["run_dir"] / "init_params.npz").exists()
 

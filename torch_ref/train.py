@@ -57,6 +57,7 @@ from typing import Any
 from configs import Config, ConfigError, config_from_dict, lr_at
 from configs.cli import resolve_config as resolve_cli
 from configs.cli import trainer_parser
+from configs.hostmem import allocator_env
 from configs.rundir import MetricsLog, make_run_dir, read_metrics, write_config, write_meta
 from torch_ref.layouts import Layout, plan_layout
 
@@ -190,8 +191,9 @@ def launch(cfg: Config, layout: Layout, init: str = "jax", quiet: bool = False, 
     threads = os.environ.get("OMP_NUM_THREADS") or "1"  # one per rank: more oversubscribes a shared 2-core box
     procs: list[subprocess.Popen] = []
     for r in range(n):
-        env = {**os.environ, RUN_DIR_ENV: str(run_dir), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(n),
-               "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+        # workers start on the trainers' host allocator (configs/hostmem.py)
+        env = {**allocator_env(), RUN_DIR_ENV: str(run_dir), "RANK": str(r), "LOCAL_RANK": str(r),
+               "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "OMP_NUM_THREADS": threads, "PYTHONPATH": os.pathsep.join(
                    filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
         procs.append(subprocess.Popen([sys.executable, "-m", "torch_ref.train"], env=env, cwd=os.getcwd()))
@@ -256,7 +258,7 @@ def run_worker(run_dir: Path | None, cfg: Config | None = None, init: str = "jax
 
 def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: Config | None, init: str,
             quiet: bool, ckpt: dict[str, Any]) -> dict[str, Any]:
-    from configs.hostmem import host_memory_reused, reuse_host_memory
+    from configs.hostmem import host_allocator, reuse_host_memory
 
     reuse_host_memory()  # before torch starts threads: the same allocator settings as the JAX side
     import numpy as np
@@ -343,7 +345,7 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
             "accelerator": acc.device_name(), "backend": backend, "world_size": world, "devices": world,
             "mesh": layout.mesh, "layout": layout.label, "layout_impl": layout.description, "engine": layout.engine,
             "zero": p.zero, "dtype": cfg.train.dtype, "gbs": gbs, "init": init, "threads_per_rank":
-            torch.get_num_threads(), "host_malloc_reuse": host_memory_reused(), "dist_init_s": dist_init_s,
+            torch.get_num_threads(), "host_allocator": host_allocator(), "dist_init_s": dist_init_s,
             "engine_init_s": engine_init_s, "init_s": init_s,
         })
     log = MetricsLog(run_dir, cfg, "torch") if rank == 0 else None
@@ -425,6 +427,9 @@ def build_runner(cfg: Config, layout: Layout, model, conf: dict[str, Any], rank:
 
 
 if __name__ == "__main__":
+    from configs.hostmem import reexec_with_allocator
+
+    reexec_with_allocator()  # the host allocator both trainers run under (configs/hostmem.py)
     main()
     if os.environ.get(RUN_DIR_ENV):
         # a worker of our own launcher, finished and flushed: skip interpreter teardown, where a C++ thread of
