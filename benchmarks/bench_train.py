@@ -9,11 +9,11 @@ formula, all devices together) and that figure as a fraction of the measured mat
 timed right after every training step, so both figures see the same machine load; the ratio is of
 their medians.
 
-The first ~10 steps of a process are not its steady state: under configs.hostmem's reuse policy the heap
-grows by one XLA temp buffer (68-128 MiB) on most of them while freed buffers fragment, and every new page
-faults in (bench fsdp=8: 33-266k minor faults and +124-766 MiB RSS on such a step). A 2-device process then
-stops growing; this 8-device one keeps growing on one step in 3-9 (docs/performance.md §12), which the timed
-steps may include. ``--warmup`` (default 12) steps run untimed first.
+The script re-executes itself once on the trainers' host allocator (configs/hostmem.py: tcmalloc where
+installed). Under glibc's reuse policy (the fallback) the heap grows by one XLA temp buffer (68-128 MiB) on
+many of the first ~10 steps and, with 8 devices, on one step in 3-9 after that, every new page faulting in
+(docs/performance.md §12-13); under tcmalloc RSS is flat from the first step. ``--warmup`` (default 12)
+steps run untimed first either way.
 """
 
 from __future__ import annotations
@@ -91,12 +91,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=12, help="untimed steps first (the heap's growth, see above)")
     args = ap.parse_args(argv)
+    from configs.hostmem import host_allocator
     from jax_impl import devices
 
     devices.configure("cpu", args.devices)  # + host buffer reuse, as jax_impl.train
 
     rows = []
-    print(f"{args.preset} preset on {args.devices} CPU devices; matmul rate timed after every step (same load)")
+    print(f"{args.preset} preset on {args.devices} CPU devices, host allocator {host_allocator()}; matmul rate "
+          "timed after every step (same load)")
     print(f"{'mesh':<24} {'dtype':<5} {'step ms':>9} {'compile s':>9} {'tok/s/dev':>10} {'GFLOP/s':>9} "
           f"{'matmul GFLOP/s':>14} {'/ matmul':>8}")
     for mesh_spec in args.meshes.split(";"):
