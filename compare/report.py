@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from configs import Config, ConfigError, config_from_dict, load_config
-from configs.hostmem import allocator_env
-from configs.rundir import read_metrics
+from configs.hostmem import allocator_env, child_allocator
+from configs.rundir import host_cpu, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMEWORKS = {"jax": "jax_impl.train", "torch": "torch_ref.train"}
@@ -320,6 +320,8 @@ def _mib(x: int | None) -> str:
 def render(results: dict[str, Any]) -> str:
     lines = [f"# JAX vs DeepSpeed: parity and throughput ({results['preset']} preset, {results['steps']} steps)", "",
              "Same initial weights (torch loads the JAX init of the seed), same token stream, per layout.", ""]
+    if results.get("host"):
+        lines += [f"Host: {results['host']}.", ""]
     lines += ["## Loss parity", "",
               "| layout | dtype | steps | first rel Δloss | max rel Δloss | max rel Δgrad-norm | verdict |",
               "|---|---|---|---|---|---|---|"]
@@ -544,7 +546,8 @@ def main(argv: list[str] | None = None) -> int:
     def progress(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-    results: dict[str, Any] = {"preset": args.preset, "steps": args.steps, "dtypes": dtypes, "layouts": {}}
+    results: dict[str, Any] = {"preset": args.preset, "steps": args.steps, "dtypes": dtypes, "layouts": {},
+                               "host": f"{host_cpu()}; host allocator {child_allocator()} (configs/hostmem.py)"}
     for name in names:
         for dtype in dtypes:
             key = f"{name}/{dtype}"

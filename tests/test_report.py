@@ -8,7 +8,7 @@ import pytest
 
 from compare import report
 from configs import hostmem
-from configs.rundir import METRIC_KEYS, write_config, write_meta
+from configs.rundir import METRIC_KEYS, host_cpu, write_config, write_meta
 from jax_impl.train import main as jax_main
 
 
@@ -53,6 +53,7 @@ def test_fixture_runs_render_tables_plots_and_flag_a_corrupt_run(tmp_path, capsy
     assert "| zero1 | fp32 | 12 | 2.0e-07 | 2.0e-07 |" in md and "PASS" in md
     assert "| zero3 | fp32 | 12 | 3.0e-03 | 3.0e-03 |" in md and "FAIL (first, every)" in md
     assert "**zero2/fp32**" in md and "metrics.jsonl line 12 is not valid JSON" in md
+    assert f"Host: {host_cpu()}; host allocator {hostmem.child_allocator()}" in md
     data = json.loads((out / "report.json").read_text())
     assert data["layouts"]["zero1/fp32"]["speed_ratio"] == pytest.approx(2.0)  # 0.1 s vs 0.2 s per step
     assert data["layouts"]["zero1/fp32"]["parity"]["pass"] is True
@@ -202,9 +203,15 @@ def test_execute_starts_ranks_as_a_launcher_would_and_drops_the_callers_launcher
     monkeypatch.setattr(report.subprocess, "Popen", Done)
     monkeypatch.setenv("PMI_RANK", "3")
     monkeypatch.setenv("SLURM_NTASKS", "8")
+    lib = tmp_path / "libtcmalloc_minimal.so.4"
+    lib.write_bytes(b"")
+    monkeypatch.setenv("AURORA_HOST_MALLOC", "tcmalloc")
+    monkeypatch.setenv("AURORA_TCMALLOC", str(lib))
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
     cfg = report.run_config("tiny", report.LAYOUTS["pp2-zero1"], "fp32", 3, tmp_path, "jax")
     report.execute("jax", cfg, tmp_path / "one.log", 10)
     assert "PMI_RANK" not in started[0] and "SLURM_NTASKS" not in started[0]
+    assert started[0]["LD_PRELOAD"] == str(lib)  # the trainers start on the host allocator (configs/hostmem.py)
     started.clear()
     report.execute("jax", cfg, tmp_path / "two.log", 10, processes=2)
     assert [(e["PMI_RANK"], e["PMI_SIZE"]) for e in started] == [("0", "2"), ("1", "2")]
