@@ -3,7 +3,6 @@ otherwise): freed host buffers are reused, neither page-faulted in again nor lef
 
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -96,17 +95,15 @@ def test_host_malloc_opt_out():
 
 
 @needs_tcmalloc
-def test_tcmalloc_reuses_aligned_temp_buffers_where_glibc_grows_its_heap():
+def test_tcmalloc_reuses_freed_aligned_temp_buffers():
     pages = (24 << 20) // 4096
     tc = _probe("reuse", "aligned", env=hostmem.allocator_env({"AURORA_HOST_MALLOC": "tcmalloc"}))
     assert tc["allocator"] == "tcmalloc" and tc["applied"] is False  # glibc's mallopt is not touched
+    # every reallocated buffer lands in freed memory: no fresh pages, no growth. (glibc 2.36 under the reuse
+    # policy grew by 120-264 MiB in this probe on one machine and not at all in another directory of the same
+    # machine, depending on where its heap's top happened to be aligned: its growth is not asserted here;
+    # docs/performance.md §13 has the 8-device process's, measured.)
     assert tc["faults"] < pages // 20 and tc["rss_growth"] < (4 << 20)
-    glibc = _probe("reuse", "aligned", env={"AURORA_HOST_MALLOC": "reuse"})
-    assert glibc["allocator"] == "glibc-reuse"
-    if platform.libc_ver()[0] == "glibc" and tuple(map(int, platform.libc_ver()[1].split(".")[:2])) < (2, 38):
-        # the failure tcmalloc replaces (configs/hostmem.py): memalign asks for n + 64 + 32 bytes, so a freed
-        # buffer's own hole never fits its successor and the heap takes fresh pages (here 5 buffers in 16 rounds)
-        assert glibc["faults"] > 2 * pages and glibc["rss_growth"] > 2 * (24 << 20)
 
 
 def test_allocator_env_preloads_tcmalloc_once_and_keeps_other_preloads(monkeypatch, tmp_path):
