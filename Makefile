@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[torch,dev]'
 	# tcmalloc, the trainers' host allocator (configs/hostmem.py); best effort: without it, glibc's reuse policy
-	-@ls /usr/lib/*/libtcmalloc_minimal.so.4 /usr/lib64/libtcmalloc_minimal.so.4 2>/dev/null | grep -q . \
+	-@$(BIN)/python -c 'import sys; from configs.hostmem import tcmalloc_library; sys.exit(tcmalloc_library() is None)' \
 	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	       && { apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1 \
 	            || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1; }; } \

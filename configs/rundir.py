@@ -50,16 +50,17 @@ def write_config(run_dir: Path, cfg: Config) -> None:
 def host_cpu() -> str:
     """The host CPU as one line: model, logical CPUs and the vector/matrix extensions that decide bf16 speed on
     CPU (with AMX or AVX512-BF16, bf16 dots are native; without them torch's bf16 CPU step was ~9x its fp32 one)."""
-    model, flags = platform.processor() or platform.machine(), set()
+    model, flags = "", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "model name" and not model:
+                model = value
+            elif key == "flags" and not flags:
                 flags = set(value.split())
     except OSError:
         pass
+    model = model or platform.processor() or platform.machine()
     isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     return f"{model}, {os.cpu_count()} CPUs" + (f", {' '.join(isa)}" if isa else "")
 
