@@ -69,10 +69,14 @@ print(json.dumps({"applied": applied, "allocator": hostmem.host_allocator(), **o
 """
 
 
+def _clean_env() -> dict:
+    """This process's environment without a preload or the re-exec guard: a child starts as from a shell."""
+    return {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "AURORA_HOST_MALLOC_REEXEC")}
+
+
 def _probe(policy: str, mode: str = "cycle", env: dict | None = None) -> dict:
-    base = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     r = subprocess.run([sys.executable, "-c", PROBE, policy, mode], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120, env={**base, "PYTHONPATH": str(ROOT), **(env or {})})
+                       timeout=120, env={**_clean_env(), "PYTHONPATH": str(ROOT), **(env or {})})
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -132,7 +136,7 @@ def test_bad_policy_and_library_are_named(monkeypatch, tmp_path):
 @pytest.mark.parametrize("policy", ["tcmalloc", "reuse"])
 def test_jax_train_runs_on_the_policy_allocator_and_records_it(tmp_path, policy):
     # `python -m jax_impl.train` re-executes itself with tcmalloc preloaded (once) when the policy asks for it
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "AURORA_HOST_MALLOC_REEXEC")}
+    env = _clean_env()
     r = subprocess.run([sys.executable, "-m", "jax_impl.train", "--preset", "tiny", "--mesh", "data=2", "--steps", "1",
                         "--out-dir", str(tmp_path), "--name", "r", "--wandb", "disabled", "--quiet"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -146,7 +150,7 @@ def test_jax_train_runs_on_the_policy_allocator_and_records_it(tmp_path, policy)
 @pytest.mark.skipif(not LINUX, reason="LD_PRELOAD is Linux-only")
 def test_reexec_preloads_once_and_never_loops(tmp_path):
     code = "from configs import hostmem; hostmem.reexec_with_allocator(); print('ran', hostmem.host_allocator())"
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "AURORA_HOST_MALLOC_REEXEC")}
+    env = _clean_env()
     env.update(PYTHONPATH=str(ROOT), AURORA_HOST_MALLOC="tcmalloc")
     broken = tmp_path / "libtcmalloc_minimal.so.4"
     broken.write_bytes(b"not a library")  # ld.so ignores it with a warning: the re-executed process must go on

@@ -190,9 +190,9 @@ def launch(cfg: Config, layout: Layout, init: str = "jax", quiet: bool = False, 
     port = _free_port()
     threads = os.environ.get("OMP_NUM_THREADS") or "1"  # one per rank: more oversubscribes a shared 2-core box
     procs: list[subprocess.Popen] = []
+    base = allocator_env()  # workers start on the trainers' host allocator (configs/hostmem.py)
     for r in range(n):
-        # workers start on the trainers' host allocator (configs/hostmem.py)
-        env = {**allocator_env(), RUN_DIR_ENV: str(run_dir), "RANK": str(r), "LOCAL_RANK": str(r),
+        env = {**base, RUN_DIR_ENV: str(run_dir), "RANK": str(r), "LOCAL_RANK": str(r),
                "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "OMP_NUM_THREADS": threads, "PYTHONPATH": os.pathsep.join(
                    filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
