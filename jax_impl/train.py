@@ -231,6 +231,11 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
           + (f" | process {jax.process_index()}/{jax.process_count()}" if jax.process_count() > 1 else ""))
 
     t0 = time.perf_counter()
+    # compiled on abstract arrays before any state exists: the compiler's working memory is freed (and given
+    # back) before params and optimizer state are allocated, so the process's peak is the larger of the two,
+    # not their sum (bench pp2 bf16, a stage per process: see docs/performance.md §14)
+    compiled = resilience.compile_guarded(trainer)
+    hostmem.release_host_memory()
     start_step, consumed0, restored_meta, restore_s = 0, 0, None, None
     if resume_from is not None:
         try:
@@ -249,9 +254,7 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
             _truncate_metrics(run_dir, start_step)
     else:
         params, opt_state = trainer.init_state()
-    compiled = resilience.compile_guarded(trainer)
     compile_s = time.perf_counter() - t0
-    hostmem.release_host_memory()  # the compiler's peak need not stay resident
     ma = compiled.memory_analysis()
     if lead:
         write_meta(run_dir, {

@@ -37,6 +37,29 @@ def test_tiny_run_writes_config_meta_and_metrics(tmp_path, capsys):
     assert "step     4 | loss" in printed and "TFLOPS/dev" in printed
 
 
+def test_step_is_compiled_before_state_exists(tmp_path, monkeypatch):
+    """The compiler's working memory is freed before params and Adam state are allocated, so the peak RSS is
+    the larger of the two rather than their sum (docs/performance.md §14)."""
+    from jax_impl import trainer as trainer_mod
+
+    order = []
+    compile_step, init_state = trainer_mod.Trainer.compile_step, trainer_mod.Trainer.init_state
+
+    def compiling(self, *a, **k):
+        order.append("compile")
+        return compile_step(self, *a, **k)
+
+    def initing(self):
+        order.append("init")
+        return init_state(self)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "compile_step", compiling)
+    monkeypatch.setattr(trainer_mod.Trainer, "init_state", initing)
+    main(["--preset", "tiny", "--mesh", "data=1", "--steps", "1", "--out-dir", str(tmp_path), "--wandb", "disabled",
+          "--quiet"])
+    assert order == ["compile", "init"]
+
+
 def test_refuses_to_overwrite_a_run(tmp_path):
     args = ["--preset", "tiny", "--steps", "1", "--out-dir", str(tmp_path), "--name", "same", "--wandb", "disabled",
             "--quiet", "--mesh", "data=1"]
