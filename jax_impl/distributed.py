@@ -138,6 +138,19 @@ def broadcast_str(value: str) -> str:
     return bytes(np.asarray(out, np.uint8)).rstrip(b"\0").decode()
 
 
+def max_over_processes(value: int) -> int:
+    """The largest of every process's ``value`` (< 2**31: JAX arrays are 32-bit here), e.g. peak RSS in KiB: a
+    pipeline stage per process need not peak on process 0, which writes the metrics (DeepSpeed's ranks report
+    their max too)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.array([value], np.int32))))
+
+
 def barrier(name: str) -> None:
     import jax
 

@@ -314,7 +314,8 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
                 "step": step + 1, "loss": loss, "lr": lr_at(cfg, step), "grad_norm": gnorm, "step_time_s": dt,
                 "samples_per_s": sps, "tokens_per_s_per_device": sps * seq / n_dev,
                 "tflops_per_device": sps * flops_per_sample / n_dev / 1e12, "consumed_samples": consumed + gbs,
-                "peak_mem_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "peak_mem_bytes": distributed.max_over_processes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+                * 1024,  # KiB; the largest process's
             }
             if log is not None:
                 log.write(row)

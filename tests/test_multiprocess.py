@@ -115,6 +115,28 @@ def run_two_processes(tmp_path, name: str, *args: str, timeout: int = 500) -> li
     return out
 
 
+def test_max_over_processes_gives_every_process_the_largest(tmp_path):
+    """The metrics' peak RSS is the largest process's, not process 0's (a pipeline stage per process)."""
+    code = ("from jax_impl import distributed\n"
+            "distributed.initialize(distributed.detect(), 'cpu')\n"
+            "import jax\n"
+            "print('MAX', distributed.max_over_processes(2_000_000_000 + 7 * jax.process_index()))\n")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**env, "PMI_RANK": str(i), "PMI_SIZE": "2",
+                                              "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}"}) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+        assert "MAX 2000000007" in out, out
+    assert distributed.max_over_processes(123) == 123  # one process: the value itself
+
+
 def assert_same_losses(got: list[float], want: list[float]) -> None:
     # gloo's cross-process reductions may sum in another order than the in-process CPU collectives:
     # equal to ~1 fp32 ulp (measured: bit-identical, or 1 ulp at some steps)
