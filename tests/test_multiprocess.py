@@ -81,8 +81,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_processes(tmp_path, name: str, *args: str, timeout: int = 500) -> list[subprocess.CompletedProcess]:
-    """2 processes x 4 CPU devices through jax.distributed (gloo), as mpiexec would start them.
+def run_two_processes(tmp_path, name: str, *args: str, timeout: int = 500,
+                      command: list[str] | None = None) -> list[subprocess.CompletedProcess]:
+    """2 processes x 4 CPU devices through jax.distributed (gloo), as mpiexec would start them: ``jax_impl.train``
+    on the tiny preset with ``args``, or ``command``.
 
     Waits for both to exit; only a failed process (or the timeout) makes it kill the other, so that a peer
     is never left waiting for a dead one, and a process still tearing down after its peer is not killed.
@@ -95,7 +97,8 @@ def run_two_processes(tmp_path, name: str, *args: str, timeout: int = 500) -> li
     for i, (out, err) in enumerate(logs):
         with out.open("w") as fo, err.open("w") as fe:  # files, not pipes: a full pipe would stall the child
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "jax_impl.train", *TINY, "--out-dir", str(tmp_path), "--name", name, *args],
+                command or [sys.executable, "-m", "jax_impl.train", *TINY, "--out-dir", str(tmp_path), "--name", name,
+                            *args],
                 cwd=ROOT, stdout=fo, stderr=fe, text=True,
                 env={**env, "PMI_RANK": str(i), "PMI_SIZE": "2", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}"}))
     deadline = time.monotonic() + timeout
@@ -121,19 +124,8 @@ def test_max_over_processes_gives_every_process_the_largest(tmp_path):
             "distributed.initialize(distributed.detect(), 'cpu')\n"
             "import jax\n"
             "print('MAX', distributed.max_over_processes(2_000_000_000 + 7 * jax.process_index()))\n")
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env={**env, "PMI_RANK": str(i), "PMI_SIZE": "2",
-                                              "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}"}) for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, (out, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-        assert "MAX 2000000007" in out, out
+    for r in run_two_processes(tmp_path, "max", command=[sys.executable, "-c", code], timeout=120):
+        assert "MAX 2000000007" in r.stdout, r.stdout
     assert distributed.max_over_processes(123) == 123  # one process: the value itself
 
 
