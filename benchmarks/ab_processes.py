@@ -25,15 +25,16 @@ from compare import report
 from configs import load_config
 
 
-def run_variant(tree: Path, name: str, args: argparse.Namespace, out: Path) -> tuple[float, float]:
-    """Median step ms and last loss of one multi-process trainer run of ``tree``."""
+def run_variant(tree: Path, name: str, args: argparse.Namespace, out: Path) -> tuple[float, float, float]:
+    """Median step ms, last loss and peak RSS MiB (the largest process's) of one multi-process run of ``tree``."""
     cfg = load_config(args.preset, {
         "parallel.mesh": args.mesh, "parallel.zero": 1, "parallel.gas": args.gas, "parallel.pipeline_head": "last",
         **dict(kv.split("=", 1) for kv in args.set), "train.dtype": args.dtype, "train.steps": args.steps,
         "train.wandb": "disabled", "train.out_dir": str(out), "train.name": name})
     report.execute("jax", cfg, out / f"{name}.log", args.timeout, args.processes, root=tree)
     run = report.load_run(out / name)
-    return report.throughput(run)["step_time_s"] * 1e3, run.metrics[-1]["loss"]
+    rss = max(r.get("peak_mem_bytes") or 0 for r in run.metrics) / 2**20
+    return report.throughput(run)["step_time_s"] * 1e3, run.metrics[-1]["loss"], rss
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,11 +63,12 @@ def main(argv: list[str] | None = None) -> None:
     ratios = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            (a_ms, a_loss), (b_ms, b_loss) = (run_variant(tree, f"{ab}{r}", args, Path(tmp))
+            (a_ms, a_loss, a_rss), (b_ms, b_loss, b_rss) = (run_variant(tree, f"{ab}{r}", args, Path(tmp))
                                               for ab, tree in zip("ab", trees, strict=True))
             ratios.append(b_ms / a_ms)
             print(f"round {r + 1}: A {a_ms:7.1f} ms  B {b_ms:7.1f} ms  B/A {b_ms / a_ms:.3f}   "
-                  f"(last loss A {a_loss:.6f}, B {b_loss:.6f})", flush=True)
+                  f"(last loss A {a_loss:.6f}, B {b_loss:.6f}; peak RSS A {a_rss:.0f} MiB, B {b_rss:.0f} MiB)",
+                  flush=True)
     print(f"B/A median {statistics.median(ratios):.3f}  (< 1: B faster)")
 
 

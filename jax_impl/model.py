@@ -42,6 +42,8 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "w_down": ("layers", "mlp", "embed"),
 }
 
+WEIGHTS = "layer_w"  # checkpoint name of a layer's weights as its matmuls read them (see block)
+
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}  # train.dtype -> compute dtype
 
 REMAT_POLICIES: dict[str, Callable | None] = {
@@ -210,7 +212,8 @@ def block(cfg: ModelConfig, dtype, attn_chunk: int, cos: jax.Array, sin: jax.Arr
     the projections' output dtype, fp32 or the compute dtype (ParallelConfig.matmul_out)."""
     h, nh, nkv, hd, f = cfg.hidden, cfg.n_heads, cfg.n_kv_heads, cfg.dim_head, cfg.ffn_hidden
     b, s, _ = x.shape
-    w = {k: gather_weight(p[k], PARAM_AXES[k][1:], shape) for k, shape in (
+    # named: a remat policy that leaves WEIGHTS out saves no copy of them for the backward (jax_impl.pipeline)
+    w = {k: checkpoint_name(gather_weight(p[k], PARAM_AXES[k][1:], shape), WEIGHTS) for k, shape in (
         ("attn_norm", (h,)), ("wq", (h, nh * hd)), ("wk", (h, nkv * hd)), ("wv", (h, nkv * hd)),
         ("wo", (nh * hd, h)), ("mlp_norm", (h,)), ("w_gate", (h, f)), ("w_up", (h, f)), ("w_down", (f, h)))}
 

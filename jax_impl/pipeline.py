@@ -62,7 +62,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from configs import Config, validate_config
-from jax_impl.model import DTYPES, PARAM_AXES, REMAT_POLICIES, block, matmul, rms_norm, rope_tables
+from jax_impl.model import DTYPES, PARAM_AXES, REMAT_POLICIES, WEIGHTS, block, matmul, rms_norm, rope_tables
 from jax_impl.sharding import PIPELINE_AXIS, constrain, gather_weight
 
 PIPE = PIPELINE_AXIS
@@ -85,6 +85,17 @@ def check(cfg: Config, mesh_shape: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------- pieces
+def _all_but_weights(prim: Any, *_, **params: Any) -> bool:
+    """Remat policy: save every intermediate but the layer's weights as its matmuls read them (``model.WEIGHTS``,
+    ``pipe_w``) and the resharding or slicing that makes them from the layer's inputs. The backward then reads
+    the weights from the inputs -- slices of the stage's stack, which the layer scan's vjp keeps as that stack
+    itself -- instead of a stacked copy of them saved for it. (jax 0.10.2's
+    ``save_anything_except_these_names`` saves named values too: it ignores its names.)"""
+    if prim.name == "name":
+        return params["name"] not in (WEIGHTS, "pipe_w")
+    return prim.name not in ("sharding_constraint", "slice")
+
+
 def _stage_fn(cfg: Config, seq: int) -> Callable[..., jax.Array]:
     """This stage's layers: ``run(layers, x)`` scans x (batch, seq, hidden) through the local (L/p, ...) weights;
     ``run(layers, x, start=i, count=n)`` through layers i .. i+n-1 of them, i traced (a circular schedule's chunk)."""
@@ -93,7 +104,9 @@ def _stage_fn(cfg: Config, seq: int) -> Callable[..., jax.Array]:
     cos, sin = rope_tables(seq, m.dim_head, m.rope_theta)
     block_fn = partial(block, m, dtype, par.attn_chunk, cos, sin, attn_impl=par.attn_impl, matmul_out=par.matmul_out)
     policy = REMAT_POLICIES[par.remat_policy]
-    layer = jax.checkpoint(block_fn, policy=policy, prevent_cse=False) if par.remat else block_fn
+    # without remat: every intermediate saved but the weights, so the backward reads them from the layer's inputs
+    # (slices of the stage's stack) rather than from a stacked copy (what _StageVjp and _run_if rely on)
+    layer = jax.checkpoint(block_fn, policy=policy if par.remat else _all_but_weights, prevent_cse=False)
 
     def layer_at(x, layers, i):
         # the weights indexed *inside* the (checkpointed) layer: indexed outside, autodiff would save them per
@@ -102,8 +115,7 @@ def _stage_fn(cfg: Config, seq: int) -> Callable[..., jax.Array]:
                          layers)
         return block_fn(x, w)
 
-    layer_at = jax.checkpoint(layer_at, prevent_cse=False, policy=policy if par.remat else
-                              jax.checkpoint_policies.save_anything_except_these_names("pipe_w"))
+    layer_at = jax.checkpoint(layer_at, prevent_cse=False, policy=policy if par.remat else _all_but_weights)
     unroll = par.layer_unroll(m.n_layers)  # as model.forward: small models unroll their layer loop
 
     def run(layers: dict, x: jax.Array, start: jax.Array | None = None, count: int = 0) -> jax.Array:
@@ -180,6 +192,74 @@ def _chunks(layers: dict, v: int) -> list[dict]:
     return [jax.tree.map(lambda ps, r=r: ps[r], parts, is_leaf=lambda x: isinstance(x, list)) for r in range(v)]
 
 
+class _StageVjp:
+    """A stage's forward with its vjp residuals split into the weights and the rest (activations).
+
+    A schedule that keeps residuals between a stage's forward and its backward (1F1B's ring, a skippable tick's
+    cond outputs) must keep only the activations: the weights are the stage's inputs anyway and are put back
+    when the backward runs. ``forward`` records where each residual comes from (one layout for every trace;
+    a trace with another layout is an error), ``backward`` rebuilds the vjp from the weights and the stored rest.
+    """
+
+    def __init__(self, run: Callable[..., jax.Array]):
+        self.run = run
+        self.tdef: Any = None
+        self.where: tuple[int | None, ...] | None = None  # per residual: index into the weights, or None
+        self.shapes: list[tuple[tuple[int, ...], Any, bool]] | None = None  # shape, dtype, varying over stages
+
+    def forward(self, layers: dict, x: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+        """(run(layers, x), the vjp's residuals that are not weights)."""
+        y, vjp = jax.vjp(self.run, layers, x)
+        leaves, tdef = jax.tree.flatten(vjp)
+        ids = {id(w): j for j, w in enumerate(jax.tree.leaves(layers))}
+        where = tuple(ids.get(id(r)) for r in leaves)
+        acts = [r for r, j in zip(leaves, where, strict=True) if j is None]
+        shapes = [(a.shape, a.dtype, PIPE in jax.typeof(a).manual_axis_type.varying) for a in acts]
+        if self.where is None:
+            self.tdef, self.where, self.shapes = tdef, where, shapes  # the treedef holds the vjp's jaxpr
+        elif (where, shapes) != (self.where, self.shapes):
+            raise RuntimeError("pipeline: the stage's vjp residual layout differs between two traces of one function")
+        return y, acts
+
+    def zeros(self) -> list[jax.Array]:
+        """Residuals of the layout's shapes, all zero (a stage that ran no forward)."""
+        return [_varying(jnp.zeros(shape, dtype)) if varying else jnp.zeros(shape, dtype)
+                for shape, dtype, varying in self.shapes]
+
+    def backward(self, layers: dict, acts: list[jax.Array], ct: jax.Array) -> tuple[dict, jax.Array]:
+        """(d layers, d x) for the output cotangent ct, from the weights and ``forward``'s residuals."""
+        leaves, rest = jax.tree.leaves(layers), iter(acts)
+        vjp = jax.tree.unflatten(self.tdef, [next(rest) if j is None else leaves[j] for j in self.where])
+        return vjp(ct)
+
+
+def _run_if(busy: jax.Array, stage: _StageVjp, layers: dict, x: jax.Array) -> jax.Array:
+    """``stage.run(layers, x)`` where ``busy`` (a traced bool, e.g. per stage), else ``x``, skipping the compute.
+
+    A plain ``lax.cond`` does the same, but JAX's partial evaluation of a cond returns every residual of the
+    branch as a cond output, weights included (it forwards none of the branch's inputs): each skippable tick
+    then kept a copy of all the stage's weights until its backward (62 of the 209 MiB temp of a bench pp2 bf16
+    step). Here the forward cond returns the activations only and the backward cond takes the weights as they are.
+    """
+    @jax.custom_vjp
+    def f(busy, layers, x):
+        return jax.lax.cond(busy, stage.run, lambda _, x: x, layers, x)
+
+    def fwd(busy, layers, x):
+        jax.eval_shape(stage.forward, layers, x)  # fixes the residual layout (for the idle branch's zeros)
+        y, acts = jax.lax.cond(busy, stage.forward, lambda _, x: (x, stage.zeros()), layers, x)
+        return y, (busy, layers, acts)
+
+    def bwd(res, ct):
+        busy, layers, acts = res
+        idle = lambda layers, _, ct: (_varying(jax.tree.map(jnp.zeros_like, layers)), ct)  # noqa: E731
+        dlayers, dx = jax.lax.cond(busy, stage.backward, idle, layers, acts, ct)
+        return None, dlayers, dx
+
+    f.defvjp(fwd, bwd)
+    return f(busy, layers, x)
+
+
 # --------------------------------------------------------------------------------------- GPipe
 def _gpipe(cfg: Config, p: int, params: dict, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(surrogate, mean loss) over the microbatches; differentiate the surrogate for the GPipe backward.
@@ -202,6 +282,7 @@ def _gpipe(cfg: Config, p: int, params: dict, tokens: jax.Array) -> tuple[jax.Ar
     v = cfg.parallel.pipeline_repeats
     s = jax.lax.axis_index(PIPE)
     run = _stage_fn(cfg, seq)
+    stage = _StageVjp(run)
     inputs, labels = tokens[:, :, :-1], tokens[:, :, 1:]  # (gas, batch, seq)
     act = jax.eval_shape(partial(_embed, cfg), params["embed"], inputs[0])
     norm_w, head_w = jax.lax.stop_gradient(params["final_norm"]), jax.lax.stop_gradient(params["head"])
@@ -264,7 +345,7 @@ def _gpipe(cfg: Config, p: int, params: dict, tokens: jax.Array) -> tuple[jax.Ar
         if static and not p - 1 <= t < m * v:
             # a fill or drain tick: the stages that hold no microbatch skip their layers (and so their backward),
             # leaving the cores to the busy stages' intra-op threads instead of computing on a bubble
-            y = jax.lax.cond((t - s >= 0) & (t - s < m * v), lambda x: run(chunk(t), x), lambda x: x, x)
+            y = _run_if((t - s >= 0) & (t - s < m * v), stage, chunk(t), x)
         else:
             y = run(chunk(t), x) if static or v == 1 else run(stacked, x, start=chunk(t), count=lc)
         i = t - (p - 1) - (v - 1) * m  # the microbatch leaving the last stage after its last round this tick
@@ -325,23 +406,10 @@ def _one_f_one_b(cfg: Config, p: int, params: dict, tokens: jax.Array) -> tuple[
     layers = params["layers"]
     inputs, labels = tokens[:, :, :-1], tokens[:, :, 1:]  # (gas, batch, seq)
     act = jax.eval_shape(partial(_embed, cfg), params["embed"], inputs[0])  # (batch, seq, hidden)
-    layer_ids = {id(w): j for j, w in enumerate(jax.tree.leaves(layers))}
-
-    def residuals(x):
-        """Forward of this stage; the vjp's residuals split into weights (not stored) and the rest."""
-        y, vjp = jax.vjp(run, layers, x)
-        leaves, tdef = jax.tree.flatten(vjp)
-        where = tuple(layer_ids.get(id(r)) for r in leaves)  # index into the weights, or None: an activation
-        return y, tdef, where, [r for r, j in zip(leaves, where, strict=True) if j is None]
-
-    # one abstract trace fixes the residual layout; the ring holds p microbatches of it
-    layout: dict = {}
-
-    def probe(x):
-        _, layout["tdef"], layout["where"], acts = residuals(_varying(x))
-        return acts
-
-    res_shapes = jax.eval_shape(probe, jax.ShapeDtypeStruct(act.shape, act.dtype))
+    stage = _StageVjp(run)
+    # one abstract trace fixes the residual layout; the ring holds p microbatches of it (activations only)
+    res_shapes = jax.eval_shape(lambda x: stage.forward(layers, _varying(x))[1],
+                                jax.ShapeDtypeStruct(act.shape, act.dtype))
     ring = [jnp.zeros((p, *r.shape), r.dtype) for r in res_shapes]  # each (stages, *residual)
     zeros_act = jnp.zeros(act.shape, act.dtype)
     grads0 = jax.tree.map(lambda w: jnp.zeros(w.shape, jnp.float32), params)
@@ -349,10 +417,7 @@ def _one_f_one_b(cfg: Config, p: int, params: dict, tokens: jax.Array) -> tuple[
     def forward(state, i):
         recv_f, _, _, ring, grads, loss = state
         x = jax.lax.cond(s == 0, lambda: _varying(_embed(cfg, params["embed"], inputs[i])), lambda: recv_f)
-        y, _, where, acts = residuals(x)
-        # the treedef holds the vjp's jaxpr, a fresh object per trace: compare the residual layout instead
-        if where != layout["where"] or [(a.shape, a.dtype) for a in acts] != [(r.shape, r.dtype) for r in res_shapes]:
-            raise RuntimeError("1F1B: the stage's vjp residual layout differs between two traces of one function")
+        y, acts = stage.forward(layers, x)
         ring = [buf.at[i % p].set(a) for buf, a in zip(ring, acts, strict=True)]
 
         def head(y, grads, loss):
@@ -370,9 +435,7 @@ def _one_f_one_b(cfg: Config, p: int, params: dict, tokens: jax.Array) -> tuple[
     def backward(state, i):
         _, recv_b, ct_head, ring, grads, loss = state
         ct = jnp.where(s == p - 1, ct_head, recv_b)  # (batch, seq, hidden)
-        leaves, acts = list(jax.tree.leaves(layers)), iter(buf[i % p] for buf in ring)
-        vjp = jax.tree.unflatten(layout["tdef"], [next(acts) if j is None else leaves[j] for j in layout["where"]])
-        dlayers, dx = vjp(ct)
+        dlayers, dx = stage.backward(layers, [buf[i % p] for buf in ring], ct)
         grads = dict(grads, layers=jax.tree.map(jnp.add, grads["layers"], dlayers))
 
         def embed_grad(dx, g):  # stage 0: scatter the input cotangent into the embedding rows
