@@ -123,13 +123,22 @@ class Checkpointer:
     """Periodic async saves of (params, opt_state, meta); every process of a multi-process run calls it."""
 
     def __init__(self, directory: str | Path, every: int = 0, keep: int = 2, use_async: bool = True):
-        ocp = _ocp()
         self.directory = Path(directory).absolute()
         self.every = every
-        opts = ocp.CheckpointManagerOptions(max_to_keep=keep or None, create=True,
-                                            enable_async_checkpointing=use_async)
-        self.manager = ocp.CheckpointManager(self.directory, options=opts, item_names=ITEMS)
+        self.keep, self.use_async = keep, use_async
+        self._manager: Any = None
         self.save_s: list[float] = []  # time the train loop was blocked per save
+
+    @property
+    def manager(self) -> Any:
+        """The orbax ``CheckpointManager``, made at the first save: a run that never saves neither imports
+        orbax and tensorstore (~24 MiB of every process's host memory) nor creates the directory."""
+        if self._manager is None:
+            ocp = _ocp()
+            opts = ocp.CheckpointManagerOptions(max_to_keep=self.keep or None, create=True,
+                                                enable_async_checkpointing=self.use_async)
+            self._manager = ocp.CheckpointManager(self.directory, options=opts, item_names=ITEMS)
+        return self._manager
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
@@ -147,11 +156,13 @@ class Checkpointer:
         return dt
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        if self._manager is not None:
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        if self._manager is not None:
+            self._manager.wait_until_finished()
+            self._manager.close()
 
 
 def _manager(directory: Path):

@@ -35,6 +35,18 @@ def test_tiny_run_writes_config_meta_and_metrics(tmp_path, capsys):
     assert all(r["tflops_per_device"] > 0 and r["tokens_per_s_per_device"] > 0 for r in rows)
     printed = capsys.readouterr().out
     assert "step     4 | loss" in printed and "TFLOPS/dev" in printed
+    assert not (run_dir / "checkpoints").exists()  # no --ckpt-every, no save: no checkpoint manager was made
+
+
+def test_run_that_never_saves_never_loads_orbax(tmp_path):
+    """orbax and tensorstore (~24 MiB of host memory per process) are imported at the first save only."""
+    argv = ["--preset", "tiny", "--mesh", "data=1", "--steps", "1", "--out-dir", str(tmp_path), "--wandb",
+            "disabled", "--quiet"]
+    code = (f"import sys; from jax_impl.train import main; main({argv!r}); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'orbax', 'tensorstore'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-2000:]
 
 
 def test_step_is_compiled_before_state_exists(tmp_path, monkeypatch):
