@@ -33,8 +33,8 @@ def run_variant(tree: Path, name: str, args: argparse.Namespace, out: Path) -> t
         "train.wandb": "disabled", "train.out_dir": str(out), "train.name": name})
     report.execute("jax", cfg, out / f"{name}.log", args.timeout, args.processes, root=tree)
     run = report.load_run(out / name)
-    rss = max(r.get("peak_mem_bytes") or 0 for r in run.metrics) / 2**20
-    return report.throughput(run)["step_time_s"] * 1e3, run.metrics[-1]["loss"], rss
+    tp = report.throughput(run)
+    return tp["step_time_s"] * 1e3, run.metrics[-1]["loss"], (tp["peak_rss_bytes"] or 0) / 2**20
 
 
 def main(argv: list[str] | None = None) -> None:
