@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from configs.schema import Config, load_config, parse_overrides
+from configs.schema import PLATFORMS, Config, load_config, parse_overrides
 
 SHORTHANDS = {  # flag -> config key
     "mesh": "parallel.mesh", "zero": "parallel.zero", "mbs": "parallel.mbs", "gas": "parallel.gas",
@@ -25,7 +25,7 @@ def trainer_parser(prog: str, doc: str | None, platform_help: str = "auto: an in
     ap.add_argument("--gas", type=int, help="gradient accumulation steps")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--dtype", choices=("fp32", "bf16"))
-    ap.add_argument("--platform", choices=("auto", "cpu", "gpu", "sycl"), help=platform_help)
+    ap.add_argument("--platform", choices=(*PLATFORMS, "sycl"), help=platform_help + " (sycl: old name of xpu)")
     ap.add_argument("--wandb", choices=("online", "offline", "disabled"))
     ap.add_argument("--name", help="run name (directory under --out-dir)")
     ap.add_argument("--out-dir", dest="out_dir")

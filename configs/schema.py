@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from typing import Any
 
 PRESET_DIR = Path(__file__).parent / "presets"
 MESH_AXES = ("pipeline", "data", "fsdp", "tensor")
+# train.platform: xpu = Intel GPUs (JAX's oneapi backend, DeepSpeed's xpu accelerator); "sycl" is accepted as xpu
+PLATFORMS = ("auto", "cpu", "gpu", "xpu")
 
 
 class ConfigError(ValueError):
@@ -167,7 +170,7 @@ class TrainConfig:
     out_dir: str = "runs"
     log_every: int = 1
     wandb: str = "offline"  # online | offline | disabled
-    platform: str = "auto"  # auto | cpu | gpu | sycl
+    platform: str = "auto"  # auto | cpu | gpu | xpu (Intel GPUs; "sycl" is an old spelling of xpu)
 
 
 @dataclass
@@ -352,6 +355,9 @@ def load_preset(name: str) -> Config:
 def load_config(preset: str = "tiny", overrides: dict[str, Any] | None = None, validate: bool = True) -> Config:
     cfg = load_preset(preset)
     apply_overrides(cfg, overrides or {}, source="command line")
+    if cfg.train.platform == "sycl":  # the name under the archived intel-extension-for-openxla plugin
+        print("note: --platform sycl is an old spelling of --platform xpu (Intel GPUs); using xpu", file=sys.stderr)
+        cfg.train.platform = "xpu"
     if validate:
         validate_config(cfg)
     return cfg
@@ -360,8 +366,10 @@ def load_config(preset: str = "tiny", overrides: dict[str, Any] | None = None, v
 def config_from_dict(d: dict[str, Any]) -> Config:
     """Rebuild a Config from ``to_dict()`` output (e.g. a run directory's config.json)."""
     d = dict(d)
-    cfg = Config(preset=d.pop("preset", "tiny"))
-    return apply_overrides(cfg, _flatten(d), source="config dict")
+    cfg = apply_overrides(Config(preset=d.pop("preset", "tiny")), _flatten(d), source="config dict")
+    if cfg.train.platform == "sycl":  # written by older versions
+        cfg.train.platform = "xpu"
+    return cfg
 
 
 # ----------------------------------------------------------------------------- validation
@@ -496,7 +504,7 @@ def validate_config(cfg: Config, n_devices: int | None = None) -> None:
     t = cfg.train
     _choice("train.dtype", t.dtype, ("fp32", "bf16"))
     _choice("train.wandb", t.wandb, ("online", "offline", "disabled"))
-    _choice("train.platform", t.platform, ("auto", "cpu", "gpu", "sycl"))
+    _choice("train.platform", t.platform, PLATFORMS)
     if t.steps < 1:
         raise ConfigError(f"train.steps={t.steps} must be >= 1")
 

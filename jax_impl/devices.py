@@ -16,7 +16,7 @@ import os
 from configs import ConfigError
 from configs.hostmem import reuse_host_memory
 
-PLATFORM_NAMES = {"cpu": "cpu", "gpu": "cuda", "sycl": "sycl"}
+PLATFORM_NAMES = {"cpu": "cpu", "gpu": "cuda", "xpu": "oneapi"}
 
 # XLA:CPU compile options for the train step (measured in docs/performance.md). YNNPACK takes only
 # single dots: inside a scanned layer loop its fused reductions ran the softmax backward's row sums
@@ -63,7 +63,7 @@ def configure(platform: str, n_devices: int | None) -> str:
     platform = detect() if platform == "auto" else platform
     if platform not in PLATFORM_NAMES:
         raise ConfigError(f"--platform {platform!r} is not one of auto, cpu, gpu, sycl")
-    if platform == "sycl" and not _has_plugin("intel_extension_for_openxla"):
+    if platform == "xpu" and not _has_plugin("xla_oneapi"):
         raise ConfigError(
             "--platform sycl needs Intel's OpenXLA PJRT plugin: pip install -e '.[xpu]' on an Aurora compute node "
             "(intel-extension-for-openxla with a matching jax; see README 'Aurora')"
