@@ -35,6 +35,8 @@ from configs.rundir import host_cpu, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMEWORKS = {"jax": "jax_impl.train", "torch": "torch_ref.train"}
+# each trainer's interpreter: the two stacks may live in two environments (e.g. .venv-aurora has no torch)
+PYTHONS = {"jax": sys.executable, "torch": sys.executable}
 PAIRED_SECTIONS = ("model", "data", "optim")
 # keys that name where a run lives or how it logs: they never make two runs different
 RUN_LOCAL_KEYS = ("train.name", "train.out_dir", "train.wandb", "train.log_every", "train.platform")
@@ -177,7 +179,7 @@ def trainer_argv(framework: str, cfg: Config) -> list[str]:
     """The trainer's command line for ``cfg``: the CLI's own flags, and every parallel setting that differs
     from the preset's as a dotted override (a layout's extras: pipeline_repeats, pipeline_head, hpz, ...)."""
     p, preset = cfg.parallel, load_config(cfg.preset).parallel
-    argv = [sys.executable, "-m", FRAMEWORKS[framework], "--preset", cfg.preset, "--quiet",
+    argv = [PYTHONS[framework], "-m", FRAMEWORKS[framework], "--preset", cfg.preset, "--quiet",
             "--mesh", p.mesh, "--zero", str(p.zero), "--gas", str(p.gas), "--mbs", str(p.mbs),
             "--steps", str(cfg.train.steps), "--dtype", cfg.train.dtype, "--wandb", "disabled",
             "--out-dir", cfg.train.out_dir, "--name", cfg.train.name]
@@ -516,6 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run each layout's JAX/DeepSpeed pair N times, alternating; the ratio is the median of "
                          "the pairs' ratios (this machine drifts by tens of %% between minutes)")
     ap.add_argument("--reference", help="also check and render the study's table (CSV, as compare/data/)")
+    ap.add_argument("--jax-python", help="the Python that runs jax_impl.train (default: this one)")
+    ap.add_argument("--torch-python", help="the Python that runs torch_ref.train (default: this one), e.g. "
+                                           ".venv/bin/python when this one is the Intel-GPU stack's")
     ap.add_argument("--assert", dest="strict", action="store_true",
                     help="exit 1 if any compared layout fails parity or any layout could not be compared")
     return ap
@@ -534,6 +539,13 @@ def main(argv: list[str] | None = None) -> int:
                f"--repeats {args.repeats} must be >= 1")
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    for fw in FRAMEWORKS:
+        py = getattr(args, f"{fw}_python") or sys.executable
+        if not (Path(py).exists() and subprocess.run([py, "-c", ""], capture_output=True).returncode == 0):
+            print(f"error: --{fw}-python {py}: not a Python that runs; give the interpreter of the environment "
+                  f"that has {FRAMEWORKS[fw]}'s framework", file=sys.stderr)
+            return 2
+        PYTHONS[fw] = py
     try:
         load_config(args.preset)
     except ConfigError as e:

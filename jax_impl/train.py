@@ -95,6 +95,17 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:,.2f} GiB"
 
 
+def compiled_memory(compiled) -> dict[str, int] | None:
+    """Per-device bytes of a compiled step (XLA's memory analysis), or None where the backend has none."""
+    try:
+        ma = compiled.memory_analysis()
+    except Exception:  # e.g. UNIMPLEMENTED from a plugin
+        return None
+    if ma is None:
+        return None
+    return {k: int(getattr(ma, k + "_size_in_bytes", 0) or 0) for k in ("argument", "output", "alias", "temp")}
+
+
 def dry_run(cfg: Config, trainer) -> dict[str, Any]:
     """Plan without allocating: counts, per-device state bytes, AOT-compiled memory analysis."""
     n_dev = trainer.mesh.size
@@ -109,8 +120,14 @@ def dry_run(cfg: Config, trainer) -> dict[str, Any]:
     t0 = time.perf_counter()
     compiled = trainer.compile_step()
     compile_s = time.perf_counter() - t0
-    ma = compiled.memory_analysis()
-    mem = {k: int(getattr(ma, k + "_size_in_bytes", 0) or 0) for k in ("argument", "output", "alias", "temp")}
+    mem = compiled_memory(compiled)
+    if mem is None:  # a PJRT plugin need not implement it (the oneapi one is untested here)
+        import jax
+
+        print(f"AOT-compiled train step in {compile_s:.1f}s; the {jax.default_backend()} backend gives no memory "
+              "analysis: plan with --platform cpu (XLA:CPU's buffer assignment of the same step)")
+        return {"n_params": total, "devices": n_dev, "state_bytes": state, "memory": None, "peak_bytes": None,
+                "compile_s": compile_s}
     peak = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
     print(f"AOT-compiled train step in {compile_s:.1f}s; per-device memory analysis:")
     for k, v in mem.items():
@@ -135,6 +152,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         platform = devices.configure(cfg.train.platform, n_mesh // dist.num_processes if dist and n_mesh else n_mesh)
         if dist is not None:
             distributed.initialize(dist, platform)
+        devices.check_config(cfg, platform)
+        devices.start(platform)  # the backend starts here: a device that is not there is a message, not a trace
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -204,7 +223,7 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
 
     from aurora_data import build_source
     from configs import hostmem
-    from jax_impl import checkpoint, distributed, resilience
+    from jax_impl import checkpoint, devices, distributed, resilience
     from jax_impl.sharding import activate, batch_sharding
 
     opts = opts or RunOptions()
@@ -255,16 +274,15 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
     else:
         params, opt_state = trainer.init_state()
     compile_s = time.perf_counter() - t0
-    ma = compiled.memory_analysis()
     if lead:
         write_meta(run_dir, {
             "framework": "jax", "jax": jax.__version__, "platform": platform, "devices": n_dev,
+            "platform_stack": devices.stack_info(platform),
             "host_allocator": hostmem.host_allocator(),
             "processes": jax.process_count(),
             "device_kind": jax.devices()[0].device_kind, "mesh": dict(mesh.shape), "layout": layout_label(cfg),
             "zero": p.zero, "dtype": cfg.train.dtype, "gbs": gbs, "compile_s": compile_s,
-            "compiled_memory": {k: int(getattr(ma, k + "_size_in_bytes", 0) or 0)
-                                for k in ("argument", "output", "alias", "temp")},
+            "compiled_memory": compiled_memory(compiled),
             "resumed_from": None if restored_meta is None else {
                 "path": str(resume_from), "step": restored_meta["step"], "mesh": restored_meta["mesh"],
                 "restore_s": restore_s},
