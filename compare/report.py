@@ -208,13 +208,14 @@ def execute(framework: str, cfg: Config, log: Path, timeout_s: int, processes: i
         import shutil
 
         shutil.rmtree(run_dir)
-    from jax_impl.distributed import LOCAL_VARS, RANK_VARS, SIZE_VARS
+    from runtime.launcher_env import LOCAL_RANK_VARS, LOCAL_SIZE_VARS, RANK_VARS, SIZE_VARS
 
     argv = trainer_argv(framework, cfg)
     env = dict(allocator_env(), PYTHONUNBUFFERED="1")  # the trainers start on the policy's allocator
     # the report's own launcher (mpiexec, SLURM, torchrun) is not the trainers': its rank variables would make
     # a one-process trainer wait for peers that never come
-    for key in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", *RANK_VARS, *SIZE_VARS, *LOCAL_VARS):
+    for key in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", *RANK_VARS, *SIZE_VARS, *LOCAL_RANK_VARS,
+                *LOCAL_SIZE_VARS):
         env.pop(key, None)
     logs = [log] + [log.with_name(f"{log.stem}.{i}{log.suffix}") for i in range(1, processes)]
     ranks: list[dict[str, str]] = [{}]

@@ -1,37 +1,32 @@
 """Multi-controller JAX: one process per host (or per tile), started by mpiexec/PALS, SLURM or by hand.
 
-``detect`` reads who-am-I from explicit flags first, then the launcher's environment:
+``detect`` takes rank, world size and local rank from ``runtime.launcher_env`` (flags first, then the
+launcher's variables, one documented precedence for both trainers) and the coordinator from
+``--coordinator`` | JAX_COORDINATOR_ADDRESS | MASTER_ADDR | the first host of $PBS_NODEFILE (Aurora/PBS) |
+of $SLURM_JOB_NODELIST, port JAX_COORDINATOR_PORT | MASTER_PORT (default 1234).
 
-    rank          PALS_RANKID | PMI_RANK | OMPI_COMM_WORLD_RANK | PMIX_RANK | SLURM_PROCID | RANK
-    world size    --num-processes | PMI_SIZE | OMPI_COMM_WORLD_SIZE | SLURM_NTASKS | WORLD_SIZE
-    local rank    PALS_LOCAL_RANKID | MPI_LOCALRANKID | OMPI_COMM_WORLD_LOCAL_RANK | SLURM_LOCALID | LOCAL_RANK
-    coordinator   --coordinator | JAX_COORDINATOR_ADDRESS | MASTER_ADDR[:MASTER_PORT] | first host of
-                  $PBS_NODEFILE (Aurora/PBS) | first host of $SLURM_JOB_NODELIST; port JAX_COORDINATOR_PORT
-                  (default 1234)
-
-and ``initialize`` calls ``jax.distributed.initialize`` with it (gloo collectives on CPU). Each
-process then holds ``jax.local_devices()``; ``jax.devices()`` is the global list the mesh is built
-from. ``local_batch`` builds the global batch array from the samples of the local shards only, so
-no process reads (or holds) the whole global batch.
+``initialize`` calls ``jax.distributed.initialize`` with it (gloo collectives on CPU). On an accelerator,
+each process picks its own devices in-app: with d devices per process, local rank i gets devices
+[i*d, (i+1)*d) of its node (``local_device_ids``, and the oneapi plugin's visible-devices option, which
+jax 0.10's ``local_device_ids`` does not set), so a job leaves every tile visible to every process. Each
+process then holds ``jax.local_devices()``; ``jax.devices()`` is the global list the mesh is built from.
+``local_batch`` builds the global batch array from the samples of the local shards only, so no process
+reads (or holds) the whole global batch.
 """
 
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from configs import ConfigError
+from runtime import launcher_env
 
 DEFAULT_PORT = 1234
-RANK_VARS = ("PALS_RANKID", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID", "RANK")
-SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS", "WORLD_SIZE")
-LOCAL_VARS = ("PALS_LOCAL_RANKID", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK")
 
 
 @dataclass(frozen=True)
@@ -41,68 +36,48 @@ class DistInfo:
     process_id: int
     local_rank: int = 0
     source: str = "flags"
-
-
-def _first(env: Mapping[str, str], names: tuple[str, ...]) -> tuple[str, int] | None:
-    for n in names:
-        v = env.get(n, "")
-        if v.strip().isdigit():
-            return n, int(v)
-    return None
-
-
-def first_slurm_host(nodelist: str) -> str:
-    """``nid[001-004,007],login1`` -> ``nid001`` (SLURM's compressed host list, first entry)."""
-    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not m:
-        raise ConfigError(f"cannot read SLURM_JOB_NODELIST={nodelist!r}")
-    prefix, ranges = m.group(1), m.group(2)
-    if not ranges:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
+    local_world_size: int | None = None
 
 
 def detect(env: Mapping[str, str] | None = None, coordinator: str | None = None, num_processes: int | None = None,
            process_id: int | None = None) -> DistInfo | None:
     """The multi-process layout from flags/environment; None for a single-process run."""
     env = os.environ if env is None else env
-    rank = (("--process-id", process_id) if process_id is not None else _first(env, RANK_VARS))
-    size = (("--num-processes", num_processes) if num_processes is not None else _first(env, SIZE_VARS))
-    if size is None or size[1] <= 1:
-        if num_processes is not None and num_processes > 1 and rank is None:
-            raise ConfigError("--num-processes > 1 needs --process-id (or a launcher's rank variable)")
+    launch = launcher_env.read(env, rank=process_id, world_size=num_processes)
+    if launch is None or launch.world_size <= 1:
         return None
-    if rank is None:
-        if num_processes is None:  # e.g. an salloc shell (SLURM_NTASKS, no srun): a plain single-process run
-            return None
-        raise ConfigError(f"--num-processes {size[1]} but no rank: set --process-id or one of {RANK_VARS}")
-    if not 0 <= rank[1] < size[1]:
-        raise ConfigError(f"process id {rank[1]} ({rank[0]}) is not in [0, {size[1]})")
-    local = _first(env, LOCAL_VARS)
     port = int(env.get("JAX_COORDINATOR_PORT") or env.get("MASTER_PORT") or DEFAULT_PORT)
-    addr = coordinator or env.get("JAX_COORDINATOR_ADDRESS")
-    if not addr and env.get("MASTER_ADDR"):
-        addr = env["MASTER_ADDR"]
-    if not addr and env.get("PBS_NODEFILE") and Path(env["PBS_NODEFILE"]).is_file():
-        addr = Path(env["PBS_NODEFILE"]).read_text().split()[0]
-    if not addr and env.get("SLURM_JOB_NODELIST"):
-        addr = first_slurm_host(env["SLURM_JOB_NODELIST"])
+    addr = coordinator or env.get("JAX_COORDINATOR_ADDRESS") or launcher_env.coordinator_host(env)
     if not addr:
         raise ConfigError("multi-process run without a coordinator: pass --coordinator HOST:PORT or set "
                           "JAX_COORDINATOR_ADDRESS / MASTER_ADDR (PBS_NODEFILE and SLURM_JOB_NODELIST are read too)")
     if ":" not in addr:
         addr = f"{addr}:{port}"
-    return DistInfo(addr, size[1], rank[1], local[1] if local else 0, f"{rank[0]}/{size[0]}")
+    return DistInfo(addr, launch.world_size, launch.rank, launch.local_rank, launch.source, launch.local_world_size)
 
 
-def initialize(info: DistInfo, platform: str, timeout_s: int = 300) -> None:
-    """``jax.distributed.initialize`` (before any backend starts); CPU processes talk through gloo."""
+def local_device_ids(info: DistInfo, devices_per_process: int) -> list[int]:
+    """This process's devices on its node: local rank i of d devices each gets [i*d, (i+1)*d)."""
+    return list(range(info.local_rank * devices_per_process, (info.local_rank + 1) * devices_per_process))
+
+
+def initialize(info: DistInfo, platform: str, timeout_s: int = 300, devices_per_process: int | None = None) -> None:
+    """``jax.distributed.initialize`` (before any backend starts); CPU processes talk through gloo.
+
+    On an accelerator with ``devices_per_process`` known, the process claims its node-local devices
+    (``local_device_ids``) instead of a launcher wrapper masking them with ZE_AFFINITY_MASK.
+    """
     import jax
 
+    ids = None
     if platform == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    elif devices_per_process:
+        ids = local_device_ids(info, devices_per_process)
+        if platform == "xpu":  # jax.distributed sets only the CUDA/ROCm visible-device flags from local_device_ids
+            jax.config.update("jax_oneapi_visible_devices", ",".join(map(str, ids)))
     jax.distributed.initialize(coordinator_address=info.coordinator, num_processes=info.num_processes,
-                               process_id=info.process_id, initialization_timeout=timeout_s)
+                               process_id=info.process_id, local_device_ids=ids, initialization_timeout=timeout_s)
 
 
 def local_batch(source: Any, sharding: Any, consumed: int, mbs: int, gas: int, dp: int) -> Any:
@@ -135,20 +110,23 @@ def broadcast_str(value: str) -> str:
 
     raw = np.frombuffer(value.encode().ljust(1024, b"\0")[:1024], np.uint8)
     out = multihost_utils.broadcast_one_to_all(raw)
-    return bytes(np.asarray(out, np.uint8)).rstrip(b"\0").decode()
+    return bytes(np.asarray(out, np.uint8)).rstrip(b"\0").decode(errors="replace")  # a cut multi-byte character
 
 
-def max_over_processes(value: int) -> int:
-    """The largest of every process's ``value`` (< 2**31: JAX arrays are 32-bit here), e.g. peak RSS in KiB: a
-    pipeline stage per process need not peak on process 0, which writes the metrics (DeepSpeed's ranks report
-    their max too)."""
+def max_over_processes(value: int | Sequence[int]) -> Any:
+    """The largest of every process's ``value`` (each < 2**31: JAX arrays are 32-bit here), e.g. peak RSS in KiB:
+    a pipeline stage per process need not peak on process 0, which writes the metrics (DeepSpeed's ranks report
+    their max too). A sequence is reduced element-wise in the same one collective and comes back as a list."""
     import jax
 
-    if jax.process_count() == 1:
-        return value
-    from jax.experimental import multihost_utils
+    many = not isinstance(value, int | np.integer)
+    values = [int(v) for v in value] if many else [int(value)]
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
 
-    return int(np.max(multihost_utils.process_allgather(np.array([value], np.int32))))
+        got = multihost_utils.process_allgather(np.array(values, np.int32))
+        values = [int(v) for v in np.max(np.asarray(got).reshape(-1, len(values)), axis=0)]
+    return values if many else values[0]
 
 
 def barrier(name: str) -> None:

@@ -45,13 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
     ck = ap.add_argument_group("checkpoints (orbax; proposed config keys train.ckpt_every/ckpt_keep/ckpt_dir)")
     ck.add_argument("--ckpt-every", "--ckpt.every", "--train.ckpt_every", dest="ckpt_every", type=int, default=0,
                     help="save every N steps and at the last step (0: only on SIGTERM/SIGINT)")
+    ck.add_argument("--ckpt-every-s", "--train.ckpt_every_s", dest="ckpt_every_s", type=float, default=0.0,
+                    help="also save when this many seconds passed since the last save (decided by process 0, "
+                         "agreed by all) and at the last step; 0: off")
     ck.add_argument("--ckpt-keep", "--train.ckpt_keep", dest="ckpt_keep", type=int, default=2,
                     help="finished checkpoints kept (default 2)")
     ck.add_argument("--ckpt-dir", "--train.ckpt_dir", dest="ckpt_dir",
                     help="default <run dir>/checkpoints; must be shared by all processes")
     ck.add_argument("--resume", metavar="PATH|auto",
                     help="a run directory, its checkpoints/ or one checkpoints/<step>; continues in that run "
-                         "directory unless --name is given. auto: resume this --name's run if it has a checkpoint")
+                         "directory unless --name is given. auto: resume this --name's run if it has a checkpoint, "
+                         "else start it fresh in that directory (a requeued job's first attempt)")
     rs = ap.add_argument_group("failure handling")
     rs.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop",
                     help="non-finite loss or gradient norm: stop (exit 3, default) or skip the step's update")
@@ -73,6 +77,7 @@ class RunOptions:
     """The resilience flags of one run (see build_parser)."""
 
     ckpt_every: int = 0
+    ckpt_every_s: float = 0.0
     ckpt_keep: int = 2
     ckpt_dir: str | None = None
     resume: str | None = None
@@ -85,6 +90,9 @@ class RunOptions:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RunOptions:
         return cls(**{k: getattr(args, k) for k in cls.__dataclass_fields__})
+
+
+RUN_DIR_ERROR = "\0error:"  # broadcast by process 0 instead of the run directory when it cannot open one
 
 
 class NonFiniteError(FloatingPointError):
@@ -149,9 +157,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise ConfigError(f"mesh {cfg.parallel.mesh} ({n_mesh} devices) does not divide over "
                               f"{dist.num_processes} processes")
         # on CPU each process fakes its share of the mesh's devices
-        platform = devices.configure(cfg.train.platform, n_mesh // dist.num_processes if dist and n_mesh else n_mesh)
+        per_process = n_mesh // dist.num_processes if dist and n_mesh else n_mesh
+        platform = devices.configure(cfg.train.platform, per_process)
         if dist is not None:
-            distributed.initialize(dist, platform)
+            distributed.initialize(dist, platform, devices_per_process=per_process)
         devices.check_config(cfg, platform)
         devices.start(platform)  # the backend starts here: a device that is not there is a message, not a trace
     except ConfigError as e:
@@ -191,8 +200,9 @@ def _resume_source(cfg: Config, opts: RunOptions) -> Path | None:
     return ck if checkpoint.steps_in(ck) else None
 
 
-def _open_run_dir(cfg: Config, resume_from: Path | None) -> tuple[Path, bool]:
-    """(run dir, continuing in place); only process 0 calls this."""
+def _open_run_dir(cfg: Config, resume_from: Path | None, fresh_in_place: bool = False) -> tuple[Path, bool]:
+    """(run dir, continuing in place); only process 0 calls this. ``fresh_in_place`` (``--resume auto`` and no
+    checkpoint yet): a named run directory left by an attempt that never saved is restarted from step 0."""
     if resume_from is not None and not cfg.train.name:
         from jax_impl import checkpoint
 
@@ -203,6 +213,11 @@ def _open_run_dir(cfg: Config, resume_from: Path | None) -> tuple[Path, bool]:
         run_dir = Path(cfg.train.out_dir) / cfg.train.name
         if (run_dir / "metrics.jsonl").exists():
             return run_dir, True
+    if fresh_in_place and cfg.train.name:
+        stale = Path(cfg.train.out_dir) / cfg.train.name / "metrics.jsonl"
+        if stale.exists():
+            print(f"--resume auto: {stale.parent} has no checkpoint yet; starting it again from step 0")
+            stale.unlink()
     return make_run_dir(cfg, "jax"), False
 
 
@@ -234,13 +249,20 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
     lead = jax.process_index() == 0  # only process 0 writes the run directory and the metrics
     faults = resilience.parse_faults()
 
+    # process 0 opens the run directory and tells the others where, or why not: every process then exits 2,
+    # instead of the others waiting in a collective for a process 0 that is gone
+    error, run_dir, in_place = "", Path(), False
     try:
         resume_from = _resume_source(cfg, opts)
-        run_dir, in_place = _open_run_dir(cfg, resume_from) if lead else (Path(), False)
-    except (ConfigError, checkpoint.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    run_dir = Path(distributed.broadcast_str(str(run_dir)))
+        if lead:
+            run_dir, in_place = _open_run_dir(cfg, resume_from, fresh_in_place=opts.resume == "auto")
+    except (ConfigError, checkpoint.CheckpointError, FileExistsError) as e:
+        error = str(e) or type(e).__name__
+    shared = distributed.broadcast_str(RUN_DIR_ERROR + error if error else str(run_dir))
+    if shared.startswith(RUN_DIR_ERROR):
+        print(f"error: {shared[len(RUN_DIR_ERROR):]}", file=sys.stderr)
+        raise SystemExit(2)
+    run_dir = Path(shared)
     ckpt_dir = Path(opts.ckpt_dir) if opts.ckpt_dir else run_dir / "checkpoints"
     if lead:
         write_config(run_dir, cfg)
@@ -298,11 +320,13 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
                                    report=run_dir / f"watchdog.{jax.process_index()}.txt")
     watchdog.first_step = start_step + 1
 
+    last_save_t = time.monotonic()
+
     def save(at: int, consumed: int) -> None:
-        nonlocal last_saved
+        nonlocal last_saved, last_save_t
         if at != last_saved:
             dt = ckpt.save(at, params, opt_state, checkpoint.checkpoint_meta(cfg, trainer, at, consumed))
-            last_saved = at
+            last_saved, last_save_t = at, time.monotonic()
             if lead and not quiet:
                 print(f"checkpoint step {at} -> {ckpt_dir} (train loop blocked {dt:.2f}s; written in the background)")
 
@@ -328,12 +352,16 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
             watchdog.done(dt)
             losses.append(loss)
             sps = gbs / dt
+            # a wall-clock checkpoint is due when process 0's clock says so; the decision rides in the same
+            # collective as the peak RSS, so every process saves at the same step without an extra one
+            wall_due = int(lead and opts.ckpt_every_s > 0 and time.monotonic() - last_save_t >= opts.ckpt_every_s)
+            peak_kib, wall_due = distributed.max_over_processes(
+                [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, wall_due])
             row = {
                 "step": step + 1, "loss": loss, "lr": lr_at(cfg, step), "grad_norm": gnorm, "step_time_s": dt,
                 "samples_per_s": sps, "tokens_per_s_per_device": sps * seq / n_dev,
                 "tflops_per_device": sps * flops_per_sample / n_dev / 1e12, "consumed_samples": consumed + gbs,
-                "peak_mem_bytes": distributed.max_over_processes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-                * 1024,  # KiB; the largest process's
+                "peak_mem_bytes": peak_kib * 1024,  # KiB; the largest process's
             }
             if log is not None:
                 log.write(row)
@@ -356,7 +384,7 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
                 print(f"warning: {msg}; step skipped (params and optimizer state unchanged)", file=sys.stderr)
             else:
                 in_a_row = 0
-            if ckpt.due(step + 1):
+            if ckpt.due(step + 1) or wall_due:
                 save(step + 1, consumed + gbs)
             if lead and ((step + 1) % cfg.train.log_every == 0 or step == 0):
                 msg = (f"step {step + 1:>5} | loss {loss:.4f} | lr {row['lr']:.3e} | gnorm {gnorm:.3f} | "
@@ -374,7 +402,7 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
                 print(f"stopped by {signal.Signals(sig).name} after step {step + 1}; checkpoint in {ckpt_dir}; "
                       f"continue with --resume {run_dir}", file=sys.stderr, flush=True)
                 raise SystemExit(128 + sig)
-    if opts.ckpt_every > 0 and cfg.train.steps > start_step:
+    if (opts.ckpt_every > 0 or opts.ckpt_every_s > 0) and cfg.train.steps > start_step:
         save(cfg.train.steps, consumed + gbs)
     ckpt.close()
     if log is not None:

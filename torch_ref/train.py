@@ -14,27 +14,26 @@ and OMP_NUM_THREADS = cores / ranks. A worker that fails ends the run: the launc
 its siblings and exits with that worker's traceback; the process group has a timeout
 (TORCH_REF_PG_TIMEOUT seconds, default 300), so a lost peer cannot hang the others.
 
-On a cluster the same module runs under ``mpiexec`` / ``deepspeed`` launchers: when RANK and
-WORLD_SIZE (or PMI_RANK/PMI_SIZE, PALS_RANKID, OMPI_COMM_WORLD_*) are already set, every
-process is a worker; rank 0 writes the run directory and computes the JAX initial weights.
-Aurora (12 PVC tiles per node; NOT run here -- this machine has no XPU, no oneCCL, no IPEX):
+On a cluster the same module runs under ``mpiexec`` / ``deepspeed`` / ``torchrun``: when a launcher
+gave this process a rank (``runtime.launcher_env``: RANK, PALS_RANKID, PMIX_RANK, PMI_RANK,
+OMPI_COMM_WORLD_RANK, SLURM_PROCID; world size from WORLD_SIZE, PMI_SIZE, ...), every process is a
+worker; rank 0 writes the run directory and computes the JAX initial weights.
 
-    module load frameworks   # torch + intel-extension-for-pytorch + oneccl_bindings_for_pytorch
-    export CCL_PROCESS_LAUNCHER=pmix FI_PROVIDER=cxi PALS_PMI=pmix CCL_ATL_TRANSPORT=mpi
-    export MASTER_ADDR=$(head -1 $PBS_NODEFILE) MASTER_PORT=29500
-    mpiexec -n $((NNODES*12)) --ppn 12 --pmi=pmix --genvall --cpu-bind depth -d 8 \\
-        python -m torch_ref.train --preset llama2-70b --mesh data=8,fsdp=12 --zero 3 --parallel.hpz=true --init torch
-
-There DeepSpeed's accelerator is ``xpu`` (intel-extension-for-pytorch) and its communication
-backend is oneCCL (``ccl``); this module asks the accelerator for both. A 70B run needs
-``--init torch`` (JAX init of 69B fp32 weights on one host is not practical) and, for ZeRO-3,
-model construction under ``deepspeed.zero.Init`` -- not wired here, where every model is small.
+``--platform``: ``xpu`` = Intel GPUs through ``torch.xpu`` (DeepSpeed's xpu accelerator, the ``xccl``
+backend; no intel-extension-for-pytorch), ``cpu`` = gloo, ``gpu`` = CUDA (DeepSpeed's choice of backend),
+``auto`` = xpu if ``torch.xpu.is_available()``, else CUDA if available, else cpu. Each XPU rank binds
+its own tile, ``torch.xpu.set_device(LOCAL_RANK)``, with all 12 tiles of a node visible. Aurora jobs
+come from ``python -m scripts.aurora.launch --trainer torch`` (docs/aurora.md; NOT run on Aurora).
+A 70B run needs ``--init torch`` (JAX init of 69B fp32 weights on one host is not practical).
 
 Checkpoints (DeepSpeed engines): ``--ckpt-every N`` calls ``engine.save_checkpoint`` on every rank
 every N steps (tag ``global_stepN``, client state = step and consumed samples; DeepSpeed writes the
-``latest`` file after the tag is complete); ``--resume RUN_DIR`` continues that run directory from
+``latest`` file after the tag is complete), ``--ckpt-every-s S`` also when S seconds passed since the
+last save (rank 0 decides, all ranks agree); ``--resume RUN_DIR`` continues that run directory from
 its latest checkpoint (``engine.load_checkpoint``: module, ZeRO-partitioned optimizer state, engine
 step counters); the per-step losses then equal an uninterrupted run's bit for bit (fp32, CPU).
+``--resume auto`` (needs ``--name``): continue that run if it has a checkpoint, else start it afresh in
+its directory -- what a requeued or retried job wants.
 """
 
 from __future__ import annotations
@@ -59,6 +58,7 @@ from configs.cli import resolve_config as resolve_cli
 from configs.cli import trainer_parser
 from configs.hostmem import allocator_env
 from configs.rundir import MetricsLog, make_run_dir, read_metrics, write_config, write_meta
+from runtime import launcher_env
 from torch_ref.layouts import Layout, plan_layout
 
 RUN_DIR_ENV = "TORCH_REF_RUN_DIR"  # set by our launcher for its workers
@@ -68,7 +68,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 def build_parser() -> argparse.ArgumentParser:
     ap = trainer_parser("python -m torch_ref.train", __doc__,
-                        "accepted for parity with jax_impl.train; torch follows DeepSpeed's accelerator")
+                        "xpu: torch.xpu + xccl; cpu: gloo; gpu: CUDA; auto: xpu if available, else CUDA, else cpu")
     ap.add_argument("--init", choices=("jax", "torch"), default="jax",
                     help="jax: jax_impl.model.init_params(seed), the JAX run's exact weights (default); "
                          "torch: torch_ref.model.init_torch (same stds, torch's random stream)")
@@ -76,8 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quiet", action="store_true", help="print only the first and last step")
     ap.add_argument("--ckpt-every", "--ckpt.every", "--train.ckpt_every", dest="ckpt_every", type=int, default=0,
                     help="DeepSpeed engine.save_checkpoint every N steps into <run dir>/checkpoints (0: never)")
-    ap.add_argument("--resume", metavar="RUN_DIR",
-                    help="continue this run directory from its latest DeepSpeed checkpoint (engine.load_checkpoint)")
+    ap.add_argument("--ckpt-every-s", "--train.ckpt_every_s", dest="ckpt_every_s", type=float, default=0.0,
+                    help="also save when this many seconds passed since the last save (rank 0 decides, all ranks "
+                         "agree) and at the last step; 0: off")
+    ap.add_argument("--resume", metavar="RUN_DIR|auto",
+                    help="continue this run directory from its latest DeepSpeed checkpoint (engine.load_checkpoint); "
+                         "auto: this --name's run if it has a checkpoint, else start it fresh in that directory")
     # jax_impl.train's resilience flags, accepted so both CLIs take the same command lines; refused if set
     jax_only = ap.add_argument_group("jax_impl.train only (refused here)")
     for flags in (("--ckpt-keep", "--train.ckpt_keep"), ("--ckpt-dir", "--train.ckpt_dir"), ("--on-nonfinite",),
@@ -93,17 +97,88 @@ def resolve_config(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
 
 
 # ----------------------------------------------------------------------------- environment
-def external_rank_env() -> tuple[int, int, int] | None:
-    """(rank, world, local_rank) from an external launcher's environment, or None when run directly."""
-    def first(*names: str) -> str | None:
-        return next((os.environ[n] for n in names if os.environ.get(n, "").isdigit()), None)
+def external_rank_env() -> launcher_env.LaunchEnv | None:
+    """This process's rank/world/local rank when an external launcher started it (``runtime.launcher_env``)."""
+    return launcher_env.read()
 
-    rank = first("RANK", "PMI_RANK", "PALS_RANKID", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
-    world = first("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
-    if rank is None or world is None:
-        return None
-    local = first("LOCAL_RANK", "PALS_LOCAL_RANKID", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK") or "0"
-    return int(rank), int(world), int(local)
+
+def xpu_unavailable_reason(torch_mod: Any = None, env: Any = None, host: str | None = None) -> str:
+    """Why ``torch.xpu`` has no device here, naming everything checked (for ``--platform xpu``'s refusal)."""
+    torch_mod = torch_mod if torch_mod is not None else __import__("torch")
+    env = os.environ if env is None else env
+    host = host or socket.gethostname()
+    xpu_build = getattr(getattr(torch_mod, "version", None), "xpu", None)
+    has_xpu = hasattr(torch_mod, "xpu")
+    facts = [f"torch.xpu.is_available() is False (torch {torch_mod.__version__}, "
+             + (f"an XPU build: torch.version.xpu={xpu_build}" if xpu_build else
+                "not an XPU build: torch.version.xpu is None" if has_xpu else "no torch.xpu module") + ")"]
+    mask = env.get("ZE_AFFINITY_MASK")
+    if mask is not None:
+        facts.append(f"ZE_AFFINITY_MASK={mask!r} limits the visible devices (unset it: each rank binds its tile)")
+    else:
+        facts.append("ZE_AFFINITY_MASK is unset")
+    if not env.get("PBS_JOBID") or "uan" in host:
+        job = "set" if env.get("PBS_JOBID") else "unset"
+        facts.append(f"host {host!r} looks like a login node (PBS_JOBID {job}): Aurora's GPUs are on compute nodes")
+    return "; ".join(facts)
+
+
+def select_platform(platform: str) -> tuple[str, str | None]:
+    """``--platform`` -> (platform, process-group backend; None = DeepSpeed's accelerator decides). Sets
+    DS_ACCELERATOR, which DeepSpeed reads once, at its first ``get_accelerator()``: call before that."""
+    import torch
+
+    if platform == "auto":
+        platform = ("xpu" if hasattr(torch, "xpu") and torch.xpu.is_available() else
+                    "gpu" if torch.cuda.is_available() else "cpu")
+    if platform in ("xpu", "sycl"):
+        if not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+            raise ConfigError(f"--platform xpu: no Intel GPU: {xpu_unavailable_reason(torch)}. Run on an Aurora "
+                              "compute node with `module load frameworks/2025.3.1` and .venv-aurora-torch "
+                              "(docs/aurora.md), or pass --platform cpu")
+        os.environ["DS_ACCELERATOR"] = "xpu"
+        return "xpu", "xccl"  # frameworks >= 2025.3.1: torch's own oneCCL backend; the oneccl bindings are gone
+    if platform == "gpu":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--platform gpu: torch.cuda.is_available() is False (torch {torch.__version__}); "
+                              "pass --platform cpu or auto")
+        os.environ["DS_ACCELERATOR"] = "cuda"
+        return "gpu", None
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    return "cpu", "gloo"
+
+
+def bind_device(platform: str, local_rank: int) -> None:
+    """Each rank takes device ``local_rank`` of its node, all of whose devices it sees (as ezpz does on Aurora).
+
+    DeepSpeed's engine calls ``set_device(LOCAL_RANK)`` later too, which fails for an index >= the visible
+    count -- what a ZE_AFFINITY_MASK wrapper showing each rank one tile, beside LOCAL_RANK 0..11, produced.
+    """
+    if platform not in ("xpu", "gpu"):
+        return
+    import torch
+
+    mod = torch.xpu if platform == "xpu" else torch.cuda
+    n = mod.device_count()
+    if local_rank >= n:
+        seen = ", ".join(f"{k}={os.environ.get(k)!r}" for k in ("ZE_AFFINITY_MASK", "ZE_FLAT_DEVICE_HIERARCHY",
+                                                                 "CUDA_VISIBLE_DEVICES"))
+        raise RuntimeError(f"local rank {local_rank} but torch sees {n} {platform} devices ({seen}): leave every "
+                           "device of the node visible (on Aurora: FLAT, no mask) and start at most that many ranks "
+                           "per node")
+    mod.set_device(local_rank)
+
+
+def resolve_resume(cfg: Config, resume: str | None) -> tuple[str | None, bool]:
+    """``--resume`` -> (run directory to continue, or None; start fresh in the named directory)."""
+    if resume != "auto":
+        return resume, False
+    if not cfg.train.name:
+        raise ConfigError("--resume auto needs --name (the run to continue)")
+    run = Path(cfg.train.out_dir) / cfg.train.name
+    if (run / "checkpoints" / "latest").exists():
+        return str(run), False
+    return None, True
 
 
 def default_extensions_dir() -> None:
@@ -131,14 +206,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     default_extensions_dir()
     if os.environ.get(RUN_DIR_ENV):  # a worker our launcher started: everything comes from the run dir
         return run_worker(Path(os.environ[RUN_DIR_ENV]))
-    ext = external_rank_env()
     try:
+        ext = external_rank_env()
         cfg, args = resolve_config(argv)
         jax_only = [f"--{k[8:].replace('_', '-')}" for k, v in vars(args).items() if k.startswith("jaxonly_") and v]
         if jax_only:
             raise ConfigError(f"{', '.join(jax_only)}: only jax_impl.train has these (torch_ref: --ckpt-every, "
-                              "--resume)")
-        layout = plan_layout(cfg, ext[1] if ext else None)
+                              "--ckpt-every-s, --resume)")
+        layout = plan_layout(cfg, ext.world_size if ext else None)
+        if args.dry_run:
+            platform = cfg.train.platform
+        else:
+            platform, _ = select_platform(cfg.train.platform)  # refuses a missing accelerator before any worker
+        resume, fresh_in_place = resolve_resume(cfg, args.resume)
+        wants_ckpt = args.ckpt_every or args.ckpt_every_s or resume
+        if wants_ckpt and not layout.engine.startswith("deepspeed"):
+            raise ConfigError(f"checkpoints are implemented for the DeepSpeed engines; layout {layout.label} runs "
+                              f"{layout.engine}: drop --ckpt-every/--ckpt-every-s/--resume for it")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -148,13 +232,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"layout {layout.label}: {layout.description}; {layout.world_size} ranks, mesh {layout.mesh}")
         print(json.dumps(installed_ds_config(cfg), indent=2))
         return {"layout": layout, "ds_config": installed_ds_config(cfg)}
-    ckpt = {"ckpt_every": args.ckpt_every or 0, "resume": args.resume}
-    if args.resume and not (Path(args.resume) / "checkpoints" / "latest").exists():
-        print(f"error: --resume {args.resume}: no DeepSpeed checkpoint there (checkpoints/latest is missing)",
+    ckpt = {"ckpt_every": args.ckpt_every or 0, "ckpt_every_s": args.ckpt_every_s or 0.0, "resume": resume,
+            "fresh_in_place": fresh_in_place, "platform": platform}
+    if resume and not (Path(resume) / "checkpoints" / "latest").exists():
+        print(f"error: --resume {resume}: no DeepSpeed checkpoint there (checkpoints/latest is missing)",
               file=sys.stderr)
         raise SystemExit(2)
     if ext is not None:
-        return run_worker(None, cfg=cfg, init=args.init, quiet=args.quiet, ckpt=ckpt)
+        try:
+            return run_worker(None, cfg=cfg, init=args.init, quiet=args.quiet, ckpt=ckpt)
+        except RunDirError as e:  # a configuration problem on rank 0, told to every rank: no retry will help
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except FloatingPointError as e:  # exit 3 as jax_impl.train: a rerun from the last checkpoint repeats it
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(3) from None
     return launch(cfg, layout, init=args.init, quiet=args.quiet, ckpt=ckpt)
 
 
@@ -168,6 +260,12 @@ def prepare_run_dir(cfg: Config, layout: Layout, init: str, quiet: bool, ckpt: d
         for f in [*run_dir.glob("rank*.err"), run_dir / "result.json"]:
             f.unlink(missing_ok=True)
     else:
+        if ckpt.get("fresh_in_place") and cfg.train.name:  # --resume auto, no checkpoint: this run from step 0
+            stale = Path(cfg.train.out_dir) / cfg.train.name
+            if (stale / "metrics.jsonl").exists():
+                print(f"--resume auto: {stale} has no checkpoint yet; starting it again from step 0", flush=True)
+            for f in [*stale.glob("rank*.err"), stale / "result.json", stale / "metrics.jsonl"]:
+                f.unlink(missing_ok=True)
         run_dir = make_run_dir(cfg, "torch")
     write_config(run_dir, cfg)
     if layout.engine.startswith("deepspeed"):
@@ -247,7 +345,8 @@ def _stop(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:
 def run_worker(run_dir: Path | None, cfg: Config | None = None, init: str = "jax", quiet: bool = False,
                ckpt: dict[str, Any] | None = None) -> dict[str, Any]:
     """One rank: init the process group, build the layout's engine, train, log (rank 0)."""
-    rank, world, local_rank = external_rank_env() or (0, 1, 0)
+    ext = external_rank_env()
+    rank, world, local_rank = (ext.rank, ext.world_size, ext.local_rank) if ext else (0, 1, 0)
     try:
         return _worker(run_dir, rank, world, local_rank, cfg, init, quiet, ckpt or {})
     except BaseException:
@@ -270,19 +369,24 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
         cfg = config_from_dict(json.loads((run_dir / "config.json").read_text())["config"])
         launch_opts = json.loads((run_dir / "launch.json").read_text())
         init, quiet = launch_opts["init"], launch_opts["quiet"]
-        ckpt = {k: launch_opts.get(k) for k in ("ckpt_every", "resume")}
+        ckpt = {k: launch_opts.get(k) for k in ("ckpt_every", "ckpt_every_s", "resume", "fresh_in_place",
+                                                 "platform")}
     assert cfg is not None
     layout = plan_layout(cfg, world)
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank)})
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    # under mpiexec nobody sets MASTER_ADDR: rank 0's host is the first of $PBS_NODEFILE / the SLURM node list
+    os.environ.setdefault("MASTER_ADDR", launcher_env.coordinator_host() or "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
+    platform, backend = select_platform(ckpt.get("platform") or cfg.train.platform)  # before deepspeed's import
+    bind_device(platform, local_rank)
 
     import deepspeed
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
-    backend = acc.communication_backend_name()  # gloo on CPU, ccl (oneCCL) on Aurora's xpu
+    backend = backend or acc.communication_backend_name()  # gloo on CPU, xccl on xpu, nccl on CUDA
+    dev = torch.device(acc.current_device_name()) if platform != "cpu" else torch.device("cpu")
     timeout = timedelta(seconds=float(os.environ.get("TORCH_REF_PG_TIMEOUT", 300)))
     t = time.perf_counter()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False,
@@ -290,9 +394,17 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
     dist_init_s = time.perf_counter() - t
 
     if run_dir is None:  # external launcher: rank 0 prepares the run directory, the others learn its path
-        box = [str(prepare_run_dir(cfg, layout, init, quiet, ckpt)) if rank == 0 else None]
+        box: list[Any] = [None]  # or why rank 0 could not: every rank then stops, none waits out the PG timeout
+        if rank == 0:
+            try:
+                box = [{"run_dir": str(prepare_run_dir(cfg, layout, init, quiet, ckpt))}]
+            except (OSError, ConfigError) as e:
+                box = [{"error": f"{type(e).__name__}: {e}"}]
         dist.broadcast_object_list(box, src=0)
-        run_dir = Path(box[0])
+        if "error" in box[0]:
+            dist.destroy_process_group()
+            raise RunDirError(f"rank 0 could not prepare the run directory: {box[0]['error']}")
+        run_dir = Path(box[0]["run_dir"])
 
     from aurora_data import build_source, global_batch, rank_slice
     from torch_ref.convert import jax_to_torch, load_npz
@@ -318,8 +430,9 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
     source = build_source(cfg, num_samples=cfg.train.steps * gbs)
     dp_rank = layout.dp_rank(rank)
     ckpt_dir, every = run_dir / "checkpoints", int(ckpt.get("ckpt_every") or 0)
+    every_s = float(ckpt.get("ckpt_every_s") or 0.0)
     engine = getattr(runner, "engine", None)
-    if (every or ckpt.get("resume")) and engine is None:
+    if (every or every_s or ckpt.get("resume")) and engine is None:
         raise RuntimeError(f"checkpoints are implemented for the DeepSpeed engines; layout {layout.label} runs "
                            f"{layout.engine}")
     start_step, consumed0 = 0, 0
@@ -342,7 +455,8 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
               f"engine {engine_init_s:.1f}s (deepspeed.initialize / FSDP2), total {init_s:.1f}s", flush=True)
         write_meta(run_dir, {
             "framework": "torch", "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-            "accelerator": acc.device_name(), "backend": backend, "world_size": world, "devices": world,
+            "platform": platform, "accelerator": acc.device_name(), "backend": backend, "world_size": world,
+            "devices": world,
             "mesh": layout.mesh, "layout": layout.label, "layout_impl": layout.description, "engine": layout.engine,
             "zero": p.zero, "dtype": cfg.train.dtype, "gbs": gbs, "init": init, "threads_per_rank":
             torch.get_num_threads(), "host_allocator": host_allocator(), "dist_init_s": dist_init_s,
@@ -350,20 +464,25 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
         })
     log = MetricsLog(run_dir, cfg, "torch") if rank == 0 else None
     losses: list[float] = []
+    last_save_t = time.monotonic()
     for step in range(start_step, cfg.train.steps):
         consumed = consumed0 + (step - start_step) * gbs
         tokens = torch.from_numpy(np.ascontiguousarray(
-            rank_slice(global_batch(source, consumed, p.mbs, p.gas, layout.dp), dp_rank, p.mbs))).long()
+            rank_slice(global_batch(source, consumed, p.mbs, p.gas, layout.dp), dp_rank, p.mbs))).long().to(dev)
         lr = runner.set_lr(lr_at(cfg, step))
         if fault == (rank, step + 1):
             raise RuntimeError(f"injected fault ({FAULT_ENV}) on rank {rank} at step {step + 1}")
         t = time.perf_counter()
         local_loss, gnorm = runner.step(tokens)
-        stats = torch.tensor([float(local_loss), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0],
-                             dtype=torch.float64)
+        # a wall-clock checkpoint is due when rank 0's clock says so; the flag rides in the peak-RSS max, so all
+        # ranks agree without another collective
+        wall_due = float(rank == 0 and every_s > 0 and time.monotonic() - last_save_t >= every_s)
+        stats = torch.tensor([float(local_loss), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0,
+                              wall_due], dtype=torch.float64, device=dev)
         peak = stats[1:].clone()
         dist.all_reduce(stats[:1])  # every rank's loss covers as many tokens: the mean is the global-batch loss
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        stats, peak = stats.cpu(), peak.cpu()
         dt = time.perf_counter() - t
         loss = float(stats[0]) / world
         losses.append(loss)
@@ -380,10 +499,12 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
                       f"{row['tflops_per_device']:.5f} TFLOPS/dev | peak {peak[0] / 2**20:.0f} MiB", flush=True)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss became {loss} at step {step + 1}; run {run_dir}")
-        if every and ((step + 1) % every == 0 or step + 1 == cfg.train.steps):
+        if ((every and (step + 1) % every == 0) or peak[1] > 0
+                or ((every or every_s) and step + 1 == cfg.train.steps)):
             t = time.perf_counter()  # every rank writes its own ZeRO partition; rank 0 then updates `latest`
             engine.save_checkpoint(str(ckpt_dir), tag=f"global_step{step + 1}",
                                    client_state={"step": step + 1, "consumed_samples": consumed + gbs})
+            last_save_t = time.monotonic()
             if rank == 0 and not quiet:
                 print(f"checkpoint step {step + 1} -> {ckpt_dir} ({time.perf_counter() - t:.2f}s)", flush=True)
     if log is not None:
@@ -395,6 +516,10 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
     dist.barrier()
     dist.destroy_process_group()
     return {"run_dir": run_dir, "losses": losses, "dist_init_s": dist_init_s, "engine_init_s": engine_init_s}
+
+
+class RunDirError(RuntimeError):
+    """Rank 0 could not prepare the run directory (every rank raises it)."""
 
 
 def _truncate_metrics(run_dir: Path, step: int) -> None:
