@@ -72,12 +72,14 @@ def test_step_is_compiled_before_state_exists(tmp_path, monkeypatch):
     assert order == ["compile", "init"]
 
 
-def test_refuses_to_overwrite_a_run(tmp_path):
+def test_refuses_to_overwrite_a_run(tmp_path, capsys):
     args = ["--preset", "tiny", "--steps", "1", "--out-dir", str(tmp_path), "--name", "same", "--wandb", "disabled",
             "--quiet", "--mesh", "data=1"]
     main(args)
-    with pytest.raises(FileExistsError, match="already holds a run"):
+    with pytest.raises(SystemExit) as e:
         main(args)
+    assert e.value.code == 2
+    assert f"run directory {tmp_path / 'same'} already holds a run; pick another --name" in capsys.readouterr().err
 
 
 @pytest.mark.slow
