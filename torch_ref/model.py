@@ -2,7 +2,7 @@
 
 Parameter names map 1:1 to the Flax tree (see ``torch_ref.convert`` for the table); linear
 weights are torch's (out, in), i.e. the transpose of JAX's (in, out). Layers are an
-``nn.ModuleList`` of ``Block`` so a pipeline can cut between them (``pipeline_layers``).
+``nn.ModuleList`` of ``Block`` so a pipeline can cut between them (``torch_ref.build.pipeline_specs``).
 
 Numerics, as the JAX side: RMSNorm and rotary embeddings in fp32, then cast to the compute
 dtype (the parameters' dtype: fp32, or bf16 under DeepSpeed's bf16 mode); causal softmax in
@@ -185,11 +185,6 @@ class HeadStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return logits_fp32(self.final_norm(x), self.head.weight)
-
-
-def pipeline_layers(model: Llama) -> list[nn.Module]:
-    """The model as a flat layer list [embed, block_0 .. block_{L-1}, norm+head], sharing its parameters."""
-    return [EmbedStage(model.embed), *model.layers, HeadStage(model.final_norm, model.head)]
 
 
 def n_params(model: nn.Module) -> int:

@@ -25,10 +25,14 @@ Aurora (12 PVC tiles per node; NOT run here -- this machine has no XPU, no oneCC
     mpiexec -n $((NNODES*12)) --ppn 12 --pmi=pmix --genvall --cpu-bind depth -d 8 \\
         python -m torch_ref.train --preset llama2-70b --mesh data=8,fsdp=12 --zero 3 --parallel.hpz=true --init torch
 
-There DeepSpeed's accelerator is ``xpu`` (intel-extension-for-pytorch) and its communication
-backend is oneCCL (``ccl``); this module asks the accelerator for both. A 70B run needs
-``--init torch`` (JAX init of 69B fp32 weights on one host is not practical) and, for ZeRO-3,
-model construction under ``deepspeed.zero.Init`` -- not wired here, where every model is small.
+There DeepSpeed's accelerator is ``xpu`` (found through ``torch.xpu``: DeepSpeed >= 0.18.7 needs no
+IPEX, and nothing here imports it) and its communication backend is oneCCL; this module asks the
+accelerator for both. A 70B run needs ``--init torch`` (JAX init of 69B fp32 weights on one host
+is not practical). No rank builds the whole model unless its layout keeps it whole (ZeRO-0/1/2):
+ZeRO-3/hpZ construct under ``deepspeed.zero.Init``, MiCS/FSDP2 and the pipeline stages materialise
+only their own shards or layers, and each rank fills what it holds from ``torch_ref.weights``
+(``torch_ref.build``). ``python -m torch_ref.memplan <same flags>`` builds one rank's share of a
+layout on a fake process group and prints its parameter bytes (the 70B on 96 ranks: 1.34 GiB).
 
 Checkpoints (DeepSpeed engines): ``--ckpt-every N`` calls ``engine.save_checkpoint`` on every rank
 every N steps (tag ``global_stepN``, client state = step and consumed samples; DeepSpeed writes the
@@ -295,20 +299,17 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
         run_dir = Path(box[0])
 
     from aurora_data import build_source, global_batch, rank_slice
-    from torch_ref.convert import jax_to_torch, load_npz
+    from torch_ref.build import local_param_bytes
     from torch_ref.ds_config import installed_ds_config
-    from torch_ref.model import Llama, init_torch
-
-    model = Llama(cfg.model)
-    if init == "jax":
-        model.load_state_dict(jax_to_torch(load_npz(run_dir / "init_params.npz")))
-    else:
-        init_torch(model, cfg.train.seed)
+    from torch_ref.weights import weight_source
 
     t = time.perf_counter()
     ds_json = run_dir / "ds_config.json"  # the config DeepSpeed gets is the one in the run directory
     conf = json.loads(ds_json.read_text()) if ds_json.exists() else installed_ds_config(cfg)
-    runner = build_runner(cfg, layout, model, conf, rank)
+    # each engine builds its own model and holds only its share (torch_ref.build); the initial
+    # weights are read or drawn one parameter shard at a time
+    runner = build_runner(cfg, layout, conf, weight_source(cfg.model, init, cfg.train.seed, run_dir))
+    param_bytes = local_param_bytes(runner.model)
     engine_init_s = time.perf_counter() - t
     init_s = time.perf_counter() - t_start
 
@@ -344,7 +345,8 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
             "framework": "torch", "torch": torch.__version__, "deepspeed": deepspeed.__version__,
             "accelerator": acc.device_name(), "backend": backend, "world_size": world, "devices": world,
             "mesh": layout.mesh, "layout": layout.label, "layout_impl": layout.description, "engine": layout.engine,
-            "zero": p.zero, "dtype": cfg.train.dtype, "gbs": gbs, "init": init, "threads_per_rank":
+            "zero": p.zero, "dtype": cfg.train.dtype, "gbs": gbs, "init": init, "param_bytes_rank0": param_bytes,
+            "threads_per_rank":
             torch.get_num_threads(), "host_allocator": host_allocator(), "dist_init_s": dist_init_s,
             "engine_init_s": engine_init_s, "init_s": init_s,
         })
@@ -412,18 +414,19 @@ def _parse_fault(spec: str) -> tuple[int, int] | None:
     return int(kv["rank"]), int(kv["step"])
 
 
-def build_runner(cfg: Config, layout: Layout, model, conf: dict[str, Any], rank: int):
+def build_runner(cfg: Config, layout: Layout, conf: dict[str, Any], src):
+    """The layout's engine; it builds its own (partitioned) model from the initial-weight source SRC."""
     from torch_ref import engines
 
     if layout.engine == "deepspeed-pipe":
-        return engines.PipelineRunner(cfg, model, conf, layout)
+        return engines.PipelineRunner(cfg, src, conf, layout)
     if layout.engine == "fsdp2-mics":
-        return engines.FSDP2MicsRunner(cfg, model, layout)
+        return engines.FSDP2MicsRunner(cfg, src, layout)
     if layout.engine == "deepspeed-mics":
-        return engines.DeepSpeedMicsRunner(cfg, model, conf)
+        return engines.DeepSpeedMicsRunner(cfg, src, conf)
     if layout.mesh["tensor"] > 1:
-        return engines.TensorParallelRunner(cfg, model, conf, layout)
-    return engines.DeepSpeedRunner(cfg, model, conf)
+        return engines.TensorParallelRunner(cfg, src, conf, layout)
+    return engines.DeepSpeedRunner(cfg, src, conf)
 
 
 if __name__ == "__main__":
