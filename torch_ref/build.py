@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from configs import ModelConfig
-from torch_ref.model import Block, EmbedStage, HeadStage, Llama, RMSNorm
+from torch_ref.model import Block, EmbedStage, HeadStage, Llama, RMSNorm, embedding
 from torch_ref.weights import WeightSource
 
 # AutoTP's split of each block projection (the layer_specs in engines.AUTOTP_PARTITION)
@@ -68,11 +68,6 @@ def zero3_model(cfg: ModelConfig, conf: dict[str, Any], src: WeightSource | None
     DeepSpeed's home for the partitions (default: the accelerator); "meta" plans without storage.
     """
     import deepspeed
-
-    # normal_ on a meta tensor (nn.Embedding's default init) goes through torch._refs, which imports
-    # torch._dynamo on first use; under zero.Init's patched Tensor.__new__ that import fails
-    # (dynamo's polyfill signature check), so it is imported first
-    import torch._dynamo  # noqa: F401
     from deepspeed.accelerator import get_accelerator
 
     device = device or get_accelerator().current_device_name()
@@ -148,7 +143,7 @@ class StageEmbed(EmbedStage):
     """The pipeline's first layer, built by its own stage only."""
 
     def __init__(self, cfg: ModelConfig, src: WeightSource | None, device: torch.device | str):
-        super().__init__(nn.Embedding(cfg.padded_vocab, cfg.hidden, device="meta"))
+        super().__init__(embedding(cfg.padded_vocab, cfg.hidden, device="meta"))
         materialise(self, src, device)
 
 

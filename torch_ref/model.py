@@ -81,6 +81,14 @@ class _RopeCache:
         return self._tables[key]
 
 
+def embedding(n: int, dim: int, device: torch.device | str | None = None) -> nn.Embedding:
+    """nn.Embedding; on the meta device without its default normal_ init, which there would import
+    torch._dynamo (~70 MiB per process, and it fails under deepspeed.zero.Init's patched Tensor.__new__)."""
+    if str(device) == "meta":
+        return nn.Embedding(n, dim, _weight=torch.empty(n, dim, device="meta"))
+    return nn.Embedding(n, dim, device=device)
+
+
 class Block(nn.Module):
     """One pre-norm layer: x + attn(norm(x)), then x + swiglu(norm(x)). Flat names match JAX's ``layers.*``."""
 
@@ -126,7 +134,7 @@ class Llama(nn.Module):
     def __init__(self, cfg: ModelConfig, device: torch.device | str | None = None):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.padded_vocab, cfg.hidden, device=device)
+        self.embed = embedding(cfg.padded_vocab, cfg.hidden, device=device)
         self.layers = nn.ModuleList(Block(cfg, device=device) for _ in range(cfg.n_layers))
         self.final_norm = RMSNorm(cfg.hidden, cfg.norm_eps, device=device)
         self.head = nn.Linear(cfg.hidden, cfg.padded_vocab, bias=False, device=device)
