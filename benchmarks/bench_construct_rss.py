@@ -9,6 +9,10 @@ nothing else (no ``deepspeed.initialize``, no optimizer state):
 
 * zero3: ``deepspeed.zero.Init`` construction, each rank filling its partitions;
 * pipeline: DeepSpeed ``PipelineModule`` of ``LayerSpec``s over the ranks as stages, ZeRO-1;
+* tp: ``build.tp_model`` with the ranks as tensor=N: full-shape host weights of which only the
+  rank's AutoTP slices are written (AutoTP itself cuts them later, in ``deepspeed.initialize``);
+  the unwritten rest must not count. At this size a row-parallel slice is narrower than a page
+  (wo's rows are 2 KiB), so those weights count whole: expect ~1/N for the rest only;
 * whole: the whole model on every rank, as every engine built it before (``build.whole_model``).
 
 Per rank: ru_maxrss after joining the process group (the baseline) and after the build; the
@@ -30,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODES = ("zero3", "pipeline", "whole")
+MODES = ("zero3", "pipeline", "tp", "whole")
 
 
 def _peak() -> int:
@@ -65,6 +69,8 @@ def worker(mode: str, layers: int, init: str) -> dict:
     base = _peak()
     if mode == "zero3":
         model = build.zero3_model(cfg.model, installed_ds_config(cfg), src)
+    elif mode == "tp":
+        model = build.tp_model(cfg.model, src, world, rank)
     elif mode == "pipeline" and world > 1:
         from deepspeed.pipe import PipelineModule
         from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
@@ -73,8 +79,13 @@ def worker(mode: str, layers: int, init: str) -> dict:
             num_pp=world, num_dp=1), partition_method="type:Block")
     else:
         model = build.whole_model(cfg.model, src)
+    if mode == "tp":  # what the rank keeps once AutoTP has cut: the sharded projections by 1/N, the rest whole
+        held = sum(p.numel() // (world if n.rsplit(".", 2)[-2] in build.TP_COLUMN | build.TP_ROW else 1)
+                   for n, p in model.named_parameters()) * 4
+    else:
+        held = build.local_param_bytes(model)
     out = {"rank": rank, "world": world, "mode": mode, "base_rss": base, "peak_rss": _peak(),
-           "param_bytes": build.local_param_bytes(model), "model_params": cfg.model.n_params()}
+           "param_bytes": held, "model_params": cfg.model.n_params()}
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     return out

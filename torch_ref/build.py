@@ -13,9 +13,11 @@ rank's own storage is materialised and filled with its slice of the initial weig
   each layer fills itself from its global parameter names (``layers.{i}.*``).
 * Tensor parallel (``tp_model``): DeepSpeed AutoTP needs real full-shape weights to cut, and cuts them
   inside ``deepspeed.initialize``, after which ZeRO flattens them: there is no point in between at
-  which to fill a shard. So the full weights are allocated uninitialised and only the slice AutoTP
-  keeps on this rank is written; the rest of each allocation is never touched, so the OS never
-  commits it, and AutoTP frees it when it copies the slice out.
+  which to fill a shard. So the full weights are allocated uninitialised on the host and only the
+  slice AutoTP keeps on this rank is written; the OS commits only the pages written, and AutoTP
+  frees each full weight when it copies its slice out. A row-parallel slice (a column range)
+  crosses every row, so it commits every page its rows' slices touch: about 1/tp plus a page per
+  row (the 42B's rows are 32 KiB and 112 KiB; ``benchmarks/bench_construct_rss.py --modes tp``).
 * ZeRO-0/1/2 (``whole_model``): every rank keeps all fp32 parameters by definition.
 
 Whole or in pieces, every parameter holds the same values (``tests/test_torch_build.py``).
