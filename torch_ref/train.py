@@ -111,10 +111,13 @@ def external_rank_env() -> tuple[int, int, int] | None:
 
 
 def default_extensions_dir() -> None:
-    """Cache DeepSpeed's CPU shm op (compiled on first init_distributed, ~30 s) inside the project's venv."""
-    venv = PROJECT_ROOT / ".venv"
-    if "TORCH_EXTENSIONS_DIR" not in os.environ and venv.is_dir():
-        os.environ["TORCH_EXTENSIONS_DIR"] = str(venv / "torch_extensions")
+    """Cache DeepSpeed's CPU shm op (compiled on first init_distributed, ~30 s) inside the running venv.
+
+    The venv of this interpreter, not a fixed one: an op built against one torch must not be
+    loaded by another (the torch 2.10 tier runs from its own venv beside the main one).
+    """
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and sys.prefix != sys.base_prefix:
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
 
 
 def _cpu_count() -> int:
