@@ -210,6 +210,21 @@ def test_tp_model_writes_this_ranks_autotp_slices(src):
         build.tp_shard(36, 5, 0)
 
 
+def test_tp_spot_check_catches_a_slice_autotp_did_not_keep(src):
+    """As AutoTP leaves the module: rank 0's slices. Checked as rank 0 they pass; as rank 1 they must not."""
+    model = build.tp_model(MODEL, src, 2, 0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            key = name.rsplit(".", 2)[-2]
+            if key in build.TP_COLUMN:
+                p.data = p.data[build.tp_shard(p.shape[0], 2, 0)].clone()
+            elif key in build.TP_ROW:
+                p.data = p.data[:, build.tp_shard(p.shape[1], 2, 0)].clone()
+    build.check_tp_shards(model, src, 2, 0, torch.float32)
+    with pytest.raises(RuntimeError, match=r"AutoTP kept a different slice of layers\.0\.wq\.weight on tensor rank 1"):
+        build.check_tp_shards(model, src, 2, 1, torch.float32)
+
+
 # ----------------------------------------------------------------------------- planning
 def test_memplan_builds_one_rank_of_the_70b_on_96_ranks(capsys):
     out = memplan_main(["--preset", "llama2-70b", "--mesh", "fsdp=96", "--zero", "3"])
