@@ -142,7 +142,7 @@ class TensorParallelRunner(DeepSpeedRunner):
 
     It works on CPU/gloo with DeepSpeed 0.19.8, so torch's own tensor-parallel API is not needed.
     The model is built on the host at full shape but only this rank's slices are written
-    (``build.tp_model``): the untouched rest is never committed, and AutoTP frees it.
+    (``build.tp_model``): the OS commits only the pages written, and AutoTP frees the rest.
     """
 
     def __init__(self, cfg: Config, src: WeightSource, conf: dict[str, Any], layout: Layout):
