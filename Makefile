@@ -26,11 +26,12 @@ demo: $(STAMP)
 	$(BIN)/python -m jax_impl.train --preset small --mesh fsdp=8 --steps 100 --name demo-$$(date +%Y%m%d-%H%M%S)
 
 # fast tier, slow tier, then the Intel-GPU JAX stack's CPU tier; pytest's exit 5 ("no tests collected") fails
-MAIN_TIERS := not aurora_stack
+MAIN_TIERS := not aurora_stack and not torch_stack
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and $(MAIN_TIERS)" -q
 	$(BIN)/python -m pytest -m "slow and $(MAIN_TIERS)" -q
 	$(MAKE) --no-print-directory test-aurora
+	$(MAKE) --no-print-directory test-torch-stack
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and $(MAIN_TIERS)" -q
@@ -82,3 +83,45 @@ dry-run-70b: $(STAMP)
 
 clean:
 	rm -rf runs .pytest_cache
+
+# ----------------------------------------------------------------------------- torch_ref on Aurora's torch stack
+# aurora-torch-env, on Aurora after `module load frameworks/2025.3.1`: a venv over the
+# module's Python and packages (--system-site-packages) with configs/aurora/torch-env.txt and this project on top,
+# installed --no-deps so pip never touches the module's torch; it then checks the stack (python -m torch_ref.stack).
+# test-torch210: that stack's CPU emulation (Python 3.12, torch 2.10, the same DeepSpeed, no JAX) in .venv-torch210,
+# from PYTHON=... if given, else python3.12, else pyenv's 3.12.1; then the torch_stack tier in it. pytest exits
+# non-zero (5) when it collects no test, so an empty tier fails.
+AURORA_PYTHON ?= python
+AURORA_TORCH_VENV := .venv-aurora-torch
+T210 := .venv-torch210
+T210_EXT := $(CURDIR)/$(T210)/torch_extensions
+
+.PHONY: aurora-torch-env test-torch210 test-torch-stack
+
+aurora-torch-env:
+	@$(AURORA_PYTHON) -c 'import torch' 2>/dev/null || { echo "error: '$(AURORA_PYTHON)' cannot import torch;" \
+	  "run 'module load frameworks/2025.3.1' first (or set AURORA_PYTHON to the module's python)" >&2; exit 2; }
+	test -x $(AURORA_TORCH_VENV)/bin/python || $(AURORA_PYTHON) -m venv --system-site-packages $(AURORA_TORCH_VENV)
+	@$(AURORA_TORCH_VENV)/bin/python -c 'import torch; print("module torch", torch.__version__, torch.__file__)'
+	$(AURORA_TORCH_VENV)/bin/pip install --no-deps -r configs/aurora/torch-env.txt
+	$(AURORA_TORCH_VENV)/bin/pip install --no-deps -e .
+	$(AURORA_TORCH_VENV)/bin/python -m torch_ref.stack --expect configs/aurora/torch-env.txt
+
+# (DeepSpeed's CPU shm op is compiled once at install, not by every rank of the first test at once)
+$(T210)/.installed: configs/aurora/torch210-ci.txt
+	@test -x $(T210)/bin/python || { py="$$(scripts/find_python312.sh)" || exit 2; \
+	  echo "$$py -m venv $(T210)"; "$$py" -m venv $(T210); }
+	$(T210)/bin/pip install -q -r configs/aurora/torch210-ci.txt
+	$(T210)/bin/pip install -q --no-deps -e .
+	TORCH_EXTENSIONS_DIR=$(T210_EXT) $(T210)/bin/python -c 'from deepspeed.accelerator import get_accelerator; \
+	  get_accelerator().create_op_builder("ShareMemCommBuilder").load()'
+	touch $@
+
+test-torch210: $(T210)/.installed
+	TORCH_EXTENSIONS_DIR=$(T210_EXT) $(T210)/bin/python -m pytest -m torch_stack tests/torch_stack -q
+
+# in `make test`: the torch-stack tier when a Python >= 3.12 exists; under CI=true its absence is an error
+test-torch-stack:
+	@if scripts/find_python312.sh >/dev/null 2>&1; then $(MAKE) --no-print-directory test-torch210; \
+	elif [ "$${CI:-}" = true ]; then scripts/find_python312.sh; echo "CI: the torch-stack tier needs it" >&2; exit 1; \
+	else echo "test-torch-stack SKIPPED: $$(scripts/find_python312.sh 2>&1)"; fi

@@ -1,6 +1,7 @@
 """One training step per layout: DeepSpeed ZeRO-0..3 (+hpZ), DeepSpeed pipeline, tensor parallel, MiCS.
 
-Each runner takes a rank's (gas, mbs, seq+1) int64 token block and does one optimizer step:
+Each runner builds its own model from a ``WeightSource`` (``torch_ref.build``: a rank materialises
+only what it keeps) and takes a rank's (gas, mbs, seq+1) int64 token block to do one optimizer step:
 GAS microbatches, gradient = mean over microbatches and over data-parallel ranks (what JAX
 computes for the whole global batch), global-norm clipping, AdamW. It returns the rank's
 mean microbatch loss and the pre-clip global gradient norm.
@@ -15,8 +16,10 @@ import torch
 import torch.distributed as dist
 
 from configs import Config
+from torch_ref import build
 from torch_ref.layouts import Layout
-from torch_ref.model import Llama, cross_entropy, pipeline_layers
+from torch_ref.model import Llama, cross_entropy
+from torch_ref.weights import WeightSource
 
 
 def param_groups(named: list[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
@@ -37,6 +40,7 @@ class Runner:
     """A layout's engine behind one interface."""
 
     optimizer: Any
+    model: torch.nn.Module  # this rank's (partitioned) model
 
     def set_lr(self, lr: float) -> float:
         for g in self.optimizer.param_groups:
@@ -47,14 +51,28 @@ class Runner:
         raise NotImplementedError
 
 
-class DeepSpeedRunner(Runner):
-    """``deepspeed.initialize`` on the whole model: ZeRO-0/1/2/3, hpZ, and (with ``tp_mesh``) torch TP."""
+def _device() -> str:
+    from deepspeed.accelerator import get_accelerator
 
-    def __init__(self, cfg: Config, model: Llama, conf: dict[str, Any], mpu: Any = None):
+    return get_accelerator().current_device_name()
+
+
+class DeepSpeedRunner(Runner):
+    """``deepspeed.initialize``: ZeRO-0/1/2 on the whole model, ZeRO-3/hpZ on a model partitioned at construction."""
+
+    def __init__(self, cfg: Config, src: WeightSource, conf: dict[str, Any], mpu: Any = None,
+                 model: Llama | None = None):
+        if model is None:
+            zero3 = conf["zero_optimization"]["stage"] == 3
+            model = build.zero3_model(cfg.model, conf, src) if zero3 else build.whole_model(cfg.model, src, _device())
+        self._initialize(cfg, model, conf, mpu)
+
+    def _initialize(self, cfg: Config, model: Llama, conf: dict[str, Any], mpu: Any = None) -> None:
         import deepspeed
 
         opt = make_adamw(cfg, list(model.named_parameters()))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=conf, mpu=mpu)
+        self.model = self.engine.module
 
     def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, float]:
         losses = []
@@ -69,18 +87,20 @@ class DeepSpeedRunner(Runner):
 class PipelineRunner(Runner):
     """DeepSpeed ``PipelineModule``: embedding on the first stage, norm + head on the last, GAS microbatches."""
 
-    def __init__(self, cfg: Config, model: Llama, conf: dict[str, Any], layout: Layout):
+    def __init__(self, cfg: Config, src: WeightSource, conf: dict[str, Any], layout: Layout):
         import deepspeed
         from deepspeed.pipe import PipelineModule
         from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
         topo = PipeDataParallelTopology(num_pp=layout.mesh["pipeline"], num_dp=layout.dp)
-        # "type:Block" balances the transformer blocks; the weightless embed/head layers stay at the ends
-        pipe = PipelineModule(layers=pipeline_layers(model), loss_fn=cross_entropy,
+        # LayerSpecs: each stage builds (and fills) only its own layers. "type:Block" balances the
+        # transformer blocks; the embed/head layers stay at the ends
+        pipe = PipelineModule(layers=build.pipeline_specs(cfg.model, src, _device()), loss_fn=cross_entropy,
                               topology=topo, partition_method="type:Block")
         named = list(pipe.named_parameters())
         opt = make_adamw(cfg, named)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=pipe, optimizer=opt, config=conf)
+        self.model = self.engine.module
         self.stage = self.engine.stage_id
 
     def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -121,20 +141,24 @@ class TensorParallelRunner(DeepSpeedRunner):
     """DeepSpeed AutoTP training (``tensor_parallel.autotp_size``) under ZeRO-1/2, with our layer specs.
 
     It works on CPU/gloo with DeepSpeed 0.19.8, so torch's own tensor-parallel API is not needed.
+    The model is built on the host at full shape but only this rank's slices are written
+    (``build.tp_model``): the OS commits only the pages written, and AutoTP frees the rest.
     """
 
-    def __init__(self, cfg: Config, model: Llama, conf: dict[str, Any], layout: Layout):
+    def __init__(self, cfg: Config, src: WeightSource, conf: dict[str, Any], layout: Layout):
         from deepspeed.utils import groups
 
         tp = layout.mesh["tensor"]
         # DeepSpeed's own (data, tensor) groups, tensor innermost as our mesh; passing them as the mpu
         # makes DeepSpeed count the data-parallel world as world / tp (batch size, gradient averaging)
         groups._init_tp_mesh_device(tensor_model_parallel_size=tp)
+        tp_rank = groups.get_tensor_model_parallel_rank()
         # no "dtype" key: DeepSpeed requires a torch.dtype there, which its own rank-0 config printer
         # cannot serialise (TypeError); precision comes from the bf16 section as everywhere else
         conf = {**conf, "tensor_parallel": {"autotp_size": tp, "partition_config": AUTOTP_PARTITION}}
-        super().__init__(cfg, model, conf, mpu=groups)
-        # AutoTP must really have sharded the projections (not silently left them replicated)
+        model = build.tp_model(cfg.model, src, tp, tp_rank)
+        super().__init__(cfg, src, conf, mpu=groups, model=model)
+        # AutoTP must really have sharded the projections (not silently left them replicated) ...
         blk, m = self.engine.module.layers[0], cfg.model
         shapes = {n: tuple(getattr(blk, n).weight.shape) for n in ("wq", "wk", "wo", "w_up", "w_down")}
         want = {"wq": (m.n_heads * m.dim_head // tp, m.hidden), "wk": (m.n_kv_heads * m.dim_head // tp, m.hidden),
@@ -142,6 +166,8 @@ class TensorParallelRunner(DeepSpeedRunner):
                 "w_down": (m.hidden, m.ffn_hidden // tp)}
         if shapes != want:
             raise RuntimeError(f"AutoTP left unexpected local weight shapes {shapes}; expected {want}")
+        # ... and kept the slices build.tp_model wrote (the rest of each weight was never initialised)
+        build.check_tp_shards(self.engine.module, src, tp, tp_rank, next(self.engine.module.parameters()).dtype)
 
 
 class FSDP2MicsRunner(Runner):
@@ -153,20 +179,19 @@ class FSDP2MicsRunner(Runner):
     groups, averaged over all data-parallel ranks. Clipping and AdamW as the DeepSpeed runners.
     """
 
-    def __init__(self, cfg: Config, model: Llama, layout: Layout):
+    def __init__(self, cfg: Config, src: WeightSource, layout: Layout):
         from deepspeed.accelerator import get_accelerator
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+        from torch.distributed.tensor import Replicate, Shard
 
         # bf16: fp32 sharded master parameters, bf16 compute copies, fp32 gradient reduction (as DeepSpeed bf16)
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if cfg.train.dtype == "bf16" else MixedPrecisionPolicy())
         mesh = init_device_mesh(get_accelerator().device_name(), (layout.mesh["data"], layout.mesh["fsdp"]),
                                 mesh_dim_names=("replicate", "shard"))
-        for block in model.layers:  # one all-gather per block, as DeepSpeed's per-module ZeRO-3 fetch
-            fully_shard(block, mesh=mesh, mp_policy=mp)
-        fully_shard(model, mesh=mesh, mp_policy=mp)
-        from torch.distributed.tensor import Replicate, Shard
+        # fully_shard on the meta model, then only the local shards materialised and filled
+        model = build.fsdp2_model(cfg.model, src, mesh, mp, _device())
 
         wrong = [n for n, p in model.named_parameters() if tuple(p.placements) != (Replicate(), Shard(0))]
         if wrong:
@@ -196,16 +221,9 @@ class DeepSpeedMicsRunner(DeepSpeedRunner):
     """DeepSpeed's own MiCS (``mics_shard_size``), for installs that still have ``deepspeed.runtime.zero.mics``.
 
     UNTESTED here: DeepSpeed 0.19.8 removed MiCS, so this path is selected only on older installs.
-    MiCS partitions parameters at construction, so the model is rebuilt under ``MiCS_Init`` and
-    given the launcher's initial weights.
+    The model is partitioned at construction under ``MiCS_Init`` and each rank writes its own
+    partition, as the ZeRO-3 runner does.
     """
 
-    def __init__(self, cfg: Config, model: Llama, conf: dict[str, Any]):
-        import deepspeed
-
-        with deepspeed.zero.MiCS_Init(config_dict_or_path=conf):
-            sharded = Llama(cfg.model)
-        with deepspeed.zero.GatheredParameters(list(sharded.parameters()), modifier_rank=0):
-            if dist.get_rank() == 0:
-                sharded.load_state_dict(model.state_dict())
-        super().__init__(cfg, sharded, conf)
+    def __init__(self, cfg: Config, src: WeightSource, conf: dict[str, Any]):
+        super().__init__(cfg, src, conf, model=build.zero3_model(cfg.model, conf, src, mics=True))

@@ -2,7 +2,7 @@
 
 Parameter names map 1:1 to the Flax tree (see ``torch_ref.convert`` for the table); linear
 weights are torch's (out, in), i.e. the transpose of JAX's (in, out). Layers are an
-``nn.ModuleList`` of ``Block`` so a pipeline can cut between them (``pipeline_layers``).
+``nn.ModuleList`` of ``Block`` so a pipeline can cut between them (``torch_ref.build.pipeline_specs``).
 
 Numerics, as the JAX side: RMSNorm and rotary embeddings in fp32, then cast to the compute
 dtype (the parameters' dtype: fp32, or bf16 under DeepSpeed's bf16 mode); causal softmax in
@@ -58,10 +58,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, device: torch.device | str | None = None):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps, x.dtype)
@@ -81,22 +81,30 @@ class _RopeCache:
         return self._tables[key]
 
 
+def embedding(n: int, dim: int, device: torch.device | str | None = None) -> nn.Embedding:
+    """nn.Embedding; on the meta device without its default normal_ init, which there would import
+    torch._dynamo (~70 MiB per process, and it fails under deepspeed.zero.Init's patched Tensor.__new__)."""
+    if str(device) == "meta":
+        return nn.Embedding(n, dim, _weight=torch.empty(n, dim, device="meta"))
+    return nn.Embedding(n, dim, device=device)
+
+
 class Block(nn.Module):
     """One pre-norm layer: x + attn(norm(x)), then x + swiglu(norm(x)). Flat names match JAX's ``layers.*``."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, device: torch.device | str | None = None):
         super().__init__()
         h, hd, f = cfg.hidden, cfg.dim_head, cfg.ffn_hidden
         self.head_dim = hd
-        self.attn_norm = RMSNorm(h, cfg.norm_eps)
-        self.wq = nn.Linear(h, cfg.n_heads * hd, bias=False)
-        self.wk = nn.Linear(h, cfg.n_kv_heads * hd, bias=False)
-        self.wv = nn.Linear(h, cfg.n_kv_heads * hd, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * hd, h, bias=False)
-        self.mlp_norm = RMSNorm(h, cfg.norm_eps)
-        self.w_gate = nn.Linear(h, f, bias=False)
-        self.w_up = nn.Linear(h, f, bias=False)
-        self.w_down = nn.Linear(f, h, bias=False)
+        self.attn_norm = RMSNorm(h, cfg.norm_eps, device=device)
+        self.wq = nn.Linear(h, cfg.n_heads * hd, bias=False, device=device)
+        self.wk = nn.Linear(h, cfg.n_kv_heads * hd, bias=False, device=device)
+        self.wv = nn.Linear(h, cfg.n_kv_heads * hd, bias=False, device=device)
+        self.wo = nn.Linear(cfg.n_heads * hd, h, bias=False, device=device)
+        self.mlp_norm = RMSNorm(h, cfg.norm_eps, device=device)
+        self.w_gate = nn.Linear(h, f, bias=False, device=device)
+        self.w_up = nn.Linear(h, f, bias=False, device=device)
+        self.w_down = nn.Linear(f, h, bias=False, device=device)
         self.rope = _RopeCache(hd, cfg.rope_theta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,15 +124,20 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    """tokens (batch, seq) int -> logits (batch, seq, padded_vocab) fp32."""
+    """tokens (batch, seq) int -> logits (batch, seq, padded_vocab) fp32.
 
-    def __init__(self, cfg: ModelConfig):
+    ``device="meta"`` builds the shapes only (no storage, no default init): the engines then
+    materialise just their own shards and fill them from ``torch_ref.weights``. Pass ``device``
+    as a keyword: ``deepspeed.zero.Init`` recognises that construction by it.
+    """
+
+    def __init__(self, cfg: ModelConfig, device: torch.device | str | None = None):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.padded_vocab, cfg.hidden)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.final_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
-        self.head = nn.Linear(cfg.hidden, cfg.padded_vocab, bias=False)
+        self.embed = embedding(cfg.padded_vocab, cfg.hidden, device=device)
+        self.layers = nn.ModuleList(Block(cfg, device=device) for _ in range(cfg.n_layers))
+        self.final_norm = RMSNorm(cfg.hidden, cfg.norm_eps, device=device)
+        self.head = nn.Linear(cfg.hidden, cfg.padded_vocab, bias=False, device=device)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed(tokens)
@@ -146,16 +159,16 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def init_torch(model: Llama, seed: int) -> Llama:
     """Pure-torch init with the JAX recipe's stds (not its random stream): N(0, std) matrices,
-    N(0, out_std) for wo/w_down, N(0, embed_init_std) for the embedding, ones for norms."""
-    cfg = model.cfg
-    g = torch.Generator().manual_seed(seed)
+    N(0, out_std) for wo/w_down, N(0, embed_init_std) for the embedding, ones for norms.
+
+    Every parameter is drawn from its own (seed, name) streams (``torch_ref.weights.TorchInit``),
+    so a partitioned build holds exactly the same values as this whole one.
+    """
+    from torch_ref.weights import TorchInit
+
+    src = TorchInit(model.cfg, seed)
     for name, p in model.named_parameters():
-        leaf = name.rsplit(".", 2)[-2]
-        if leaf.endswith("norm"):
-            p.fill_(1.0)
-            continue
-        std = {"embed": cfg.embed_init_std, "wo": cfg.out_std, "w_down": cfg.out_std}.get(leaf, cfg.std)
-        p.copy_(torch.randn(p.shape, generator=g) * std)
+        p.copy_(src.full(name))
     return model
 
 
@@ -180,11 +193,6 @@ class HeadStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return logits_fp32(self.final_norm(x), self.head.weight)
-
-
-def pipeline_layers(model: Llama) -> list[nn.Module]:
-    """The model as a flat layer list [embed, block_0 .. block_{L-1}, norm+head], sharing its parameters."""
-    return [EmbedStage(model.embed), *model.layers, HeadStage(model.final_norm, model.head)]
 
 
 def n_params(model: nn.Module) -> int:

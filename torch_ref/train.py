@@ -25,6 +25,11 @@ backend; no intel-extension-for-pytorch), ``cpu`` = gloo, ``gpu`` = CUDA (DeepSp
 its own tile, ``torch.xpu.set_device(LOCAL_RANK)``, with all 12 tiles of a node visible. Aurora jobs
 come from ``python -m scripts.aurora.launch --trainer torch`` (docs/aurora.md; NOT run on Aurora).
 A 70B run needs ``--init torch`` (JAX init of 69B fp32 weights on one host is not practical).
+No rank builds the whole model unless its layout keeps it whole (ZeRO-0/1/2):
+ZeRO-3/hpZ construct under ``deepspeed.zero.Init``, MiCS/FSDP2 and the pipeline stages materialise
+only their own shards or layers, and each rank fills what it holds from ``torch_ref.weights``
+(``torch_ref.build``). ``python -m torch_ref.memplan <same flags>`` builds one rank's share of a
+layout on a fake process group and prints its parameter bytes (the 70B on 96 ranks: 1.34 GiB).
 
 Checkpoints (DeepSpeed engines): ``--ckpt-every N`` calls ``engine.save_checkpoint`` on every rank
 every N steps (tag ``global_stepN``, client state = step and consumed samples; DeepSpeed writes the
@@ -182,10 +187,13 @@ def resolve_resume(cfg: Config, resume: str | None) -> tuple[str | None, bool]:
 
 
 def default_extensions_dir() -> None:
-    """Cache DeepSpeed's CPU shm op (compiled on first init_distributed, ~30 s) inside the project's venv."""
-    venv = PROJECT_ROOT / ".venv"
-    if "TORCH_EXTENSIONS_DIR" not in os.environ and venv.is_dir():
-        os.environ["TORCH_EXTENSIONS_DIR"] = str(venv / "torch_extensions")
+    """Cache DeepSpeed's CPU shm op (compiled on first init_distributed, ~30 s) inside the running venv.
+
+    The venv of this interpreter, not a fixed one: an op built against one torch must not be
+    loaded by another (the torch 2.10 tier runs from its own venv beside the main one).
+    """
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and sys.prefix != sys.base_prefix:
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
 
 
 def _cpu_count() -> int:
@@ -407,20 +415,17 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
         run_dir = Path(box[0]["run_dir"])
 
     from aurora_data import build_source, global_batch, rank_slice
-    from torch_ref.convert import jax_to_torch, load_npz
+    from torch_ref.build import local_param_bytes
     from torch_ref.ds_config import installed_ds_config
-    from torch_ref.model import Llama, init_torch
-
-    model = Llama(cfg.model)
-    if init == "jax":
-        model.load_state_dict(jax_to_torch(load_npz(run_dir / "init_params.npz")))
-    else:
-        init_torch(model, cfg.train.seed)
+    from torch_ref.weights import weight_source
 
     t = time.perf_counter()
     ds_json = run_dir / "ds_config.json"  # the config DeepSpeed gets is the one in the run directory
     conf = json.loads(ds_json.read_text()) if ds_json.exists() else installed_ds_config(cfg)
-    runner = build_runner(cfg, layout, model, conf, rank)
+    # each engine builds its own model and holds only its share (torch_ref.build); the initial
+    # weights are read or drawn one parameter shard at a time
+    runner = build_runner(cfg, layout, conf, weight_source(cfg.model, init, cfg.train.seed, run_dir))
+    param_bytes = local_param_bytes(runner.model)
     engine_init_s = time.perf_counter() - t
     init_s = time.perf_counter() - t_start
 
@@ -458,7 +463,8 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
             "platform": platform, "accelerator": acc.device_name(), "backend": backend, "world_size": world,
             "devices": world,
             "mesh": layout.mesh, "layout": layout.label, "layout_impl": layout.description, "engine": layout.engine,
-            "zero": p.zero, "dtype": cfg.train.dtype, "gbs": gbs, "init": init, "threads_per_rank":
+            "zero": p.zero, "dtype": cfg.train.dtype, "gbs": gbs, "init": init, "param_bytes_rank0": param_bytes,
+            "threads_per_rank":
             torch.get_num_threads(), "host_allocator": host_allocator(), "dist_init_s": dist_init_s,
             "engine_init_s": engine_init_s, "init_s": init_s,
         })
@@ -537,18 +543,19 @@ def _parse_fault(spec: str) -> tuple[int, int] | None:
     return int(kv["rank"]), int(kv["step"])
 
 
-def build_runner(cfg: Config, layout: Layout, model, conf: dict[str, Any], rank: int):
+def build_runner(cfg: Config, layout: Layout, conf: dict[str, Any], src):
+    """The layout's engine; it builds its own (partitioned) model from the initial-weight source SRC."""
     from torch_ref import engines
 
     if layout.engine == "deepspeed-pipe":
-        return engines.PipelineRunner(cfg, model, conf, layout)
+        return engines.PipelineRunner(cfg, src, conf, layout)
     if layout.engine == "fsdp2-mics":
-        return engines.FSDP2MicsRunner(cfg, model, layout)
+        return engines.FSDP2MicsRunner(cfg, src, layout)
     if layout.engine == "deepspeed-mics":
-        return engines.DeepSpeedMicsRunner(cfg, model, conf)
+        return engines.DeepSpeedMicsRunner(cfg, src, conf)
     if layout.mesh["tensor"] > 1:
-        return engines.TensorParallelRunner(cfg, model, conf, layout)
-    return engines.DeepSpeedRunner(cfg, model, conf)
+        return engines.TensorParallelRunner(cfg, src, conf, layout)
+    return engines.DeepSpeedRunner(cfg, src, conf)
 
 
 if __name__ == "__main__":
