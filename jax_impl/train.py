@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from configs import Config, ConfigError, lr_at, mesh_devices, validate_config
+from configs import Config, ConfigError, eval_due, lr_at, mesh_devices, valid_offset, valid_samples, validate_config
 from configs.cli import layout_label, resolve_config, trainer_parser
 from configs.rundir import MetricsLog, make_run_dir, write_config, write_meta
 
@@ -267,6 +267,7 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
     if lead:
         write_config(run_dir, cfg)
     source = build_source(cfg, num_samples=cfg.train.steps * gbs)
+    valid = build_source(cfg, num_samples=valid_samples(cfg, gbs), split="valid") if cfg.train.eval_interval else None
     print(f"run {run_dir} | {cfg.model.name} {cfg.model.n_params():,} params | mesh {dict(mesh.shape)} "
           f"ZeRO-{p.zero} | gbs {gbs} = mbs {p.mbs} x gas {p.gas} x dp {dp} | seq {seq} | {cfg.train.dtype}"
           + (f" | process {jax.process_index()}/{jax.process_count()}" if jax.process_count() > 1 else ""))
@@ -330,6 +331,15 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
             if lead and not quiet:
                 print(f"checkpoint step {at} -> {ckpt_dir} (train loop blocked {dt:.2f}s; written in the background)")
 
+    def evaluate(at: int) -> float:
+        """Validation loss after step ``at``: the mean over ``eval_iters`` global batches of the valid split."""
+        first = valid_offset(cfg, at, gbs)
+        total = 0.0
+        for i in range(cfg.train.eval_iters):
+            vb = distributed.local_batch(valid, batch_sharding(mesh), first + i * gbs, p.mbs, p.gas, dp)
+            total += float(trainer.eval_step(params, vb))
+        return total / cfg.train.eval_iters
+
     bar = tqdm(range(start_step, cfg.train.steps), desc="train", unit="step", disable=quiet, leave=False)
     consumed = consumed0
     with activate(mesh), resilience.StopSignal() as stop, watchdog:
@@ -363,6 +373,9 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
                 "tflops_per_device": sps * flops_per_sample / n_dev / 1e12, "consumed_samples": consumed + gbs,
                 "peak_mem_bytes": peak_kib * 1024,  # KiB; the largest process's
             }
+            if valid is not None and eval_due(cfg, step + 1):
+                row["val_loss"] = evaluate(step + 1)
+                row["val_ppl"] = math.exp(row["val_loss"]) if row["val_loss"] < 700 else None
             if log is not None:
                 log.write(row)
             if not finite:
@@ -386,8 +399,9 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
                 in_a_row = 0
             if ckpt.due(step + 1) or wall_due:
                 save(step + 1, consumed + gbs)
-            if lead and ((step + 1) % cfg.train.log_every == 0 or step == 0):
-                msg = (f"step {step + 1:>5} | loss {loss:.4f} | lr {row['lr']:.3e} | gnorm {gnorm:.3f} | "
+            if lead and ((step + 1) % cfg.train.log_every == 0 or step == 0 or "val_loss" in row):
+                val = f"val {row['val_loss']:.4f} | " if "val_loss" in row else ""
+                msg = (f"step {step + 1:>5} | loss {loss:.4f} | {val}lr {row['lr']:.3e} | gnorm {gnorm:.3f} | "
                        f"{dt * 1e3:.0f} ms | {sps:.2f} samples/s | {row['tokens_per_s_per_device']:.0f} tok/s/dev | "
                        f"{row['tflops_per_device']:.4f} TFLOPS/dev")
                 (bar.write if not quiet else print)(msg)

@@ -58,7 +58,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from configs import Config, ConfigError, config_from_dict, lr_at
+from configs import Config, ConfigError, config_from_dict, eval_due, lr_at, valid_offset, valid_samples
 from configs.cli import resolve_config as resolve_cli
 from configs.cli import trainer_parser
 from configs.hostmem import allocator_env
@@ -433,7 +433,21 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
     gbs = p.mbs * p.gas * layout.dp
     flops_per_sample = cfg.model.flops_per_sample(seq)
     source = build_source(cfg, num_samples=cfg.train.steps * gbs)
+    valid = build_source(cfg, num_samples=valid_samples(cfg, gbs), split="valid") if cfg.train.eval_interval else None
     dp_rank = layout.dp_rank(rank)
+
+    def rank_tokens(src, first: int) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(
+            rank_slice(global_batch(src, first, p.mbs, p.gas, layout.dp), dp_rank, p.mbs))).long().to(dev)
+
+    def evaluate(at: int) -> float:
+        """Validation loss after step ``at``: mean over ``eval_iters`` global batches of the valid split."""
+        first = valid_offset(cfg, at, gbs)
+        total = sum(float(runner.eval_loss(rank_tokens(valid, first + i * gbs))) for i in range(cfg.train.eval_iters))
+        v = torch.tensor([total / cfg.train.eval_iters], dtype=torch.float64, device=dev)
+        dist.all_reduce(v)  # as the training loss: the mean over ranks is the global batches' loss
+        return float(v.cpu()[0]) / world
+
     ckpt_dir, every = run_dir / "checkpoints", int(ckpt.get("ckpt_every") or 0)
     every_s = float(ckpt.get("ckpt_every_s") or 0.0)
     engine = getattr(runner, "engine", None)
@@ -473,8 +487,7 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
     last_save_t = time.monotonic()
     for step in range(start_step, cfg.train.steps):
         consumed = consumed0 + (step - start_step) * gbs
-        tokens = torch.from_numpy(np.ascontiguousarray(
-            rank_slice(global_batch(source, consumed, p.mbs, p.gas, layout.dp), dp_rank, p.mbs))).long().to(dev)
+        tokens = rank_tokens(source, consumed)
         lr = runner.set_lr(lr_at(cfg, step))
         if fault == (rank, step + 1):
             raise RuntimeError(f"injected fault ({FAULT_ENV}) on rank {rank} at step {step + 1}")
@@ -492,16 +505,20 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
         dt = time.perf_counter() - t
         loss = float(stats[0]) / world
         losses.append(loss)
+        val = evaluate(step + 1) if valid is not None and eval_due(cfg, step + 1) else None
         if log is not None:
             sps = gbs / dt
             row = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": gnorm, "step_time_s": dt,
                    "samples_per_s": sps, "tokens_per_s_per_device": sps * seq / world,
                    "tflops_per_device": sps * flops_per_sample / world / 1e12, "consumed_samples": consumed + gbs,
                    "peak_mem_bytes": int(peak[0])}
+            if val is not None:
+                row.update(val_loss=val, val_ppl=math.exp(val) if val < 700 else None)
             log.write(row)
-            if not quiet or step in (0, cfg.train.steps - 1):
-                print(f"step {step + 1:>5} | loss {loss:.6f} | lr {lr:.3e} | gnorm {gnorm:.4f} | {dt * 1e3:.0f} ms | "
-                      f"{sps:.2f} samples/s | {row['tokens_per_s_per_device']:.0f} tok/s/dev | "
+            if not quiet or step in (0, cfg.train.steps - 1) or val is not None:
+                vs = f" | val {val:.6f}" if val is not None else ""
+                print(f"step {step + 1:>5} | loss {loss:.6f}{vs} | lr {lr:.3e} | gnorm {gnorm:.4f} | "
+                      f"{dt * 1e3:.0f} ms | {sps:.2f} samples/s | {row['tokens_per_s_per_device']:.0f} tok/s/dev | "
                       f"{row['tflops_per_device']:.5f} TFLOPS/dev | peak {peak[0] / 2**20:.0f} MiB", flush=True)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss became {loss} at step {step + 1}; run {run_dir}")
