@@ -98,16 +98,17 @@ class ReportError(ValueError):
 
 
 # ----------------------------------------------------------------------------- runs
-# validation loss every N steps over M batches of the valid split (set by --eval-interval / --eval-iters)
-EVAL = {"train.eval_interval": 5, "train.eval_iters": 2}
+# validation loss every N steps over M global batches of the valid split (--eval-interval / --eval-iters)
+EVAL_INTERVAL, EVAL_ITERS = 5, 2
 
 
 def run_config(preset: str, layout: LayoutSpec, dtype: str, steps: int, runs_dir: Path, framework: str,
-               repeat: int = 1) -> Config:
+               repeat: int = 1, evals: tuple[int, int] = (EVAL_INTERVAL, EVAL_ITERS)) -> Config:
     """A layout's run config; repeats after the first are the same runs under the names ``...-r2``, ``-r3``."""
     suffix = f"-r{repeat}" if repeat > 1 else ""
     return load_config(preset, {
-        **layout.overrides(), **EVAL, "train.dtype": dtype, "train.steps": steps, "train.wandb": "disabled",
+        **layout.overrides(), "train.eval_interval": evals[0], "train.eval_iters": evals[1],
+        "train.dtype": dtype, "train.steps": steps, "train.wandb": "disabled",
         "train.out_dir": str(runs_dir), "train.name": f"{layout.name}-{dtype}-{framework}{suffix}",
     })
 
@@ -186,7 +187,8 @@ def trainer_argv(framework: str, cfg: Config) -> list[str]:
     argv = [PYTHONS[framework], "-m", FRAMEWORKS[framework], "--preset", cfg.preset, "--quiet",
             "--mesh", p.mesh, "--zero", str(p.zero), "--gas", str(p.gas), "--mbs", str(p.mbs),
             "--steps", str(cfg.train.steps), "--dtype", cfg.train.dtype, "--wandb", "disabled",
-            "--out-dir", cfg.train.out_dir, "--name", cfg.train.name]
+            "--out-dir", cfg.train.out_dir, "--name", cfg.train.name,
+            f"--train.eval_interval={cfg.train.eval_interval}", f"--train.eval_iters={cfg.train.eval_iters}"]
     for f in fields(p):
         value = getattr(p, f.name)
         if f.name not in ("mesh", "zero", "gas", "mbs") and value != getattr(preset, f.name):
@@ -467,7 +469,8 @@ def print_table(results: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------- driver
 def compare_layout(preset: str, layout: LayoutSpec, dtype: str, steps: int, runs_dir: Path, rerun: bool,
-                   timeout_s: int, progress, run: bool = True, repeats: int = 1) -> dict[str, Any]:
+                   timeout_s: int, progress, run: bool = True, repeats: int = 1,
+                   evals: tuple[int, int] = (EVAL_INTERVAL, EVAL_ITERS)) -> dict[str, Any]:
     """Parity and throughput of one layout. With ``repeats`` > 1 the JAX and DeepSpeed runs alternate
     (jax, torch, jax, torch, ...), and the speed ratio is the median of the pairs' ratios: each pair ran
     back to back, so the machine's drift over the whole comparison cancels out of it."""
@@ -476,7 +479,7 @@ def compare_layout(preset: str, layout: LayoutSpec, dtype: str, steps: int, runs
         runs: dict[str, Run] = {}
         tag = f" (pair {rep}/{repeats})" if repeats > 1 else ""
         for fw in FRAMEWORKS:
-            cfg = run_config(preset, layout, dtype, steps, runs_dir, fw, rep)
+            cfg = run_config(preset, layout, dtype, steps, runs_dir, fw, rep, evals)
             run_dir = runs_dir / cfg.train.name
             if not run:
                 found = load_run(run_dir)  # names what is missing or corrupt
@@ -534,9 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-run", dest="run", action="store_false",
                     help="run nothing: report only on the run directories under --runs (e.g. runs made elsewhere)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per trainer run")
-    ap.add_argument("--eval-interval", type=int, default=EVAL["train.eval_interval"],
+    ap.add_argument("--eval-interval", type=int, default=EVAL_INTERVAL,
                     help="validation loss every N steps in both trainers (0: none); checked like the loss")
-    ap.add_argument("--eval-iters", type=int, default=EVAL["train.eval_iters"],
+    ap.add_argument("--eval-iters", type=int, default=EVAL_ITERS,
                     help="global batches of the valid split per evaluation")
     ap.add_argument("--repeats", type=int, default=1,
                     help="run each layout's JAX/DeepSpeed pair N times, alternating; the ratio is the median of "
@@ -556,7 +559,6 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in LAYOUTS]
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
     bad_dtypes = [d for d in dtypes if d not in THRESHOLDS]
-    EVAL.update({"train.eval_interval": args.eval_interval, "train.eval_iters": args.eval_iters})
     if unknown or bad_dtypes or args.steps < 1 or args.repeats < 1:
         msg = (f"unknown layout(s) {', '.join(unknown)}; choose from {', '.join(LAYOUTS)}" if unknown else
                f"unknown dtype(s) {', '.join(bad_dtypes)}; use fp32, bf16" if bad_dtypes else
@@ -591,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 results["layouts"][key] = compare_layout(args.preset, LAYOUTS[name], dtype, args.steps, runs_dir,
                                                          args.rerun, args.timeout, progress, args.run,
-                                                         args.repeats)
+                                                         args.repeats, (args.eval_interval, args.eval_iters))
             except (ReportError, ConfigError) as e:
                 results["layouts"][key] = {"layout": name, "dtype": dtype, "error": str(e)}
                 progress(f"{key}: not compared — {str(e).splitlines()[0]}")

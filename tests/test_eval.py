@@ -95,13 +95,16 @@ def test_pipeline_val_loss_equals_single_device(tmp_path):
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-6)
 
 
-def test_resumed_run_evaluates_the_same_batches(tmp_path):
+def test_resumed_run_evaluates_the_same_batches(tmp_path, monkeypatch):
     args = [*TINY, "--steps", "6", "--train.eval_interval=2", "--train.eval_iters=1", "--out-dir", str(tmp_path),
             "--mesh", "fsdp=2"]
     full = jax_train.main([*args, "--name", "full"])
-    jax_train.main([*TINY, "--steps", "4", "--train.eval_interval=2", "--train.eval_iters=1",
-                    "--out-dir", str(tmp_path), "--mesh", "fsdp=2", "--name", "cut", "--ckpt-every", "4"])
-    jax_train.main([*args, "--name", "cut", "--resume", str(tmp_path / "cut")])
+    monkeypatch.setenv("AURORA_TEST_FAULT", "sigterm@3")  # preempted after step 3: saves, exits 128 + 15
+    with pytest.raises(SystemExit) as stop:
+        jax_train.main([*args, "--name", "cut"])
+    assert stop.value.code == 143
+    monkeypatch.delenv("AURORA_TEST_FAULT")
+    jax_train.main([*args, "--name", "cut", "--resume", "auto"])
     want = [r["val_loss"] for r in _rows(full["run_dir"])]
     got = [r["val_loss"] for r in _rows(tmp_path / "cut")]
     assert got == want and want[5] is not None
