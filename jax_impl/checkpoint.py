@@ -262,6 +262,29 @@ def restore(directory: str | Path, trainer, step: int | None = None) -> Restored
     return Restored(params, opt_state, meta, step, time.perf_counter() - t)
 
 
+def load_init(path: str | Path, trainer) -> tuple[Any, str]:
+    """``--init-from``: (params in ``trainer``'s shardings, a description) from a JAX checkpoint (its params
+    only, whatever optimizer state it holds) or a Hugging Face Llama directory (config.json checked against
+    the run's model config)."""
+    path = Path(path)
+    if (path / hf.CONFIG).is_file():
+        from torch_ref.convert import unflatten
+
+        where = str(path / hf.CONFIG)
+        hf.check_against(hf.model_fields(json.loads((path / hf.CONFIG).read_text()), where), trainer.cfg.model,
+                         where)
+        _, tensors = hf.read(path)
+        params = unflatten(hf.to_flat(tensors, trainer.cfg.model, np.float32, where=str(path)))
+
+        def put(a: np.ndarray, s: jax.ShapeDtypeStruct) -> jax.Array:
+            a = np.pad(a, [(0, t - n) for n, t in zip(a.shape, s.shape, strict=True)])  # ZeRO storage padding
+            return jax.device_put(a.astype(s.dtype), s.sharding)
+
+        return jax.tree.map(put, params, trainer.storage), f"Hugging Face checkpoint {path}"
+    r = restore(path, trainer)
+    return r.params, f"checkpoint step {r.step} in {path} (its params)"
+
+
 def restore_numpy(directory: str | Path, step: int | None = None) -> tuple[dict, dict[str, Any]]:
     """Params only, as host numpy arrays in their *logical* shapes (no mesh needed): for export."""
     ocp = _ocp()

@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a run directory, its checkpoints/ or one checkpoints/<step>; continues in that run "
                          "directory unless --name is given. auto: resume this --name's run if it has a checkpoint, "
                          "else start it fresh in that directory (a requeued job's first attempt)")
+    ck.add_argument("--init-from", metavar="CKPT|HF_DIR",
+                    help="start a new run (step 0, fresh optimizer state) from these weights: a checkpoint of "
+                         "this project (any run's, or one made by `python -m jax_impl.checkpoint import`) or a "
+                         "Hugging Face Llama directory (config.json + *.safetensors); with --resume auto only "
+                         "until the run has a checkpoint of its own")
     rs = ap.add_argument_group("failure handling")
     rs.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop",
                     help="non-finite loss or gradient norm: stop (exit 3, default) or skip the step's update")
@@ -81,6 +86,7 @@ class RunOptions:
     ckpt_keep: int = 2
     ckpt_dir: str | None = None
     resume: str | None = None
+    init_from: str | None = None
     on_nonfinite: str = "stop"
     max_skips: int = 10
     watchdog_factor: float = 10.0
@@ -240,6 +246,7 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
     from configs import hostmem
     from jax_impl import checkpoint, devices, distributed, resilience
     from jax_impl.sharding import activate, batch_sharding
+    from weightmap import hf
 
     opts = opts or RunOptions()
     mesh, p = trainer.mesh, cfg.parallel
@@ -253,6 +260,10 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
     # instead of the others waiting in a collective for a process 0 that is gone
     error, run_dir, in_place = "", Path(), False
     try:
+        if opts.resume not in (None, "auto") and opts.init_from:
+            raise ConfigError("--resume PATH and --init-from exclude each other: --resume continues a run (its "
+                              "optimizer state and step), --init-from starts a new one from the weights "
+                              "(with --resume auto, --init-from applies only while the run has no checkpoint)")
         resume_from = _resume_source(cfg, opts)
         if lead:
             run_dir, in_place = _open_run_dir(cfg, resume_from, fresh_in_place=opts.resume == "auto")
@@ -294,6 +305,15 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
         print(f"resumed from {resume_from} step {r.step} (consumed samples {consumed0}) in {restore_s:.2f}s")
         if lead and in_place:
             _truncate_metrics(run_dir, start_step)
+    elif opts.init_from:
+        try:
+            params, what = checkpoint.load_init(opts.init_from, trainer)
+        except (checkpoint.CheckpointError, hf.HFError) as e:
+            print(f"error: --init-from {opts.init_from}: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        with activate(mesh):
+            opt_state = jax.jit(trainer.tx.init, out_shardings=trainer.opt_sh)(params)
+        print(f"initial weights from {what}")
     else:
         params, opt_state = trainer.init_state()
     compile_s = time.perf_counter() - t0
@@ -306,6 +326,7 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
             "device_kind": jax.devices()[0].device_kind, "mesh": dict(mesh.shape), "layout": layout_label(cfg),
             "zero": p.zero, "dtype": cfg.train.dtype, "gbs": gbs, "compile_s": compile_s,
             "compiled_memory": compiled_memory(compiled),
+            "init_from": opts.init_from,
             "resumed_from": None if restored_meta is None else {
                 "path": str(resume_from), "step": restored_meta["step"], "mesh": restored_meta["mesh"],
                 "restore_s": restore_s},

@@ -188,3 +188,59 @@ def test_wrong_shapes_are_named(saved):
     tensors["model.layers.1.mlp.up_proj.weight"] = np.zeros((50, 32), np.float32)
     with pytest.raises(hf.HFError, match=r"up_proj.weight: \(50, 32\) vs \(48, 32\)"):
         hf.to_flat(tensors, cfg.model)
+
+
+def _model_flags(d: Path) -> list[str]:
+    return [f"--model.{f}={v}" for f, v in hf.model_fields(json.loads((d / "config.json").read_text())).items()]
+
+
+def test_init_from_hf_dir_and_from_its_import_train_alike_and_start_at_the_hf_loss(saved, tmp_path):
+    from aurora_data import build_source, global_batch
+    from jax_impl import train as jax_train
+
+    d, model = saved
+    ckpt = tmp_path / "ckpt"
+    assert _cli(["import", "--from", "hf", str(d), str(ckpt)]) == 0
+    args = ["--preset", "tiny", *_model_flags(d), "--steps", "3", "--mesh", "fsdp=2", "--wandb", "disabled",
+            "--quiet", "--out-dir", str(tmp_path)]
+    a = jax_train.main([*args, "--name", "hf", "--init-from", str(d)])
+    b = jax_train.main([*args, "--name", "ck", "--init-from", str(ckpt)])
+    assert a["losses"] == b["losses"]
+    # step 1's loss is the loss of the HF weights on the first batch (before any update)
+    cfg = load_config("tiny", {f"model.{k}": v for k, v in hf.model_fields(model.config.to_dict()).items()})
+    tokens = torch.from_numpy(global_batch(build_source(cfg), 0, cfg.parallel.mbs * 2, 1, 1)[0]).long()
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(model(tokens[:, :-1]).logits.flatten(0, 1), tokens[:, 1:].flatten())
+    assert a["losses"][0] == pytest.approx(float(want), rel=1e-5)
+    meta = json.loads((a["run_dir"] / "meta.json").read_text())
+    assert meta["init_from"] == str(d)
+
+
+def test_init_from_a_mismatched_model_or_with_resume_is_refused(saved, tmp_path, capsys):
+    from jax_impl import train as jax_train
+
+    d, _ = saved
+    args = ["--preset", "tiny", "--steps", "1", "--wandb", "disabled", "--quiet", "--out-dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as e:
+        jax_train.main([*args, "--name", "x", "--init-from", str(d)])
+    assert e.value.code == 2 and "--model.hidden=32" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        jax_train.main([*args, "--name", "y", "--init-from", str(d), "--resume", str(tmp_path / "x")])
+    assert e.value.code == 2 and "exclude each other" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torch_ref_init_from_hf_and_from_a_jax_checkpoint_match_jax(saved, tmp_path):
+    from jax_impl import train as jax_train
+    from torch_ref import train as torch_train
+
+    d, _ = saved
+    ckpt = tmp_path / "ckpt"
+    assert _cli(["import", "--from", "hf", str(d), str(ckpt)]) == 0
+    args = ["--preset", "tiny", *_model_flags(d), "--steps", "3", "--mesh", "data=2", "--zero", "1",
+            "--wandb", "disabled", "--quiet", "--out-dir", str(tmp_path)]
+    j = jax_train.main([*args, "--name", "jax", "--init-from", str(d)])
+    t_hf = torch_train.main([*args, "--name", "torch-hf", "--init-from", str(d)])
+    t_ck = torch_train.main([*args, "--name", "torch-ck", "--init-from", str(ckpt)])
+    assert t_hf["losses"] == t_ck["losses"]
+    assert max(abs(a - b) / b for a, b in zip(t_hf["losses"], j["losses"], strict=True)) <= 1e-5

@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--init", choices=("jax", "torch"), default="jax",
                     help="jax: jax_impl.model.init_params(seed), the JAX run's exact weights (default); "
                          "torch: torch_ref.model.init_torch (same stds, torch's random stream)")
+    ap.add_argument("--init-from", metavar="CKPT|HF_DIR",
+                    help="start from these weights instead of --init: a jax_impl checkpoint (read by "
+                         "`python -m jax_impl.checkpoint export`, in a subprocess) or a Hugging Face Llama directory "
+                         "(config.json + *.safetensors); with --resume auto only until the run has a checkpoint")
     ap.add_argument("--dry-run", action="store_true", help="print the layout and the DeepSpeed config; start nothing")
     ap.add_argument("--quiet", action="store_true", help="print only the first and last step")
     ap.add_argument("--ckpt-every", "--ckpt.every", "--train.ckpt_every", dest="ckpt_every", type=int, default=0,
@@ -227,6 +231,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else:
             platform, _ = select_platform(cfg.train.platform)  # refuses a missing accelerator before any worker
         resume, fresh_in_place = resolve_resume(cfg, args.resume)
+        if args.init_from and args.resume not in (None, "auto"):
+            raise ConfigError("--resume RUN_DIR and --init-from exclude each other: --resume continues a run, "
+                              "--init-from starts a new one from the weights")
+        if args.init_from and not Path(args.init_from).exists():
+            raise ConfigError(f"--init-from {args.init_from}: no such checkpoint or directory")
+        init = "file" if args.init_from and not resume else args.init
         wants_ckpt = args.ckpt_every or args.ckpt_every_s or resume
         if wants_ckpt and not layout.engine.startswith("deepspeed"):
             raise ConfigError(f"checkpoints are implemented for the DeepSpeed engines; layout {layout.label} runs "
@@ -241,21 +251,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(installed_ds_config(cfg), indent=2))
         return {"layout": layout, "ds_config": installed_ds_config(cfg)}
     ckpt = {"ckpt_every": args.ckpt_every or 0, "ckpt_every_s": args.ckpt_every_s or 0.0, "resume": resume,
-            "fresh_in_place": fresh_in_place, "platform": platform}
+            "fresh_in_place": fresh_in_place, "platform": platform,
+            "init_from": str(Path(args.init_from).resolve()) if init == "file" else None}
     if resume and not (Path(resume) / "checkpoints" / "latest").exists():
         print(f"error: --resume {resume}: no DeepSpeed checkpoint there (checkpoints/latest is missing)",
               file=sys.stderr)
         raise SystemExit(2)
     if ext is not None:
         try:
-            return run_worker(None, cfg=cfg, init=args.init, quiet=args.quiet, ckpt=ckpt)
+            return run_worker(None, cfg=cfg, init=init, quiet=args.quiet, ckpt=ckpt)
         except RunDirError as e:  # a configuration problem on rank 0, told to every rank: no retry will help
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
         except FloatingPointError as e:  # exit 3 as jax_impl.train: a rerun from the last checkpoint repeats it
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(3) from None
-    return launch(cfg, layout, init=args.init, quiet=args.quiet, ckpt=ckpt)
+    try:
+        return launch(cfg, layout, init=init, quiet=args.quiet, ckpt=ckpt)
+    except InitFromError as e:
+        print(f"error: --init-from {args.init_from}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def prepare_run_dir(cfg: Config, layout: Layout, init: str, quiet: bool, ckpt: dict[str, Any] | None = None) -> Path:
@@ -283,9 +298,48 @@ def prepare_run_dir(cfg: Config, layout: Layout, init: str, quiet: bool, ckpt: d
         from torch_ref.convert import jax_init_params, save_npz
 
         save_npz(run_dir / "init_params.npz", jax_init_params(cfg.model, cfg.train.seed))
+    elif init == "file":
+        write_init_from(Path(ckpt["init_from"]), cfg, run_dir / "init_params.npz")
     (run_dir / "launch.json").write_text(json.dumps({"init": init, "quiet": quiet, **ckpt,
                                                      "init_weights_s": time.perf_counter() - t}) + "\n")
     return run_dir
+
+
+class InitFromError(ValueError):
+    """--init-from weights that cannot be read or do not fit the model; the message says why."""
+
+
+def write_init_from(src: Path, cfg: Config, out: Path) -> None:
+    """``--init-from``: the weights as the flat .npz the workers read shard by shard (``NpzInit``).
+
+    A Hugging Face directory is read here (numpy + safetensors); a jax_impl checkpoint by the JAX CLI in a
+    subprocess, so this package never imports JAX (an environment without it gets a message saying so)."""
+    from torch_ref.convert import save_npz, unflatten
+    from weightmap import hf
+
+    if (src / hf.CONFIG).is_file():
+        try:
+            where = str(src / hf.CONFIG)
+            hf.check_against(hf.model_fields(json.loads((src / hf.CONFIG).read_text()), where), cfg.model, where)
+            _, tensors = hf.read(src)
+            save_npz(out, unflatten(hf.to_flat(tensors, cfg.model, where=str(src))))
+        except (hf.HFError, json.JSONDecodeError) as e:
+            raise InitFromError(str(e)) from None
+        return
+    cmd = [sys.executable, "-m", "jax_impl.checkpoint", "export", "--to", "npz", str(src), str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    if r.returncode != 0:
+        why = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+        if "No module named 'jax" in r.stderr:
+            why = ("reading a jax_impl checkpoint needs JAX, which this environment lacks; export it where JAX "
+                   "is installed (`python -m jax_impl.checkpoint export --to hf CKPT DIR`) and pass DIR")
+        raise InitFromError(why)
+    from torch_ref.weights import NpzInit
+
+    try:
+        NpzInit(cfg.model, out)  # checks every array's shape against the model (headers only)
+    except (ValueError, KeyError) as e:
+        raise InitFromError(f"its parameters do not fit model '{cfg.model.name}': {e}") from None
 
 
 def launch(cfg: Config, layout: Layout, init: str = "jax", quiet: bool = False, ckpt: dict[str, Any] | None = None
