@@ -181,18 +181,20 @@ def reusable(run_dir: Path, cfg: Config, processes: int | None = None) -> bool:
 
 
 def trainer_argv(framework: str, cfg: Config) -> list[str]:
-    """The trainer's command line for ``cfg``: the CLI's own flags, and every parallel setting that differs
-    from the preset's as a dotted override (a layout's extras: pipeline_repeats, pipeline_head, hpz, ...)."""
-    p, preset = cfg.parallel, load_config(cfg.preset).parallel
+    """The trainer's command line for ``cfg``: the CLI's own flags, and every other config key that differs
+    from the preset's as a dotted override (a layout's extras: pipeline_repeats, hpz, ...; seeds, data, evals)."""
+    p, preset = cfg.parallel, load_config(cfg.preset)
     argv = [PYTHONS[framework], "-m", FRAMEWORKS[framework], "--preset", cfg.preset, "--quiet",
             "--mesh", p.mesh, "--zero", str(p.zero), "--gas", str(p.gas), "--mbs", str(p.mbs),
             "--steps", str(cfg.train.steps), "--dtype", cfg.train.dtype, "--wandb", "disabled",
-            "--out-dir", cfg.train.out_dir, "--name", cfg.train.name,
-            f"--train.eval_interval={cfg.train.eval_interval}", f"--train.eval_iters={cfg.train.eval_iters}"]
-    for f in fields(p):
-        value = getattr(p, f.name)
-        if f.name not in ("mesh", "zero", "gas", "mbs") and value != getattr(preset, f.name):
-            argv.append(f"--parallel.{f.name}={str(value).lower() if isinstance(value, bool) else value}")
+            "--out-dir", cfg.train.out_dir, "--name", cfg.train.name]
+    given = {"parallel": {"mesh", "zero", "gas", "mbs"}, "train": {"steps", "dtype", "wandb", "out_dir", "name"}}
+    for section in ("model", "parallel", "optim", "data", "train"):
+        mine, base = getattr(cfg, section), getattr(preset, section)
+        for f in fields(mine):
+            value = getattr(mine, f.name)
+            if f.name not in given.get(section, ()) and value != getattr(base, f.name):
+                argv.append(f"--{section}.{f.name}={str(value).lower() if isinstance(value, bool) else value}")
     return argv
 
 
