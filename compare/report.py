@@ -42,7 +42,7 @@ PAIRED_SECTIONS = ("model", "data", "optim")
 RUN_LOCAL_KEYS = ("train.name", "train.out_dir", "train.wandb", "train.log_every", "train.platform")
 
 # Thresholds on |loss_jax - loss_torch| / |loss_torch|. fp32: the same arithmetic up to summation order.
-# bf16: both round activations to 8 bits of mantissa, but not at the same places. The issue asked for
+# bf16: both round activations to 8 bits of mantissa, but not at the same places. The targets were
 # fp32 first <= 1e-6, every <= 1e-4 and bf16 every <= 1e-2, last-10 mean <= 0.5 %; these are tighter, set
 # 3-6x above the worst case seen over all 8 layouts x 20 steps on tiny (fp32: 8.3e-8 first, 1.75e-7 any
 # step; bf16: 6.5e-4 any step, 8.6e-5 last-10 mean).

@@ -274,7 +274,7 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
     t0 = time.perf_counter()
     # compiled on abstract arrays before any state exists: the compiler's working memory is freed (and given
     # back) before params and optimizer state are allocated, so the process's peak is the larger of the two,
-    # not their sum (bench pp2 bf16, a stage per process: see docs/performance.md §14)
+    # not their sum (docs/performance.md, "Peak host memory")
     compiled = resilience.compile_guarded(trainer)
     hostmem.release_host_memory()
     start_step, consumed0, restored_meta, restore_s = 0, 0, None, None
