@@ -118,6 +118,12 @@ def test_readme_commands_use_flags_their_cli_accepts():
     assert not bad, "README names flags its CLIs do not accept:\n" + "\n".join(bad)
 
 
+def test_docs_commands_use_flags_their_cli_accepts():
+    bad = [f"{p.relative_to(ROOT)}: {b}" for p in DOCS if p != README
+           for target, args in _invocations(p.read_text()) for b in _bad_flags(target, args)]
+    assert not bad, "\n".join(bad)
+
+
 def test_the_checker_catches_a_removed_flag_and_a_wrong_override():
     text = "```bash\n.venv/bin/python -m jax_impl.train --preset tiny --no-such-flag 3   # comment --ignored\n```\n"
     ((target, args),) = _invocations(text)
