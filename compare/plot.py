@@ -55,6 +55,7 @@ def figure(run_dirs: Sequence[Path | str]) -> Any:
 
     matplotlib.use("Agg")  # files only: no display needed, none opened
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     runs = [(Path(d), read_metrics(d)) for d in run_dirs]
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, sharex=True, figsize=(6.4, 5.2), height_ratios=(2, 1))
@@ -65,6 +66,7 @@ def figure(run_dirs: Sequence[Path | str]) -> Any:
     ax_loss.set_ylabel("loss")
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("step")
+    ax_lr.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     ax_loss.legend(fontsize=8)
     for ax in (ax_loss, ax_lr):
