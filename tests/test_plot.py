@@ -79,3 +79,13 @@ def test_jax_trainer_ends_with_loss_png(tmp_path, capsys):
     png = out["run_dir"] / "loss.png"
     assert png.read_bytes()[:8] == PNG_MAGIC
     assert f"loss curve: {png}" in capsys.readouterr().out
+
+
+def test_torch_trainer_rank0_ends_with_loss_png(tmp_path, capfd):
+    from torch_ref.train import main as train
+
+    out = train(["--preset", "tiny", "--mesh", "data=1", "--zero", "1", "--steps", "2", "--out-dir", str(tmp_path),
+                 "--name", "t", "--wandb", "disabled"])
+    png = out["run_dir"] / "loss.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    assert f"loss curve: {png}" in capfd.readouterr().out  # printed by the rank-0 worker process
