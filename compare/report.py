@@ -42,7 +42,7 @@ PAIRED_SECTIONS = ("model", "data", "optim")
 RUN_LOCAL_KEYS = ("train.name", "train.out_dir", "train.wandb", "train.log_every", "train.platform")
 
 # Thresholds on |loss_jax - loss_torch| / |loss_torch|. fp32: the same arithmetic up to summation order.
-# bf16: both round activations to 8 bits of mantissa, but not at the same places. The issue asked for
+# bf16: both round activations to 8 bits of mantissa, but not at the same places. The targets were
 # fp32 first <= 1e-6, every <= 1e-4 and bf16 every <= 1e-2, last-10 mean <= 0.5 %; these are tighter, set
 # 3-6x above the worst case seen over all 8 layouts x 20 steps on tiny (fp32: 8.3e-8 first, 1.75e-7 any
 # step; bf16: 6.5e-4 any step, 8.6e-5 last-10 mean).
@@ -81,8 +81,8 @@ LAYOUTS = {spec.name: spec for spec in (
     LayoutSpec("tp2-zero2", "data=2,tensor=2", 2, note="the 42B layout's shape: TP + ZeRO-2"),
     # a pipeline stage per JAX process, as DeepSpeed's ranks: in one process the two stages' programs share
     # XLA's intra-op thread pool (memory-bound ops 2-3x slower per call; the step 0-15 % slower in alternating
-    # runs, docs/performance.md section 10); the head on the last stage, as DeepSpeed's, because with the split
-    # head every collective of the step ran 0.3-1 s over gloo (7.5-8.5 s per step instead of 1)
+    # runs, docs/performance.md, "Pipeline + ZeRO-1 on CPU"); the head on the last stage, as DeepSpeed's,
+    # because with the split head every collective of the step ran 0.3-1 s over gloo (7.5-8.5 s per step, not 1)
     LayoutSpec("pp2-zero1", "pipeline=2,data=1", 1, {"parallel.gas": 4, "parallel.pipeline_head": "last"},
                "Pipeline + ZeRO-1, GAS 4; JAX: 2 processes (a stage each), head on the last stage",
                jax_processes=2),
