@@ -15,7 +15,7 @@ Parameter names (and shapes; L layers, h hidden, H*D query width, K*D key/value 
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
+from functools import lru_cache, partial
 
 import jax
 import jax.numpy as jnp
@@ -110,15 +110,31 @@ def rope_tables(seq: int, dim: int, theta: float) -> tuple[np.ndarray, np.ndarra
 
     Host constants, not traced ops: traced, XLA fused sin/cos into every fusion that reads the tables and
     evaluated them once per element of q and k, in every layer, forward and backward (4.5 % of the CPU time
-    of a bench step). The angles are rounded as torch_ref's fp32 ops round them (equal bit for bit); their
-    sin/cos are computed in float64 and rounded once (within 1 ulp of torch's fp32 sin/cos).
+    of a bench step). Where torch is installed the tables are torch_ref's, computed by torch on the CPU, so
+    they equal the reference's bit for bit: torch's fp32 ``pow``, ``cos`` and ``sin`` are vector kernels
+    accurate to 1 ulp but not correctly rounded (at theta 50000, head_dim 64, inv_freq[5] is 0.53 ulp from
+    the true value), so no numpy arithmetic reproduces them. Without torch: fp32 angles from a correctly
+    rounded inv_freq, cos/sin in float64 rounded once (within 1 ulp of torch's values).
     """
-    f32 = np.float32
-    exponent = np.arange(0, dim, 2, dtype=f32) / f32(dim)
-    inv_freq = f32(1.0) / np.power(np.float64(theta), exponent.astype(np.float64)).astype(f32)  # (dim/2,)
-    freqs = np.outer(np.arange(seq, dtype=f32), inv_freq)  # (seq, dim/2)
-    emb = np.concatenate([freqs, freqs], axis=-1).astype(np.float64)  # (seq, dim)
-    return np.cos(emb).astype(f32), np.sin(emb).astype(f32)
+    return _rope_tables(int(seq), int(dim), float(theta))
+
+
+@lru_cache(maxsize=16)
+def _rope_tables(seq: int, dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        from torch_ref.model import rope_tables as torch_rope_tables
+    except ImportError:  # a JAX-only environment
+        f32 = np.float32
+        exponent = np.arange(0, dim, 2, dtype=f32) / f32(dim)
+        inv_freq = f32(1.0) / np.power(np.float64(theta), exponent.astype(np.float64)).astype(f32)  # (dim/2,)
+        freqs = np.outer(np.arange(seq, dtype=f32), inv_freq)  # (seq, dim/2)
+        emb = np.concatenate([freqs, freqs], axis=-1).astype(np.float64)  # (seq, dim)
+        tables = np.cos(emb).astype(f32), np.sin(emb).astype(f32)
+    else:
+        tables = tuple(t.numpy() for t in torch_rope_tables(seq, dim, theta, "cpu"))
+    for t in tables:
+        t.flags.writeable = False  # cached: shared by every caller
+    return tables
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from configs import ModelConfig, load_config
+from configs import ModelConfig, list_presets, load_config
 from jax_impl import devices
 
 try:  # as tests/conftest.py may do; a no-op once JAX has started with enough devices
@@ -56,11 +57,27 @@ def tiny_pair():
     return cfg, params, model
 
 
-@pytest.mark.parametrize("seq,dim,theta", [(16, 8, 1e4), (4096, 128, 1e4), (4096, 128, 5e5)])
-def test_rope_tables_within_one_ulp_of_torch(seq, dim, theta):
-    """JAX's tables (host constants) round the angles as torch's fp32 ops do, so even at position 4095 the
-    two frameworks rotate by the same angle: cos/sin differ by at most one fp32 ulp (2^-24 near 1)."""
+PRESET_ROPE = sorted({(load_config(p, validate=False).model.dim_head, load_config(p, validate=False).model.rope_theta)
+                      for p in list_presets()})
+
+
+@pytest.mark.parametrize("seq", [4096, 8192])
+@pytest.mark.parametrize("dim,theta", PRESET_ROPE)
+def test_rope_tables_equal_torch_for_every_preset(seq, dim, theta):
+    """JAX's tables (host constants) are torch_ref's bit for bit at every preset's head_dim and theta, so even
+    at position 8191 the two frameworks rotate by the same angle. At theta 50000 a correctly rounded
+    inv_freq differs from torch's fp32 pow by one ulp (index 5 of 32 at head_dim 64)."""
     for j, t in zip(jm.rope_tables(seq, dim, theta), tm.rope_tables(seq, dim, theta), strict=True):
+        assert j.dtype == np.float32 and np.array_equal(j, t.numpy())
+
+
+@pytest.mark.parametrize("seq,dim,theta", [(16, 8, 1e4), (4096, 128, 1e4), (4096, 128, 5e5)])
+def test_rope_tables_without_torch_within_one_ulp(seq, dim, theta, monkeypatch):
+    """In a JAX-only environment the tables come from numpy: within one fp32 ulp (2^-24 near 1) of torch's where
+    the correctly rounded inv_freq equals torch's (not at theta 50000: see the test above)."""
+    monkeypatch.setitem(sys.modules, "torch_ref.model", None)  # import raises ImportError
+    tables = jm._rope_tables.__wrapped__(seq, dim, theta)
+    for j, t in zip(tables, tm.rope_tables(seq, dim, theta), strict=True):
         assert float(np.abs(j - t.numpy()).max()) <= 2.0**-24
 
 
