@@ -32,7 +32,9 @@ def build_source(cfg: Config, num_samples: int | None = None, *, cache_dir: str 
     ``cache_dir`` (default ``$AURORA_DATA_CACHE`` or ``~/.cache/aurora_data``) holds the default corpus.
     Index maps go to ``<file list dir>/index-cache`` (Megatron keeps them beside the data), or to
     ``<cache_dir>/index-cache`` when that directory is not writable. ``cfg.data.split`` is the
-    train/valid/test split (ALCF's ``990,10,0`` by default). Bad data raises ``DataError`` here, before any step.
+    train/valid/test split (ALCF's ``990,10,0`` by default); ``cfg.data.blend_sample_in_corpus`` and
+    ``shuffle_sample_in_corpus`` are upstream's corpus flags (``aurora_data.gpt``). Bad data raises ``DataError``
+    here, before any step.
     """
     from aurora_data.corpus import default_cache_dir, ensure_default_dataset
 
@@ -54,4 +56,5 @@ def build_source(cfg: Config, num_samples: int | None = None, *, cache_dir: str 
     else:
         file_list = ensure_default_dataset(cache, vocab)
     return BlendedGPTDataset(file_list, d.seq_len, num_samples, seed=d.seed, vocab_size=vocab,
-                             split=d.split, cache_dir=_index_cache_dir(file_list, cache))
+                             split=d.split, cache_dir=_index_cache_dir(file_list, cache),
+                             blend_in_corpus=d.blend_sample_in_corpus, shuffle_in_corpus=d.shuffle_sample_in_corpus)

@@ -466,7 +466,7 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
             "zero": p.zero, "dtype": cfg.train.dtype, "gbs": gbs, "init": init, "param_bytes_rank0": param_bytes,
             "threads_per_rank":
             torch.get_num_threads(), "host_allocator": host_allocator(), "dist_init_s": dist_init_s,
-            "engine_init_s": engine_init_s, "init_s": init_s,
+            "engine_init_s": engine_init_s, "init_s": init_s, "data": getattr(source, "meta", None),
         })
     log = MetricsLog(run_dir, cfg, "torch") if rank == 0 else None
     losses: list[float] = []
