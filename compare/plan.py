@@ -148,8 +148,7 @@ class Layout:
         """The project Config of this layout (validated by the caller)."""
         base = _preset(model)  # load_config is slow (type-hint checks); the planner builds thousands of these
         par = dataclasses.replace(base.parallel, mesh=self.mesh, zero=self.zero, hpz=self.hpz, mics=self.mics,
-                                  mbs=self.mbs, gas=self.gas, gbs=0, remat=self.remat,
-                                  pipeline_schedule=self.schedule if self.pp > 1 else base.parallel.pipeline_schedule)
+                                  mbs=self.mbs, gas=self.gas, gbs=0, remat=self.remat)
         return dataclasses.replace(base, parallel=par, data=dataclasses.replace(base.data, seq_len=seq),
                                    train=dataclasses.replace(base.train, dtype="bf16"))
 
@@ -372,16 +371,18 @@ def ds_memory(model: str, layout: Layout, cluster: Cluster, a: Assumptions, seq:
             T.append(Term("bf16 grads in flight", 2 * min(n, 2 * buckets["reduce"]), "2 B x 2 reduce buckets"))
         else:
             T.append(Term("bf16 grads of one module", 2 * big, "2 B x largest module (reduced as produced)"))
+    # a bucket or a gathered set never holds more than the rank's parameters (it matters for small models)
     if z >= 3:
-        live = big + buckets["prefetch"]
-        live = min(live, buckets["max_live"] or live)
-        T.append(Term("ZeRO-3 gathered params", 2 * live, "2 B x (largest module + prefetch bucket)"))
+        live = min(big + buckets["prefetch"], buckets["max_live"] or math.inf, n)
+        T.append(Term("ZeRO-3 gathered params", 2 * live, "2 B x min(largest module + prefetch bucket, max live, "
+                      "params)"))
     # communication buckets (DeepSpeed config; defaults 5e8 for ZeRO-1/2)
+    reduce, gather = min(buckets["reduce"], n), min(buckets["allgather"], n)
     if z in (1, 2):
-        T.append(Term("comm buckets", 4 * buckets["reduce"] + 2 * buckets["allgather"],
-                      f"fp32 reduce {buckets['reduce']:.0e} + bf16 allgather {buckets['allgather']:.0e} elements"))
+        T.append(Term("comm buckets", 4 * reduce + 2 * gather,
+                      f"fp32 reduce {reduce:.0e} + bf16 allgather {gather:.0e} elements"))
     elif z >= 3:
-        T.append(Term("comm buckets", 2 * 4 * buckets["reduce"], f"2 x fp32 reduce bucket {buckets['reduce']:.0e}"))
+        T.append(Term("comm buckets", 2 * 4 * reduce, f"2 x fp32 reduce bucket {reduce:.0e}"))
     # activations
     act, act_note = layer_activation_bytes(m, layout, seq, a)
     layers = m.n_layers // layout.pp
