@@ -7,15 +7,17 @@
 Two memory figures per tile:
 
 * DeepSpeed (modelled): the reference's bf16 params/grads, fp32 master weights + Adam moments split
-  per ZeRO stage, hpZ/MiCS copies, pipeline activation buffers, the recompute working set, logits,
-  communication buckets from ``torch_ref.ds_config``, plus runtime/allocator overhead; every term printed.
+  per ZeRO stage, hpZ/MiCS copies, pipeline activations in flight by schedule (DeepSpeed's 1F1B), the
+  recompute working set, logits, communication buckets from ``torch_ref.ds_config``, plus runtime/allocator
+  overhead; every term printed, every verdict with the model's error (docs/planner.md).
 * JAX (``--jax``): XLA's ``memory_analysis()`` of the AOT-compiled train step on fake CPU devices, one
   subprocess per layout, cached as JSON by config hash. It is the *CPU* compiler's buffer assignment,
   not the Intel GPU compiler's; JAX keeps fp32 params (bf16 compute), unlike DeepSpeed's bf16 params.
 
 Step time = compute (FLOPs incl. recompute / (peak x eta)) + collectives (sized per layout, costed on
-the link they cross) not hidden by overlap, with the pipeline's (m + p - 1) schedule. ``eta``,
-``comm_eff`` and ``overlap`` are fitted to the reference CSV (least squares on log samples/s).
+the link they cross) not hidden by overlap, with the pipeline's (m + p - 1) schedule, + per-step collectives
+(ZeRO-3's partition exchange falls as 1/DP). ``Assumptions.FITTED`` are fitted to the reference CSV (least
+squares on log samples/s).
 """
 
 from __future__ import annotations
@@ -641,7 +643,7 @@ def _residuals(x: np.ndarray, rows: Sequence[Row], cluster: Cluster, a: Assumpti
 
 
 def _least_squares(rows: Sequence[Row], cluster: Cluster, a: Assumptions, x0: np.ndarray) -> np.ndarray:
-    """Levenberg-Marquardt with a forward-difference Jacobian (3 parameters; numpy only)."""
+    """Levenberg-Marquardt with a forward-difference Jacobian (a few parameters; numpy only)."""
     x, lam = x0.copy(), 1e-2
     r = _residuals(x, rows, cluster, a)
     cost = float(r @ r)
@@ -669,7 +671,7 @@ def _least_squares(rows: Sequence[Row], cluster: Cluster, a: Assumptions, x0: np
 
 def calibrate(rows: Sequence[Row] | None = None, cluster: Cluster | None = None,
               a: Assumptions | None = None, loo: bool = True) -> Fit:
-    """Fit eta, comm_eff, overlap on the measured rows; per-row and leave-one-out errors of samples/s."""
+    """Fit ``Assumptions.FITTED`` on the measured rows; per-row and leave-one-out errors of samples/s."""
     rows = _ok_rows(load_reference(DEFAULT_REFERENCE) if rows is None else rows)
     cluster = cluster or load_cluster("aurora")
     a = a or Assumptions()
