@@ -3,17 +3,18 @@
     .venv/bin/python benchmarks/ds_memory_check.py [--json out.json] [--only zero1,pp2-gas]
 
 Each case is a pair of ``torch_ref.train`` runs (2 steps, bf16, 2 ranks on gloo) that differ in one thing, so
-the interpreter + torch + DeepSpeed baseline, the communication buckets and the runtime cancel: the change in
+the interpreter + torch + DeepSpeed baseline and the runtime cancel: the change in
 peak RSS (max over ranks, ``peak_mem_bytes`` of metrics.jsonl) is compared with the change in the planner's
-``compare.plan.ds_memory`` total for the same two configs.
+``compare.plan.ds_memory`` total for the same two configs (at these sizes a communication bucket holds all of
+the rank's parameters, so it grows with them).
 
 * zero1 / zero2 / zero3: 2 vs 10 layers (hidden 512, ffn 1408, vocab 4096, seq 128): the per-layer model states.
 * pp2-gas: pipeline=2 ZeRO-1, 10 layers, seq 512, mbs 4, no checkpointing, GAS 1 vs 4: the microbatches a stage
   holds (DeepSpeed's 1F1B: stage 0 holds min(2, GAS); GPipe would hold GAS).
 
 The peak is that of the training steps (``TORCH_REF_PEAK_FROM_STEPS=1``: torch_ref.train resets the high-water
-mark after the engine is built); ``--with-construction`` keeps the whole run's, construction transients included
-(the whole model built in fp32 before DeepSpeed casts and flattens it), which the planner does not model. Peak
+mark after the engine is built); ``--with-construction`` keeps the whole run's, the engine's construction
+included, which the planner does not model. Peak
 RSS also counts allocator caching; the error is that of the model and of the measurement together. One run
 takes ~1 minute on 2 shared cores.
 """
