@@ -6,7 +6,8 @@ One dataset per line::
     0.0042    /flare/.../books/books-0000_text_document  books
     0.0017    relative/dir/other_text_document            arxiv
 
-``weight`` is relative (normalised over the whole list), ``path_prefix`` names ``PREFIX.bin`` and
+``weight`` is relative (normalised over the whole list) and may be 0 (the file contributes no samples, as
+upstream; a corpus whose weights sum to zero is refused), ``path_prefix`` names ``PREFIX.bin`` and
 ``PREFIX.idx`` (a trailing ``.bin``/``.idx`` is dropped, as ALCF's ``pretrain_gpt_alcf.py`` does) and
 is resolved against the list file's directory when relative. ``corpus`` groups files that ALCF's
 Megatron-DeepSpeed blends together before blending corpora; it is optional here (ALCF requires it)
@@ -53,8 +54,8 @@ def parse_file_list(path: str | Path, check_files: bool = True) -> list[FileList
             weight = float(fields[0])
         except ValueError:
             raise DataError(f"{where}: weight {fields[0]!r} is not a number") from None
-        if not (math.isfinite(weight) and weight > 0):
-            raise DataError(f"{where}: weight {fields[0]!r} must be a positive finite number")
+        if not (math.isfinite(weight) and weight >= 0):
+            raise DataError(f"{where}: weight {fields[0]!r} must be a non-negative finite number")
         name = fields[1]
         for ext in (".bin", ".idx"):
             name = name.removesuffix(ext)
@@ -69,6 +70,14 @@ def parse_file_list(path: str | Path, check_files: bool = True) -> list[FileList
         entries.append(FileListEntry(weight, prefix, corpus, where))
     if not entries:
         raise DataError(f"{path}: the data-file-list names no datasets")
+    totals: dict[str, float] = {}
+    for e in entries:
+        totals[e.corpus] = totals.get(e.corpus, 0.0) + e.weight
+    for corpus, total in totals.items():
+        if total == 0:
+            lines = ", ".join(e.where.rsplit(":", 1)[1] for e in entries if e.corpus == corpus)
+            raise DataError(f"{path}: corpus {corpus!r} (lines {lines}) has weights summing to zero; give one of its "
+                            "files a positive weight or remove the corpus from the list")
     return entries
 
 

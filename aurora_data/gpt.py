@@ -1,8 +1,9 @@
 """GPT sample construction and corpus blending, reimplemented in numpy after ALCF Megatron-DeepSpeed.
 
 Upstream behaviour reproduced (argonne-lcf/Megatron-DeepSpeed ``megatron/data/gpt_dataset.py``,
-``blendable_dataset.py``, ``dataset_utils.py``, ``helpers.cpp``; ALCF launches with
-``--split 990,10,0 --blend-sample-in-corpus --shuffle-sample-in-corpus --seed 1234``):
+``blendable_dataset.py``, ``dataset_utils.py``, ``helpers.cpp``; ALCF's ``ALCF/helpers.sh`` launches with
+``--split 990,10,0 --shuffle-sample-in-corpus --seed 1234``, and passed ``--blend-sample-in-corpus`` too
+only from late 2024 to late 2025; it is commented out in the current script):
 
 * Per-file sample counts: weights normalised over the list, ``ceil(N * w * 1.005)`` samples per file
   (``get_datasets_weights_and_num_samples``); the stream then has ``sum`` of those samples, a little
@@ -18,11 +19,12 @@ Upstream behaviour reproduced (argonne-lcf/Megatron-DeepSpeed ``megatron/data/gp
   shuffled apart), uint32 unless the count needs int64.
 * Blending (``build_blending_indices``): sample ``t`` goes to the dataset with the largest
   ``w_i * max(t, 1) - count_i`` (first index on ties), in float64 exactly as the C++ helper.
-* ALCF corpora (``build_train_valid_test_datasets`` with ``BuildCorpusDataset``): files of one corpus
-  are blended with weights ``n_i / sum(n)`` (``--blend-sample-in-corpus``; sequential concatenation
-  otherwise), the corpus' samples are permuted by a fresh ``RandomState(seed)``
-  (``--shuffle-sample-in-corpus``), and corpora (sorted by name) are blended by ``BlendableDataset``
-  with weights ``corpus_samples / total``.
+* ALCF corpora (``build_train_valid_test_datasets`` with ``BuildCorpusDataset``): the files of one corpus
+  are concatenated (``build_concat_indices``; the default, as upstream today) or, with
+  ``blend_sample_in_corpus`` (``--blend-sample-in-corpus``), blended with weights ``n_i / sum(n)``; the
+  corpus' samples are then permuted by a fresh ``RandomState(seed)`` when ``shuffle_sample_in_corpus``
+  (``--shuffle-sample-in-corpus``, the default); corpora (sorted by name) are blended by
+  ``BlendableDataset`` with weights ``corpus_samples / total``. A file of weight 0 gets 0 samples.
 
 Index arrays are cached as ``.npy`` under a key that hashes every input (the ``.idx`` bytes, split,
 counts, sequence length, seed, weights), so they are rebuilt whenever an input changes.
@@ -31,10 +33,10 @@ Known differences from upstream: only the training stream is built; the cache us
 keys (Megatron's ``--data-cache-path`` files are not read, though they hold the same values); cases
 where Megatron fails mid-run (an empty split, a blend asking a file for more samples than it built)
 and a file whose split holds fewer than ``seq+1`` tokens (Megatron would wrap one sample around the
-same file) are ``DataError`` at build time; ``build_concat_indices`` (used only without
-``--blend-sample-in-corpus``) was not in the sources consulted and is plain concatenation here; a
-list line without a corpus is a corpus of its own (ALCF requires the column); the exact-epochs and
-forced-index-path options are not supported; samples are int32 (Megatron hands out int64).
+same file) are ``DataError`` at build time; ``build_concat_indices`` (C++ in upstream ``helpers.cpp``, not
+among the sources consulted) is plain concatenation of the files' samples here; a list line without a corpus
+is a corpus of its own (ALCF requires the column); the exact-epochs and forced-index-path options are not
+supported; samples are int32 (Megatron hands out int64).
 """
 
 from __future__ import annotations
@@ -366,12 +368,14 @@ class BlendedGPTDataset:
     indices are built for ``sum(ceil(num_samples * w * 1.005))`` of them. Sample ``i`` depends only on
     the files, ``seq_len``, ``num_samples``, ``seed`` and ``split``, so ``samples(consumed, n)`` resumes a
     run from Megatron's ``consumed_train_samples``. With ``vocab_size`` set, a token id outside
-    ``[0, vocab_size)`` raises ``DataError`` naming its file.
+    ``[0, vocab_size)`` raises ``DataError`` naming its file. ``blend_in_corpus`` and ``shuffle_in_corpus`` are
+    upstream's ``--blend-sample-in-corpus`` (off: a corpus' files are concatenated) and
+    ``--shuffle-sample-in-corpus`` (on); the defaults are ALCF's current launch flags.
     """
 
     def __init__(self, file_list: str | Path, seq_len: int, num_samples: int, *, seed: int = DEFAULT_SEED,
                  vocab_size: int | None = None, split: str = DEFAULT_SPLIT, cache_dir: str | Path | None = None,
-                 blend_in_corpus: bool = True, shuffle_in_corpus: bool = True, split_index: int = 0):
+                 blend_in_corpus: bool = False, shuffle_in_corpus: bool = True, split_index: int = 0):
         if seq_len < 1:
             raise DataError(f"seq_len={seq_len} must be >= 1")
         if num_samples < 1:
@@ -399,6 +403,10 @@ class BlendedGPTDataset:
             desc, ("file_index", "file_sample"),
             lambda: _corpus_mapping(self.entries, counts, available, seed, blend_in_corpus, shuffle_in_corpus))
         self.num_samples = len(self.file_index)
+        # what a run's meta.json records: which of upstream's corpus modes made this stream
+        self.meta = {"source": "indexed", "file_list": str(self.file_list), "seed": seed, "split": split,
+                     "corpus_mode": "blend-sample-in-corpus" if blend_in_corpus else "concatenate-files",
+                     "blend_sample_in_corpus": blend_in_corpus, "shuffle_sample_in_corpus": shuffle_in_corpus}
 
     def __len__(self) -> int:
         return self.num_samples

@@ -14,13 +14,15 @@ A dataset is a pair of files sharing a prefix. ``PREFIX.bin`` is every sequence'
 
 Megatron's ``preprocess_data.py`` writes one sequence per document, so for GPT data "sequence" and
 "document" coincide. Reads are zero-copy views of ``np.memmap``; every size and offset is checked at
-open so a truncated or mismatched pair fails with a ``DataError`` naming the file, not mid-training.
+open so a truncated or mismatched pair fails with a ``DataError`` naming the file, not mid-training. A ``.bin``
+longer than its ``.idx`` describes is read with a warning, as upstream reads it.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+import warnings
 from array import array
 from pathlib import Path
 from types import TracebackType
@@ -124,9 +126,11 @@ class IndexedDataset:
         if bin_bytes < need:
             raise DataError(f"{bin_path}: truncated data file: {idx_path.name} needs {need} bytes, "
                             f"{bin_path.name} has {bin_bytes}")
-        if bin_bytes != need:
-            raise DataError(f"{bin_path}: .idx and .bin sizes disagree: {idx_path.name} describes {need} bytes "
-                            f"({need // item} {self.dtype} tokens) but {bin_path.name} has {bin_bytes} bytes")
+        if bin_bytes > need:
+            # Megatron's tools/preprocess_data.py --append-eod writes each EOD token into .bin without counting it
+            # in .idx; megatron-core and Megatron-DeepSpeed read such files and never touch the trailing bytes.
+            warnings.warn(f"{bin_path}: {bin_bytes - need} bytes after the {need} that {idx_path.name} describes "
+                          "are unused", stacklevel=3)
         di = self.doc_idx
         if len(di) and (di[0] != 0 or di[-1] != n or (np.diff(di) < 0).any()):
             raise DataError(f"{idx_path}: corrupt doc_idx (must rise from 0 to the sequence count {n})")

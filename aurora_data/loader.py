@@ -36,9 +36,11 @@ def build_source(cfg: Config, num_samples: int | None = None, *, cache_dir: str 
     ``cache_dir`` (default ``$AURORA_DATA_CACHE`` or ``~/.cache/aurora_data``) holds the default corpus.
     Index maps go to ``<file list dir>/index-cache`` (Megatron keeps them beside the data), or to
     ``<cache_dir>/index-cache`` when that directory is not writable. ``cfg.data.split`` is the
-    train/valid/test split (ALCF's ``990,10,0`` by default). Bad data raises ``DataError`` here, before any step.
-    ``split="valid"``: the validation stream instead (Megatron's valid datasets over the same files and
-    weights; synthetic data: samples at positions no training run reaches); ``num_samples`` is then required.
+    train/valid/test split (ALCF's ``990,10,0`` by default); ``cfg.data.blend_sample_in_corpus`` and
+    ``shuffle_sample_in_corpus`` are upstream's corpus flags (``aurora_data.gpt``). Bad data raises ``DataError``
+    here, before any step. ``split="valid"``: the validation stream instead (Megatron's valid datasets over the
+    same files and weights; synthetic data: samples at positions no training run reaches); ``num_samples`` is
+    then required.
     """
     from aurora_data.corpus import default_cache_dir, ensure_default_dataset
 
@@ -63,4 +65,5 @@ def build_source(cfg: Config, num_samples: int | None = None, *, cache_dir: str 
     else:
         file_list = ensure_default_dataset(cache, vocab)
     return BlendedGPTDataset(file_list, d.seq_len, num_samples, seed=d.seed, vocab_size=vocab,
-                             split=d.split, cache_dir=_index_cache_dir(file_list, cache), split_index=SPLITS[split])
+                             split=d.split, cache_dir=_index_cache_dir(file_list, cache), split_index=SPLITS[split],
+                             blend_in_corpus=d.blend_sample_in_corpus, shuffle_in_corpus=d.shuffle_sample_in_corpus)

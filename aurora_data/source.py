@@ -46,6 +46,7 @@ class SyntheticSource:
     def __init__(self, vocab_size: int, seq_len: int, seed: int = 1234, noise: float = 0.05, offset: int = 0):
         self.vocab_size, self.seq_len, self.seed, self.noise = vocab_size, seq_len, seed, noise
         self.offset = offset
+        self.meta = {"source": "synthetic", "seed": seed}
 
     def _one(self, i: int) -> np.ndarray:
         rng = np.random.Generator(np.random.Philox(key=[self.seed, self.offset + i]))

@@ -7,15 +7,17 @@
 Two memory figures per tile:
 
 * DeepSpeed (modelled): the reference's bf16 params/grads, fp32 master weights + Adam moments split
-  per ZeRO stage, hpZ/MiCS copies, pipeline activation buffers, the recompute working set, logits,
-  communication buckets from ``torch_ref.ds_config``, plus runtime/allocator overhead; every term printed.
+  per ZeRO stage, hpZ/MiCS copies, pipeline activations in flight by schedule (DeepSpeed's 1F1B), the
+  recompute working set, logits, communication buckets from ``torch_ref.ds_config``, plus runtime/allocator
+  overhead; every term printed, every verdict with the model's error (docs/planner.md).
 * JAX (``--jax``): XLA's ``memory_analysis()`` of the AOT-compiled train step on fake CPU devices, one
   subprocess per layout, cached as JSON by config hash. It is the *CPU* compiler's buffer assignment,
   not the Intel GPU compiler's; JAX keeps fp32 params (bf16 compute), unlike DeepSpeed's bf16 params.
 
 Step time = compute (FLOPs incl. recompute / (peak x eta)) + collectives (sized per layout, costed on
-the link they cross) not hidden by overlap, with the pipeline's (m + p - 1) schedule. ``eta``,
-``comm_eff`` and ``overlap`` are fitted to the reference CSV (least squares on log samples/s).
+the link they cross) not hidden by overlap, with the pipeline's (m + p - 1) schedule, + per-step collectives
+(ZeRO-3's partition exchange falls as 1/DP). ``Assumptions.FITTED`` are fitted to the reference CSV (least
+squares on log samples/s).
 """
 
 from __future__ import annotations
@@ -58,13 +60,14 @@ JAX_WORKER_VERSION = 1  # bump to invalidate cached compile results
 class Assumptions:
     """Every modelling constant, named and printed; override with ``--assume.NAME=VALUE``.
 
-    The first three are fitted to the reference runs unless ``--no-fit``; the rest are set by hand.
+    Those in ``FITTED`` are fitted to the reference runs unless ``--no-fit``; the rest are set by hand.
     """
 
     eta: float = 0.35  # fitted: achieved fraction of peak bf16 FLOPS in compute
     comm_eff: float = 0.3  # fitted: achieved fraction of the nominal network (inter-node) bandwidth
     link_eff: float = 0.3  # fitted: achieved fraction of the nominal intra-node link bandwidths
     overlap: float = 0.8  # fitted: fraction of overlappable collectives (ZeRO-3 prefetch/bucketing) hidden
+    step_eff: float = 0.05  # fitted: achieved fraction of the bandwidth at ZeRO-3's step boundary (per-rank share)
     cold_first_microbatch: bool = True  # ZeRO-3 prefetch trace is rebuilt each step: 1st forward all-gather exposed
     flash_attention: bool = True  # no s x s score matrix kept (the study's runs fit only with it)
     bwd_ws_factor: float = 2.0  # backward of one layer holds its activations and their gradients
@@ -73,8 +76,13 @@ class Assumptions:
     frag_frac: float = 0.05  # caching-allocator fragmentation on top of the dynamic terms
     opt_bytes_per_param: float = 34.0  # memory traffic of one fused AdamW update per fp32 param (+ bf16 copy)
     max_gbs: int = 1024  # ranking: largest global batch considered (Llama-2: ~4M tokens at seq 4096)
+    # memory model error, per kind of term: the largest error of the modelled change in memory against real
+    # DeepSpeed runs on CPU (benchmarks/ds_memory_check.py, docs/planner.md): model states and buckets (ZeRO-1/2/3
+    # cases), activations (the pipeline GAS case). A verdict whose margin is within the error is uncertain.
+    mem_err_states: float = 0.15
+    mem_err_act: float = 0.33
 
-    FITTED = ("eta", "comm_eff", "link_eff", "overlap")
+    FITTED = ("eta", "comm_eff", "link_eff", "overlap", "step_eff")
 
 
 def apply_assumptions(a: Assumptions, overrides: dict[str, str]) -> Assumptions:
@@ -110,6 +118,7 @@ class Layout:
     mbs: int = 1
     gas: int = 1
     remat: bool = True
+    schedule: str = "1f1b"  # pipeline schedule: 1f1b (DeepSpeed's TrainSchedule) | gpipe (JAX's other choice)
 
     @property
     def dp(self) -> int:
@@ -136,7 +145,8 @@ class Layout:
 
     @property
     def variant(self) -> str:
-        return f"mbs {self.mbs} gas {self.gas}" + ("" if self.remat else " no-ckpt")
+        return (f"mbs {self.mbs} gas {self.gas}" + ("" if self.remat else " no-ckpt")
+                + (f" {self.schedule}" if self.pp > 1 and self.schedule != "1f1b" else ""))
 
     def config(self, model: str, seq: int = SEQ) -> Config:
         """The project Config of this layout (validated by the caller)."""
@@ -152,11 +162,14 @@ def _preset(model: str) -> Config:
     return load_config(model, validate=False)
 
 
-def layout_from_row(row: Row, tiles_per_node: int = 12) -> Layout:
-    """The layout a reference row ran: hpZ/MiCS groups become a data x fsdp mesh (fsdp = the group)."""
+def layout_from_row(row: Row, tiles_per_node: int = 12, mics_shard: int | None = None) -> Layout:
+    """The layout a reference row ran: hpZ/MiCS groups become a data x fsdp mesh (fsdp = the group).
+
+    A MiCS row whose shard size is unrecorded gets ``mics_shard`` (default: one node); ``mics_fits`` says
+    which sizes would fit."""
     group = 1
-    if row.zero == 3 and row.mics_shard is None:  # MiCS on, size unrecorded: the study's node-sized groups
-        group, mics, hpz = tiles_per_node, True, False
+    if row.zero == 3 and row.mics_shard is None:  # MiCS on, size unrecorded
+        group, mics, hpz = mics_shard or tiles_per_node, True, False
     elif row.zero == 3 and (row.mics_shard or 0) > 0:
         group, mics, hpz = row.mics_shard or 1, True, False
     elif row.zero == 3 and (row.hpz or 1) > 1:
@@ -224,6 +237,7 @@ class MemoryEstimate:
     stage: int
     terms: list[Term]
     usable: float
+    err_bytes: float = 0.0  # the model's error (Assumptions.mem_err_states / mem_err_act applied to the terms)
 
     @property
     def total(self) -> float:
@@ -233,12 +247,43 @@ class MemoryEstimate:
     def fits(self) -> bool:
         return self.total <= self.usable
 
+    @property
+    def margin(self) -> float:
+        """usable - total: positive = room left, negative = over."""
+        return self.usable - self.total
+
+    @property
+    def err(self) -> float:
+        return self.err_bytes
+
+    @property
+    def uncertain(self) -> bool:
+        """The verdict could flip within the model's error."""
+        return abs(self.margin) <= self.err
+
+    def verdict(self) -> str:
+        e = f"model error ±{self.err / GB:.1f} GB"
+        if self.uncertain:
+            return f"uncertain: {self.margin / GB:+.1f} GB margin is within the {e}"
+        if self.fits:
+            return f"fits with {self.margin / GB:.1f} GB margin; {e}"
+        return f"OOM by {-self.margin / GB:.1f} GB; {e}"
+
 
 def _layer_params(m: ModelConfig) -> tuple[float, float]:
     """(matmul params, norm params) of one transformer layer."""
     h, hd = m.hidden, m.dim_head
     mat = 2 * h * m.n_heads * hd + 2 * h * m.n_kv_heads * hd + 3 * h * m.ffn_hidden
     return float(mat), float(2 * h)
+
+
+def largest_module_params(m: ModelConfig, tp: int = 1) -> float:
+    """Parameters of the largest module (the unit DeepSpeed ZeRO-3 gathers): the embedding/head or one projection.
+
+    The quantity DeepSpeed's ``model_to_params`` calls ``largest_layer_params`` (tests check it on the meta model).
+    """
+    h, hd = m.hidden, m.dim_head
+    return float(max(m.padded_vocab * h, h * m.ffn_hidden, h * m.n_heads * hd)) / tp
 
 
 def stage_params(m: ModelConfig, layout: Layout, stage: int) -> float:
@@ -289,6 +334,22 @@ def _ds_buckets(layout: Layout, model: str) -> dict[str, float]:
     }
 
 
+ACTIVATION_TERMS = ("checkpointed layer inputs", "recompute working set", "saved activations", "pipeline p2p buffers",
+                    "logits + loss")
+UNCHECKED_TERMS = ("allocator fragmentation", "runtime context")  # set by hand; cancel in the CPU check's differences
+
+
+def inflight_microbatches(layout: Layout, stage: int) -> int:
+    """Microbatches whose activations a pipeline stage holds at once.
+
+    1F1B (DeepSpeed's ``TrainSchedule``; ``num_pipe_buffers`` = min(stages - stage_id, micro_batches)): stage s
+    runs pp - s forwards before its first backward, so GAS beyond pp adds nothing. GPipe: every forward runs
+    before any backward, so all GAS microbatches are held."""
+    if layout.pp <= 1:
+        return 1
+    return layout.gas if layout.schedule == "gpipe" else min(layout.pp - stage, layout.gas)
+
+
 def ds_memory(model: str, layout: Layout, cluster: Cluster, a: Assumptions, seq: int = SEQ,
               stage: int | None = None) -> MemoryEstimate:
     """Modelled DeepSpeed memory per tile of the most loaded pipeline stage (or of ``stage``)."""
@@ -308,8 +369,7 @@ def ds_memory(model: str, layout: Layout, cluster: Cluster, a: Assumptions, seq:
     opt_div = shard if z >= 1 else 1
     T.append(Term("fp32 master + Adam m, v", 12 * n / opt_div, f"12 B x params / {opt_div}"))
     buckets = _ds_buckets(layout, model)
-    mat, norms = _layer_params(m)
-    layer_p = mat / layout.tp + norms
+    big = largest_module_params(m, layout.tp)
     if z <= 1:
         # BF16_Optimizer (ZeRO-0/1): full bf16 .grad plus the full fp32 accumulation buffer
         T.append(Term("bf16 grads", 2 * n, "2 B x params (ZeRO-0/1: not partitioned)"))
@@ -319,21 +379,23 @@ def ds_memory(model: str, layout: Layout, cluster: Cluster, a: Assumptions, seq:
         if z == 2:
             T.append(Term("bf16 grads in flight", 2 * min(n, 2 * buckets["reduce"]), "2 B x 2 reduce buckets"))
         else:
-            T.append(Term("bf16 grads of one layer", 2 * layer_p, "2 B x layer params (reduced as produced)"))
+            T.append(Term("bf16 grads of one module", 2 * big, "2 B x largest module (reduced as produced)"))
+    # a bucket or a gathered set never holds more than the rank's parameters (it matters for small models)
     if z >= 3:
-        live = max(layer_p, m.padded_vocab * m.hidden / layout.tp) + buckets["prefetch"]
-        live = min(live, buckets["max_live"] or live)
-        T.append(Term("ZeRO-3 gathered params", 2 * live, "2 B x (largest module + prefetch bucket)"))
+        live = min(big + buckets["prefetch"], buckets["max_live"] or math.inf, n)
+        T.append(Term("ZeRO-3 gathered params", 2 * live, "2 B x min(largest module + prefetch bucket, max live, "
+                      "params)"))
     # communication buckets (DeepSpeed config; defaults 5e8 for ZeRO-1/2)
+    reduce, gather = min(buckets["reduce"], n), min(buckets["allgather"], n)
     if z in (1, 2):
-        T.append(Term("comm buckets", 4 * buckets["reduce"] + 2 * buckets["allgather"],
-                      f"fp32 reduce {buckets['reduce']:.0e} + bf16 allgather {buckets['allgather']:.0e} elements"))
+        T.append(Term("comm buckets", 4 * reduce + 2 * gather,
+                      f"fp32 reduce {reduce:.0e} + bf16 allgather {gather:.0e} elements"))
     elif z >= 3:
-        T.append(Term("comm buckets", 2 * 4 * buckets["reduce"], f"2 x fp32 reduce bucket {buckets['reduce']:.0e}"))
+        T.append(Term("comm buckets", 2 * 4 * reduce, f"2 x fp32 reduce bucket {reduce:.0e}"))
     # activations
     act, act_note = layer_activation_bytes(m, layout, seq, a)
     layers = m.n_layers // layout.pp
-    inflight = min(layout.pp - stage, layout.gas) if layout.pp > 1 else 1
+    inflight = inflight_microbatches(layout, stage)
     ckpt_in = 2 * layout.mbs * seq * m.hidden
     if layout.remat:
         T.append(Term("checkpointed layer inputs", layers * inflight * ckpt_in,
@@ -343,7 +405,10 @@ def ds_memory(model: str, layout: Layout, cluster: Cluster, a: Assumptions, seq:
         T.append(Term("saved activations", layers * inflight * act + (a.bwd_ws_factor - 1) * act,
                       f"{layers} layers x {inflight} microbatches x ({act_note}) + backward working set"))
     if layout.pp > 1:
-        T.append(Term("pipeline p2p buffers", 4 * ckpt_in, "send/recv x fwd/bwd activations"))
+        # each in-flight microbatch's stage output stays referenced for its backward (outputs[buffer_id]),
+        # plus the activation-gradient send/recv buffers
+        T.append(Term("pipeline p2p buffers", (inflight + 2) * ckpt_in,
+                      f"({inflight} stage outputs in flight + 2 gradient buffers) x 2 B x mbs x s x h"))
     if stage == layout.pp - 1:
         T.append(Term("logits + loss", a.logits_bytes * layout.mbs * seq * m.padded_vocab / layout.tp,
                       f"{a.logits_bytes:g} B x mbs x s x V / TP"))
@@ -352,7 +417,56 @@ def ds_memory(model: str, layout: Layout, cluster: Cluster, a: Assumptions, seq:
                                                     "ZeRO-3 gathered params", "bf16 grads in flight"))
     T.append(Term("allocator fragmentation", a.frag_frac * dynamic, f"{a.frag_frac:g} x dynamic terms"))
     T.append(Term("runtime context", a.runtime_gb * GB, "framework/driver/collectives"))
-    return MemoryEstimate(stage, T, cluster.usable_bytes)
+    act_terms = sum(t.value for t in T if t.name in ACTIVATION_TERMS)
+    state_terms = sum(t.value for t in T if t.name not in (*ACTIVATION_TERMS, *UNCHECKED_TERMS))
+    return MemoryEstimate(stage, T, cluster.usable_bytes, a.mem_err_states * state_terms + a.mem_err_act * act_terms)
+
+
+def deepspeed_estimate(model: str, layout: Layout, cluster: Cluster, a: Assumptions, seq: int = SEQ
+                       ) -> list[tuple[str, float, float, str]]:
+    """This model's model-state terms beside DeepSpeed's own estimator, for the most loaded stage.
+
+    DeepSpeed's ``estimate_zero2_model_states_mem_needs`` / ``estimate_zero3_model_states_mem_needs`` (what its
+    ``*_all_live`` helpers print, without offload) on this rank's parameters (its stage, / TP), with the
+    partitioning group as ``total_gpus``. Returns (part, this model, DeepSpeed's, why they differ) in bytes.
+    """
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    mem = ds_memory(model, layout, cluster, a, seq)
+    t = {x.name: x.value for x in mem.terms}
+    m = model_config(model)
+    n = stage_params(m, layout, mem.stage)
+    shard = layout.fsdp if layout.mics else layout.dp
+    out: list[tuple[str, float, float, str]] = []
+    if layout.zero >= 3:
+        big = largest_module_params(m, layout.tp)
+        _, ds_total, _ = estimate_zero3_model_states_mem_needs(n, big, num_gpus_per_node=shard, num_nodes=1,
+                                                            cpu_offload=False)
+        ds_live = 4 * big
+        ours_part = t["bf16 params"] + t["fp32 master + Adam m, v"] + t["fp32 grad partition"]
+        out.append(("partitioned states (18 B/param / group)", ours_part, ds_total - ds_live,
+                    "same bytes per parameter" + (" (MiCS: the group is the shard)" if layout.mics else "")))
+        ours_live = t["ZeRO-3 gathered params"] + t["bf16 grads of one module"]
+        out.append(("live gathered params + grads", ours_live, ds_live,
+                    "DeepSpeed: 4 B x largest module; here also the prefetch bucket"))
+        if layout.hpz:
+            out.append(("hpZ secondary params", t["hpZ secondary bf16 params"], 0.0, "not in DeepSpeed's estimator"))
+        ours_total = ours_part + ours_live + t.get("hpZ secondary bf16 params", 0.0)
+    else:
+        _, ds_total = estimate_zero2_model_states_mem_needs(n, num_gpus_per_node=shard, num_nodes=1,
+                                                            cpu_offload=False)
+        out.append(("bf16 params", t["bf16 params"], 2 * n, "same"))
+        ours_grads = sum(t.get(k, 0.0) for k in ("bf16 grads", "fp32 grad accumulation", "fp32 grad partition",
+                                                 "bf16 grads in flight"))
+        ds_grads = (2 + 4) * n / shard
+        why = ("ZeRO-1 with bf16 runs BF16_Optimizer: full bf16 grads + full fp32 accumulation, not partitioned"
+               if layout.zero <= 1 else "DeepSpeed counts partitioned bf16 grads; here 2 reduce buckets in flight")
+        out.append(("gradients", ours_grads, ds_grads, why))
+        out.append(("fp32 master + Adam m, v", t["fp32 master + Adam m, v"], 12 * n / shard, "same"))
+        ours_total = t["bf16 params"] + ours_grads + t["fp32 master + Adam m, v"]
+    out.append(("model states total", ours_total, float(ds_total), ""))
+    return out
 
 
 # =============================================================================== step-time model
@@ -444,9 +558,19 @@ def step_time(model: str, layout: Layout, cluster: Cluster, a: Assumptions, seq:
         add(mb, "ZeRO-3 fwd param all-gather", "all-gather", pbytes, param_g, 1, True)
         add(mb, "ZeRO-3 bwd param all-gathers", "all-gather", pbytes, bwd_g, 2 if layout.remat else 1, True)
         add(mb, "ZeRO-3 grad reduce-scatter", "reduce-scatter", pbytes, param_g, 1, True)
-        if layout.mics and layout.data > 1:
-            add(mb, "MiCS grad all-reduce across groups", "all-reduce", pbytes / layout.fsdp,
-                group_of(layout, ("data",), cluster), 1, True)
+        if layout.mics and layout.data > 1:  # MiCS's second hop runs once, at the accumulation boundary
+            add(st, "MiCS grad all-reduce across groups", "all-reduce", pbytes / layout.fsdp,
+                group_of(layout, ("data",), cluster), 1, False)
+        # At the step boundary each rank exchanges its own partition (fp32 gradient + bf16 parameter, 6 B/param):
+        # its share falls as 1/DP (1/shard under MiCS), where the per-microbatch ring traffic does not.
+        shard = layout.fsdp if layout.mics else layout.dp
+        grp = in_g if layout.mics else dp_g
+        if grp.n > 1:
+            part = 6.0 * n_local / shard
+            bw = (cluster.inter_bw_gbs * GB / cluster.tiles_per_node if grp.k > 1
+                  else (cluster.gpu_bw_gbs if grp.link == "package" else cluster.intra_bw_gbs) * GB)
+            st.append(Comm("ZeRO-3 step partition exchange", "partition", part, grp, 1, False,
+                           part / (bw * a.step_eff)))
     elif z == 2:  # gradients reduce-scattered every microbatch; overlap_comm is off in the generated config
         add(mb, "ZeRO-2 grad reduce-scatter", "reduce-scatter", pbytes, dp_g, 1, False)
         add(st, "ZeRO-2 param all-gather", "all-gather", pbytes, dp_g, 1, False)
@@ -519,7 +643,7 @@ def _residuals(x: np.ndarray, rows: Sequence[Row], cluster: Cluster, a: Assumpti
 
 
 def _least_squares(rows: Sequence[Row], cluster: Cluster, a: Assumptions, x0: np.ndarray) -> np.ndarray:
-    """Levenberg-Marquardt with a forward-difference Jacobian (3 parameters; numpy only)."""
+    """Levenberg-Marquardt with a forward-difference Jacobian (a few parameters; numpy only)."""
     x, lam = x0.copy(), 1e-2
     r = _residuals(x, rows, cluster, a)
     cost = float(r @ r)
@@ -547,7 +671,7 @@ def _least_squares(rows: Sequence[Row], cluster: Cluster, a: Assumptions, x0: np
 
 def calibrate(rows: Sequence[Row] | None = None, cluster: Cluster | None = None,
               a: Assumptions | None = None, loo: bool = True) -> Fit:
-    """Fit eta, comm_eff, overlap on the measured rows; per-row and leave-one-out errors of samples/s."""
+    """Fit ``Assumptions.FITTED`` on the measured rows; per-row and leave-one-out errors of samples/s."""
     rows = _ok_rows(load_reference(DEFAULT_REFERENCE) if rows is None else rows)
     cluster = cluster or load_cluster("aurora")
     a = a or Assumptions()
@@ -570,6 +694,78 @@ def calibrate(rows: Sequence[Row] | None = None, cluster: Cluster | None = None,
     loo_errs = [abs(d["loo_err"]) for d in out] if loo else [float("nan")]
     return Fit({k: getattr(fitted, k) for k in Assumptions.FITTED}, out, float(np.sqrt(np.mean(res**2))),
                max(loo_errs), float(np.mean(loo_errs)))
+
+
+def mics_fits(row: Row, cluster: Cluster, a: Assumptions) -> list[tuple[int, MemoryEstimate]]:
+    """For a MiCS row: every shard size (1, 2, 4, ... nodes, all its tiles) dividing its DP, with its estimate."""
+    out = []
+    for shard in mics_shard_sizes(row.dp, cluster.tiles_per_node):
+        if row.dp % shard == 0 and shard > 1:
+            lay = layout_from_row(row, cluster.tiles_per_node, mics_shard=shard)
+            out.append((shard, ds_memory(row.model, lay, cluster, a, row.seq)))
+    return out
+
+
+def _family_key(r: Row, cluster: Cluster) -> tuple:
+    lay = layout_from_row(r, cluster.tiles_per_node)
+    return (r.model, lay.family, lay.pp, lay.tp, lay.mbs, lay.remat)
+
+
+def step_terms(rows: Sequence[Row], cluster: Cluster, a: Assumptions) -> list[dict[str, Any]]:
+    """Per measured row: the per-microbatch time and the fixed per-step part, measured and modelled.
+
+    Measured, from the study's GAS sweeps: step time = slots x per-microbatch + fixed (slots = GAS + PP - 1),
+    a line through the rows of one layout and node count. A row without a sweep of its own takes the slope of its
+    family's sweep at another width, scaled by the model's ratio of per-microbatch times, and says so."""
+    ok = _ok_rows(rows)
+    sweeps: dict[tuple, list[Row]] = {}
+    for r in ok:
+        sweeps.setdefault((*_family_key(r, cluster), r.nodes), []).append(r)
+    slopes: dict[tuple, tuple[float, Row]] = {}
+    for key, rs in sweeps.items():
+        if len({r.gas for r in rs}) >= 2:
+            slots = np.array([r.gas + r.pp - 1 for r in rs], dtype=float)
+            step = np.array([r.gbs / r.sps for r in rs])  # type: ignore[operator]
+            slopes[key] = (float(np.polyfit(slots, step, 1)[0]), rs[0])
+    out = []
+    for r in ok:
+        lay = layout_from_row(r, cluster.tiles_per_node)
+        est = step_time(r.model, lay, cluster, a, r.seq)
+        key = (*_family_key(r, cluster), r.nodes)
+        if key in slopes:
+            mb, src = slopes[key][0], f"{r.nodes}-node GAS sweep"
+        else:
+            other = [(k, v) for k, v in slopes.items() if k[:-1] == key[:-1]]
+            if not other:
+                mb, src = float("nan"), "no sweep"
+            else:
+                k, (slope, ref) = min(other, key=lambda kv: abs(kv[0][-1] - r.nodes))
+                ref_est = step_time(ref.model, layout_from_row(ref, cluster.tiles_per_node), cluster, a, ref.seq)
+                mb, src = slope * est.mb_s / ref_est.mb_s, f"{k[-1]}-node sweep x model ratio"
+        slots = lay.gas + lay.pp - 1
+        step = r.gbs / r.sps  # type: ignore[operator]
+        out.append({"run": r.run, "family": lay.family, "nodes": r.nodes, "dp": lay.dp, "gas": lay.gas,
+                    "step": step, "step_pred": est.step_s, "mb": mb, "mb_pred": est.mb_s,
+                    "fixed": step - slots * mb, "fixed_pred": est.step_s - slots * est.mb_s, "source": src})
+    return out
+
+
+def zero3_trend(rows: Sequence[Row], cluster: Cluster, a: Assumptions, nodes: Sequence[int] = (4, 6, 8, 16, 32)
+                ) -> list[str]:
+    """Lines: the ZeRO-3+hpZ fixed per-step part against DP, measured (study rows at GAS 1) and modelled."""
+    lines = []
+    for d in step_terms(rows, cluster, a):
+        if d["family"] == "ZeRO-3+hpZ" and d["gas"] == 1:
+            lines.append(f"measured  DP {d['dp']:>4}: step {d['step']:.1f} s = {d['mb']:.1f} s/microbatch "
+                         f"({d['source']}) + fixed {d['fixed']:.1f} s; model: step {d['step_pred']:.1f} s, fixed "
+                         f"{d['fixed_pred']:.1f} s")
+    for n in nodes:
+        lay = Layout("ZeRO-3+hpZ", data=n, fsdp=cluster.tiles_per_node, zero=3, hpz=True)
+        est = step_time("llama2-70b", lay, cluster, a)
+        per_step = sum(c.seconds for c in est.comms_step)
+        lines.append(f"model     DP {lay.dp:>4}: step {est.step_s:.1f} s at GAS 1, fixed {est.step_s - est.mb_s:.1f} s "
+                     f"(per-step collectives {per_step:.1f} s)")
+    return lines
 
 
 # =============================================================================== JAX AOT compile (subprocess)
@@ -719,6 +915,16 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def mics_shard_sizes(tiles: int, tiles_per_node: int) -> list[int]:
+    """MiCS group sizes (tiles) to try: 1, 2, 4, ... nodes while they divide the tiles, and all tiles."""
+    out, nodes = [], 1
+    while nodes * tiles_per_node <= tiles:
+        if tiles % (nodes * tiles_per_node) == 0:
+            out.append(nodes * tiles_per_node)
+        nodes *= 2
+    return sorted({*out, tiles}) if tiles >= 2 else out
+
+
 def candidates(model: str, nodes: int, cluster: Cluster) -> list[Layout]:
     """The study's four layouts and JAX-native meshes, each with GAS/MBS/checkpointing choices."""
     T, tpn = nodes * cluster.tiles_per_node, cluster.tiles_per_node
@@ -730,13 +936,14 @@ def candidates(model: str, nodes: int, cluster: Cluster) -> list[Layout]:
                 meshes.append(Layout("PP+ZeRO-1", pp=pp, data=T // (pp * tp), tp=tp, zero=1))
     if nodes > 1:
         meshes.append(Layout("ZeRO-3+hpZ", data=nodes, fsdp=tpn, zero=3, hpz=True))
-        meshes.append(Layout("ZeRO-3 MiCS", data=nodes, fsdp=tpn, zero=3, mics=True))
+    for shard in mics_shard_sizes(T, tpn):  # the MiCS group is a choice like any other
+        meshes.append(Layout("ZeRO-3 MiCS", data=T // shard, fsdp=shard, zero=3, mics=True))
     for tp in tps:
         meshes.append(Layout("TP+ZeRO-2", data=T // tp, tp=tp, zero=2))
         meshes.append(Layout("fsdp x tensor (JAX)", fsdp=T // tp, tp=tp, zero=3))
-        if nodes > 1:
-            meshes.append(Layout("data x fsdp x tensor MiCS (JAX)", data=nodes, fsdp=tpn // tp, tp=tp, zero=3,
-                                 mics=True))
+        for shard in mics_shard_sizes(T, tpn):
+            meshes.append(Layout("data x fsdp x tensor MiCS (JAX)", data=T // shard, fsdp=shard // tp, tp=tp,
+                                 zero=3, mics=True))
     meshes.append(Layout("fsdp (JAX ZeRO-3)", fsdp=T, zero=3))
     meshes.append(Layout("data ZeRO-1", data=T, zero=1))
     out = []
@@ -760,6 +967,10 @@ class Planned:
     def fits(self) -> bool:
         return not self.reason
 
+    @property
+    def uncertain(self) -> bool:
+        return self.reason.startswith("uncertain")
+
 
 def check_layout(model: str, layout: Layout, cluster: Cluster) -> str:
     """'' if the layout can be built on these tiles, else the reason (indivisible shapes, heads, ...)."""
@@ -778,9 +989,14 @@ def evaluate(model: str, layout: Layout, cluster: Cluster, a: Assumptions, seq: 
         return Planned(layout, reason)
     mem = ds_memory(model, layout, cluster, a, seq)
     p = Planned(layout, "", mem, step_time(model, layout, cluster, a, seq))
-    if not mem.fits:
+    if mem.uncertain:  # neither a pick nor a rejection
+        p.reason = (f"uncertain (DeepSpeed model): {mem.total / GB:.1f} GB of {cluster.usable_bytes / GB:.1f} GB "
+                    f"usable, {mem.margin / GB:+.1f} GB margin within the model error ±{mem.err / GB:.1f} GB "
+                    f"(stage {mem.stage})")
+    elif not mem.fits:
         p.reason = (f"OOM (DeepSpeed model): {mem.total / GB:.1f} GB > {cluster.usable_bytes / GB:.1f} GB usable, "
-                    f"over by {(mem.total - cluster.usable_bytes) / GB:.1f} GB (stage {mem.stage})")
+                    f"over by {(mem.total - cluster.usable_bytes) / GB:.1f} GB, model error ±{mem.err / GB:.1f} GB "
+                    f"(stage {mem.stage})")
     return p
 
 
@@ -824,8 +1040,8 @@ def _jax_cell(p: Planned) -> str:
     return _gb(p.jax["peak_bytes"]) + (" (over usable)" if over else "")
 
 
-PLAN_HEAD = ("#", "family", "layout", "variant", "GBS", "DS mem GB/tile", "JAX mem GB/tile (XLA:CPU)",
-             "samples/s", "TFLOPS/tile", "step s", "bubble")
+PLAN_HEAD = ("#", "family", "layout", "variant", "GBS", "DS mem GB/tile", "margin GB (± model error)",
+             "JAX mem GB/tile (XLA:CPU)", "samples/s", "TFLOPS/tile", "step s", "bubble")
 
 
 def plan_rows(ok: Sequence[Planned]) -> list[list[str]]:
@@ -834,8 +1050,8 @@ def plan_rows(ok: Sequence[Planned]) -> list[list[str]]:
         s = p.step
         assert s is not None and p.memory is not None
         rows.append([str(i), p.layout.family, p.layout.label, p.layout.variant, str(p.layout.gbs),
-                     _gb(p.memory.total), _jax_cell(p), f"{s.sps:.3f}", f"{tflops_per_tile(s, p.layout):.1f}",
-                     f"{s.step_s:.2f}", f"{s.bubble:.2f}"])
+                     _gb(p.memory.total), f"{p.memory.margin / GB:.1f} (±{p.memory.err / GB:.1f})", _jax_cell(p),
+                     f"{s.sps:.3f}", f"{tflops_per_tile(s, p.layout):.1f}", f"{s.step_s:.2f}", f"{s.bubble:.2f}"])
     return rows
 
 
@@ -849,7 +1065,7 @@ def memory_breakdown(p: Planned) -> str:
     assert p.memory is not None
     rows = [[t.name, f"{t.value / GB:.2f}", t.note] for t in p.memory.terms]
     rows.append(["**total**", f"**{p.memory.total / GB:.2f}**", f"stage {p.memory.stage}; usable "
-                 f"{p.memory.usable / GB:.1f} GB"])
+                 f"{p.memory.usable / GB:.1f} GB; {p.memory.verdict()}"])
     return _md_table(("DeepSpeed memory term", "GB/tile", "how"), rows)
 
 
@@ -918,8 +1134,18 @@ def _print_rich(title: str, head: Sequence[str], rows: Sequence[Sequence[str]], 
 
 
 # =============================================================================== validation
-VALID_HEAD = ("run", "model", "layout", "variant", "measured", "predicted fit", "DS mem GB/tile", "sps measured",
-              "sps predicted", "err", "sps LOO", "LOO err")
+VALID_HEAD = ("run", "model", "layout", "variant", "measured", "memory verdict (DS model)",
+              "model states GB: here / DeepSpeed est.", "sps measured", "sps predicted", "err", "sps LOO", "LOO err",
+              "s/microbatch meas / pred", "fixed s/step meas / pred")
+
+
+def _ds_states(model: str, lay: Layout, cluster: Cluster, a: Assumptions, seq: int) -> str:
+    try:
+        est = deepspeed_estimate(model, lay, cluster, a, seq)
+    except ImportError:  # DeepSpeed is the optional torch extra
+        return "– (no deepspeed)"
+    _, ours, theirs, _ = est[-1]
+    return f"{ours / GB:.1f} / {theirs / GB:.1f}"
 
 
 def validate(cluster: Cluster | None = None, a: Assumptions | None = None,
@@ -929,16 +1155,26 @@ def validate(cluster: Cluster | None = None, a: Assumptions | None = None,
     fit = calibrate(rows, cluster, a or Assumptions())
     fitted = dataclasses.replace(a or Assumptions(), **fit.params)
     by_run = {d["run"]: d for d in fit.rows}
+    terms = {d["run"]: d for d in step_terms(rows, cluster, fitted)}
     out = []
     for r in rows:
         lay = layout_from_row(r, cluster.tiles_per_node)
         mem = ds_memory(r.model, lay, cluster, fitted, r.seq)
-        pred = "fits" if mem.fits else f"OOM (+{(mem.total - mem.usable) / GB:.1f} GB)"
-        d = by_run.get(r.run)
-        out.append([r.run, r.model, lay.label, lay.variant, r.status, pred, f"{mem.total / GB:.1f}",
+        pred = ("uncertain" if mem.uncertain else "fits" if mem.fits else "OOM") + (
+            f" ({mem.margin / GB:+.1f} GB margin, ±{mem.err / GB:.1f})" if mem.fits else
+            f" (+{-mem.margin / GB:.1f} GB over, ±{mem.err / GB:.1f})")
+        if r.zero == 3 and r.mics_shard is None:  # MiCS, shard size unrecorded: which sizes would fit
+            fitting = [str(n) for n, e in mics_fits(r, cluster, fitted) if e.fits and not e.uncertain]
+            pred = ("MiCS shard unrecorded; fits at " + ", ".join(fitting) + " tiles") if fitting else (
+                "MiCS shard unrecorded; no shard size fits")
+        d, t = by_run.get(r.run), terms.get(r.run)
+        out.append([r.run, r.model, lay.label, lay.variant, r.status, pred, _ds_states(r.model, lay, cluster, fitted,
+                                                                                       r.seq),
                     f"{r.sps:.3f}" if r.sps else "–", f"{d['predicted']:.3f}" if d else "–",
                     f"{d['err']:+.1%}" if d else "–", f"{d['loo_predicted']:.3f}" if d else "–",
-                    f"{d['loo_err']:+.1%}" if d else "–"])
+                    f"{d['loo_err']:+.1%}" if d else "–",
+                    f"{t['mb']:.2f} / {t['mb_pred']:.2f}" if t and t["mb"] == t["mb"] else "–",
+                    f"{t['fixed']:.2f} / {t['fixed_pred']:.2f}" if t and t["fixed"] == t["fixed"] else "–"])
     return out, fit, fitted
 
 
@@ -956,9 +1192,15 @@ def _validation_md(rows: list[list[str]], fit: Fit, fitted: Assumptions, c: Clus
         + ", ".join(f"`{k}` = {v:.3f}" for k, v in fit.params.items())
         + f". RMS log error {fit.rms_log:.3f}; max |error| {fit.max_err:.1%}; leave-one-out |error| mean "
         f"{fit.loo_mean:.1%}, max {fit.loo_max:.1%}. Memory: DeepSpeed model on {c.name} "
-        f"({c.usable_bytes / GB:.1f} GB usable per tile). Hangs (status `hang`) are not modelled: the memory "
-        "model can only say whether the layout fits.\n\n"
-        + "### Assumptions\n\n" + assumptions_md(fitted, c, fit)
+        f"({c.usable_bytes / GB:.1f} GB usable per tile), its error ±{fitted.mem_err_states:.0%} of the model "
+        f"states and buckets, ±{fitted.mem_err_act:.0%} of the activations (benchmarks/ds_memory_check.py); "
+        "model states beside DeepSpeed's own estimator "
+        "(`estimate_zero2/3_model_states_mem_needs`, no offload). Step-time terms: per-microbatch time and fixed "
+        "per-step part, measured from the study's GAS sweeps (step = (GAS + PP - 1) x microbatch + fixed) and "
+        "modelled. Hangs (status `hang`) are not modelled: the memory model can only say whether the layout "
+        "fits.\n\n### ZeRO-3+hpZ fixed per-step part against DP\n\n"
+        + "\n".join(f"- {ln}" for ln in zero3_trend(load_reference(DEFAULT_REFERENCE), c, fitted))
+        + "\n\n### Assumptions\n\n" + assumptions_md(fitted, c, fit)
     )
 
 
@@ -1022,6 +1264,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--mbs", type=int, default=1)
     ap.add_argument("--gas", type=int, default=None, help="with --mesh (default: every choice)")
     ap.add_argument("--no-remat", action="store_true", help="with --mesh: no activation checkpointing")
+    ap.add_argument("--schedule", choices=("1f1b", "gpipe"), default="1f1b",
+                    help="with --mesh: pipeline schedule (DeepSpeed runs 1f1b; gpipe holds every microbatch)")
     ap.add_argument("--jax", action="store_true", help="also AOT-compile the top layouts on fake CPU devices")
     ap.add_argument("--jax-top", type=int, default=3, help="how many of the ranked layouts to compile with --jax")
     ap.add_argument("--all", action="store_true", help="list every fitting variant, not the best per layout")
@@ -1043,7 +1287,8 @@ def _single_layouts(args: argparse.Namespace, nodes: int, cluster: Cluster) -> l
                           f"= {nodes * cluster.tiles_per_node}; change --nodes or the mesh so they match")
     zero = args.zero if args.zero is not None else (1 if shape["pipeline"] > 1 else 3)
     base = Layout("--mesh", pp=shape["pipeline"], data=shape["data"], fsdp=shape["fsdp"], tp=shape["tensor"],
-                  zero=zero, hpz=args.hpz, mics=args.mics, mbs=args.mbs, remat=not args.no_remat)
+                  zero=zero, hpz=args.hpz, mics=args.mics, mbs=args.mbs, remat=not args.no_remat,
+                  schedule=args.schedule)
     return [dataclasses.replace(base, gas=g) for g in ((args.gas,) if args.gas else GAS_CHOICES)]
 
 
@@ -1081,15 +1326,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     title = (f"{args.model} on {args.nodes} x {cluster.name} nodes ({args.nodes * cluster.tiles_per_node} tiles), "
              f"seq {args.seq}")
     rows = plan_rows(ok)
+    uncertain = [p for p in rejected if p.uncertain]  # within the memory model's error: neither picks nor rejections
+    rejected = [p for p in rejected if not p.uncertain]
+    unc_rows = [[p.layout.family, p.layout.label, p.layout.variant, p.reason] for p in uncertain]
     rej_rows = [[p.layout.family, p.layout.label, p.layout.variant, p.reason] for p in rejected]
     notes = ["Memory: DeepSpeed = analytic model of the reference; JAX = XLA:CPU memory_analysis of the AOT-compiled "
              "step on fake CPU devices (a CPU-compiler estimate, not the Intel GPU compiler's; JAX keeps fp32 params).",
              "TFLOPS/tile: Megatron-LM model FLOPs (no recompute term). Fitted: "
              + ", ".join(f"{k}={getattr(a, k):.3f}" for k in Assumptions.FITTED)]
     _print_rich(title, PLAN_HEAD, rows[:25], notes)
+    if unc_rows:
+        _print_rich("uncertain: the memory verdict is within the model's error (not picks)",
+                    ("family", "layout", "variant", "memory"), unc_rows[:30])
     _print_rich("rejected", ("family", "layout", "variant", "reason"), rej_rows[:30])
     args.out.mkdir(parents=True, exist_ok=True)
-    md = [f"# Layout plan: {title}\n", _md_table(PLAN_HEAD, rows), "\n## Rejected\n",
+    md = [f"# Layout plan: {title}\n", _md_table(PLAN_HEAD, rows),
+          "\n## Uncertain (memory verdict within the model's error; not picks)\n",
+          _md_table(("family", "layout", "variant", "memory"), unc_rows), "\n## Rejected\n",
           _md_table(("family", "layout", "variant", "reason"), rej_rows), "\n" + "\n\n".join(notes) + "\n"]
     if ok:
         md += [f"\n## Breakdown of #1: {ok[0].layout.label} ({ok[0].layout.variant})\n", memory_breakdown(ok[0]),
@@ -1101,15 +1354,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "model": args.model, "nodes": args.nodes, "cluster": dataclasses.asdict(cluster),
         "assumptions": dataclasses.asdict(a),
         "ranked": [{"layout": p.layout.label, "variant": p.layout.variant, "gbs": p.layout.gbs,
-                    "ds_mem_gb": p.memory.total / GB if p.memory else None, "sps": p.step.sps if p.step else None,
+                    "ds_mem_gb": p.memory.total / GB if p.memory else None,
+                    "memory_verdict": p.memory.verdict() if p.memory else None, "sps": p.step.sps if p.step else None,
                     "tflops": tflops_per_tile(p.step, p.layout) if p.step else None, "jax": p.jax} for p in ok],
+        "uncertain": [{"layout": p.layout.label, "variant": p.layout.variant, "reason": p.reason} for p in uncertain],
         "rejected": [{"layout": p.layout.label, "variant": p.layout.variant, "reason": p.reason} for p in rejected],
     }, indent=1, default=str) + "\n")
-    png = plot_plan(ok, rejected, cluster, args.out / f"{stem}.png", title)
+    png = plot_plan(ok, uncertain + rejected, cluster, args.out / f"{stem}.png", title)
     if ok:
         print(memory_breakdown(ok[0]))
         print(time_breakdown(ok[0]))
-    elif not rejected:
+    elif not rejected and not uncertain:
         print("error: no layout to plan", file=sys.stderr)
         return 2
     print(f"wrote {args.out / (stem + '.md')}, {stem}.json, {png.name}")
@@ -1119,7 +1374,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main_validate(args: argparse.Namespace, cluster: Cluster, a: Assumptions) -> int:
     rows, fit, fitted = validate(cluster, a)
     notes = ["fitted: " + ", ".join(f"{k}={v:.3f}" for k, v in fit.params.items()),
-             f"per-row |err| max {fit.max_err:.1%}; leave-one-out |err| mean {fit.loo_mean:.1%}, max {fit.loo_max:.1%}"]
+             f"per-row |err| max {fit.max_err:.1%}; leave-one-out |err| mean {fit.loo_mean:.1%}, max {fit.loo_max:.1%}",
+             f"memory model error ±{fitted.mem_err_states:.0%} of model states and buckets, ±{fitted.mem_err_act:.0%} "
+             "of activations (benchmarks/ds_memory_check.py)",
+             "ZeRO-3+hpZ fixed per-step part against DP (study rows at GAS 1, then the model):",
+             *(f"  {ln}" for ln in zero3_trend(load_reference(DEFAULT_REFERENCE), cluster, fitted))]
     _print_rich("planner vs the study (reference CSV)", VALID_HEAD, rows, notes)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "validation.md").write_text(_validation_md(rows, fit, fitted, cluster))

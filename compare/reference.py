@@ -16,7 +16,10 @@ sps, that second term is v / sps * (half a unit of sps's last digit). The check 
 
 (e.g. ~0.019 TFLOPS and ~0.031 tokens/GPU/s for a 96-tile 70B row); anything beyond is flagged.
 
-``python -m compare.reference [--reference FILE.csv] [--out DIR] [--formula F] [--seq N] [--assert]``
+Normalised column: every row's model TFLOPS/tile and MFU under one formula (Megatron-LM by default) at the
+seq that row ran at; a what-if at another seq only as extra columns labelled ``what-if`` (``normalise``).
+
+``python -m compare.reference [--reference FILE.csv] [--out DIR] [--formula F] [--what-if-seq N] [--assert]``
 """
 
 from __future__ import annotations
@@ -291,32 +294,47 @@ def check_all(rows: Iterable[Row]) -> list[RowCheck]:
     return [check_row(r) for r in rows]
 
 
-def tflops_column(formula: str, seq: int) -> str:
-    """Column name that carries the formula and the sequence length, so figures never mix unlabelled."""
-    return f"tflops[{formula},seq={seq}]"
+def tflops_column(formula: str, seq: int | None = None) -> str:
+    """Column name that carries the formula and the sequence length, so figures never mix unlabelled.
+
+    ``seq=None`` is the normalised column (each row's own seq); a number is the what-if column."""
+    return f"tflops[{formula},own seq]" if seq is None else f"what-if tflops[{formula},seq={seq}]"
 
 
-def normalise(rows: Sequence[Row], formula: str = "megatron_lm", seq: int = 4096) -> list[dict[str, Any]]:
-    """Every row's TFLOPS/tile under one formula and one seq, beside its published figures.
+def mfu_column(formula: str, seq: int | None = None) -> str:
+    return tflops_column(formula, seq).replace("tflops[", "mfu[")
 
-    Only the FLOP count changes: sps stays as measured, NGPU is the one the arithmetic supports.
-    Rows without sps get None. Column names carry the formula (see ``tflops_column``).
+
+def normalise(rows: Sequence[Row], formula: str = "megatron_lm", what_if_seq: int | None = None
+              ) -> list[dict[str, Any]]:
+    """Every row's model TFLOPS/tile and MFU under one formula, at the seq the row ran at, beside its published
+    figures: the row's own work, counted one way, so rows published under different formulas or run at
+    different seqs compare. Only the FLOP count changes: sps stays as measured, NGPU is the one the arithmetic
+    supports. Rows without sps get None.
+
+    ``what_if_seq`` adds two more columns, labelled ``what-if``: the same samples/s credited with the FLOPs of
+    samples ``what_if_seq`` tokens long. No run did that work; it answers "what would this throughput be worth
+    at another seq", not how fast a run was.
     """
     if formula not in FORMULAS:
         raise ValueError(f"unknown flops formula {formula!r}; use one of {', '.join(FORMULAS)}")
-    col = tflops_column(formula, seq)
+    if what_if_seq is not None and what_if_seq <= 0:
+        raise ValueError(f"what-if seq {what_if_seq} is not positive")
     out: list[dict[str, Any]] = []
     for c in check_all(rows):
         r = c.row
-        f = flops_per_sample(r.model, formula, seq, r.ackpt)
-        out.append({
+        d: dict[str, Any] = {
             "run": r.run, "model": r.model, "layout": c.layout, "nodes": r.nodes, "ngpu": c.ngpu_used,
             "gas": r.gas, "ackpt": r.ackpt, "status": r.status, "sps": r.sps,
-            "formula published": r.flops_formula, "seq published": r.seq,
+            "formula published": r.flops_formula, "seq": r.seq,
             "tflops published": r.tflops, "tpgps published": r.tpgps,
-            col: None if r.sps is None else r.sps * f / c.ngpu_used / 1e12,
-            f"mfu[{formula},seq={seq}]": None if r.sps is None else r.sps * f / c.ngpu_used / 1e12 / PEAK_TFLOPS_BF16,
-        })  # fmt: skip
+        }  # fmt: skip
+        for seq in (None,) if what_if_seq is None else (None, what_if_seq):
+            f = flops_per_sample(r.model, formula, r.seq if seq is None else seq, r.ackpt)
+            tflops = None if r.sps is None else r.sps * f / c.ngpu_used / 1e12
+            d[tflops_column(formula, seq)] = tflops
+            d[mfu_column(formula, seq)] = None if tflops is None else tflops / PEAK_TFLOPS_BF16
+        out.append(d)
     return out
 
 
@@ -368,26 +386,29 @@ def render_normalised_markdown(table: Sequence[dict[str, Any]]) -> str:
     keys = list(table[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "|".join("---" for _ in keys) + "|"]
     for d in table:
-        cells = [_fmt(v, 3 if k.startswith("mfu") or k == "sps" else 2) if isinstance(v, float) else str(v)
+        cells = [_fmt(v, 3 if "mfu[" in k or k == "sps" else 2) if isinstance(v, float) else str(v)
                  for k, v in d.items()]  # fmt: skip
         lines.append("| " + " | ".join("–" if s == "None" else s for s in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot_gas_sweep(rows: Sequence[Row], path: str | Path, formula: str = "megatron_lm", seq: int = 4096) -> Path:
-    """TFLOPS/tile vs GAS, one line per layout (and node count, and checkpointing), as a PNG."""
+def plot_gas_sweep(rows: Sequence[Row], path: str | Path, formula: str = "megatron_lm") -> Path:
+    """Model TFLOPS/tile (each row's own seq) vs GAS, one line per layout (and node count, checkpointing, and
+    seq), as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless; must precede pyplot
     import matplotlib.pyplot as plt
 
-    col = tflops_column(formula, seq)
+    col = tflops_column(formula)
+    seqs = {r.seq for r in rows}
     series: dict[str, list[tuple[int, float]]] = {}
-    for d in normalise(rows, formula, seq):
+    for d in normalise(rows, formula):
         if d[col] is None:
             continue
-        # A GAS sweep only means something at a fixed node count and checkpointing setting.
-        key = f"{d['layout']}, {d['nodes']} nodes" + ("" if d["ackpt"] else ", no ckpt")
+        # A GAS sweep only means something at a fixed node count, checkpointing setting and seq.
+        key = (f"{d['layout']}, {d['nodes']} nodes" + ("" if d["ackpt"] else ", no ckpt")
+               + (f", seq {d['seq']}" if len(seqs) > 1 else ""))
         series.setdefault(key, []).append((d["gas"], d[col]))
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for key, pts in sorted(series.items()):
@@ -398,7 +419,7 @@ def plot_gas_sweep(rows: Sequence[Row], path: str | Path, formula: str = "megatr
     ax.set_xticks(gas_values, [str(g) for g in gas_values])
     ax.minorticks_off()
     ax.set_xlabel("gradient accumulation steps (GAS)")
-    ax.set_ylabel(f"TFLOPS/tile ({formula}, seq {seq})")
+    ax.set_ylabel(f"model TFLOPS/tile ({formula}, each run's own seq)")
     ax.set_title("AuroraGPT study: TFLOPS/tile vs GAS per layout")
     ax.grid(True, which="both", alpha=0.3)
     sec = ax.secondary_yaxis("right", functions=(lambda t: 100 * t / PEAK_TFLOPS_BF16,
@@ -453,7 +474,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--reference", type=Path, default=DEFAULT_REFERENCE, help="reference CSV")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for reference.md/.json/.png")
     ap.add_argument("--formula", choices=FORMULAS, default="megatron_lm", help="formula of the normalised column")
-    ap.add_argument("--seq", type=int, default=4096, help="sequence length of the normalised column")
+    ap.add_argument("--what-if-seq", "--seq", dest="what_if_seq", type=int, default=None, metavar="N",
+                    help="add what-if columns: each row's samples/s credited with the FLOPs of seq-N samples "
+                         "(the normalised column always uses the seq each run ran at)")
     ap.add_argument("--assert", dest="assert_", action="store_true", help="exit 1 if any row is flagged")
     args = ap.parse_args(argv)
 
@@ -463,25 +486,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     checks = check_all(rows)
-    table = normalise(rows, args.formula, args.seq)
+    if args.what_if_seq is not None and args.what_if_seq <= 0:
+        print(f"error: --what-if-seq {args.what_if_seq} is not positive; give a sequence length such as 8192",
+              file=sys.stderr)
+        return 2
+    table = normalise(rows, args.formula, args.what_if_seq)
     _print_table(checks)
 
     args.out.mkdir(parents=True, exist_ok=True)
     md = (
         f"# Reference runs: {args.reference}\n\n## Published vs recomputed\n\n{render_markdown(checks)}\n"
-        f"## Normalised to {args.formula}, seq {args.seq}\n\n{render_normalised_markdown(table)}"
+        f"## Normalised: model TFLOPS/tile and MFU under {args.formula} at each run's own seq\n\n"
+        + (f"What-if columns: the same samples/s credited with {args.formula} FLOPs of seq-{args.what_if_seq} "
+           "samples (no run did that work).\n\n" if args.what_if_seq is not None else "")
+        + render_normalised_markdown(table)
     )
     (args.out / "reference.md").write_text(md)
     payload = {
         "reference": str(args.reference),
         "formula": args.formula,
-        "seq": args.seq,
+        "what_if_seq": args.what_if_seq,
         "flagged": sum(not c.ok for c in checks),
         "checks": [dataclasses.asdict(c) | {"ok": c.ok} for c in checks],
         "normalised": table,
     }
     (args.out / "reference.json").write_text(json.dumps(payload, indent=1) + "\n")
-    png = plot_gas_sweep(rows, args.out / "reference_gas_sweep.png", args.formula, args.seq)
+    png = plot_gas_sweep(rows, args.out / "reference_gas_sweep.png", args.formula)
     n_bad = payload["flagged"]
     print(f"{len(checks)} rows, {n_bad} flagged; wrote {args.out / 'reference.md'}, reference.json, {png.name}")
     return 1 if (n_bad and args.assert_) else 0

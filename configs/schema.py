@@ -159,6 +159,10 @@ class DataConfig:
     file_list: str = ""  # Megatron data-file-list (weight prefix corpus); "" -> embedded stdlib corpus
     split: str = "990,10,0"  # Megatron train/valid/test split weights (ALCF's); training reads the first
     seed: int = 1234
+    # Files of one corpus (the list's third column): concatenated (false, ALCF's current launch scripts) or
+    # blended sample by sample (true: Megatron-DeepSpeed's --blend-sample-in-corpus, ALCF late 2024 - late 2025)
+    blend_sample_in_corpus: bool = False
+    shuffle_sample_in_corpus: bool = True  # permute each corpus' samples (--shuffle-sample-in-corpus)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from configs import ModelConfig
+from configs import rope as configs_rope
 from jax_impl.sharding import constrain, gather_weight
 
 # logical axis names of every parameter, by name (the model's whole sharding vocabulary)
@@ -110,15 +111,9 @@ def rope_tables(seq: int, dim: int, theta: float) -> tuple[np.ndarray, np.ndarra
 
     Host constants, not traced ops: traced, XLA fused sin/cos into every fusion that reads the tables and
     evaluated them once per element of q and k, in every layer, forward and backward (4.5 % of the CPU time
-    of a bench step). The angles are rounded as torch_ref's fp32 ops round them (equal bit for bit); their
-    sin/cos are computed in float64 and rounded once (within 1 ulp of torch's fp32 sin/cos).
+    of a bench step). The one definition both models use (``configs.rope``), so torch_ref's are the same bits.
     """
-    f32 = np.float32
-    exponent = np.arange(0, dim, 2, dtype=f32) / f32(dim)
-    inv_freq = f32(1.0) / np.power(np.float64(theta), exponent.astype(np.float64)).astype(f32)  # (dim/2,)
-    freqs = np.outer(np.arange(seq, dtype=f32), inv_freq)  # (seq, dim/2)
-    emb = np.concatenate([freqs, freqs], axis=-1).astype(np.float64)  # (seq, dim)
-    return np.cos(emb).astype(f32), np.sin(emb).astype(f32)
+    return configs_rope.rope_tables(int(seq), int(dim), float(theta))
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

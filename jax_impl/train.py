@@ -325,7 +325,7 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
             "processes": jax.process_count(),
             "device_kind": jax.devices()[0].device_kind, "mesh": dict(mesh.shape), "layout": layout_label(cfg),
             "zero": p.zero, "dtype": cfg.train.dtype, "gbs": gbs, "compile_s": compile_s,
-            "compiled_memory": compiled_memory(compiled),
+            "compiled_memory": compiled_memory(compiled), "data": getattr(source, "meta", None),
             "init_from": opts.init_from,
             "resumed_from": None if restored_meta is None else {
                 "path": str(resume_from), "step": restored_meta["step"], "mesh": restored_meta["mesh"],

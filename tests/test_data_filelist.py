@@ -47,9 +47,9 @@ def test_parses_study_format(data: Path, tmp_path: Path, monkeypatch: pytest.Mon
     [
         ("1 missing_text_document books", r"books\.txt:2: .*missing_text_document\.bin not found"),
         ("abc a_text_document books", r"books\.txt:2: weight 'abc' is not a number"),
-        ("0 a_text_document books", r"books\.txt:2: weight '0' must be a positive finite number"),
-        ("-1 a_text_document books", r"books\.txt:2: weight '-1' must be a positive"),
-        ("nan a_text_document books", r"books\.txt:2: weight 'nan' must be a positive finite"),
+        ("-1 a_text_document books", r"books\.txt:2: weight '-1' must be a non-negative finite number"),
+        ("nan a_text_document books", r"books\.txt:2: weight 'nan' must be a non-negative finite"),
+        ("0 a_text_document arxiv", r"books\.txt: corpus 'arxiv' \(lines 2\) has weights summing to zero"),
         ("1 a_text_document books extra", r"books\.txt:2: expected 'weight path_prefix \[corpus\]'"),
         ("a_text_document", r"books\.txt:2: expected 'weight path_prefix \[corpus\]'"),
     ],
@@ -58,6 +58,17 @@ def test_bad_lines_name_file_and_line(data: Path, line: str, message: str) -> No
     lst = data / "books.txt"
     lst.write_text(f"1 b_text_document books\n{line}\n")
     with pytest.raises(DataError, match=message):
+        parse_file_list(lst)
+
+
+def test_zero_weight_on_one_file_of_a_corpus(data: Path) -> None:
+    """As upstream: a file may have weight 0 (it contributes no samples) while its corpus has a positive sum."""
+    lst = data / "l.txt"
+    lst.write_text("1 a_text_document books\n0 b_text_document books\n")
+    assert [e.weight for e in parse_file_list(lst)] == [1.0, 0.0]
+    lst.write_text("1 a_text_document books\n0 b_text_document arxiv\n0.0 a_text_document arxiv\n")
+    with pytest.raises(DataError, match=r"l\.txt: corpus 'arxiv' \(lines 2, 3\) has weights summing to zero; "
+                                        r"give one of its files a positive weight"):
         parse_file_list(lst)
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from aurora_data import BlendedGPTDataset, DataError, GPTDataset, IndexedDataset, IndexedDatasetBuilder, global_batch
 from aurora_data.gpt import (
+    DEFAULT_SEED,
     IndexCache,
     build_blending_indices,
     build_doc_idx,
@@ -183,6 +184,33 @@ def test_blending_proportions_within_one_percent(tmp_path: Path, corpora: tuple[
     assert len(set(which[:50].tolist())) == 3  # interleaved, not concatenated
 
 
+def test_default_is_upstreams_current_mode(tmp_path: Path) -> None:
+    """ALCF's current launch: a corpus' files concatenated, then the corpus' samples permuted by RandomState(seed)."""
+    lst = three_files(tmp_path, ("books",) * 3)
+    src = BlendedGPTDataset(lst, seq_len=16, num_samples=1000)
+    assert src.meta["corpus_mode"] == "concatenate-files"
+    assert (src.meta["blend_sample_in_corpus"], src.meta["shuffle_sample_in_corpus"]) == (False, True)
+    n = samples_per_file([5, 3, 2], 1000)
+    order = np.arange(sum(n))
+    np.random.RandomState(DEFAULT_SEED).shuffle(order)
+    concat = np.repeat([0, 1, 2], n)
+    assert (src.samples(0, len(src))[:, 0] // 100).tolist() == concat[order].tolist()
+    blended = BlendedGPTDataset(lst, seq_len=16, num_samples=1000, blend_in_corpus=True)
+    assert blended.meta["corpus_mode"] == "blend-sample-in-corpus"
+    assert not np.array_equal(blended.samples(0, 1000), src.samples(0, 1000))
+
+
+@pytest.mark.parametrize("blend", [False, True])
+def test_zero_weight_file_contributes_no_samples(tmp_path: Path, blend: bool) -> None:
+    rng = np.random.default_rng(3)
+    prefixes = [write(tmp_path / f"z{k}_text_document", [rng.integers(100 * k, 100 * k + 100, 60) for _ in range(20)])
+                for k in range(3)]
+    lst = file_list(tmp_path / "l.txt", [(2, prefixes[0], "c"), (0, prefixes[1], "c"), (1, prefixes[2], "d")])
+    src = BlendedGPTDataset(lst, seq_len=16, num_samples=300, blend_in_corpus=blend)
+    which = np.bincount(src.samples(0, len(src))[:, 0] // 100, minlength=3)
+    assert which.tolist() == [samples_per_file([2, 0, 1], 300)[0], 0, samples_per_file([2, 0, 1], 300)[2]]
+
+
 def test_concat_in_corpus_without_shuffle(tmp_path: Path) -> None:
     src = BlendedGPTDataset(three_files(tmp_path, ("books",) * 3), seq_len=16, num_samples=1000,
                             blend_in_corpus=False, shuffle_in_corpus=False)
@@ -273,13 +301,14 @@ def test_reading_past_the_built_samples(tmp_path: Path) -> None:
 
 
 def test_corpus_composition_matches_alcf(tmp_path: Path) -> None:
-    # ALCF: files of a corpus blended by n_i / sum(n), the corpus permuted by RandomState(seed), corpora
-    # sorted by name and blended by size; here corpus "z" (files 0, 1) is listed first but sorts last.
+    # ALCF with --blend-sample-in-corpus: files of a corpus blended by n_i / sum(n), the corpus permuted by
+    # RandomState(seed), corpora sorted by name and blended by size; here corpus "z" (files 0, 1) is listed
+    # first but sorts last.
     rng = np.random.default_rng(9)
     prefixes = [write(tmp_path / f"g{k}_text_document", [rng.integers(100 * k, 100 * k + 100, 50 + 13 * j)
                                                          for j in range(12)]) for k in range(3)]
     lst = file_list(tmp_path / "l.txt", [(2, prefixes[0], "z"), (1, prefixes[1], "z"), (1.5, prefixes[2], "a")])
-    src = BlendedGPTDataset(lst, seq_len=24, num_samples=300, seed=77)
+    src = BlendedGPTDataset(lst, seq_len=24, num_samples=300, seed=77, blend_in_corpus=True)
     n = samples_per_file([2, 1, 1.5], 300)
     files = [GPTDataset(IndexedDataset(p), c, 24, seed=77) for p, c in zip(prefixes, n, strict=True)]
 

@@ -48,6 +48,17 @@ def test_indexed_from_file_list(byte_list: Path, tmp_path: Path) -> None:
     assert (byte_list.parent / "index-cache").is_dir()  # Megatron's place: beside the data
     bigger = build_source(cfg, num_samples=500, cache_dir=tmp_path / "cache")
     assert len(bigger) == 503 and bigger.samples(400, 3).shape == (3, 17)
+    assert src.meta["corpus_mode"] == "concatenate-files" and src.meta["shuffle_sample_in_corpus"] is True
+
+
+def test_corpus_mode_keys_reach_the_stream(byte_list: Path, tmp_path: Path) -> None:
+    from configs import load_config
+
+    cfg = load_config("tiny", {"data.source": "indexed", "data.file_list": str(byte_list), "data.seq_len": 16,
+                               "model.vocab_size": 258, "data.blend_sample_in_corpus": "true",
+                               "data.shuffle_sample_in_corpus": "false"})
+    src = build_source(cfg, num_samples=8, cache_dir=tmp_path / "cache")
+    assert (src.meta["corpus_mode"], src.meta["shuffle_sample_in_corpus"]) == ("blend-sample-in-corpus", False)
 
 
 def test_tokenizer_vocab_larger_than_model(byte_list: Path) -> None:

@@ -132,21 +132,73 @@ def test_legacy_formula_is_1_265x_megatron_lm_for_the_70b_with_checkpointing():
 
 def test_normalise_labels_the_formula_and_keeps_the_published_numbers():
     rows = ref.load_reference(SHIPPED)
-    lm = {d["run"]: d for d in ref.normalise(rows, "megatron_lm", 4096)}
-    legacy = {d["run"]: d for d in ref.normalise(rows, "megatron_ds_legacy", 8192)}
+    lm = {d["run"]: d for d in ref.normalise(rows)}
+    legacy = {d["run"]: d for d in ref.normalise(rows, "megatron_ds_legacy")}
     wb_lm, wb_legacy = lm["wild-bee-2131"], legacy["wild-bee-2131"]
     assert wb_lm["tflops published"] == 64.02 and wb_lm["formula published"] == "megatron_lm"
-    assert wb_lm["tflops[megatron_lm,seq=4096]"] == pytest.approx(64.02, abs=0.01)
-    assert "tflops[megatron_lm,seq=4096]" not in wb_legacy
+    assert wb_lm["seq"] == 4096 and wb_lm["tflops[megatron_lm,own seq]"] == pytest.approx(64.02, abs=0.01)
+    assert wb_lm["mfu[megatron_lm,own seq]"] == pytest.approx(64.02 / 298.0, abs=1e-4)
+    assert "tflops[megatron_lm,own seq]" not in wb_legacy
+    assert not any(k.startswith("what-if") for k in wb_lm)  # only when asked for
     m = load_config("llama2-70b").model
-    want = 3.376 * m.flops_per_sample_legacy(8192, True) / 96 / 1e12
-    assert wb_legacy["tflops[megatron_ds_legacy,seq=8192]"] == pytest.approx(want)
-    assert lm["zero3-hpz-4n"]["tflops[megatron_lm,seq=4096]"] is None
+    want = 3.376 * m.flops_per_sample_legacy(4096, True) / 96 / 1e12
+    assert wb_legacy["tflops[megatron_ds_legacy,own seq]"] == pytest.approx(want)
+    assert lm["zero3-hpz-4n"]["tflops[megatron_lm,own seq]"] is None
     # the 42B uses its own padded vocab (32256) through its preset
     rf = lm["royal-forest-2135"]
-    assert rf["tflops[megatron_lm,seq=4096]"] == pytest.approx(19.76, abs=0.01)
+    assert rf["tflops[megatron_lm,own seq]"] == pytest.approx(19.76, abs=0.01)
     with pytest.raises(ValueError, match="unknown flops formula"):
         ref.normalise(rows, "ds_tflops")
+
+
+def _row_at(model: str, seq: int, formula: str, tflops: float) -> str:
+    """A synthetic, self-consistent row: 8 nodes, sps chosen so that the published tflops is exact."""
+    tp, dp = (6, 16) if model == "auroragpt-42b-tp6" else (1, 96)
+    sps = round(tflops * 96e12 / ref.flops_per_sample(model, formula, seq, ackpt=True), 3)
+    tflops = sps * ref.flops_per_sample(model, formula, seq, ackpt=True) / 96e12
+    return (f"r-{model}-{seq}-{formula},{model},8,96,1,{dp},{tp},3,1,0,1,1,{dp},true,{seq},{formula},"
+            f"{tflops:.2f},{sps:.3f},{sps * seq / 96:.3f},ok")
+
+
+def test_normalised_column_is_each_rows_own_work_under_megatron_lm(tmp_path):
+    """Rows at seq 4096 and 8192, published under both formulas: the normalised column counts each row's own
+    work (its own seq) under Megatron-LM, so a Megatron-LM row keeps its published figure at either seq and a
+    legacy row is divided by the legacy/Megatron-LM ratio at its seq (1.26 with checkpointing)."""
+    specs = [(m, seq, f) for m in ("llama2-70b", "auroragpt-42b-tp6") for seq in (4096, 8192) for f in ref.FORMULAS]
+    rows = ref.load_reference(_write(tmp_path, *(_row_at(m, seq, f, 98.5) for m, seq, f in specs)))
+    assert all(c.ok for c in ref.check_all(rows))
+    table = {(d["model"], d["seq"], d["formula published"]): d for d in ref.normalise(rows)}
+    col = "tflops[megatron_lm,own seq]"
+    for m, seq, f in specs:
+        d = table[m, seq, f]
+        if f == "megatron_lm":
+            assert d[col] == pytest.approx(d["tflops published"], abs=0.01)
+        else:
+            lm, legacy = (ref.flops_per_sample(m, g, seq, ackpt=True) for g in ("megatron_lm", "megatron_ds_legacy"))
+            assert d[col] == pytest.approx(d["tflops published"] * lm / legacy, abs=0.01)
+    # the study's legacy tables: seq 8192, 98.5 TFLOPS/tile published -> 78.1 (42B) / 77.9 (70B) model-TFLOPS
+    assert round(table["auroragpt-42b-tp6", 8192, "megatron_ds_legacy"][col], 1) == 78.1
+    assert round(table["llama2-70b", 8192, "megatron_ds_legacy"][col], 1) == 77.9
+    # counting a seq-8192 row's samples as seq-4096 ones would credit it with less than half its work
+    d8 = table["llama2-70b", 8192, "megatron_lm"]
+    at_4096 = d8["sps"] * ref.flops_per_sample("llama2-70b", "megatron_lm", 4096, ackpt=True) / 96e12
+    assert d8[col] / at_4096 > 2.0
+
+
+def test_what_if_seq_is_extra_labelled_columns(tmp_path):
+    rows = ref.load_reference(_write(tmp_path, _row_at("llama2-70b", 4096, "megatron_lm", 50.0),
+                                     _row_at("llama2-70b", 8192, "megatron_lm", 50.0)))
+    d4, d8 = ref.normalise(rows, what_if_seq=8192)
+    m = load_config("llama2-70b").model
+    for d in (d4, d8):
+        assert d["tflops[megatron_lm,own seq]"] == pytest.approx(50.0, abs=0.01)  # unchanged by the what-if
+        assert d["what-if tflops[megatron_lm,seq=8192]"] == pytest.approx(d["sps"] * m.flops_per_sample(8192) / 96e12)
+        assert d["what-if mfu[megatron_lm,seq=8192]"] == pytest.approx(d["what-if tflops[megatron_lm,seq=8192]"] / 298)
+    assert d4["what-if tflops[megatron_lm,seq=8192]"] / 50.0 == pytest.approx(
+        m.flops_per_sample(8192) / m.flops_per_sample(4096), rel=1e-3)
+    assert d8["what-if tflops[megatron_lm,seq=8192]"] == pytest.approx(50.0, abs=0.01)
+    with pytest.raises(ValueError, match="what-if seq 0 is not positive"):
+        ref.normalise(rows, what_if_seq=0)
 
 
 # ----------------------------------------------------------------------------- malformed files
@@ -192,7 +244,7 @@ def test_main_writes_md_json_png(tmp_path, capsys):
     out = tmp_path / "out"
     assert ref.main(["--reference", str(SHIPPED), "--out", str(out), "--assert"]) == 0
     md = (out / "reference.md").read_text()
-    assert "wild-bee-2131" in md and "tflops[megatron_lm,seq=4096]" in md
+    assert "wild-bee-2131" in md and "tflops[megatron_lm,own seq]" in md and "what-if" not in md
     data = json.loads((out / "reference.json").read_text())
     assert data["flagged"] == 0 and len(data["checks"]) == 17 and data["formula"] == "megatron_lm"
     assert data["checks"][7]["row"]["run"] == "wild-bee-2131" and data["checks"][7]["ok"] is True
@@ -207,8 +259,12 @@ def test_main_exit_codes(tmp_path):
     assert ref.main(["--reference", str(bad), "--out", str(tmp_path / "b"), "--assert"]) == 1
     data = json.loads((tmp_path / "b" / "reference.json").read_text())
     assert data["flagged"] == 1 and data["checks"][0]["ok"] is False
-    args = ["--reference", str(bad), "--out", str(tmp_path / "c"), "--formula", "megatron_ds_legacy", "--seq", "8192"]
+    args = ["--reference", str(bad), "--out", str(tmp_path / "c"), "--formula", "megatron_ds_legacy",
+            "--what-if-seq", "8192"]
     assert ref.main(args) == 0
-    assert "tflops[megatron_ds_legacy,seq=8192]" in (tmp_path / "c" / "reference.md").read_text()
+    md = (tmp_path / "c" / "reference.md").read_text()
+    assert "tflops[megatron_ds_legacy,own seq]" in md and "what-if tflops[megatron_ds_legacy,seq=8192]" in md
+    assert "no run did that work" in md
+    assert ref.main(["--reference", str(bad), "--out", str(tmp_path / "e"), "--what-if-seq", "0"]) == 2
     broken = _write(tmp_path, WILD_BEE.replace("llama2-70b", "nope"), name="broken.csv")
     assert ref.main(["--reference", str(broken), "--out", str(tmp_path / "d")]) == 2

@@ -27,6 +27,7 @@ def test_tiny_run_writes_config_meta_and_metrics(tmp_path, capsys):
     meta = json.loads((run_dir / "meta.json").read_text())
     assert meta["framework"] == "jax" and meta["devices"] == 4 and meta["layout"] == "zero3"
     assert f", {os.cpu_count()} CPUs" in meta["cpu"]  # the host, for reading its timings later
+    assert meta["data"] == {"source": "synthetic", "seed": 1234}  # the tiny preset's stream
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert all(set(r) == set(METRIC_KEYS) for r in rows)

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from configs import ModelConfig
+from configs import ModelConfig, rope
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
@@ -30,11 +31,9 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, dtype: torch.dtype) -
 
 def rope_tables(seq: int, dim: int, theta: float, device: torch.device | str | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (seq, dim) fp32 for non-interleaved ("rotate half") rotary embeddings."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
-    freqs = torch.outer(torch.arange(seq, dtype=torch.float32, device=device), inv_freq)
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
+    """cos, sin (seq, dim) fp32 for non-interleaved ("rotate half") rotary embeddings: the host tables both
+    models share (``configs.rope``; correctly rounded, so JAX's are the same bits on every platform)."""
+    return tuple(torch.from_numpy(np.array(t)).to(device) for t in rope.rope_tables(int(seq), int(dim), float(theta)))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -534,11 +534,15 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
             "zero": p.zero, "dtype": cfg.train.dtype, "gbs": gbs, "init": init, "param_bytes_rank0": param_bytes,
             "threads_per_rank":
             torch.get_num_threads(), "host_allocator": host_allocator(), "dist_init_s": dist_init_s,
-            "engine_init_s": engine_init_s, "init_s": init_s,
+            "engine_init_s": engine_init_s, "init_s": init_s, "data": getattr(source, "meta", None),
         })
     log = MetricsLog(run_dir, cfg, "torch") if rank == 0 else None
     losses: list[float] = []
     last_save_t = time.monotonic()
+    if os.environ.get("TORCH_REF_PEAK_FROM_STEPS") == "1":
+        # peak RSS of the training steps only, without the engine's construction transients
+        # (benchmarks/ds_memory_check.py); Linux resets the high-water mark that ru_maxrss reads
+        Path("/proc/self/clear_refs").write_text("5")
     for step in range(start_step, cfg.train.steps):
         consumed = consumed0 + (step - start_step) * gbs
         tokens = rank_tokens(source, consumed)
