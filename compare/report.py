@@ -553,6 +553,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     runs_dir, out = Path(args.runs), Path(args.out)
+    if not args.run and not runs_dir.is_dir():  # nothing to run and nothing to read: a report of nothing is no report
+        print(f"error: --no-run --runs {runs_dir}: no such directory; point --runs at the run directories to "
+              "report on, or drop --no-run to make them", file=sys.stderr)
+        return 2
     runs_dir.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -103,6 +103,13 @@ def test_default_layouts_are_the_studys_and_the_circular_pipeline_runs_by_name()
     assert cfg.parallel.pipeline_repeats == 2  # both sides load it; only the JAX trainer has the schedule
 
 
+def test_no_run_on_a_missing_runs_directory_is_exit_2(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    assert report.main(["--no-run", "--runs", str(missing), "--out", str(tmp_path / "out")]) == 2
+    assert f"--no-run --runs {missing}: no such directory" in capsys.readouterr().err
+    assert not missing.exists()
+
+
 def test_missing_run_is_named(tmp_path):
     with pytest.raises(report.ReportError, match="no such run directory"):
         report.load_run(tmp_path / "nope")
