@@ -58,15 +58,18 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from aurora_data import DataError, build_source
 from configs import Config, ConfigError, config_from_dict, lr_at
 from configs.cli import resolve_config as resolve_cli
 from configs.cli import trainer_parser
 from configs.hostmem import allocator_env
 from configs.rundir import MetricsLog, make_run_dir, read_metrics, write_config, write_meta
 from runtime import launcher_env
+from runtime.procgroup import ProcessGroup
 from torch_ref.layouts import Layout, plan_layout
 
 RUN_DIR_ENV = "TORCH_REF_RUN_DIR"  # set by our launcher for its workers
+DATA_ERROR = "DataError: "  # a rank*.err that starts so holds a bad-data message, not a traceback
 FAULT_ENV = "TORCH_REF_FAULT"  # test hook: "rank=R,step=S" makes rank R raise at step S
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -249,12 +252,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if ext is not None:
         try:
             return run_worker(None, cfg=cfg, init=args.init, quiet=args.quiet, ckpt=ckpt)
-        except RunDirError as e:  # a configuration problem on rank 0, told to every rank: no retry will help
+        except (RunDirError, DataError) as e:  # a configuration or data problem: no retry will help
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
         except FloatingPointError as e:  # exit 3 as jax_impl.train: a rerun from the last checkpoint repeats it
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(3) from None
+    try:
+        # read the data here, once, before any worker starts: bad data is a message (and the index maps the
+        # workers then load are built by one process, not raced for by all)
+        build_source(cfg, num_samples=cfg.train.steps * cfg.parallel.mbs * cfg.parallel.gas * layout.dp)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     return launch(cfg, layout, init=args.init, quiet=args.quiet, ckpt=ckpt)
 
 
@@ -291,7 +301,13 @@ def prepare_run_dir(cfg: Config, layout: Layout, init: str, quiet: bool, ckpt: d
 def launch(cfg: Config, layout: Layout, init: str = "jax", quiet: bool = False, ckpt: dict[str, Any] | None = None
            ) -> dict[str, Any]:
     """Start one worker per rank, wait; a failed worker kills the rest and ends the run with its traceback."""
-    run_dir = prepare_run_dir(cfg, layout, init, quiet, ckpt)
+    try:
+        run_dir = prepare_run_dir(cfg, layout, init, quiet, ckpt)
+    except OSError as e:  # a reused --name (no errno) or an --out-dir the file system refuses
+        print(f"error: {e}" if e.errno is None else
+              f"error: --out-dir {cfg.train.out_dir}: cannot make the run directory there ({e}); pick a writable "
+              "directory", file=sys.stderr)
+        raise SystemExit(2) from None
     n = layout.world_size
     port = _free_port()
     threads = os.environ.get("OMP_NUM_THREADS") or "1"  # one per rank: more oversubscribes a shared 2-core box
@@ -303,50 +319,51 @@ def launch(cfg: Config, layout: Layout, init: str = "jax", quiet: bool = False, 
                "OMP_NUM_THREADS": threads, "PYTHONPATH": os.pathsep.join(
                    filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
         procs.append(subprocess.Popen([sys.executable, "-m", "torch_ref.train"], env=env, cwd=os.getcwd()))
-    failed = False
-    try:
-        while not failed and any(p.poll() is None for p in procs):
-            failed = any(p.returncode not in (None, 0) for p in procs)
-            time.sleep(0.1)
-        failed = failed or any(p.returncode != 0 for p in procs)
-        if failed:  # let the peers that saw the failure record theirs, so the first one can be told apart
-            time.sleep(1.0)
-    finally:
-        _stop(procs)  # on a failure, or if the launcher itself is interrupted
-    if failed:
-        raise SystemExit(_failure_report(run_dir, procs))
+    group = ProcessGroup(procs)
+    # SIGTERM/SIGINT go on to every rank, each saves, and this returns only when all have exited
+    group.wait(stop_grace_s=float(os.environ.get("TORCH_REF_STOP_GRACE_S", 5.0)))
+    if group.received is not None:
+        name = signal.Signals(group.received).name
+        if group.stopped_cleanly():
+            print(f"torch_ref.train: stopped by {name}; all {n} ranks exited ({_codes(group)}); continue with "
+                  f"--resume {run_dir}", file=sys.stderr, flush=True)
+            raise SystemExit(128 + group.received)
+    failed = group.first_failure()
+    if failed is not None:
+        data_error = _data_error(run_dir, failed)
+        if data_error:
+            print(f"error: {data_error}", file=sys.stderr)
+            raise SystemExit(2)
+        raise SystemExit(_failure_report(run_dir, group, failed))
     result = json.loads((run_dir / "result.json").read_text())
     rows = read_metrics(run_dir)
     return {"run_dir": run_dir, "losses": [row["loss"] for row in rows], "metrics": rows, **result}
 
 
-def _failure_report(run_dir: Path, procs: list[subprocess.Popen]) -> str:
-    """The root cause is the earliest traceback: peers fail after it (e.g. gloo 'Connection closed by peer')."""
-    errs = sorted(run_dir.glob("rank*.err"), key=lambda f: f.stat().st_mtime_ns)
-    n = len(procs)
-    codes = {r: p.returncode for r, p in enumerate(procs)}
-    if errs:
-        r = int(errs[0].stem[4:])
-        tb = errs[0].read_text()
+def _codes(group: ProcessGroup) -> str:
+    return ", ".join(f"rank {r}: {group.describe(r)}" for r in range(len(group.procs)))
+
+
+def _data_error(run_dir: Path, rank: int) -> str | None:
+    f = run_dir / f"rank{rank}.err"
+    text = f.read_text() if f.exists() else ""
+    return text[len(DATA_ERROR):] if text.startswith(DATA_ERROR) else None
+
+
+def _failure_report(run_dir: Path, group: ProcessGroup, first: int) -> str:
+    """The root cause is the first failure (``ProcessGroup.first_failure``: a rank killed by a signal, else the
+    first to exit non-zero); its peers fail after it (e.g. gloo 'Connection closed by peer')."""
+    err = run_dir / f"rank{first}.err"
+    code = group.codes[first]
+    if err.exists():
+        tb = err.read_text()
+    elif code is not None and code < 0:
+        tb = f"(no traceback: the worker was {group.describe(first)})"
     else:
-        r = next(r for r, c in codes.items() if c not in (0, None, -signal.SIGTERM))
-        tb = "(no traceback: the worker died without raising, e.g. killed by a signal)"
-    return (f"torch_ref.train: rank {r} of {n} failed first (exit codes {codes}); the launcher stopped the other "
-            f"ranks. Its traceback:\n{tb}\nrun directory: {run_dir}")
-
-
-def _stop(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:
-    """Terminate our own still-running workers (by their pids), then kill those that ignore it."""
-    alive = [p for p in procs if p.poll() is None]
-    for p in alive:
-        p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for p in alive:
-        try:
-            p.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        tb = "(no traceback: the worker died without raising)"
+    n = len(group.procs)
+    return (f"torch_ref.train: rank {first} of {n} failed first ({group.describe(first)}); the others followed or "
+            f"were stopped by the launcher ({_codes(group)}). Its traceback:\n{tb}\nrun directory: {run_dir}")
 
 
 # ----------------------------------------------------------------------------- worker
@@ -355,8 +372,17 @@ def run_worker(run_dir: Path | None, cfg: Config | None = None, init: str = "jax
     """One rank: init the process group, build the layout's engine, train, log (rank 0)."""
     ext = external_rank_env()
     rank, world, local_rank = (ext.rank, ext.world_size, ext.local_rank) if ext else (0, 1, 0)
+    from aurora_data import DataError
+
     try:
         return _worker(run_dir, rank, world, local_rank, cfg, init, quiet, ckpt or {})
+    except DataError as e:  # bad data is a message for the launcher to print (exit 2), not a traceback
+        if run_dir is not None:
+            (run_dir / f"rank{rank}.err").write_text(f"{DATA_ERROR}{e}")
+            raise SystemExit(2) from None
+        raise
+    except SystemExit:  # stopped by a signal, after saving
+        raise
     except BaseException:
         if run_dir is not None:
             (run_dir / f"rank{rank}.err").write_text(traceback.format_exc())
@@ -373,6 +399,7 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))
     t_start = time.perf_counter()
+    stop = _StopFlag()  # SIGTERM/SIGINT: finish the step, save, exit 128 + signal (as jax_impl.train)
     if run_dir is not None:
         cfg = config_from_dict(json.loads((run_dir / "config.json").read_text())["config"])
         launch_opts = json.loads((run_dir / "launch.json").read_text())
@@ -483,8 +510,9 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
         # a wall-clock checkpoint is due when rank 0's clock says so; the flag rides in the peak-RSS max, so all
         # ranks agree without another collective
         wall_due = float(rank == 0 and every_s > 0 and time.monotonic() - last_save_t >= every_s)
+        # a stop signal seen by any rank rides in the same max: every rank stops after the same step
         stats = torch.tensor([float(local_loss), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0,
-                              wall_due], dtype=torch.float64, device=dev)
+                              wall_due, float(stop.signum or 0)], dtype=torch.float64, device=dev)
         peak = stats[1:].clone()
         dist.all_reduce(stats[:1])  # every rank's loss covers as many tokens: the mean is the global-batch loss
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
@@ -505,7 +533,8 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
                       f"{row['tflops_per_device']:.5f} TFLOPS/dev | peak {peak[0] / 2**20:.0f} MiB", flush=True)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss became {loss} at step {step + 1}; run {run_dir}")
-        if ((every and (step + 1) % every == 0) or peak[1] > 0
+        stop_sig = int(peak[2])
+        if ((every and (step + 1) % every == 0) or peak[1] > 0 or (stop_sig and engine is not None)
                 or ((every or every_s) and step + 1 == cfg.train.steps)):
             t = time.perf_counter()  # every rank writes its own ZeRO partition; rank 0 then updates `latest`
             engine.save_checkpoint(str(ckpt_dir), tag=f"global_step{step + 1}",
@@ -513,6 +542,16 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
             last_save_t = time.monotonic()
             if rank == 0 and not quiet:
                 print(f"checkpoint step {step + 1} -> {ckpt_dir} ({time.perf_counter() - t:.2f}s)", flush=True)
+        if stop_sig:
+            if log is not None:
+                log.close()
+                saved = (f"checkpoint in {ckpt_dir}; continue with --resume {run_dir}" if engine is not None else
+                         f"no checkpoint (layout {layout.label} runs {layout.engine})")
+                print(f"stopped by {signal.Signals(stop_sig).name} after step {step + 1}; {saved}", file=sys.stderr,
+                      flush=True)
+            dist.barrier()
+            dist.destroy_process_group()
+            raise SystemExit(128 + stop_sig)
     if log is not None:
         log.close()
         (run_dir / "result.json").write_text(json.dumps({
@@ -522,6 +561,19 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
     dist.barrier()
     dist.destroy_process_group()
     return {"run_dir": run_dir, "losses": losses, "dist_init_s": dist_init_s, "engine_init_s": engine_init_s}
+
+
+class _StopFlag:
+    """Records the first SIGTERM/SIGINT instead of dying at once; the training loop then saves and stops."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.signum is None:
+            self.signum = signum
 
 
 class RunDirError(RuntimeError):
@@ -562,7 +614,14 @@ if __name__ == "__main__":
     from configs.hostmem import reexec_with_allocator
 
     reexec_with_allocator()  # the host allocator both trainers run under (configs/hostmem.py)
-    main()
+    try:
+        main()
+    except SystemExit as e:  # a worker stopped by a signal (after saving) or by bad data: the same fast exit
+        if os.environ.get(RUN_DIR_ENV) and isinstance(e.code, int):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(e.code)
+        raise
     if os.environ.get(RUN_DIR_ENV):
         # a worker of our own launcher, finished and flushed: skip interpreter teardown, where a C++ thread of
         # the gloo / AutoTP stack was seen to abort (SIGABRT) after a complete run, failing it
