@@ -128,6 +128,23 @@ def test_bad_input_exits_2_before_any_worker(tmp_path, monkeypatch, capsys, args
     assert list(tmp_path.iterdir()) == []  # nothing was prepared, so nothing was started
 
 
+def test_reused_name_and_unusable_out_dir_are_exit_2_before_any_worker(tmp_path, capsys):
+    (tmp_path / "same").mkdir()
+    (tmp_path / "same" / "metrics.jsonl").write_text("")
+    with pytest.raises(SystemExit) as e:
+        run_torch(tmp_path, "same", "--mesh", "data=2", "--zero", "1")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"run directory {tmp_path / 'same'} already holds a run" in err and "Traceback" not in err
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(SystemExit) as e:
+        torch_train.main([*TINY, "--out-dir", str(afile), "--name", "n", "--mesh", "data=2", "--zero", "1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--out-dir {afile}: cannot make the run directory there" in err and "Traceback" not in err
+
+
 def test_worker_crash_ends_the_run_with_its_traceback(tmp_path, monkeypatch):
     monkeypatch.setenv(torch_train.FAULT_ENV, "rank=1,step=2")
     monkeypatch.setenv("TORCH_REF_PG_TIMEOUT", "600")  # the siblings must be stopped by the launcher, not a timeout
