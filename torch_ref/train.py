@@ -72,6 +72,11 @@ RUN_DIR_ENV = "TORCH_REF_RUN_DIR"  # set by our launcher for its workers
 DATA_ERROR = "DataError: "  # a rank*.err that starts so holds a bad-data message, not a traceback
 FAULT_ENV = "TORCH_REF_FAULT"  # test hook: "rank=R,step=S" makes rank R raise at step S
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# the own launcher's sanity limits: a rank per 1/4 core still trains on the tiny preset (data=2,fsdp=2 on 2
+# cores is the test suite's widest); 0.5 GiB is a DeepSpeed CPU rank's floor before any model state
+# (peak RSS 580 MiB per rank, tiny preset, data=2 ZeRO-1)
+RANKS_PER_CORE = 4
+RANK_FLOOR_BYTES = 512 * 2**20
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "torch: torch_ref.model.init_torch (same stds, torch's random stream)")
     ap.add_argument("--dry-run", action="store_true", help="print the layout and the DeepSpeed config; start nothing")
     ap.add_argument("--quiet", action="store_true", help="print only the first and last step")
+    ap.add_argument("--oversubscribe", action="store_true",
+                    help=f"start the local ranks even when they are over {RANKS_PER_CORE} per core or their "
+                         f"memory floor ({RANK_FLOOR_BYTES / 2**30:.1f} GiB each) exceeds this machine's memory")
     ap.add_argument("--ckpt-every", "--ckpt.every", "--train.ckpt_every", dest="ckpt_every", type=int, default=0,
                     help="DeepSpeed engine.save_checkpoint every N steps into <run dir>/checkpoints (0: never)")
     ap.add_argument("--ckpt-every-s", "--train.ckpt_every_s", dest="ckpt_every_s", type=float, default=0.0,
@@ -206,6 +214,29 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def _memory_bytes() -> int:
+    """This machine's physical memory (MemTotal)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_local_ranks(ranks: int, mesh: str, cores: int | None = None, memory: int | None = None) -> None:
+    """Refuse (ConfigError naming the numbers and ``--oversubscribe``) a local launch that cannot train here."""
+    cores = cores or _cpu_count()
+    memory = memory or _memory_bytes()
+    floor = ranks * RANK_FLOOR_BYTES
+    if ranks <= RANKS_PER_CORE * cores and floor <= memory:
+        return
+    why = []
+    if ranks > RANKS_PER_CORE * cores:
+        why.append(f"{ranks / cores:.0f} ranks per core on {cores} cores (limit {RANKS_PER_CORE})")
+    if floor > memory:
+        why.append(f"at least {floor / 2**30:.1f} GiB ({RANK_FLOOR_BYTES / 2**30:.1f} GiB per rank before any "
+                   f"model state) on {memory / 2**30:.1f} GiB of memory")
+    raise ConfigError(f"--mesh {mesh} starts {ranks} local ranks: {' and '.join(why)}; the machine would thrash "
+                      "rather than train. Use a smaller mesh, start the ranks across nodes with mpiexec/torchrun "
+                      "(each process then is one rank), or pass --oversubscribe to start them here anyway")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -229,6 +260,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             platform = cfg.train.platform
         else:
             platform, _ = select_platform(cfg.train.platform)  # refuses a missing accelerator before any worker
+        if ext is None and not args.dry_run and not args.oversubscribe:
+            check_local_ranks(layout.world_size, cfg.parallel.mesh)
         resume, fresh_in_place = resolve_resume(cfg, args.resume)
         wants_ckpt = args.ckpt_every or args.ckpt_every_s or resume
         if wants_ckpt and not layout.engine.startswith("deepspeed"):
