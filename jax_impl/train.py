@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--coordinator", help="HOST:PORT of process 0's coordination service")
     mp.add_argument("--num-processes", type=int)
     mp.add_argument("--process-id", type=int)
+    mp.add_argument("--init-timeout-s", type=float, default=300.0,
+                    help="how long every process waits for all the others to join (default 300); then the one(s) "
+                         "missing are named and every process exits 69")
     return ap
 
 
@@ -146,9 +149,10 @@ def dry_run(cfg: Config, trainer) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from jax_impl import devices, distributed  # neither imports jax
+
     try:
         cfg, args = resolve_config(build_parser(), argv)
-        from jax_impl import devices, distributed
 
         dist = distributed.detect(coordinator=args.coordinator, num_processes=args.num_processes,
                                   process_id=args.process_id)
@@ -160,12 +164,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         per_process = n_mesh // dist.num_processes if dist and n_mesh else n_mesh
         platform = devices.configure(cfg.train.platform, per_process)
         if dist is not None:
-            distributed.initialize(dist, platform, devices_per_process=per_process)
+            if args.init_timeout_s <= 0:
+                raise ConfigError(f"--init-timeout-s {args.init_timeout_s:g} must be > 0 (seconds)")
+            distributed.initialize(dist, platform, timeout_s=args.init_timeout_s, devices_per_process=per_process)
         devices.check_config(cfg, platform)
         devices.start(platform)  # the backend starts here: a device that is not there is a message, not a trace
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except distributed.JoinError as e:  # a peer or the coordinator never came: a requeue elsewhere may help
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(distributed.JOIN_EXIT) from None
 
     import jax
 

@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     jax_only = ap.add_argument_group("jax_impl.train only (refused here)")
     for flags in (("--ckpt-keep", "--train.ckpt_keep"), ("--ckpt-dir", "--train.ckpt_dir"), ("--on-nonfinite",),
                   ("--max-skips",), ("--watchdog-factor",), ("--watchdog-min-s",), ("--watchdog-first-s",),
-                  ("--coordinator",), ("--num-processes",), ("--process-id",)):
+                  ("--coordinator",), ("--num-processes",), ("--process-id",), ("--init-timeout-s",)):
         jax_only.add_argument(*flags, dest="jaxonly_" + flags[0][2:].replace("-", "_"), help="JAX only")
     return ap
 
