@@ -10,9 +10,13 @@ Run directly, it is its own launcher: it checks the layout (bad input exits 2 be
 worker starts), writes the run directory (config.json, ds_config.json, the initial weights
 ``init_params.npz`` for ``--init jax``), then starts one worker process per mesh rank (world
 size = product of the mesh axes) with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, gloo on CPU
-and OMP_NUM_THREADS = cores / ranks. A worker that fails ends the run: the launcher kills
-its siblings and exits with that worker's traceback; the process group has a timeout
-(TORCH_REF_PG_TIMEOUT seconds, default 300), so a lost peer cannot hang the others.
+and OMP_NUM_THREADS = cores / ranks. A worker that fails ends the run: the launcher stops
+its siblings and exits with the first failure's traceback (a rank killed by a signal, else the first to
+exit non-zero: ``runtime/procgroup.py``); the process group has a timeout (TORCH_REF_PG_TIMEOUT seconds,
+default 300), so a lost peer cannot hang the others. SIGTERM/SIGINT to the launcher go on to every rank:
+each finishes its step, saves a DeepSpeed checkpoint and exits 128+signal, and the launcher exits the same
+only after all have. More local ranks than 4 per core, or than the machine's memory holds at 0.5 GiB each,
+are refused (``--oversubscribe`` starts them anyway). Bad data is found here, before any worker starts.
 
 On a cluster the same module runs under ``mpiexec`` / ``deepspeed`` / ``torchrun``: when a launcher
 gave this process a rank (``runtime.launcher_env``: RANK, PALS_RANKID, PMIX_RANK, PMI_RANK,
