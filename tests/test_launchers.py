@@ -222,3 +222,20 @@ def test_torch_launcher_blames_the_rank_killed_not_the_survivor(tmp_path):
     assert "rank 1 of 2 failed first (killed by SIGKILL)" in err, err[-3000:]
     assert "rank 0 of 2 failed first" not in err
     assert _gone(workers[0])
+
+
+@pytest.mark.slow
+def test_torch_workers_save_and_stop_when_their_launcher_is_killed(tmp_path):
+    """kill -9 on the launcher cannot be passed on; the workers get SIGTERM from the kernel instead
+    (PR_SET_PDEATHSIG), save, and exit rather than train on re-parented to init."""
+    launcher = _start_torch(tmp_path, "orphan")
+    _wait_for_steps(launcher, tmp_path / "orphan", 2)
+    workers = _workers_of(launcher.pid)
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 120
+    while not all(_gone(pid) for pid in workers.values()):
+        assert time.monotonic() < deadline, "workers outlived their killed launcher"
+        time.sleep(0.2)
+    last = json.loads((tmp_path / "orphan" / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert (tmp_path / "orphan" / "checkpoints" / "latest").read_text().strip() == f"global_step{last}"

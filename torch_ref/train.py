@@ -251,6 +251,7 @@ def _free_port() -> int:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     default_extensions_dir()
     if os.environ.get(RUN_DIR_ENV):  # a worker our launcher started: everything comes from the run dir
+        _stop_with_launcher()
         return run_worker(Path(os.environ[RUN_DIR_ENV]))
     try:
         ext = external_rank_env()
@@ -375,6 +376,19 @@ def launch(cfg: Config, layout: Layout, init: str = "jax", quiet: bool = False, 
     result = json.loads((run_dir / "result.json").read_text())
     rows = read_metrics(run_dir)
     return {"run_dir": run_dir, "losses": [row["loss"] for row in rows], "metrics": rows, **result}
+
+
+def _stop_with_launcher() -> None:
+    """A worker of our launcher gets SIGTERM (finish the step, save, exit) when the launcher dies, even by
+    SIGKILL, which it cannot pass on (Linux PR_SET_PDEATHSIG; elsewhere nothing changes)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the launcher died before the call above
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _codes(group: ProcessGroup) -> str:
