@@ -55,6 +55,7 @@ from aurora_data.filelist import FileListEntry, parse_file_list
 from aurora_data.indexed import IndexedDataset, index_file
 
 DEFAULT_SEED = 1234
+SPLIT_NAMES = ("training", "validation", "test")
 DEFAULT_SPLIT = "990,10,0"  # ALCF helpers.sh: --split=${TRAIN_SPLIT:-990},${VAL_SPLIT:-10},${TEST_SPLIT:-0}
 _CACHE_VERSION = 1
 
@@ -263,22 +264,27 @@ def _digest(path: Path) -> str:
 
 # ----------------------------------------------------------------------------- datasets
 class GPTDataset:
-    """One indexed file's training samples: ``doc_idx``, ``sample_idx`` and ``shuffle_idx`` over its split."""
+    """One indexed file's samples of one split (``split_index`` 0 train, 1 valid, 2 test): ``doc_idx``,
+    ``sample_idx`` and ``shuffle_idx`` over that split's documents, built as Megatron builds each split's."""
 
     def __init__(self, data: IndexedDataset, num_samples: int, seq_len: int, *, seed: int = DEFAULT_SEED,
-                 split: str = DEFAULT_SPLIT, cache: IndexCache | None = None, where: str = ""):
+                 split: str = DEFAULT_SPLIT, cache: IndexCache | None = None, where: str = "", split_index: int = 0):
         self.data, self.seq_len, self.num_samples = data, seq_len, num_samples
         label = f"{where}: {data.prefix}" if where else str(data.prefix)
         bounds = train_valid_test_split(split, len(data))
-        self.documents = np.arange(bounds[0], bounds[1], dtype=np.int32)
-        tokens = int(data.sizes[bounds[0]:bounds[1]].sum(dtype=np.int64))
+        first, last = bounds[split_index], bounds[split_index + 1]
+        name = SPLIT_NAMES[split_index]
+        self.documents = np.arange(first, last, dtype=np.int32)
+        tokens = int(data.sizes[first:last].sum(dtype=np.int64))
         if len(self.documents) == 0:
-            raise DataError(f"{label}: no training documents ({len(data)} documents, split {split!r})")
+            raise DataError(f"{label}: no {name} documents ({len(data)} documents, split {split!r})"
+                            + ("; give the valid split a larger share (data.split) or turn evaluation off "
+                               "(train.eval_interval=0)" if split_index else ""))
         if tokens < seq_len + 1:
-            raise DataError(f"{label}: the training split holds {tokens} tokens, fewer than one sample of "
+            raise DataError(f"{label}: the {name} split holds {tokens} tokens, fewer than one sample of "
                             f"seq_len+1 = {seq_len + 1}; use a shorter data.seq_len or a larger file")
         desc = {"kind": "gpt", "prefix": str(data.prefix), "idx_digest": _digest(index_file(data.prefix)),
-                "documents": bounds[:2], "num_samples": num_samples, "seq_len": seq_len, "seed": seed}
+                "documents": [first, last], "num_samples": num_samples, "seq_len": seq_len, "seed": seed}
         self.doc_idx, self.sample_idx, self.shuffle_idx = (cache or IndexCache(None)).load_or_build(
             desc, ("doc_idx", "sample_idx", "shuffle_idx"),
             lambda: build_index_mappings(data.sizes, self.documents, num_samples, seq_len, seed))
@@ -365,7 +371,7 @@ class BlendedGPTDataset:
 
     def __init__(self, file_list: str | Path, seq_len: int, num_samples: int, *, seed: int = DEFAULT_SEED,
                  vocab_size: int | None = None, split: str = DEFAULT_SPLIT, cache_dir: str | Path | None = None,
-                 blend_in_corpus: bool = True, shuffle_in_corpus: bool = True):
+                 blend_in_corpus: bool = True, shuffle_in_corpus: bool = True, split_index: int = 0):
         if seq_len < 1:
             raise DataError(f"seq_len={seq_len} must be >= 1")
         if num_samples < 1:
@@ -384,7 +390,7 @@ class BlendedGPTDataset:
         self.datasets = []
         for e, n in zip(self.entries, counts, strict=True):
             self.datasets.append(GPTDataset(IndexedDataset(e.prefix), n, seq_len, seed=seed, split=split,
-                                            cache=self.cache, where=e.where))
+                                            cache=self.cache, where=e.where, split_index=split_index))
         desc = {"kind": "blend", "files": [d.key for d in self.datasets], "weights": [e.weight for e in self.entries],
                 "corpora": [e.corpus for e in self.entries], "counts": counts, "seed": seed,
                 "blend_in_corpus": blend_in_corpus, "shuffle_in_corpus": shuffle_in_corpus}

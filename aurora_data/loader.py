@@ -14,6 +14,9 @@ if TYPE_CHECKING:
     from configs import Config
 
 
+SPLITS = {"train": 0, "valid": 1, "test": 2}
+
+
 def _index_cache_dir(file_list: Path, cache_dir: Path) -> Path:
     # Megatron keeps index maps in <data dir>/index-cache; shared read-only data falls back to our cache
     beside = file_list.resolve().parent / "index-cache"
@@ -21,7 +24,8 @@ def _index_cache_dir(file_list: Path, cache_dir: Path) -> Path:
     return beside if os.access(probe, os.W_OK) else cache_dir / "index-cache"
 
 
-def build_source(cfg: Config, num_samples: int | None = None, *, cache_dir: str | Path | None = None) -> TokenSource:
+def build_source(cfg: Config, num_samples: int | None = None, *, cache_dir: str | Path | None = None,
+                 split: str = "train") -> TokenSource:
     """The token stream of ``cfg.data``.
 
     ``synthetic``: ``SyntheticSource(vocab_size, seq_len, seed)``. ``indexed``: the blended GPT dataset of
@@ -33,12 +37,17 @@ def build_source(cfg: Config, num_samples: int | None = None, *, cache_dir: str 
     Index maps go to ``<file list dir>/index-cache`` (Megatron keeps them beside the data), or to
     ``<cache_dir>/index-cache`` when that directory is not writable. ``cfg.data.split`` is the
     train/valid/test split (ALCF's ``990,10,0`` by default). Bad data raises ``DataError`` here, before any step.
+    ``split="valid"``: the validation stream instead (Megatron's valid datasets over the same files and
+    weights; synthetic data: samples at positions no training run reaches); ``num_samples`` is then required.
     """
     from aurora_data.corpus import default_cache_dir, ensure_default_dataset
 
     d, vocab = cfg.data, cfg.model.vocab_size
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not one of {tuple(SPLITS)}")
     if d.source == "synthetic":
-        return SyntheticSource(vocab, d.seq_len, d.seed)
+        return SyntheticSource(vocab, d.seq_len, d.seed,
+                               offset=SyntheticSource.VALID_OFFSET * SPLITS[split])
     if d.source != "indexed":
         raise DataError(f"data.source={d.source!r} is not one of synthetic, indexed")
     if num_samples is None:
@@ -54,4 +63,4 @@ def build_source(cfg: Config, num_samples: int | None = None, *, cache_dir: str 
     else:
         file_list = ensure_default_dataset(cache, vocab)
     return BlendedGPTDataset(file_list, d.seq_len, num_samples, seed=d.seed, vocab_size=vocab,
-                             split=d.split, cache_dir=_index_cache_dir(file_list, cache))
+                             split=d.split, cache_dir=_index_cache_dir(file_list, cache), split_index=SPLITS[split])

@@ -40,11 +40,15 @@ class SyntheticSource:
     tokens replaced at random, so next-token loss falls quickly but never reaches zero.
     """
 
-    def __init__(self, vocab_size: int, seq_len: int, seed: int = 1234, noise: float = 0.05):
+    # the validation stream: samples far past any training position, so never ones the run trains on
+    VALID_OFFSET = 2**62
+
+    def __init__(self, vocab_size: int, seq_len: int, seed: int = 1234, noise: float = 0.05, offset: int = 0):
         self.vocab_size, self.seq_len, self.seed, self.noise = vocab_size, seq_len, seed, noise
+        self.offset = offset
 
     def _one(self, i: int) -> np.ndarray:
-        rng = np.random.Generator(np.random.Philox(key=[self.seed, i]))
+        rng = np.random.Generator(np.random.Philox(key=[self.seed, self.offset + i]))
         a = rng.integers(0, self.vocab_size)
         b = rng.integers(1, min(16, self.vocab_size))
         t = (a + b * np.arange(self.seq_len + 1)) % self.vocab_size

@@ -99,12 +99,17 @@ class ReportError(ValueError):
 
 
 # ----------------------------------------------------------------------------- runs
+# validation loss every N steps over M global batches of the valid split (--eval-interval / --eval-iters)
+EVAL_INTERVAL, EVAL_ITERS = 5, 2
+
+
 def run_config(preset: str, layout: LayoutSpec, dtype: str, steps: int, runs_dir: Path, framework: str,
-               repeat: int = 1) -> Config:
+               repeat: int = 1, evals: tuple[int, int] = (EVAL_INTERVAL, EVAL_ITERS)) -> Config:
     """A layout's run config; repeats after the first are the same runs under the names ``...-r2``, ``-r3``."""
     suffix = f"-r{repeat}" if repeat > 1 else ""
     return load_config(preset, {
-        **layout.overrides(), "train.dtype": dtype, "train.steps": steps, "train.wandb": "disabled",
+        **layout.overrides(), "train.eval_interval": evals[0], "train.eval_iters": evals[1],
+        "train.dtype": dtype, "train.steps": steps, "train.wandb": "disabled",
         "train.out_dir": str(runs_dir), "train.name": f"{layout.name}-{dtype}-{framework}{suffix}",
     })
 
@@ -183,7 +188,8 @@ def trainer_argv(framework: str, cfg: Config) -> list[str]:
     argv = [PYTHONS[framework], "-m", FRAMEWORKS[framework], "--preset", cfg.preset, "--quiet",
             "--mesh", p.mesh, "--zero", str(p.zero), "--gas", str(p.gas), "--mbs", str(p.mbs),
             "--steps", str(cfg.train.steps), "--dtype", cfg.train.dtype, "--wandb", "disabled",
-            "--out-dir", cfg.train.out_dir, "--name", cfg.train.name]
+            "--out-dir", cfg.train.out_dir, "--name", cfg.train.name,
+            f"--train.eval_interval={cfg.train.eval_interval}", f"--train.eval_iters={cfg.train.eval_iters}"]
     for f in fields(p):
         value = getattr(p, f.name)
         if f.name not in ("mesh", "zero", "gas", "mbs") and value != getattr(preset, f.name):
@@ -271,9 +277,20 @@ def parity(jax_run: Run, torch_run: Run, dtype: str) -> dict[str, Any]:
         last = min(10, len(lj))
         mean_rel = abs(statistics.fmean(lj[-last:]) - statistics.fmean(lt[-last:])) / abs(statistics.fmean(lt[-last:]))
         checks = {"every": max(rel) <= th["every"], "last10_mean": mean_rel <= th["last10_mean"]}
+    # validation loss: the steps where both evaluated, held to the every-step threshold of the training loss
+    val = [(r["step"], r["val_loss"], q.get("val_loss")) for r, q in zip(jax_run.metrics, torch_run.metrics,
+                                                                          strict=True) if r.get("val_loss") is not None]
+    if any(b is None for _, _, b in val):
+        raise ReportError(f"{jax_run.run_dir} has validation losses at steps {[s for s, _, _ in val]} that "
+                          f"{torch_run.run_dir} lacks")
+    val_rel = [abs(a - b) / abs(b) if b else math.inf for _, a, b in val]
+    if val:
+        checks["val_every"] = max(val_rel) <= th["every"]
     out = {
         "steps": len(lj), "first_rel": rel[0], "max_rel": max(rel), "rel": rel, "loss_jax": lj, "loss_torch": lt,
         "grad_norm_max_rel": max(grel) if grel else None, "thresholds": th, "checks": checks,
+        "val_steps": [s for s, _, _ in val], "val_jax": [a for _, a, _ in val], "val_torch": [b for _, _, b in val],
+        "val_rel": val_rel, "val_max_rel": max(val_rel) if val else None,
         "pass": all(checks.values()),
     }
     if dtype == "bf16":
@@ -324,17 +341,18 @@ def render(results: dict[str, Any]) -> str:
     if results.get("host"):
         lines += [f"Host: {results['host']}.", ""]
     lines += ["## Loss parity", "",
-              "| layout | dtype | steps | first rel Δloss | max rel Δloss | max rel Δgrad-norm | verdict |",
-              "|---|---|---|---|---|---|---|"]
+              "| layout | dtype | steps | first rel Δloss | max rel Δloss | max rel Δgrad-norm | max rel Δval-loss "
+              "| verdict |",
+              "|---|---|---|---|---|---|---|---|"]
     for _key, r in sorted(results["layouts"].items()):
         if "parity" in r:
             p = r["parity"]
             verdict = "PASS" if p["pass"] else "FAIL (" + ", ".join(k for k, v in p["checks"].items() if not v) + ")"
             lines.append(f"| {r['layout']} | {r['dtype']} | {p['steps']} | {_e(p['first_rel'])} | {_e(p['max_rel'])} "
-                         f"| {_e(p['grad_norm_max_rel'])} | {verdict} |")
+                         f"| {_e(p['grad_norm_max_rel'])} | {_e(p.get('val_max_rel'))} | {verdict} |")
     lines += ["", "Thresholds on |Δloss| / loss: " + "; ".join(
         f"{dt} — " + ", ".join(f"{THRESHOLD_TEXT[k]} ≤ {v:.0e}" for k, v in th.items()) for dt, th in THRESHOLDS.items()
-    ) + ".", ""]
+    ) + "; the validation loss (every evaluation) to the every-step threshold.", ""]
     lines += ["## Throughput", "",
               "TFLOPS/device under the Megatron-LM formula (legacy Megatron-DeepSpeed formula in its own column); "
               "step time is the median after 2 warm-up steps; startup is JAX compile or DeepSpeed init. Peak RSS "
@@ -381,6 +399,9 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
             steps = range(1, p["steps"] + 1)
             ax.plot(steps, p["loss_torch"], "-", lw=2.5, alpha=0.5, label="DeepSpeed")
             ax.plot(steps, p["loss_jax"], "--", lw=1.2, label="JAX")
+            if p.get("val_steps"):
+                ax.plot(p["val_steps"], p["val_torch"], "o", ms=6, alpha=0.5, label="DeepSpeed val")
+                ax.plot(p["val_steps"], p["val_jax"], "x", ms=5, label="JAX val")
             ax.set_title(r["layout"], fontsize=9)
             ax.set_xlabel("step")
         axes[0][0].set_ylabel("loss")
@@ -446,7 +467,8 @@ def print_table(results: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------- driver
 def compare_layout(preset: str, layout: LayoutSpec, dtype: str, steps: int, runs_dir: Path, rerun: bool,
-                   timeout_s: int, progress, run: bool = True, repeats: int = 1) -> dict[str, Any]:
+                   timeout_s: int, progress, run: bool = True, repeats: int = 1,
+                   evals: tuple[int, int] = (EVAL_INTERVAL, EVAL_ITERS)) -> dict[str, Any]:
     """Parity and throughput of one layout. With ``repeats`` > 1 the JAX and DeepSpeed runs alternate
     (jax, torch, jax, torch, ...), and the speed ratio is the median of the pairs' ratios: each pair ran
     back to back, so the machine's drift over the whole comparison cancels out of it."""
@@ -455,7 +477,7 @@ def compare_layout(preset: str, layout: LayoutSpec, dtype: str, steps: int, runs
         runs: dict[str, Run] = {}
         tag = f" (pair {rep}/{repeats})" if repeats > 1 else ""
         for fw in FRAMEWORKS:
-            cfg = run_config(preset, layout, dtype, steps, runs_dir, fw, rep)
+            cfg = run_config(preset, layout, dtype, steps, runs_dir, fw, rep, evals)
             run_dir = runs_dir / cfg.train.name
             if not run:
                 found = load_run(run_dir)  # names what is missing or corrupt
@@ -513,6 +535,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-run", dest="run", action="store_false",
                     help="run nothing: report only on the run directories under --runs (e.g. runs made elsewhere)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per trainer run")
+    ap.add_argument("--eval-interval", type=int, default=EVAL_INTERVAL,
+                    help="validation loss every N steps in both trainers (0: none); checked like the loss")
+    ap.add_argument("--eval-iters", type=int, default=EVAL_ITERS,
+                    help="global batches of the valid split per evaluation")
     ap.add_argument("--repeats", type=int, default=1,
                     help="run each layout's JAX/DeepSpeed pair N times, alternating; the ratio is the median of "
                          "the pairs' ratios (this machine drifts by tens of %% between minutes)")
@@ -569,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 results["layouts"][key] = compare_layout(args.preset, LAYOUTS[name], dtype, args.steps, runs_dir,
                                                          args.rerun, args.timeout, progress, args.run,
-                                                         args.repeats)
+                                                         args.repeats, (args.eval_interval, args.eval_iters))
             except (ReportError, ConfigError) as e:
                 results["layouts"][key] = {"layout": name, "dtype": dtype, "error": str(e)}
                 progress(f"{key}: not compared — {str(e).splitlines()[0]}")

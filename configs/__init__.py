@@ -11,6 +11,7 @@ from configs.schema import (
     TrainConfig,
     apply_overrides,
     config_from_dict,
+    eval_due,
     list_presets,
     load_config,
     load_preset,
@@ -18,6 +19,8 @@ from configs.schema import (
     mesh_devices,
     parse_mesh,
     parse_overrides,
+    valid_offset,
+    valid_samples,
     validate_config,
 )
 
@@ -32,6 +35,7 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "config_from_dict",
+    "eval_due",
     "list_presets",
     "load_config",
     "load_preset",
@@ -39,5 +43,7 @@ __all__ = [
     "mesh_devices",
     "parse_mesh",
     "parse_overrides",
+    "valid_offset",
+    "valid_samples",
     "validate_config",
 ]

@@ -21,7 +21,7 @@ from configs.schema import Config
 # every metrics.jsonl line has these keys (None where a framework cannot measure one)
 METRIC_KEYS = (
     "step", "loss", "lr", "grad_norm", "step_time_s", "samples_per_s", "tokens_per_s_per_device",
-    "tflops_per_device", "consumed_samples", "peak_mem_bytes",
+    "tflops_per_device", "consumed_samples", "peak_mem_bytes", "val_loss", "val_ppl",
 )
 CONFIG_SECTIONS = ("model", "parallel", "optim", "data", "train")
 

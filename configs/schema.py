@@ -171,6 +171,10 @@ class TrainConfig:
     log_every: int = 1
     wandb: str = "offline"  # online | offline | disabled
     platform: str = "auto"  # auto | cpu | gpu | xpu (Intel GPUs; "sycl" is an old spelling of xpu)
+    # validation loss on the valid split of data.split, as Megatron's --eval-interval / --eval-iters:
+    # every eval_interval steps, eval_iters global batches (0: no evaluation)
+    eval_interval: int = 0
+    eval_iters: int = 10
 
 
 @dataclass
@@ -218,6 +222,24 @@ def lr_at(cfg: Config, step: int) -> float:
         return o.lr
     ratio = min(max((step - warmup) / max(decay - warmup, 1e-9), 0.0), 1.0)
     return o.min_lr + (o.lr - o.min_lr) * 0.5 * (math.cos(math.pi * ratio) + 1.0)
+
+
+def eval_due(cfg: Config, step: int) -> bool:
+    """Whether the validation loss is computed after optimizer step ``step`` (1-based), as Megatron."""
+    n = cfg.train.eval_interval
+    return n > 0 and step % n == 0
+
+
+def valid_samples(cfg: Config, gbs: int) -> int:
+    """Samples of the valid split a run reads: Megatron's ``eval_iters * gbs * (train_iters // eval_interval + 1)``."""
+    t = cfg.train
+    return t.eval_iters * gbs * (t.steps // t.eval_interval + 1) if t.eval_interval > 0 else 0
+
+
+def valid_offset(cfg: Config, step: int, gbs: int) -> int:
+    """First valid-split sample of the evaluation after step ``step``: Megatron's ``consumed_valid_samples``
+    (each evaluation reads the next ``eval_iters`` batches; a resumed run finds the same ones)."""
+    return (step // cfg.train.eval_interval - 1) * cfg.train.eval_iters * gbs
 
 
 # ----------------------------------------------------------------------------- mesh strings
@@ -386,6 +408,11 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 def validate_config(cfg: Config, n_devices: int | None = None) -> None:
     """Check a config before anything is allocated or compiled."""
     m, p = cfg.model, cfg.parallel
+    if cfg.train.eval_interval < 0:
+        raise ConfigError(f"train.eval_interval={cfg.train.eval_interval} must be >= 0 (0: no validation loss)")
+    if cfg.train.eval_interval > 0 and cfg.train.eval_iters < 1:
+        raise ConfigError(f"train.eval_iters={cfg.train.eval_iters} must be >= 1 when train.eval_interval > 0 "
+                          "(batches per evaluation); or set train.eval_interval=0")
     for key in ("vocab_size", "hidden", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_pad_to"):
         if getattr(m, key) < 1:
             raise ConfigError(f"model.{key}={getattr(m, key)} must be >= 1")

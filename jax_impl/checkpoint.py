@@ -21,9 +21,12 @@ in ``meta`` are compared to the model's, so a wrong model is refused by name ins
     python -m jax_impl.checkpoint info   runs/r1/checkpoints
     python -m jax_impl.checkpoint export --to torch runs/r1/checkpoints model.pt    # torch_ref state_dict
     python -m jax_impl.checkpoint import --from torch model.pt out_ckpt --preset tiny  # params-only ckpt
+    python -m jax_impl.checkpoint import --from hf Llama-2-70b-hf out_ckpt --preset llama2-70b
+    python -m jax_impl.checkpoint export --to hf --dtype bfloat16 runs/r1/checkpoints hf_out
 
 The JAX <-> torch parameter mapping is the table in ``torch_ref/convert.py`` (transposes and layer
-stacking only, so both directions are exact in fp32).
+stacking only, so both directions are exact in fp32); the Hugging Face Llama names are in
+``weightmap/hf.py`` (config.json + safetensors, sharded or not; no transformers needed at run time).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from weightmap import hf
 
 FORMAT = 1
 ITEMS = ("params", "opt_state", "meta")
@@ -263,6 +268,29 @@ def restore(directory: str | Path, trainer, step: int | None = None) -> Restored
     return Restored(params, opt_state, meta, step, time.perf_counter() - t)
 
 
+def load_init(path: str | Path, trainer) -> tuple[Any, str]:
+    """``--init-from``: (params in ``trainer``'s shardings, a description) from a JAX checkpoint (its params
+    only, whatever optimizer state it holds) or a Hugging Face Llama directory (config.json checked against
+    the run's model config)."""
+    path = Path(path)
+    if (path / hf.CONFIG).is_file():
+        from torch_ref.convert import unflatten
+
+        where = str(path / hf.CONFIG)
+        hf.check_against(hf.model_fields(json.loads((path / hf.CONFIG).read_text()), where), trainer.cfg.model,
+                         where)
+        _, tensors = hf.read(path)
+        params = unflatten(hf.to_flat(tensors, trainer.cfg.model, np.float32, where=str(path)))
+
+        def put(a: np.ndarray, s: jax.ShapeDtypeStruct) -> jax.Array:
+            a = np.pad(a, [(0, t - n) for n, t in zip(a.shape, s.shape, strict=True)])  # ZeRO storage padding
+            return jax.device_put(a.astype(s.dtype), s.sharding)
+
+        return jax.tree.map(put, params, trainer.storage), f"Hugging Face checkpoint {path}"
+    r = restore(path, trainer)
+    return r.params, f"checkpoint step {r.step} in {path} (its params)"
+
+
 def restore_numpy(directory: str | Path, step: int | None = None) -> tuple[dict, dict[str, Any]]:
     """Params only, as host numpy arrays in their *logical* shapes (no mesh needed): for export."""
     ocp = _ocp()
@@ -361,13 +389,16 @@ def _cli(argv: list[str] | None = None) -> int:
     info = sub.add_parser("info", help="list the finished steps and the latest one's metadata")
     info.add_argument("ckpt")
     ex = sub.add_parser("export", help="a checkpoint's params -> torch_ref state_dict (.pt) or flat .npz")
-    ex.add_argument("--to", choices=("torch", "npz"), default="torch")
+    ex.add_argument("--to", choices=("torch", "npz", "hf"), default="torch",
+                    help="hf: a Hugging Face Llama directory (config.json + *.safetensors); OUT must not exist")
+    ex.add_argument("--dtype", choices=tuple(hf.DTYPES), default="float32", help="--to hf: the stored dtype")
     ex.add_argument("--step", type=int)
     ex.add_argument("ckpt")
     ex.add_argument("out")
-    im = sub.add_parser("import", help="torch_ref state_dict (.pt) -> params-only JAX checkpoint")
-    im.add_argument("--from", dest="src", choices=("torch",), default="torch")
-    im.add_argument("--preset", default="tiny", help="the model config the weights belong to (checked)")
+    im = sub.add_parser("import", help="torch_ref state_dict (.pt) or Hugging Face Llama dir -> params-only checkpoint")
+    im.add_argument("--from", dest="src", choices=("torch", "hf"), default="torch")
+    im.add_argument("--preset", help="the model config the weights belong to (checked); default: tiny for "
+                    "--from torch, the checkpoint's config.json for --from hf")
     im.add_argument("--step", type=int, default=0)
     im.add_argument("state")
     im.add_argument("out")
@@ -390,7 +421,14 @@ def _cli(argv: list[str] | None = None) -> int:
             from torch_ref.convert import jax_to_torch, save_npz
 
             params, meta = restore_numpy(args.ckpt, args.step)
-            if args.to == "npz":
+            if args.to == "hf":
+                from configs.schema import ModelConfig
+                from torch_ref.convert import flatten
+
+                model_cfg = ModelConfig(**meta["config"]["model"])
+                hf.write(args.out, hf.from_flat(flatten(params), model_cfg, hf.DTYPES[args.dtype]), model_cfg,
+                         args.dtype)
+            elif args.to == "npz":
                 save_npz(args.out, params)
             else:
                 import torch
@@ -398,6 +436,8 @@ def _cli(argv: list[str] | None = None) -> int:
                 torch.save(jax_to_torch(params), args.out)
             print(f"exported step {meta['step']} ({sum(a.size for a in jax.tree.leaves(params)):,} parameters) "
                   f"to {args.out}")
+        elif args.src == "hf":
+            _import_hf(args.state, args.out, args.preset, rest, args.step)
         else:
             import torch
 
@@ -405,6 +445,7 @@ def _cli(argv: list[str] | None = None) -> int:
             from configs.schema import parse_overrides
             from torch_ref.convert import torch_to_jax
 
+            args.preset = args.preset or "tiny"
             cfg = load_config(args.preset, parse_overrides(rest))
             state = _load_state_dict(args.state)
             want = torch_shapes(cfg.model)
@@ -416,10 +457,47 @@ def _cli(argv: list[str] | None = None) -> int:
             params = torch_to_jax(state)
             save_params_only(args.out, params, cfg, args.step)
             print(f"wrote params-only checkpoint step {args.step} to {args.out}")
-    except CheckpointError as e:
+    except (CheckpointError, hf.HFError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def hf_model_config(directory: str | Path, preset: str | None, overrides: list[str]):
+    """The Config to import an HF checkpoint with: the preset's (checked against config.json) or, without a
+    preset, ``tiny``'s train/optim/data sections around the model config.json describes."""
+    from configs import load_config
+    from configs.schema import parse_overrides
+
+    where = str(Path(directory) / hf.CONFIG)
+    try:
+        raw = json.loads(Path(where).read_text())
+    except FileNotFoundError as e:
+        raise hf.HFError(f"{directory}: no {hf.CONFIG} (a Hugging Face model directory has config.json + "
+                         "*.safetensors)") from e
+    except json.JSONDecodeError as e:
+        raise hf.HFError(f"{where}: not JSON ({e})") from e
+    fields = hf.model_fields(raw, where)
+    if preset:
+        cfg = load_config(preset, parse_overrides(overrides))
+        hf.check_against(fields, cfg.model, where)
+        return cfg
+    model = {"name": Path(directory).resolve().name, **fields}
+    return load_config("tiny", {**{f"model.{k}": v for k, v in model.items()}, **parse_overrides(overrides)})
+
+
+def _import_hf(src: str, out: str, preset: str | None, overrides: list[str], step: int) -> None:
+    from torch_ref.convert import unflatten
+
+    cfg = hf_model_config(src, preset, overrides)
+    _, tensors = hf.read(src)
+    flat = hf.to_flat(tensors, cfg.model, np.float32, where=src)
+    params = unflatten(flat)
+    save_params_only(out, params, cfg, step)
+    n = sum(a.size for a in tensors.values())
+    print(f"imported {len(tensors)} tensors ({n:,} parameters) from {src} as model '{cfg.model.name}' "
+          f"(vocab padded {cfg.model.vocab_size} -> {cfg.model.padded_vocab}); wrote params-only checkpoint "
+          f"step {step} to {out}")
 
 
 if __name__ == "__main__":

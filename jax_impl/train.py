@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from configs import Config, ConfigError, lr_at, mesh_devices, validate_config
+from configs import Config, ConfigError, eval_due, lr_at, mesh_devices, valid_offset, valid_samples, validate_config
 from configs.cli import layout_label, resolve_config, trainer_parser
 from configs.rundir import MetricsLog, make_run_dir, write_config, write_meta
 
@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a run directory, its checkpoints/ or one checkpoints/<step>; continues in that run "
                          "directory unless --name is given. auto: resume this --name's run if it has a checkpoint, "
                          "else start it fresh in that directory (a requeued job's first attempt)")
+    ck.add_argument("--init-from", metavar="CKPT|HF_DIR",
+                    help="start a new run (step 0, fresh optimizer state) from these weights: a checkpoint of "
+                         "this project (any run's, or one made by `python -m jax_impl.checkpoint import`) or a "
+                         "Hugging Face Llama directory (config.json + *.safetensors); with --resume auto only "
+                         "until the run has a checkpoint of its own")
     rs = ap.add_argument_group("failure handling")
     rs.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop",
                     help="non-finite loss or gradient norm: stop (exit 3, default) or skip the step's update")
@@ -84,6 +89,7 @@ class RunOptions:
     ckpt_keep: int = 2
     ckpt_dir: str | None = None
     resume: str | None = None
+    init_from: str | None = None
     on_nonfinite: str = "stop"
     max_skips: int = 10
     watchdog_factor: float = 10.0
@@ -267,6 +273,7 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
     from configs import hostmem
     from jax_impl import checkpoint, devices, distributed, resilience
     from jax_impl.sharding import activate, batch_sharding
+    from weightmap import hf
 
     opts = opts or RunOptions()
     mesh, p = trainer.mesh, cfg.parallel
@@ -281,7 +288,13 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
     # the others waiting in a collective for a process 0 that is gone
     error, run_dir, in_place = "", Path(), False
     try:
+        if opts.resume not in (None, "auto") and opts.init_from:
+            raise ConfigError("--resume PATH and --init-from exclude each other: --resume continues a run (its "
+                              "optimizer state and step), --init-from starts a new one from the weights "
+                              "(with --resume auto, --init-from applies only while the run has no checkpoint)")
         source = build_source(cfg, num_samples=cfg.train.steps * gbs)
+        valid = (build_source(cfg, num_samples=valid_samples(cfg, gbs), split="valid") if cfg.train.eval_interval
+                 else None)
         resume_from = _resume_source(cfg, opts)
         if lead:
             if opts.ckpt_dir:  # found unusable only at the first save, after compiling, otherwise
@@ -332,6 +345,15 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
         print(f"resumed from {resume_from} step {r.step} (consumed samples {consumed0}) in {restore_s:.2f}s")
         if lead and in_place:
             _truncate_metrics(run_dir, start_step)
+    elif opts.init_from:
+        try:
+            params, what = checkpoint.load_init(opts.init_from, trainer)
+        except (checkpoint.CheckpointError, hf.HFError) as e:
+            print(f"error: --init-from {opts.init_from}: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        with activate(mesh):
+            opt_state = jax.jit(trainer.tx.init, out_shardings=trainer.opt_sh)(params)
+        print(f"initial weights from {what}")
     else:
         params, opt_state = trainer.init_state()
     compile_s = time.perf_counter() - t0
@@ -344,6 +366,7 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
             "device_kind": jax.devices()[0].device_kind, "mesh": dict(mesh.shape), "layout": layout_label(cfg),
             "zero": p.zero, "dtype": cfg.train.dtype, "gbs": gbs, "compile_s": compile_s,
             "compiled_memory": compiled_memory(compiled),
+            "init_from": opts.init_from,
             "resumed_from": None if restored_meta is None else {
                 "path": str(resume_from), "step": restored_meta["step"], "mesh": restored_meta["mesh"],
                 "restore_s": restore_s},
@@ -368,6 +391,15 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
             last_saved, last_save_t = at, time.monotonic()
             if lead and not quiet:
                 print(f"checkpoint step {at} -> {ckpt_dir} (train loop blocked {dt:.2f}s; written in the background)")
+
+    def evaluate(at: int) -> float:
+        """Validation loss after step ``at``: the mean over ``eval_iters`` global batches of the valid split."""
+        first = valid_offset(cfg, at, gbs)
+        total = 0.0
+        for i in range(cfg.train.eval_iters):
+            vb = distributed.local_batch(valid, batch_sharding(mesh), first + i * gbs, p.mbs, p.gas, dp)
+            total += float(trainer.eval_step(params, vb))
+        return total / cfg.train.eval_iters
 
     bar = tqdm(range(start_step, cfg.train.steps), desc="train", unit="step", disable=quiet, leave=False)
     consumed = consumed0
@@ -402,6 +434,9 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
                 "tflops_per_device": sps * flops_per_sample / n_dev / 1e12, "consumed_samples": consumed + gbs,
                 "peak_mem_bytes": peak_kib * 1024,  # KiB; the largest process's
             }
+            if valid is not None and eval_due(cfg, step + 1):
+                row["val_loss"] = evaluate(step + 1)
+                row["val_ppl"] = math.exp(row["val_loss"]) if row["val_loss"] < 700 else None
             if log is not None:
                 log.write(row)
             if not finite:
@@ -425,8 +460,9 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
                 in_a_row = 0
             if ckpt.due(step + 1) or wall_due:
                 save(step + 1, consumed + gbs)
-            if lead and ((step + 1) % cfg.train.log_every == 0 or step == 0):
-                msg = (f"step {step + 1:>5} | loss {loss:.4f} | lr {row['lr']:.3e} | gnorm {gnorm:.3f} | "
+            if lead and ((step + 1) % cfg.train.log_every == 0 or step == 0 or "val_loss" in row):
+                val = f"val {row['val_loss']:.4f} | " if "val_loss" in row else ""
+                msg = (f"step {step + 1:>5} | loss {loss:.4f} | {val}lr {row['lr']:.3e} | gnorm {gnorm:.3f} | "
                        f"{dt * 1e3:.0f} ms | {sps:.2f} samples/s | {row['tokens_per_s_per_device']:.0f} tok/s/dev | "
                        f"{row['tflops_per_device']:.4f} TFLOPS/dev")
                 (bar.write if not quiet else print)(msg)

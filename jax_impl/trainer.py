@@ -232,6 +232,18 @@ class Trainer:
             donate_argnums=(0, 1),
         )
 
+    def _eval_loss(self, params: dict, batch: jax.Array) -> jax.Array:
+        with stored_as(self.plan):
+            if pipeline.stages(self.mesh.shape) > 1:  # [pipeline] the same schedule; its gradients are dropped
+                return pipeline.loss_and_grads(self.cfg, self.mesh, params, batch)[0]
+            return jnp.mean(jax.lax.map(partial(self.loss_fn, params), batch))  # mean over the microbatches
+
+    @functools.cached_property
+    def eval_step(self):
+        """(params, batch) -> the batch's mean loss, no update: the validation loss of one global batch."""
+        return jax.jit(self._eval_loss, compiler_options=devices.compiler_options(),
+                       in_shardings=(self.param_sh, batch_sharding(self.mesh)), out_shardings=replicated(self.mesh))
+
     def batch_abstract(self) -> jax.ShapeDtypeStruct:
         p = self.cfg.parallel
         dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]

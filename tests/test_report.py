@@ -119,11 +119,15 @@ def test_real_jax_and_deepspeed_runs_pass_fp32_parity_and_a_changed_lr_fails(tmp
     """Both real trainers on tiny, ZeRO-1 and ZeRO-3, 5 steps each; then JAX with twice the lr."""
     runs, out = tmp_path / "runs", tmp_path / "out"
     code = report.main(["--layouts", "zero1,zero3", "--dtype", "fp32", "--steps", "5", "--runs", str(runs),
-                        "--out", str(out), "--assert"])
+                        "--out", str(out), "--assert", "--eval-interval", "2", "--eval-iters", "2"])
     data = json.loads((out / "report.json").read_text())
     assert code == 0, {k: v.get("error") or v["parity"]["rel"] for k, v in data["layouts"].items()}
     for key in ("zero1/fp32", "zero3/fp32"):
-        assert data["layouts"][key]["parity"]["max_rel"] <= 1e-4
+        par = data["layouts"][key]["parity"]
+        assert par["max_rel"] <= 1e-4
+        # validation loss at steps 2 and 4 in both trainers, held to the every-step threshold
+        assert par["val_steps"] == [2, 4] and par["checks"]["val_every"] and par["val_max_rel"] <= 1e-6
+    assert "max rel Δval-loss" in (out / "report.md").read_text()
     # the same JAX run with a doubled learning rate: parity must fail, and pairing must refuse it
     other = tmp_path / "other"
     jax_main(["--preset", "tiny", "--mesh", "data=2", "--zero", "1", "--steps", "5", "--wandb", "disabled",
@@ -181,17 +185,18 @@ def test_a_run_that_ignored_a_layout_setting_is_refused(tmp_path, monkeypatch):
 def test_pipeline_pair_runs_jax_as_two_processes(tmp_path):
     runs, out = tmp_path / "runs", tmp_path / "out"
     code = report.main(["--layouts", "pp2-zero1", "--dtype", "fp32", "--steps", "3", "--runs", str(runs),
-                        "--out", str(out), "--assert"])
+                        "--out", str(out), "--assert", "--eval-interval", "1", "--eval-iters", "1"])
     data = json.loads((out / "report.json").read_text())["layouts"]["pp2-zero1/fp32"]
     assert code == 0, data.get("error") or data["parity"]["rel"]
+    assert data["parity"]["val_steps"] == [1, 2, 3]  # DeepSpeed's eval_batch vs the JAX pipeline's loss
     meta = json.loads((runs / "pp2-zero1-fp32-jax" / "meta.json").read_text())
     assert meta["processes"] == 2 and meta["devices"] == 2
     assert meta["host_allocator"] == hostmem.child_allocator()  # report.execute
     assert (runs / "pp2-zero1-fp32-jax.1.log").is_file()  # process 1's own log
     assert report.reusable(runs / "pp2-zero1-fp32-jax", report.run_config(
-        "tiny", report.LAYOUTS["pp2-zero1"], "fp32", 3, runs, "jax"), processes=2)
+        "tiny", report.LAYOUTS["pp2-zero1"], "fp32", 3, runs, "jax", evals=(1, 1)), processes=2)
     assert not report.reusable(runs / "pp2-zero1-fp32-jax", report.run_config(
-        "tiny", report.LAYOUTS["pp2-zero1"], "fp32", 3, runs, "jax"), processes=1)  # made by 2 processes
+        "tiny", report.LAYOUTS["pp2-zero1"], "fp32", 3, runs, "jax", evals=(1, 1)), processes=1)  # made by 2 processes
 
 
 def test_execute_starts_ranks_as_a_launcher_would_and_drops_the_callers_launcher(tmp_path, monkeypatch):

@@ -50,6 +50,14 @@ class Runner:
     def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, float]:
         raise NotImplementedError
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def eval_loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The rank's mean microbatch loss of a (gas, mbs, seq+1) block: no gradients, no update."""
+        with torch.no_grad():
+            return torch.stack([cross_entropy(self.forward(m[:, :-1]), m[:, 1:]).float() for m in tokens]).mean()
+
 
 def _device() -> str:
     from deepspeed.accelerator import get_accelerator
@@ -73,6 +81,9 @@ class DeepSpeedRunner(Runner):
         opt = make_adamw(cfg, list(model.named_parameters()))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=conf, mpu=mpu)
         self.model = self.engine.module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.engine(x)  # the engine gathers ZeRO-3 partitions and casts to the compute dtype
 
     def step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, float]:
         losses = []
@@ -109,6 +120,11 @@ class PipelineRunner(Runner):
         # the caller's DP all-reduce then leaves it unchanged
         loss = self.engine.train_batch(data_iter=it)
         return loss.detach().float(), _norm(self.engine.get_global_grad_norm())
+
+    def eval_loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        # the same schedule forward only; the GAS-mean loss, averaged over DP and sent to every stage
+        it = iter([(m[:, :-1].contiguous(), m[:, 1:].contiguous()) for m in tokens])
+        return self.engine.eval_batch(data_iter=it).detach().float()
 
 
 def _norm(x: Any) -> float:

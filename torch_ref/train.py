@@ -63,7 +63,7 @@ from pathlib import Path
 from typing import Any
 
 from aurora_data import DataError, build_source
-from configs import Config, ConfigError, config_from_dict, lr_at
+from configs import Config, ConfigError, config_from_dict, eval_due, lr_at, valid_offset, valid_samples
 from configs.cli import resolve_config as resolve_cli
 from configs.cli import trainer_parser
 from configs.hostmem import allocator_env
@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--init", choices=("jax", "torch"), default="jax",
                     help="jax: jax_impl.model.init_params(seed), the JAX run's exact weights (default); "
                          "torch: torch_ref.model.init_torch (same stds, torch's random stream)")
+    ap.add_argument("--init-from", metavar="CKPT|HF_DIR",
+                    help="start from these weights instead of --init: a jax_impl checkpoint (read by "
+                         "`python -m jax_impl.checkpoint export`, in a subprocess) or a Hugging Face Llama directory "
+                         "(config.json + *.safetensors); with --resume auto only until the run has a checkpoint")
     ap.add_argument("--dry-run", action="store_true", help="print the layout and the DeepSpeed config; start nothing")
     ap.add_argument("--quiet", action="store_true", help="print only the first and last step")
     ap.add_argument("--oversubscribe", action="store_true",
@@ -268,6 +272,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if ext is None and not args.dry_run and not args.oversubscribe:
             check_local_ranks(layout.world_size, cfg.parallel.mesh)
         resume, fresh_in_place = resolve_resume(cfg, args.resume)
+        if args.init_from and args.resume not in (None, "auto"):
+            raise ConfigError("--resume RUN_DIR and --init-from exclude each other: --resume continues a run, "
+                              "--init-from starts a new one from the weights")
+        if args.init_from and not Path(args.init_from).exists():
+            raise ConfigError(f"--init-from {args.init_from}: no such checkpoint or directory")
+        init = "file" if args.init_from and not resume else args.init
         wants_ckpt = args.ckpt_every or args.ckpt_every_s or resume
         if wants_ckpt and not layout.engine.startswith("deepspeed"):
             raise ConfigError(f"checkpoints are implemented for the DeepSpeed engines; layout {layout.label} runs "
@@ -282,14 +292,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(installed_ds_config(cfg), indent=2))
         return {"layout": layout, "ds_config": installed_ds_config(cfg)}
     ckpt = {"ckpt_every": args.ckpt_every or 0, "ckpt_every_s": args.ckpt_every_s or 0.0, "resume": resume,
-            "fresh_in_place": fresh_in_place, "platform": platform}
+            "fresh_in_place": fresh_in_place, "platform": platform,
+            "init_from": str(Path(args.init_from).resolve()) if init == "file" else None}
     if resume and not (Path(resume) / "checkpoints" / "latest").exists():
         print(f"error: --resume {resume}: no DeepSpeed checkpoint there (checkpoints/latest is missing)",
               file=sys.stderr)
         raise SystemExit(2)
     if ext is not None:
         try:
-            return run_worker(None, cfg=cfg, init=args.init, quiet=args.quiet, ckpt=ckpt)
+            return run_worker(None, cfg=cfg, init=init, quiet=args.quiet, ckpt=ckpt)
         except (RunDirError, DataError) as e:  # a configuration or data problem: no retry will help
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
@@ -299,11 +310,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         # read the data here, once, before any worker starts: bad data is a message (and the index maps the
         # workers then load are built by one process, not raced for by all)
-        build_source(cfg, num_samples=cfg.train.steps * cfg.parallel.mbs * cfg.parallel.gas * layout.dp)
+        gbs = cfg.parallel.mbs * cfg.parallel.gas * layout.dp
+        build_source(cfg, num_samples=cfg.train.steps * gbs)
+        if cfg.train.eval_interval:
+            build_source(cfg, num_samples=valid_samples(cfg, gbs), split="valid")
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    return launch(cfg, layout, init=args.init, quiet=args.quiet, ckpt=ckpt)
+    try:
+        return launch(cfg, layout, init=init, quiet=args.quiet, ckpt=ckpt)
+    except InitFromError as e:
+        print(f"error: --init-from {args.init_from}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def prepare_run_dir(cfg: Config, layout: Layout, init: str, quiet: bool, ckpt: dict[str, Any] | None = None) -> Path:
@@ -331,9 +349,48 @@ def prepare_run_dir(cfg: Config, layout: Layout, init: str, quiet: bool, ckpt: d
         from torch_ref.convert import jax_init_params, save_npz
 
         save_npz(run_dir / "init_params.npz", jax_init_params(cfg.model, cfg.train.seed))
+    elif init == "file":
+        write_init_from(Path(ckpt["init_from"]), cfg, run_dir / "init_params.npz")
     (run_dir / "launch.json").write_text(json.dumps({"init": init, "quiet": quiet, **ckpt,
                                                      "init_weights_s": time.perf_counter() - t}) + "\n")
     return run_dir
+
+
+class InitFromError(ValueError):
+    """--init-from weights that cannot be read or do not fit the model; the message says why."""
+
+
+def write_init_from(src: Path, cfg: Config, out: Path) -> None:
+    """``--init-from``: the weights as the flat .npz the workers read shard by shard (``NpzInit``).
+
+    A Hugging Face directory is read here (numpy + safetensors); a jax_impl checkpoint by the JAX CLI in a
+    subprocess, so this package never imports JAX (an environment without it gets a message saying so)."""
+    from torch_ref.convert import save_npz, unflatten
+    from weightmap import hf
+
+    if (src / hf.CONFIG).is_file():
+        try:
+            where = str(src / hf.CONFIG)
+            hf.check_against(hf.model_fields(json.loads((src / hf.CONFIG).read_text()), where), cfg.model, where)
+            _, tensors = hf.read(src)
+            save_npz(out, unflatten(hf.to_flat(tensors, cfg.model, where=str(src))))
+        except (hf.HFError, json.JSONDecodeError) as e:
+            raise InitFromError(str(e)) from None
+        return
+    cmd = [sys.executable, "-m", "jax_impl.checkpoint", "export", "--to", "npz", str(src), str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    if r.returncode != 0:
+        why = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+        if "No module named 'jax" in r.stderr:
+            why = ("reading a jax_impl checkpoint needs JAX, which this environment lacks; export it where JAX "
+                   "is installed (`python -m jax_impl.checkpoint export --to hf CKPT DIR`) and pass DIR")
+        raise InitFromError(why)
+    from torch_ref.weights import NpzInit
+
+    try:
+        NpzInit(cfg.model, out)  # checks every array's shape against the model (headers only)
+    except (ValueError, KeyError) as e:
+        raise InitFromError(f"its parameters do not fit model '{cfg.model.name}': {e}") from None
 
 
 def launch(cfg: Config, layout: Layout, init: str = "jax", quiet: bool = False, ckpt: dict[str, Any] | None = None
@@ -511,7 +568,21 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
     gbs = p.mbs * p.gas * layout.dp
     flops_per_sample = cfg.model.flops_per_sample(seq)
     source = build_source(cfg, num_samples=cfg.train.steps * gbs)
+    valid = build_source(cfg, num_samples=valid_samples(cfg, gbs), split="valid") if cfg.train.eval_interval else None
     dp_rank = layout.dp_rank(rank)
+
+    def rank_tokens(src, first: int) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(
+            rank_slice(global_batch(src, first, p.mbs, p.gas, layout.dp), dp_rank, p.mbs))).long().to(dev)
+
+    def evaluate(at: int) -> float:
+        """Validation loss after step ``at``: mean over ``eval_iters`` global batches of the valid split."""
+        first = valid_offset(cfg, at, gbs)
+        total = sum(float(runner.eval_loss(rank_tokens(valid, first + i * gbs))) for i in range(cfg.train.eval_iters))
+        v = torch.tensor([total / cfg.train.eval_iters], dtype=torch.float64, device=dev)
+        dist.all_reduce(v)  # as the training loss: the mean over ranks is the global batches' loss
+        return float(v.cpu()[0]) / world
+
     ckpt_dir, every = run_dir / "checkpoints", int(ckpt.get("ckpt_every") or 0)
     every_s = float(ckpt.get("ckpt_every_s") or 0.0)
     engine = getattr(runner, "engine", None)
@@ -551,8 +622,7 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
     last_save_t = time.monotonic()
     for step in range(start_step, cfg.train.steps):
         consumed = consumed0 + (step - start_step) * gbs
-        tokens = torch.from_numpy(np.ascontiguousarray(
-            rank_slice(global_batch(source, consumed, p.mbs, p.gas, layout.dp), dp_rank, p.mbs))).long().to(dev)
+        tokens = rank_tokens(source, consumed)
         lr = runner.set_lr(lr_at(cfg, step))
         if fault == (rank, step + 1):
             raise RuntimeError(f"injected fault ({FAULT_ENV}) on rank {rank} at step {step + 1}")
@@ -571,16 +641,20 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
         dt = time.perf_counter() - t
         loss = float(stats[0]) / world
         losses.append(loss)
+        val = evaluate(step + 1) if valid is not None and eval_due(cfg, step + 1) else None
         if log is not None:
             sps = gbs / dt
             row = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": gnorm, "step_time_s": dt,
                    "samples_per_s": sps, "tokens_per_s_per_device": sps * seq / world,
                    "tflops_per_device": sps * flops_per_sample / world / 1e12, "consumed_samples": consumed + gbs,
                    "peak_mem_bytes": int(peak[0])}
+            if val is not None:
+                row.update(val_loss=val, val_ppl=math.exp(val) if val < 700 else None)
             log.write(row)
-            if not quiet or step in (0, cfg.train.steps - 1):
-                print(f"step {step + 1:>5} | loss {loss:.6f} | lr {lr:.3e} | gnorm {gnorm:.4f} | {dt * 1e3:.0f} ms | "
-                      f"{sps:.2f} samples/s | {row['tokens_per_s_per_device']:.0f} tok/s/dev | "
+            if not quiet or step in (0, cfg.train.steps - 1) or val is not None:
+                vs = f" | val {val:.6f}" if val is not None else ""
+                print(f"step {step + 1:>5} | loss {loss:.6f}{vs} | lr {lr:.3e} | gnorm {gnorm:.4f} | "
+                      f"{dt * 1e3:.0f} ms | {sps:.2f} samples/s | {row['tokens_per_s_per_device']:.0f} tok/s/dev | "
                       f"{row['tflops_per_device']:.5f} TFLOPS/dev | peak {peak[0] / 2**20:.0f} MiB", flush=True)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss became {loss} at step {step + 1}; run {run_dir}")

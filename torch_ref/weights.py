@@ -183,8 +183,8 @@ def weight_source(cfg: ModelConfig, init: str, seed: int, run_dir: str | Path | 
     """The initial weights of ``--init torch`` (from the seed) or ``--init jax`` (the run directory's .npz)."""
     if init == "torch":
         return TorchInit(cfg, seed)
-    if init == "jax":
+    if init in ("jax", "file"):  # file: --init-from's weights, written there by the launcher
         if run_dir is None:
-            raise ValueError("--init jax reads init_params.npz from the run directory; none was given")
+            raise ValueError(f"--init {init} reads init_params.npz from the run directory; none was given")
         return NpzInit(cfg, Path(run_dir) / "init_params.npz")
-    raise ValueError(f"--init {init!r}: expected 'torch' or 'jax'")
+    raise ValueError(f"--init {init!r}: expected 'torch', 'jax' or 'file'")
