@@ -103,7 +103,7 @@ def lever(name: str, value: str) -> Iterator[None]:
         from jax_impl import model
         jnp = jax.numpy
 
-        # the attention core as it was before session 5: einsums on the sequence-major q, k, v, which left
+        # the attention core before the head-major layout: einsums on the sequence-major q, k, v, which left
         # XLA:CPU to transpose score-sized operands and results (same numbers, bit for bit)
         def probs_of(q, k, q_offset):
             cq, s, hd = q.shape[1], k.shape[1], q.shape[-1]

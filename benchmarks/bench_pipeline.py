@@ -4,7 +4,8 @@
     python benchmarks/bench_pipeline.py --stages 2 --schedule 1f1b --out reports/pp_1f1b.png
 
 A step of m microbatches on p stages takes m + p - 1 ticks (1F1B: 2(m + p - 1) half-ticks), and in
-this SPMD pipeline every tick costs the same -- bubble ticks compute on placeholder data -- so the
+this SPMD pipeline every tick costs about the same -- scanned ticks compute bubbles on placeholder data,
+unrolled ones (models of <= 8 layers) skip idle stages but wait for the busy ones -- so the
 model predicts step time = t_tick (m + p - 1), i.e. time per microbatch proportional to (m + p - 1) / m.
 t_tick is fitted (least squares through the origin) over the sweep. On this project's CPU machines the
 p "devices" share a few cores, so absolute numbers say nothing about accelerators; the shape does.

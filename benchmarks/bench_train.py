@@ -12,7 +12,7 @@ their medians.
 The script re-executes itself once on the trainers' host allocator (configs/hostmem.py: tcmalloc where
 installed). Under glibc's reuse policy (the fallback) the heap grows by one XLA temp buffer (68-128 MiB) on
 many of the first ~10 steps and, with 8 devices, on one step in 3-9 after that, every new page faulting in
-(docs/performance.md §12-13); under tcmalloc RSS is flat from the first step. ``--warmup`` (default 12)
+(docs/performance.md, "The host allocator"); under tcmalloc RSS is flat from the first step. ``--warmup`` (default 12)
 steps run untimed first either way.
 """
 

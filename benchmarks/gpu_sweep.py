@@ -1,4 +1,4 @@
-"""Several one-GPU benchmark variants, each in its own process, and one table: for a lent GPU's short lease.
+"""Several one-GPU benchmark variants, each in its own process, and one table: for a short time on a GPU.
 
     python benchmarks/gpu_sweep.py [--out-dir DIR] [--steps 10] [--variants jax,jax:mm=fp32,torch,...]
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The real trainer CLI end to end on one device: 30 steps with a checkpoint at 20, then a resume from step 20;
-# prints whether steps 21-30 repeat bit for bit, and the run's step time. Used on a lent GPU (gpu-1b preset):
+# prints whether steps 21-30 repeat bit for bit, and the run's step time. Used on one GPU (gpu-1b preset):
 #   bash benchmarks/train_resume_check.sh            RUNS=/tmp/r PRESET=tiny bash benchmarks/train_resume_check.sh
 set -euo pipefail
 R=${RUNS:-/tmp/r}; P=${PRESET:-gpu-1b}; extra="$*"  # more CLI arguments, given to both runs

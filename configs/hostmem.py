@@ -15,8 +15,8 @@ policy, so the two frameworks are measured under the same allocator. ``AURORA_HO
 ``system``
     glibc's defaults.
 
-Why tcmalloc (docs/performance.md §13): XLA:CPU allocates each execution's temporaries (~128 MiB per device
-for the bench step) with ``posix_memalign(64, n)``, which glibc 2.36 serves by asking its heap for
+Why tcmalloc (docs/performance.md, "The host allocator"): XLA:CPU allocates each execution's temporaries
+(~128 MiB per device for the bench step) with ``posix_memalign(64, n)``, which glibc 2.36 serves by asking its heap for
 ``n + 64 + 32`` bytes. A freed temp buffer between two live ones leaves a hole of exactly its own size, too
 small for the next step's identical request, so under ``reuse`` the heap grows by a temp buffer at a time
 (an 8-device process: 1.5 -> 4.9 GB RSS over 40 steps, still growing). tcmalloc reuses the freed spans: RSS

@@ -1,55 +1,17 @@
-"""Pipeline parallelism over the ``pipeline`` mesh axis: GPipe and 1F1B schedules.
+"""Pipeline parallelism over the ``pipeline`` mesh axis: GPipe (plain or circular) and 1F1B schedules.
 
-The stacked ``layers`` axis is sharded over ``pipeline`` (``sharding.RULES``), so stage ``s`` of
-``p`` stores layers ``s*L/p .. (s+1)*L/p - 1`` only. The step runs inside
-``jax.shard_map(..., axis_names={"pipeline"})``: the pipeline axis is manual (every stage runs the
-same program on its own layer slice and hands activations to its neighbour with ``lax.ppermute``)
-while ``data``/``fsdp``/``tensor`` stay automatic, so the compiler still splits each microbatch over
-the data axes and each weight over ``tensor`` exactly as in the non-pipelined step.
-
-Placement: the embedding runs on stage 0. Final norm + head + loss run, in GPipe with
-``parallel.pipeline_head = "split"`` (the default), on *every* stage for the microbatch leaving the last
-one: it is summed over the stages (one activation-sized all-reduce per tick), each stage computes the
-logits of its vocabulary columns ``s, s+p, s+2p, ...`` and the log-partition and gold logit meet in a
-(batch, seq)-sized all-gather and psum. Without it the last stage did the head alone, in the forward
-ticks, while the others waited (a 2-stage bench step: 4 % faster split). With ``"last"`` (and in 1F1B)
-they run on stage ``p-1`` only (``lax.cond`` on the stage index). Their weights are *stored* on every
-stage (replicated over ``pipeline``, sharded over ``tensor``): 2 V h / TP parameters per device,
-0.26 B for the 70B at TP=2, i.e. 0.98 GiB fp32 params + 0.98 grads + 0.33 ZeRO-1 states = 2.3 GiB
-per device (4.2 GiB at PP=16, TP=1), against 15.9 GiB of params for the stage's own layers -- the
-price of keeping the schedule free of extra collectives (see ``report_placement``).
-
-Schedules (``parallel.pipeline_schedule``), with m = GAS microbatches of MBS samples per data rank:
-
-* ``gpipe``: a loop over ``m + p - 1`` ticks, each stage runs its layers on the activation
-  received in the previous tick; ``jax.grad`` of that loop is the backward pipeline (all forwards,
-  then all backwards). Residuals of all ``m + p - 1`` ticks stay alive until the backward. The last
-  stage runs head + loss and their backward in the tick a microbatch leaves it (see ``_gpipe``), so
-  neither logits nor a copy of the head weight are kept per tick. A model whose layers are unrolled
-  (``ParallelConfig.layer_unroll``) unrolls the ticks as a Python loop: each tick then knows which
-  stages hold a real microbatch, and ticks where none leaves run no head at all (bench pp2: -8 % step
-  time in fp32, -14 % in bf16 against the same ticks as an unrolled ``lax.scan``); in the p - 1 fill
-  and p - 1 drain ticks the stages without a microbatch skip their layers (a ``lax.cond`` on the
-  stage, so their backward is skipped too) and leave the cores to the busy stages' intra-op threads
-  (bench pp2, 2 processes: step time B/A median 0.92 over 9 fp32 rounds, 0.84-0.85 in bf16;
-  docs/performance.md §11); larger models ``lax.scan`` them.
-  ``parallel.pipeline_repeats`` = v > 1 makes it circular (interleaved): each stage holds v chunks of
-  L/(p v) layers (logical stages s, s+p, ...: chunk r of the stored stack's v contiguous chunks,
-  sharded over the stages, see ``_chunks``), a microbatch goes round the ring v times, and
-  ``m v + p - 1`` ticks of 1/v the work replace ``m + p - 1``: the bubble shrinks from
-  (p-1)/(m+p-1) to (p-1)/(m v+p-1). Price: the layer exchange of ``_chunks`` (and of the
-  gradients) per step, one activation buffer of m microbatches, and m >= p.
-* ``1f1b``: an explicit schedule of ``2(m + p - 1)`` slots. Stage ``s`` runs the forward of
-  microbatch ``i`` in slot ``2i + s`` and its backward in slot ``2i + 2p - 1 - s`` (PipeDream-flush
-  order: ``p - s - 1`` warm-up forwards, then alternating F/B). Forwards use ``jax.vjp`` and park
-  the vjp residuals (not the weights) in a ring of ``p`` slots; a backward takes them out again. So
-  at most ``p - s`` microbatches' activations are alive on stage ``s``, whatever ``m`` is.
-
-``parallel.remat`` checkpoints each layer in both schedules (residuals become the layer inputs). Without it each
-layer still runs under ``jax.checkpoint``, with a policy that saves everything but the weights
-(``_all_but_weights``): what a schedule keeps for the backward (1F1B's ring, the fill/drain ticks' cond outputs)
-is then activations only, never a copy of the stage's weights (``_StageVjp``; bench pp2 bf16 GPipe: XLA temp
-209 -> 164 MiB, 1F1B 274 -> 184 MiB).
+Stage ``s`` of ``p`` stores only its contiguous slice of the stacked ``layers`` (``sharding.RULES``). The step
+runs inside ``jax.shard_map`` with only ``pipeline`` manual, so stages hand activations on with ``lax.ppermute``
+while the compiler keeps splitting each microbatch over ``data``/``fsdp`` and each weight over ``tensor``.
+The embedding runs on stage 0; GPipe's head + loss are split over all stages by vocabulary columns
+(``parallel.pipeline_head="split"``) so the last stage does not do them alone while the others wait; ``"last"``
+and 1F1B keep them on the last stage. Their weights are stored on every stage: no extra collective in the
+schedule, at 2 V h / TP parameters per device (``report_placement``).
+GPipe is ``jax.grad`` of a tick loop; 1F1B is written out with ``jax.vjp`` and a ring of ``p`` residual slots,
+so at most ``p - s`` microbatches' activations live on stage ``s``. Every layer runs under ``jax.checkpoint``
+with a policy that never saves the weights (``_all_but_weights``, ``_StageVjp``): what a schedule keeps for
+the backward (1F1B's ring, the skipped fill/drain ticks) must be activations, not a copy of the stage.
+Schedules, memory and the measurements behind each choice: docs/pipeline.md and docs/performance.md.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = trainer_parser("python -m jax_impl.train", __doc__)
     ap.add_argument("--dry-run", action="store_true",
                     help="allocate nothing: parameter count, bytes per device, AOT-compiled memory analysis")
-    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar, no loss.png")
     ck = ap.add_argument_group("checkpoints (orbax; proposed config keys train.ckpt_every/ckpt_keep/ckpt_dir)")
     ck.add_argument("--ckpt-every", "--ckpt.every", "--train.ckpt_every", dest="ckpt_every", type=int, default=0,
                     help="save every N steps and at the last step (0: only on SIGTERM/SIGINT)")
@@ -326,7 +326,7 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
     t0 = time.perf_counter()
     # compiled on abstract arrays before any state exists: the compiler's working memory is freed (and given
     # back) before params and optimizer state are allocated, so the process's peak is the larger of the two,
-    # not their sum (bench pp2 bf16, a stage per process: see docs/performance.md §14)
+    # not their sum (docs/performance.md, "Peak host memory")
     compiled = resilience.compile_guarded(trainer)
     hostmem.release_host_memory()
     start_step, consumed0, restored_meta, restore_s = 0, 0, None, None
@@ -486,6 +486,10 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
     if losses:
         print(f"done: loss {losses[0]:.4f} -> {losses[-1]:.4f}; metrics in {run_dir / 'metrics.jsonl'}"
               + (f"; {skipped} non-finite steps skipped" if skipped else ""))
+        if lead and not quiet:
+            from compare.plot import write_run_plot  # loss.png; a failure there only warns
+
+            write_run_plot(run_dir)
     return {"run_dir": run_dir, "losses": losses, "compile_s": compile_s, "params": params, "opt_state": opt_state,
             "start_step": start_step, "skipped": skipped, "ckpt_dir": ckpt_dir,
             "ckpt_save_blocked_s": list(ckpt.save_s), "restore_s": restore_s}

@@ -106,7 +106,7 @@ def test_tcmalloc_reuses_freed_aligned_temp_buffers():
     # every reallocated buffer lands in freed memory: no fresh pages, no growth. (glibc 2.36 under the reuse
     # policy grew by 120-264 MiB in this probe on one machine and not at all in another directory of the same
     # machine, depending on where its heap's top happened to be aligned: its growth is not asserted here;
-    # docs/performance.md §13 has the 8-device process's, measured.)
+    # docs/performance.md, "The host allocator", has the 8-device process's, measured.)
     assert tc["faults"] < pages // 20 and tc["rss_growth"] < (4 << 20)
 
 

@@ -171,7 +171,7 @@ def test_trainer_argv_carries_every_parallel_setting_of_the_layout():
 
 
 def test_a_run_that_ignored_a_layout_setting_is_refused(tmp_path, monkeypatch):
-    # a trainer that dropped a setting of the layout (session 6's report dropped pipeline_repeats: its
+    # a trainer that dropped a setting of the layout (an earlier report dropped pipeline_repeats: its
     # "circular" pp2v2 runs were v = 1)
     def fake_execute(fw, cfg, log, timeout_s, processes=1):
         make_run(tmp_path, "pp2-zero1", "fp32", fw, losses(3), **{"parallel.pipeline_head": "split"})

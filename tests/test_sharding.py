@@ -134,7 +134,7 @@ def test_zero3_gathers_each_layer_weight_as_a_row_major_matrix(mesh_spec):
     """The step's all-gathers produce 1-D/2-D weights in the row-major layout the dots read. Without the
     pin to the stored sharding (sharding.gather_weight) XLA gathered layer slices in a layout with the
     gathered axis major ((1, rows, cols) on the bench preset, column-major here), then copied each one into
-    row-major (docs/performance.md §12)."""
+    row-major (docs/performance.md, "Levers")."""
     cfg = load_config("tiny", {"parallel.mesh": mesh_spec, "parallel.zero": 3})
     text = Trainer.build(cfg, make_mesh(cfg.mesh_shape())).compile_step().as_text()
     gathers = re.findall(r"= (\w+)\[([\d,]*)\]\{([\d,]*)\}[^=]* all-gather\(", text)

@@ -51,7 +51,7 @@ def test_run_that_never_saves_never_loads_orbax(tmp_path):
 
 def test_step_is_compiled_before_state_exists(tmp_path, monkeypatch):
     """The compiler's working memory is freed before params and Adam state are allocated, so the peak RSS is
-    the larger of the two rather than their sum (docs/performance.md §14)."""
+    the larger of the two rather than their sum (docs/performance.md, "Peak host memory")."""
     from jax_impl import trainer as trainer_mod
 
     order = []

@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "`python -m jax_impl.checkpoint export`, in a subprocess) or a Hugging Face Llama directory "
                          "(config.json + *.safetensors); with --resume auto only until the run has a checkpoint")
     ap.add_argument("--dry-run", action="store_true", help="print the layout and the DeepSpeed config; start nothing")
-    ap.add_argument("--quiet", action="store_true", help="print only the first and last step")
+    ap.add_argument("--quiet", action="store_true", help="print only the first and last step; no loss.png")
     ap.add_argument("--oversubscribe", action="store_true",
                     help=f"start the local ranks even when they are over {RANKS_PER_CORE} per core or their "
                          f"memory floor ({RANK_FLOOR_BYTES / 2**30:.1f} GiB each) exceeds this machine's memory")
@@ -683,6 +683,10 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
             "layout": layout.label, "layout_impl": layout.description, "world_size": world,
             "dist_init_s": dist_init_s, "engine_init_s": engine_init_s, "init_s": init_s}) + "\n")
         print(f"done: loss {losses[0]:.4f} -> {losses[-1]:.4f}; metrics in {run_dir / 'metrics.jsonl'}")
+        if not quiet:
+            from compare.plot import write_run_plot  # loss.png; a failure there only warns
+
+            write_run_plot(run_dir)
     dist.barrier()
     dist.destroy_process_group()
     return {"run_dir": run_dir, "losses": losses, "dist_init_s": dist_init_s, "engine_init_s": engine_init_s}
