@@ -417,13 +417,12 @@ def launch(cfg: Config, layout: Layout, init: str = "jax", quiet: bool = False, 
     group = ProcessGroup(procs)
     # SIGTERM/SIGINT go on to every rank, each saves, and this returns only when all have exited
     group.wait(stop_grace_s=float(os.environ.get("TORCH_REF_STOP_GRACE_S", 5.0)))
-    if group.received is not None:
-        name = signal.Signals(group.received).name
-        if group.stopped_cleanly():
-            print(f"torch_ref.train: stopped by {name}; all {n} ranks exited ({_codes(group)}); continue with "
-                  f"--resume {run_dir}", file=sys.stderr, flush=True)
-            raise SystemExit(128 + group.received)
     failed = group.first_failure()
+    if group.received is not None and failed is None:  # every rank stopped as asked (or was killed by a 2nd signal)
+        name = signal.Signals(group.received).name
+        print(f"torch_ref.train: stopped by {name}; all {n} ranks exited ({_codes(group)}); continue with "
+              f"--resume {run_dir}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + group.received)
     if failed is not None:
         data_error = _data_error(run_dir, failed)
         if data_error:
