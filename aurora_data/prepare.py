@@ -13,6 +13,8 @@ token, as Megatron's ``preprocess_data.py --append-eod``. Writes into ``--out``:
 ``--tokenizer`` is ``bpe`` (train a byte-level BPE of ``--vocab-size`` on the inputs; the default),
 ``byte``, a SentencePiece ``.model``, a ``tokenizer.json`` or a saved tokenizer directory. Everything is
 staged in a temporary directory and moved into place at the end: a failed run leaves nothing behind.
+A dataset of the same name already in ``--out`` is refused unless ``--overwrite``; so is a BPE
+``--vocab-size`` smaller than the distinct byte values of the text + 1 (the tokenizer would drop bytes).
 """
 
 from __future__ import annotations
@@ -129,14 +131,24 @@ def _batches(docs: Iterator[tuple[str, int]], limit: int) -> Iterator[tuple[list
 def prepare(inputs: Sequence[str | Path], out_dir: str | Path, *, name: str = "corpus",
             tokenizer: str | Path | Tokenizer = "bpe", vocab_size: int = 32000, eod_token: str | None = None,
             corpus: str | None = None, weight: float = 1.0, json_key: str = "text",
-            encoding_errors: str = "strict", progress: bool = True) -> PrepareResult:
-    """Tokenize ``inputs`` into ``out_dir``; see the module docstring. Raises ``DataError`` on bad input."""
+            encoding_errors: str = "strict", progress: bool = True, overwrite: bool = False) -> PrepareResult:
+    """Tokenize ``inputs`` into ``out_dir``; see the module docstring. Raises ``DataError`` on bad input,
+    on a dataset of this name already in ``out_dir`` (unless ``overwrite``) and on a BPE ``vocab_size`` too
+    small to hold every byte the text uses (such a tokenizer would drop them)."""
     if not name or any(c in name for c in "/\\ \t"):
         raise DataError(f"dataset name {name!r} must be non-empty, without slashes or spaces")
     if not weight > 0:
         raise DataError(f"weight {weight} must be positive")
     paths = resolve_inputs(inputs)
     out_dir = Path(out_dir).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"--out {out_dir}: exists and is not a directory")
+    target = out_dir / f"{name}_text_document"
+    existing = [p for p in (Path(f"{target}.bin"), Path(f"{target}.idx"), out_dir / f"{name}_file_list.txt",
+                            tokenizer_dir(target)) if p.exists()]
+    if existing and not overwrite:
+        raise DataError(f"{existing[0]} already exists (a dataset named {name!r} in {out_dir}); pass --overwrite "
+                        "to replace it, or choose another --name or --out")
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     stage = out_dir / f".prepare-{name}-{os.getpid()}"
@@ -149,13 +161,20 @@ def prepare(inputs: Sequence[str | Path], out_dir: str | Path, *, name: str = "c
             tok = tokenizer
         elif str(tokenizer) == "bpe":
             t0 = time.perf_counter()
+            seen = np.zeros(256, dtype=bool)  # the byte values the text uses: each needs a token of its own
             with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="training BPE", disable=not progress) as bar:
                 def texts() -> Iterator[str]:
                     for text, consumed in iter_documents(paths, json_key, encoding_errors):
                         bar.update(consumed)
                         if text.strip():
+                            seen[np.frombuffer(text.encode("utf-8", "replace"), np.uint8)] = True
                             yield text
                 tok = train_bpe(texts(), vocab_size)
+            if int(seen.sum()) + 1 > vocab_size:  # + EOD; below that the BPE alphabet drops the rarest bytes
+                raise DataError(f"--vocab-size {vocab_size} is too small to encode the text: it uses "
+                                f"{int(seen.sum())} distinct byte values, which with the end-of-document token need "
+                                f"{int(seen.sum()) + 1} tokens; use --vocab-size {int(seen.sum()) + 1} or more "
+                                "(>= 273 holds every byte), or --tokenizer byte")
             train_seconds = time.perf_counter() - t0
         else:
             tok = load_tokenizer(tokenizer, eod_token=eod_token)
@@ -213,11 +232,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--weight", type=float, default=1.0, help="weight written in the file list (1)")
     ap.add_argument("--json-key", default="text", help="JSONL field holding the document (text)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--overwrite", action="store_true", help="replace a dataset of the same --name in --out")
     args = ap.parse_args(argv)
     try:
         result = prepare(args.inputs, args.out, name=args.name, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                          eod_token=args.eod_token, corpus=args.corpus, weight=args.weight, json_key=args.json_key,
-                         progress=not args.quiet)
+                         progress=not args.quiet, overwrite=args.overwrite)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -32,6 +32,7 @@ from typing import Any
 from configs import Config, ConfigError, config_from_dict, load_config
 from configs.hostmem import allocator_env, child_allocator
 from configs.rundir import host_cpu, read_metrics
+from runtime.procgroup import ProcessGroup
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMEWORKS = {"jax": "jax_impl.train", "torch": "torch_ref.train"}
@@ -234,25 +235,22 @@ def execute(framework: str, cfg: Config, log: Path, timeout_s: int, processes: i
     files = [lg.open("w") for lg in logs]
     procs = [subprocess.Popen(argv, cwd=root, env={**env, **rank}, stdout=f, stderr=subprocess.STDOUT)
              for rank, f in zip(ranks, files, strict=True)]
-    deadline = time.monotonic() + timeout_s
+    # the same waiting as torch_ref.train's launcher: a failed process (or the timeout) stops the others, a
+    # SIGTERM/SIGINT to the report reaches every trainer process and is waited out (they save)
+    group = ProcessGroup(procs, poll_s=0.2)
     try:
-        while any(q.poll() is None for q in procs):
-            if any(q.poll() not in (None, 0) for q in procs) or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
+        group.wait(deadline=time.monotonic() + timeout_s, failure_grace_s=0.0, kill_on_stop=True)
     finally:
-        ended = [q.poll() for q in procs]  # before the kill: the process that failed on its own is the one to name
-        for q in procs:
-            if q.poll() is None:
-                q.kill()
-            q.wait()
         for f in files:
             f.close()
-    for code, lg in zip(ended, logs, strict=True):
-        if code not in (None, 0):
-            tail = "\n".join(lg.read_text().splitlines()[-6:])
-            raise ReportError(f"{framework} run {cfg.train.name} failed (exit {code}); log {lg}:\n{tail}")
-    if None in ended:
+    if group.received is not None:
+        raise SystemExit(128 + group.received)
+    first = group.first_failure()
+    if first is not None:
+        tail = "\n".join(logs[first].read_text().splitlines()[-6:])
+        raise ReportError(f"{framework} run {cfg.train.name} failed ({group.describe(first)}); log {logs[first]}:"
+                          f"\n{tail}")
+    if group.stopped:  # still running at the deadline: stopped here
         raise ReportError(f"{framework} run {cfg.train.name} exceeded {timeout_s}s (log {log})")
 
 
@@ -581,6 +579,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     runs_dir, out = Path(args.runs), Path(args.out)
+    if not args.run and not runs_dir.is_dir():  # nothing to run and nothing to read: a report of nothing is no report
+        print(f"error: --no-run --runs {runs_dir}: no such directory; point --runs at the run directories to "
+              "report on, or drop --no-run to make them", file=sys.stderr)
+        return 2
     runs_dir.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 

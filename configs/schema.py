@@ -372,8 +372,13 @@ def load_preset(name: str) -> Config:
             + (f" (did you mean {hint[0]!r}?)" if hint else "")
             + ", or give a path to a .toml file"
         )
-    with path.open("rb") as f:
-        data = tomllib.load(f)
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"preset file {path} is not valid TOML ({e}); fix that line or pick another preset") from None
+    except OSError as e:
+        raise ConfigError(f"preset file {path} cannot be read ({e.strerror or e})") from None
     cfg = Config(preset=path.stem)
     return apply_overrides(cfg, _flatten(data), source=str(path))
 
@@ -517,11 +522,21 @@ def validate_config(cfg: Config, n_devices: int | None = None) -> None:
             )
     o = cfg.optim
     _choice("optim.schedule", o.schedule, ("cosine", "constant"))
+    for f in dataclasses.fields(o):  # nan passes every comparison below; inf makes every update nan
+        value = getattr(o, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"optim.{f.name}={value} must be a finite number")
     if not 0.0 <= o.warmup_frac < 1.0:
         raise ConfigError(f"optim.warmup_frac={o.warmup_frac} must be in [0, 1)")
     if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
         raise ConfigError(f"optim.lr={o.lr}, optim.min_lr={o.min_lr}: need 0 <= min_lr <= lr and lr > 0")
     _choice("data.source", cfg.data.source, ("synthetic", "indexed"))
+    if cfg.data.source == "synthetic" and cfg.data.file_list:
+        # refused rather than switched to indexed: the preset chose synthetic data, and a run must not change
+        # its data source behind the user's back (config hash, loss curve) without saying so
+        raise ConfigError(
+            f"data.file_list={cfg.data.file_list!r} is set but data.source='synthetic' (preset {cfg.preset!r}) "
+            "reads no files; add --data.source=indexed to train on the list, or drop data.file_list")
     parts = cfg.data.split.split(",")
     try:
         weights = [float(x) for x in parts]

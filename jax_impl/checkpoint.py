@@ -56,6 +56,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used here; the message says which and why."""
 
 
+def _why(e: BaseException) -> str:
+    """An exception as one short line (orbax/tensorstore messages run to many lines of C++ status)."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
+
+
 def _ocp():
     import orbax.checkpoint as ocp
 
@@ -297,7 +303,13 @@ def restore_numpy(directory: str | Path, step: int | None = None) -> tuple[dict,
     meta = read_meta(directory, step)
     ckptr = ocp.PyTreeCheckpointer()
     path = (directory / str(step) / "params").absolute()
-    meta_tree = ckptr.metadata(path)
+    try:
+        meta_tree = ckptr.metadata(path)
+    except Exception as e:
+        ckptr.close()
+        raise CheckpointError(f"checkpoint step {step} in {directory}: its params metadata cannot be read "
+                              f"({_why(e)}); it is "
+                              "truncated or corrupt: use another step (--step)") from None
     tree = getattr(meta_tree, "item_metadata", meta_tree)
     tree = getattr(tree, "tree", tree)
     # one local device, whatever mesh/process count wrote it (export runs on one host, usually CPU)
@@ -306,6 +318,10 @@ def restore_numpy(directory: str | Path, step: int | None = None) -> tuple[dict,
     restore_args = ocp.checkpoint_utils.construct_restore_args(target, jax.tree.map(lambda _: one, target))
     try:
         params = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
+    except Exception as e:  # tensorstore/orbax on missing or cut array files: name the step, not a C++ status
+        raise CheckpointError(f"checkpoint step {step} in {directory}: its params cannot be read "
+                              f"({_why(e)}); it is "
+                              "truncated or corrupt: use another step (--step)") from None
     finally:
         ckptr.close()
     shapes = meta["logical_shapes"]
@@ -350,6 +366,22 @@ def torch_shapes(model_cfg) -> dict[str, list[int]]:
 
 
 # ----------------------------------------------------------------------------- CLI
+def _load_state_dict(path: str) -> dict[str, Any]:
+    """A torch state_dict file, or a CheckpointError saying what is wrong with it."""
+    import torch
+
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: no such file (a torch_ref state_dict .pt)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, not a pickle, a pickle of something else
+        raise CheckpointError(f"{path}: not a readable torch state_dict ({_why(e)}); it is truncated or "
+                              "corrupt") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state_dict of tensors")
+    return state
+
+
 def _cli(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jax_impl.checkpoint", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -372,6 +404,12 @@ def _cli(argv: list[str] | None = None) -> int:
     im.add_argument("out")
     args, rest = ap.parse_known_args(argv)
     try:
+        if args.cmd in ("export", "import"):
+            out = Path(args.out)
+            if out.exists() and (not out.is_dir() or any(out.iterdir())):  # never overwrite weights silently
+                raise CheckpointError(f"output {out} already exists; remove it or give another path")
+            if not out.parent.is_dir():
+                raise CheckpointError(f"output {out}: directory {out.parent} does not exist")
         if args.cmd == "info":
             d, _ = resolve_dir(args.ckpt)
             steps = steps_in(d)
@@ -409,7 +447,7 @@ def _cli(argv: list[str] | None = None) -> int:
 
             args.preset = args.preset or "tiny"
             cfg = load_config(args.preset, parse_overrides(rest))
-            state = torch.load(args.state, map_location="cpu", weights_only=True)
+            state = _load_state_dict(args.state)
             want = torch_shapes(cfg.model)
             bad = [f"{k}: state_dict {list(state[k].shape) if k in state else 'missing'} vs {args.preset} {v}"
                    for k, v in want.items() if k not in state or list(state[k].shape) != v]

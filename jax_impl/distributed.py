@@ -12,11 +12,20 @@ jax 0.10's ``local_device_ids`` does not set), so a job leaves every tile visibl
 process then holds ``jax.local_devices()``; ``jax.devices()`` is the global list the mesh is built from.
 ``local_batch`` builds the global batch array from the samples of the local shards only, so no process
 reads (or holds) the whole global batch.
+
+Before that, ``rendezvous`` checks that every process is there, within ``--init-timeout-s`` (default 300 s):
+process 0 listens on the coordinator's port, each other process connects and says its id. A process that
+never starts is then named (by process 0: "process 1 of 2 did not join"; by the others: "process 0, which
+runs the coordinator at HOST:PORT, did not answer") and every process exits 69 (EX_UNAVAILABLE), instead of
+JAX's silent wait and C++ abort (``DEADLINE_EXCEEDED ... RegisterTask``). The port is free again before
+``jax.distributed.initialize`` starts the coordination service on it.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +36,13 @@ from configs import ConfigError
 from runtime import launcher_env
 
 DEFAULT_PORT = 1234
+DEFAULT_INIT_TIMEOUT_S = 300  # jax.distributed's own default: hundreds of nodes take minutes to start
+JOIN_EXIT = 69  # EX_UNAVAILABLE: a peer (or the coordinator) never came; a requeue on other nodes may help
+_HELLO = b"aurora-join"
+
+
+class JoinError(RuntimeError):
+    """A process of a multi-process run did not join in time; the message names it and the coordinator."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +53,7 @@ class DistInfo:
     local_rank: int = 0
     source: str = "flags"
     local_world_size: int | None = None
+    coordinator_source: str = "--coordinator"  # where the address came from, for messages
 
 
 def detect(env: Mapping[str, str] | None = None, coordinator: str | None = None, num_processes: int | None = None,
@@ -48,12 +65,16 @@ def detect(env: Mapping[str, str] | None = None, coordinator: str | None = None,
         return None
     port = int(env.get("JAX_COORDINATOR_PORT") or env.get("MASTER_PORT") or DEFAULT_PORT)
     addr = coordinator or env.get("JAX_COORDINATOR_ADDRESS") or launcher_env.coordinator_host(env)
+    origin = ("--coordinator" if coordinator else "JAX_COORDINATOR_ADDRESS" if env.get("JAX_COORDINATOR_ADDRESS")
+              else "MASTER_ADDR" if env.get("MASTER_ADDR") else "PBS_NODEFILE" if env.get("PBS_NODEFILE")
+              else "SLURM_JOB_NODELIST")
     if not addr:
         raise ConfigError("multi-process run without a coordinator: pass --coordinator HOST:PORT or set "
                           "JAX_COORDINATOR_ADDRESS / MASTER_ADDR (PBS_NODEFILE and SLURM_JOB_NODELIST are read too)")
     if ":" not in addr:
         addr = f"{addr}:{port}"
-    return DistInfo(addr, launch.world_size, launch.rank, launch.local_rank, launch.source, launch.local_world_size)
+    return DistInfo(addr, launch.world_size, launch.rank, launch.local_rank, launch.source, launch.local_world_size,
+                    origin)
 
 
 def local_device_ids(info: DistInfo, devices_per_process: int) -> list[int]:
@@ -61,12 +82,97 @@ def local_device_ids(info: DistInfo, devices_per_process: int) -> list[int]:
     return list(range(info.local_rank * devices_per_process, (info.local_rank + 1) * devices_per_process))
 
 
-def initialize(info: DistInfo, platform: str, timeout_s: int = 300, devices_per_process: int | None = None) -> None:
-    """``jax.distributed.initialize`` (before any backend starts); CPU processes talk through gloo.
+def _split(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def rendezvous(info: DistInfo, timeout_s: float) -> None:
+    """Every process present within ``timeout_s``, or a ``JoinError`` naming who is missing (module docstring)."""
+    host, port = _split(info.coordinator)
+    where = f"the coordinator at {info.coordinator} (from {info.coordinator_source})"
+    deadline = time.monotonic() + timeout_s
+    if info.process_id == 0:
+        try:
+            dual = socket.has_dualstack_ipv6()  # the coordinator's name may resolve to either family
+            server = socket.create_server(("", port), family=socket.AF_INET6 if dual else socket.AF_INET,
+                                          dualstack_ipv6=dual)
+        except OSError as e:
+            raise JoinError(f"process 0 cannot listen on port {port} for {where}: {e.strerror or e}; pick a free "
+                            "port (JAX_COORDINATOR_PORT / MASTER_PORT)") from None
+        joined: dict[int, socket.socket] = {}
+        try:
+            while len(joined) < info.num_processes - 1:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    missing = [i for i in range(1, info.num_processes) if i not in joined]
+                    shown = ", ".join(map(str, missing[:16])) + (" ..." if len(missing) > 16 else "")
+                    raise JoinError(
+                        f"process{'es' if len(missing) > 1 else ''} {shown} of {info.num_processes} did not join "
+                        f"{where} within {timeout_s:g}s (--init-timeout-s); "
+                        f"{info.num_processes - 1 - len(missing)} other(s) did. Check that the launcher started "
+                        f"every process and that they can reach {host}:{port}")
+                server.settimeout(min(left, 1.0))
+                try:
+                    conn, _ = server.accept()
+                except TimeoutError:
+                    continue
+                conn.settimeout(max(deadline - time.monotonic(), 1.0))
+                try:
+                    hello = conn.recv(64).decode(errors="replace").split()
+                except OSError:
+                    conn.close()
+                    continue
+                if len(hello) != 3 or hello[0] != _HELLO.decode() or not hello[1].isdigit():
+                    conn.close()  # something else on the port: ignore it
+                    continue
+                pid, n = int(hello[1]), int(hello[2])
+                if n != info.num_processes or not 0 < pid < n or pid in joined:
+                    conn.close()
+                    raise JoinError(f"a process joined {where} as process {pid} of {n}, but this run has "
+                                    f"{info.num_processes} processes"
+                                    + (f" and process {pid} already joined" if pid in joined else "")
+                                    + "; check the launcher's rank and size variables")
+                joined[pid] = conn
+            for conn in joined.values():
+                conn.sendall(b"go\n")
+            for conn in joined.values():  # let the peers close first: the port must be free for JAX's service
+                try:
+                    conn.settimeout(5.0)
+                    conn.recv(8)
+                except OSError:
+                    pass
+        finally:
+            for conn in joined.values():
+                conn.close()
+            server.close()
+        return
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise JoinError(f"process {info.process_id} of {info.num_processes}: process 0, which runs {where}, "
+                            f"did not answer within {timeout_s:g}s (--init-timeout-s): it did not start, or "
+                            f"{host}:{port} is not its address")
+        try:
+            with socket.create_connection((host, port), timeout=min(left, 5.0)) as conn:
+                conn.sendall(f"{_HELLO.decode()} {info.process_id} {info.num_processes}\n".encode())
+                conn.settimeout(max(deadline - time.monotonic(), 0.1))
+                if conn.recv(8).startswith(b"go"):
+                    return
+        except OSError:  # not listening yet, or it went away: try again until the deadline
+            pass
+        time.sleep(0.2)
+
+
+def initialize(info: DistInfo, platform: str, timeout_s: float = DEFAULT_INIT_TIMEOUT_S,
+               devices_per_process: int | None = None) -> None:
+    """``rendezvous``, then ``jax.distributed.initialize`` (before any backend starts); CPU processes talk
+    through gloo.
 
     On an accelerator with ``devices_per_process`` known, the process claims its node-local devices
     (``local_device_ids``) instead of a launcher wrapper masking them with ZE_AFFINITY_MASK.
     """
+    rendezvous(info, timeout_s)
     import jax
 
     ids = None
@@ -77,7 +183,8 @@ def initialize(info: DistInfo, platform: str, timeout_s: int = 300, devices_per_
         if platform == "xpu":  # jax.distributed sets only the CUDA/ROCm visible-device flags from local_device_ids
             jax.config.update("jax_oneapi_visible_devices", ",".join(map(str, ids)))
     jax.distributed.initialize(coordinator_address=info.coordinator, num_processes=info.num_processes,
-                               process_id=info.process_id, local_device_ids=ids, initialization_timeout=timeout_s)
+                               process_id=info.process_id, local_device_ids=ids,
+                               initialization_timeout=max(int(timeout_s), 1))
 
 
 def local_batch(source: Any, sharding: Any, consumed: int, mbs: int, gas: int, dp: int) -> Any:

@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     mp.add_argument("--coordinator", help="HOST:PORT of process 0's coordination service")
     mp.add_argument("--num-processes", type=int)
     mp.add_argument("--process-id", type=int)
+    mp.add_argument("--init-timeout-s", type=float, default=300.0,
+                    help="how long every process waits for all the others to join (default 300); then the one(s) "
+                         "missing are named and every process exits 69")
     return ap
 
 
@@ -152,9 +155,10 @@ def dry_run(cfg: Config, trainer) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from jax_impl import devices, distributed  # neither imports jax
+
     try:
         cfg, args = resolve_config(build_parser(), argv)
-        from jax_impl import devices, distributed
 
         dist = distributed.detect(coordinator=args.coordinator, num_processes=args.num_processes,
                                   process_id=args.process_id)
@@ -166,12 +170,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         per_process = n_mesh // dist.num_processes if dist and n_mesh else n_mesh
         platform = devices.configure(cfg.train.platform, per_process)
         if dist is not None:
-            distributed.initialize(dist, platform, devices_per_process=per_process)
+            if args.init_timeout_s <= 0:
+                raise ConfigError(f"--init-timeout-s {args.init_timeout_s:g} must be > 0 (seconds)")
+            distributed.initialize(dist, platform, timeout_s=args.init_timeout_s, devices_per_process=per_process)
         devices.check_config(cfg, platform)
         devices.start(platform)  # the backend starts here: a device that is not there is a message, not a trace
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except distributed.JoinError as e:  # a peer or the coordinator never came: a requeue elsewhere may help
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(distributed.JOIN_EXIT) from None
 
     import jax
 
@@ -189,7 +198,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trainer = Trainer.build(cfg, mesh)
     if args.dry_run:
         return dry_run(cfg, trainer)
-    return train(cfg, trainer, platform, quiet=args.quiet, opts=RunOptions.from_args(args))
+    from aurora_data import DataError
+
+    try:
+        return train(cfg, trainer, platform, quiet=args.quiet, opts=RunOptions.from_args(args))
+    except DataError as e:  # bad data (most are found before compiling; a token id past the vocabulary mid-run)
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _resume_source(cfg: Config, opts: RunOptions) -> Path | None:
@@ -227,6 +242,18 @@ def _open_run_dir(cfg: Config, resume_from: Path | None, fresh_in_place: bool = 
     return make_run_dir(cfg, "jax"), False
 
 
+def check_writable_dir(path: Path, flag: str) -> None:
+    """A directory this process can create or write into, or a ConfigError naming ``flag`` and why not."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:  # the nearest existing ancestor decides creation
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{flag} {path}: {probe} is not a directory; point {flag} at a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "is not writable" if probe == path else f"cannot be created ({probe} is not writable)"
+        raise ConfigError(f"{flag} {path}: {what} by this user; pick a writable location")
+
+
 def _truncate_metrics(run_dir: Path, step: int) -> None:
     """Continuing in place: drop the rows a killed run logged after the checkpoint it resumes from."""
     import json
@@ -242,7 +269,7 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
     import jax
     from tqdm import tqdm
 
-    from aurora_data import build_source
+    from aurora_data import DataError, build_source
     from configs import hostmem
     from jax_impl import checkpoint, devices, distributed, resilience
     from jax_impl.sharding import activate, batch_sharding
@@ -256,29 +283,42 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
     lead = jax.process_index() == 0  # only process 0 writes the run directory and the metrics
     faults = resilience.parse_faults()
 
-    # process 0 opens the run directory and tells the others where, or why not: every process then exits 2,
-    # instead of the others waiting in a collective for a process 0 that is gone
+    # every process reads its data first (bad data is a message, before any directory is made); process 0 then
+    # opens the run directory and tells the others where, or why not: every process then exits 2, instead of
+    # the others waiting in a collective for a process 0 that is gone
     error, run_dir, in_place = "", Path(), False
     try:
         if opts.resume not in (None, "auto") and opts.init_from:
             raise ConfigError("--resume PATH and --init-from exclude each other: --resume continues a run (its "
                               "optimizer state and step), --init-from starts a new one from the weights "
                               "(with --resume auto, --init-from applies only while the run has no checkpoint)")
+        source = build_source(cfg, num_samples=cfg.train.steps * gbs)
+        valid = (build_source(cfg, num_samples=valid_samples(cfg, gbs), split="valid") if cfg.train.eval_interval
+                 else None)
         resume_from = _resume_source(cfg, opts)
         if lead:
+            if opts.ckpt_dir:  # found unusable only at the first save, after compiling, otherwise
+                check_writable_dir(Path(opts.ckpt_dir), "--ckpt-dir")
             run_dir, in_place = _open_run_dir(cfg, resume_from, fresh_in_place=opts.resume == "auto")
-    except (ConfigError, checkpoint.CheckpointError, FileExistsError) as e:
-        error = str(e) or type(e).__name__
+    except (ConfigError, checkpoint.CheckpointError, DataError, OSError) as e:
+        # an OSError with an errno is the file system's (--out-dir a file, not writable, ...)
+        error = (f"--out-dir {cfg.train.out_dir}: cannot make the run directory there ({e}); pick a writable "
+                 "directory" if isinstance(e, OSError) and e.errno is not None else str(e) or type(e).__name__)
+    own_error = error
     shared = distributed.broadcast_str(RUN_DIR_ERROR + error if error else str(run_dir))
     if shared.startswith(RUN_DIR_ERROR):
-        print(f"error: {shared[len(RUN_DIR_ERROR):]}", file=sys.stderr)
+        error = shared[len(RUN_DIR_ERROR):]
+    if distributed.max_over_processes(int(bool(own_error))):  # a process other than 0 may have failed alone
+        if error or own_error:
+            print(f"error: {own_error or error}", file=sys.stderr)
+        else:
+            print("error: another process could not read its data or open the run directory (see its message)",
+                  file=sys.stderr)
         raise SystemExit(2)
     run_dir = Path(shared)
     ckpt_dir = Path(opts.ckpt_dir) if opts.ckpt_dir else run_dir / "checkpoints"
     if lead:
         write_config(run_dir, cfg)
-    source = build_source(cfg, num_samples=cfg.train.steps * gbs)
-    valid = build_source(cfg, num_samples=valid_samples(cfg, gbs), split="valid") if cfg.train.eval_interval else None
     print(f"run {run_dir} | {cfg.model.name} {cfg.model.n_params():,} params | mesh {dict(mesh.shape)} "
           f"ZeRO-{p.zero} | gbs {gbs} = mbs {p.mbs} x gas {p.gas} x dp {dp} | seq {seq} | {cfg.train.dtype}"
           + (f" | process {jax.process_index()}/{jax.process_count()}" if jax.process_count() > 1 else ""))

@@ -113,6 +113,10 @@ def test_overrides_types_and_round_trip():
     ({"data.split": "99,1"}, "must be three weights"),
     ({"data.split": "0,1,0"}, "must be three weights"),
     ({"parallel.mbs": 0}, "parallel.mbs=0 must be >= 1"),
+    ({"optim.lr": "nan"}, "optim.lr=nan must be a finite number"),
+    ({"optim.lr": "inf"}, "optim.lr=inf must be a finite number"),
+    ({"optim.clip": "-inf"}, "optim.clip=-inf must be a finite number"),
+    ({"data.file_list": "data/books.txt"}, "data.source='synthetic' .* add --data.source=indexed"),
 ])
 def test_validation_messages(overrides, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -124,6 +128,33 @@ def test_unknown_preset_and_bad_cli_argument():
         load_config("tinyy")
     with pytest.raises(ConfigError, match=r"overrides look like --section\.key=value"):
         parse_overrides(["--bogus"])
+
+
+def test_malformed_toml_preset_names_the_file(tmp_path):
+    bad = tmp_path / "mine.toml"
+    bad.write_text("[model]\nhidden = 64\nn_layers = \n")
+    with pytest.raises(ConfigError, match=f"preset file {bad} is not valid TOML .*line 3"):
+        load_config(str(bad))
+
+
+@pytest.mark.parametrize("trainer", ["jax_impl.train", "torch_ref.train"])
+@pytest.mark.parametrize("argv,msg", [
+    (["--preset", "tiny", "--data.file_list=list.txt"], "add --data.source=indexed"),
+    (["--preset", "tiny", "--optim.lr=nan"], "optim.lr=nan must be a finite number"),
+    (["--preset", "{bad}"], "is not valid TOML"),
+])
+def test_trainers_refuse_bad_config_with_exit_2(tmp_path, capsys, trainer, argv, msg):
+    import importlib
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\n")
+    argv = [a.replace("{bad}", str(bad)) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(trainer).main([*argv, "--out-dir", str(tmp_path / "runs"), "--wandb", "disabled"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_lr_schedule_is_megatrons():

@@ -151,3 +151,33 @@ def test_tokenizer_errors(tmp_path: Path) -> None:
     (tmp_path / "junk.json").write_text("{}")
     with pytest.raises(DataError, match=r"junk\.json: not a readable Hugging Face tokenizer"):
         load_tokenizer(tmp_path / "junk.json")
+
+
+def test_prepare_refuses_to_overwrite_a_dataset(tmp_path: Path, capsys) -> None:
+    from aurora_data.prepare import main
+
+    text = tmp_path / "a.txt"
+    text.write_text("the quick brown fox\n")
+    out = tmp_path / "out"
+    assert main([str(text), "--out", str(out), "--name", "d", "--tokenizer", "byte", "--quiet"]) == 0
+    before = (out / "d_text_document.bin").read_bytes()
+    text.write_text("something else entirely\n")
+    assert main([str(text), "--out", str(out), "--name", "d", "--tokenizer", "byte", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "d_text_document.bin already exists" in err and "--overwrite" in err and "Traceback" not in err
+    assert (out / "d_text_document.bin").read_bytes() == before
+    assert main([str(text), "--out", str(out), "--name", "d", "--tokenizer", "byte", "--quiet", "--overwrite"]) == 0
+    assert (out / "d_text_document.bin").read_bytes() != before
+
+
+def test_prepare_refuses_a_vocabulary_too_small_for_the_text(tmp_path: Path, capsys) -> None:
+    from aurora_data.prepare import main
+
+    text = tmp_path / "a.txt"
+    text.write_text("".join(chr(c) for c in range(33, 127)) * 20 + "\n")  # 95 distinct bytes with the newline
+    out = tmp_path / "out"
+    assert main([str(text), "--out", str(out), "--name", "d", "--vocab-size", "64", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--vocab-size 64 is too small" in err and "95 distinct byte values" in err and "--vocab-size 96" in err
+    assert not out.exists()  # nothing left behind
+    assert main([str(text), "--out", str(out), "--name", "d", "--vocab-size", "96", "--quiet"]) == 0

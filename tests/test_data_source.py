@@ -104,3 +104,77 @@ def test_default_corpus_prepared_once(tmp_path: Path, monkeypatch: pytest.Monkey
     again = build_source(cfg, num_samples=64)
     np.testing.assert_array_equal(again.samples(0, 64), x)
     assert ensure_default_dataset(tmp_path / "cache", 512, max_mb=0.25) == src.file_list
+
+
+# ----------------------------------------------------------------------------- bad data in both trainers: exit 2
+def _break(case: str, tmp_path: Path) -> tuple[Path, list[str]]:
+    """A data-file-list broken as ``case`` says, and the overrides that train on it."""
+    text = tmp_path / "t.txt"
+    text.write_text("ab" if case == "smaller-than-a-sample" else "The quick brown fox jumps over the lazy dog. " * 40)
+    if case == "token-past-vocab":  # short documents: every sample holds an end-of-document token (id 256)
+        text = tmp_path / "t.jsonl"
+        text.write_text('{"text": "The quick brown fox."}\n' * 100)
+    fl = prepare([text], tmp_path / "data", name="fox", tokenizer="byte", progress=False).file_list
+    prefix = fl.parent / "fox_text_document"
+    vocab = "258"
+    if case == "truncated-bin":
+        raw = Path(f"{prefix}.bin").read_bytes()
+        Path(f"{prefix}.bin").write_bytes(raw[: len(raw) // 2])
+    elif case == "corrupt-idx":
+        Path(f"{prefix}.idx").write_bytes(b"\0" * 64)
+    elif case == "missing-file":
+        Path(f"{prefix}.bin").unlink()
+    elif case == "bad-weight":
+        fl.write_text("heavy fox_text_document fox\n")
+    elif case == "vocab-mismatch":
+        vocab = "256"  # the byte tokenizer has 258 tokens
+    elif case == "token-past-vocab":  # no tokenizer recorded: found only when the first batch is read
+        import shutil
+
+        shutil.rmtree(tokenizer_dir(prefix))
+        vocab = "256"
+    return fl, ["--data.source=indexed", f"--data.file_list={fl}", f"--model.vocab_size={vocab}"]
+
+
+DATA_CASES = {
+    "truncated-bin": "truncated data file", "corrupt-idx": "not a Megatron MMapIndexedDataset index",
+    "missing-file": "fox_text_document.bin not found", "bad-weight": "weight 'heavy' is not a number",
+    "vocab-mismatch": "was tokenized with a 258-token vocabulary", "smaller-than-a-sample": "fewer than one sample",
+    "token-past-vocab": "holds token id 256, outside the model's vocabulary",
+}
+
+
+@pytest.mark.parametrize("trainer", ["jax_impl.train", "torch_ref.train"])
+@pytest.mark.parametrize("case", list(DATA_CASES))
+def test_trainers_report_bad_data_as_one_message_and_exit_2(tmp_path: Path, capsys, trainer: str, case: str,
+                                                            monkeypatch) -> None:
+    import importlib
+
+    if trainer == "torch_ref.train" and case == "token-past-vocab":
+        pytest.skip("needs real workers: test_torch_worker_bad_data_is_exit_2 (slow)")
+    monkeypatch.setenv("AURORA_DATA_CACHE", str(tmp_path / "cache"))
+    _, overrides = _break(case, tmp_path)
+    argv = ["--preset", "tiny", "--steps", "2", "--mesh", "data=1", "--wandb", "disabled", "--quiet",
+            "--out-dir", str(tmp_path / "runs"), "--name", "r", *overrides]
+    if trainer == "torch_ref.train":
+        argv += ["--zero", "1"]
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(trainer).main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert DATA_CASES[case] in err and "Traceback" not in err, err
+
+
+@pytest.mark.slow
+def test_torch_worker_bad_data_is_exit_2(tmp_path: Path) -> None:
+    """A token id past the vocabulary is found by a worker, mid-run: the launcher prints its message, exit 2."""
+    import subprocess
+    import sys
+
+    _, overrides = _break("token-past-vocab", tmp_path)
+    r = subprocess.run([sys.executable, "-m", "torch_ref.train", "--preset", "tiny", "--steps", "2", "--mesh",
+                        "data=2", "--zero", "1", "--wandb", "disabled", "--quiet", "--out-dir", str(tmp_path / "runs"),
+                        "--name", "r", *overrides], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert DATA_CASES["token-past-vocab"] in r.stderr and "Traceback" not in r.stderr.split("error:")[-1]

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 from _pbs import JAX_70B, TORCH_70B, fake_pbs, write_script
 
+from runtime.procgroup import ProcessGroup
 from scripts.aurora import alcf, launch
 
 
@@ -90,3 +98,144 @@ def test_generated_script_runs_under_a_fake_pbs(tmp_path, trainer):
     (tmp_path / "nodefile").write_text("a\nb\n")
     r3 = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
     assert r3.returncode == 2 and "expected 8 nodes, PBS gave 2" in r3.stderr
+
+
+# ----------------------------------------------------------------------------- local launchers: signals and blame
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _child(code: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def test_group_blames_the_rank_killed_by_a_signal_not_the_peer_that_lost_it():
+    # rank 1 is killed; rank 0 then fails as a gloo peer would ("connection closed"), rank 2 waits forever
+    procs = [_child("import time; time.sleep(1.0); raise SystemExit(1)"),
+             _child("import os, signal, time; time.sleep(0.5); os.kill(os.getpid(), signal.SIGKILL)"),
+             _child("import time; time.sleep(600)")]
+    group = ProcessGroup(procs, poll_s=0.05)
+    group.wait(failure_grace_s=2.0, stop_grace_s=5.0)
+    assert group.first_failure() == 1 and group.describe(1) == "killed by SIGKILL"
+    assert group.stopped == {2} and all(p.poll() is not None for p in procs)
+
+
+def test_group_blames_the_first_to_exit_non_zero_in_time_order():
+    procs = [_child("import time; time.sleep(1.5); raise SystemExit(1)"),
+             _child("import time; time.sleep(0.3); raise SystemExit(7)")]
+    group = ProcessGroup(procs, poll_s=0.05)
+    group.wait(failure_grace_s=3.0)
+    assert group.exits == [(1, 7), (0, 1)] and group.first_failure() == 1
+
+
+def test_group_forwards_sigterm_to_every_worker_and_waits_for_them(tmp_path):
+    """The launcher's SIGTERM reaches each worker, which saves (here: writes a file after 1 s) and exits 143;
+    the wait returns only after all of them have."""
+    code = ("import signal, sys, time, pathlib\n"
+            "def stop(s, f):\n"
+            "    time.sleep(1.0)\n"
+            f"    pathlib.Path({str(tmp_path)!r}, sys.argv[1]).write_text('saved')\n"
+            "    raise SystemExit(128 + s)\n"
+            "signal.signal(signal.SIGTERM, stop)\n"
+            f"pathlib.Path({str(tmp_path)!r}, sys.argv[1] + '.up').touch()\n"
+            "time.sleep(600)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, f"rank{r}"]) for r in range(3)]
+    while not all((tmp_path / f"rank{r}.up").exists() for r in range(3)):
+        time.sleep(0.05)
+    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    group = ProcessGroup(procs, poll_s=0.05)
+    group.wait(stop_grace_s=0.1)  # the grace is for stopping after a failure, not for a forwarded signal
+    assert group.received == signal.SIGTERM and group.stopped_cleanly() and group.first_failure() is None
+    assert [p.returncode for p in procs] == [143] * 3
+    assert all((tmp_path / f"rank{r}").read_text() == "saved" for r in range(3))
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+
+
+def _workers_of(pid: int) -> dict[int, int]:
+    """rank -> pid of the torch_ref workers started by the launcher ``pid``."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = dict(kv.split("=", 1) for kv in (d / "environ").read_text().split("\0") if "=" in kv)
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and "TORCH_REF_RUN_DIR" in env:
+            out[int(env["RANK"])] = int(d.name)
+    return out
+
+
+def _start_torch(tmp_path, name: str, steps: int = 400) -> subprocess.Popen:
+    env = {**os.environ, "TORCH_REF_PG_TIMEOUT": "600"}
+    return subprocess.Popen([sys.executable, "-m", "torch_ref.train", "--preset", "tiny", "--mesh", "data=2",
+                             "--zero", "1", "--steps", str(steps), "--wandb", "disabled", "--quiet",
+                             "--out-dir", str(tmp_path), "--name", name],
+                            cwd=ROOT, env=env, stdout=(tmp_path / f"{name}.out").open("w"),
+                            stderr=(tmp_path / f"{name}.err").open("w"))  # files: a full pipe would stall it
+
+
+def _wait_for_steps(launcher: subprocess.Popen, run_dir: Path, n: int) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 400
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= n):
+        assert launcher.poll() is None, (run_dir.parent / f"{run_dir.name}.err").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no training step within 400 s"
+        time.sleep(0.2)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_torch_launcher_sigterm_reaches_every_rank_each_saves_and_it_waits(tmp_path):
+    launcher = _start_torch(tmp_path, "term")
+    _wait_for_steps(launcher, tmp_path / "term", 2)
+    workers = _workers_of(launcher.pid)
+    assert sorted(workers) == [0, 1]
+    launcher.send_signal(signal.SIGTERM)
+    launcher.wait(timeout=300)
+    err = (tmp_path / "term.err").read_text()
+    assert launcher.returncode == 143, err[-3000:]
+    assert all(_gone(pid) for pid in workers.values()), "a worker outlived its launcher"
+    assert "all 2 ranks exited (rank 0: exit 143, rank 1: exit 143)" in err and "Traceback" not in err
+    last = json.loads((tmp_path / "term" / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    ck = tmp_path / "term" / "checkpoints"
+    assert (ck / "latest").read_text().strip() == f"global_step{last}"
+    # each rank wrote its own ZeRO-1 partition of the optimizer state
+    assert len(list((ck / f"global_step{last}").glob("*optim_states.pt"))) == 2
+    assert f"stopped by SIGTERM after step {last}" in err
+
+
+def test_torch_launcher_blames_the_rank_killed_not_the_survivor(tmp_path):
+    launcher = _start_torch(tmp_path, "kill")
+    _wait_for_steps(launcher, tmp_path / "kill", 2)
+    workers = _workers_of(launcher.pid)
+    os.kill(workers[1], signal.SIGKILL)
+    launcher.wait(timeout=300)
+    err = (tmp_path / "kill.err").read_text()
+    assert launcher.returncode == 1, err[-3000:]
+    assert "rank 1 of 2 failed first (killed by SIGKILL)" in err, err[-3000:]
+    assert "rank 0 of 2 failed first" not in err
+    assert _gone(workers[0])
+
+
+@pytest.mark.slow
+def test_torch_workers_save_and_stop_when_their_launcher_is_killed(tmp_path):
+    """kill -9 on the launcher cannot be passed on; the workers get SIGTERM from the kernel instead
+    (PR_SET_PDEATHSIG), save, and exit rather than train on re-parented to init."""
+    launcher = _start_torch(tmp_path, "orphan")
+    _wait_for_steps(launcher, tmp_path / "orphan", 2)
+    workers = _workers_of(launcher.pid)
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 120
+    while not all(_gone(pid) for pid in workers.values()):
+        assert time.monotonic() < deadline, "workers outlived their killed launcher"
+        time.sleep(0.2)
+    last = json.loads((tmp_path / "orphan" / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert (tmp_path / "orphan" / "checkpoints" / "latest").read_text().strip() == f"global_step{last}"

@@ -170,3 +170,63 @@ def test_two_processes_resume_a_one_process_checkpoint(tmp_path):
     rel = max(float(np.abs(a - b).max() / np.abs(b).max()) for a, b in
               zip(jax.tree.leaves(params), jax.tree.leaves(ref), strict=True))
     assert rel < 1e-5, rel
+
+
+def _alone(tmp_path, rank: int, port: int, timeout_s: str = "3") -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
+    env.update({"PMI_RANK": str(rank), "PMI_SIZE": "2", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}"})
+    return subprocess.run([sys.executable, "-m", "jax_impl.train", *TINY, "--mesh", "data=2", "--steps", "1",
+                           "--out-dir", str(tmp_path), "--init-timeout-s", timeout_s], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_peer_that_never_starts_is_named_after_the_init_timeout(tmp_path, rank):
+    """2 processes, one never started: the other names it (or the coordinator it expected) and exits 69."""
+    port = _free_port()
+    r = _alone(tmp_path, rank, port)
+    assert r.returncode == distributed.JOIN_EXIT == 69, r.stderr[-3000:]
+    if rank == 0:
+        want = (f"error: process 1 of 2 did not join the coordinator at 127.0.0.1:{port} (from "
+                "JAX_COORDINATOR_ADDRESS) within 3s (--init-timeout-s)")
+    else:
+        want = (f"error: process 1 of 2: process 0, which runs the coordinator at 127.0.0.1:{port} (from "
+                "JAX_COORDINATOR_ADDRESS), did not answer within 3s (--init-timeout-s)")
+    assert want in r.stderr, r.stderr[-3000:]
+    assert "Check failure" not in r.stderr and "Traceback" not in r.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_rendezvous_names_exactly_the_processes_missing():
+    import threading
+
+    port = _free_port()
+    info = [distributed.DistInfo(f"127.0.0.1:{port}", 4, i, coordinator_source="test") for i in range(4)]
+    errors: dict[int, Exception] = {}
+
+    def join(i: int) -> None:
+        try:
+            distributed.rendezvous(info[i], 3.0)
+        except distributed.JoinError as e:
+            errors[i] = e
+
+    peers = [threading.Thread(target=join, args=(i,)) for i in (2,)]
+    for t in peers:
+        t.start()
+    with pytest.raises(distributed.JoinError, match=r"processes 1, 3 of 4 did not join the coordinator at "
+                                                    rf"127\.0\.0\.1:{port} \(from test\) within 3s"):
+        distributed.rendezvous(info[0], 3.0)
+    for t in peers:
+        t.join()
+    assert "process 0, which runs the coordinator" in str(errors[2])
+    # all present: everyone goes on, and the port is free again for jax.distributed's service
+    port = _free_port()
+    info = [distributed.DistInfo(f"127.0.0.1:{port}", 3, i) for i in range(3)]
+    peers = [threading.Thread(target=distributed.rendezvous, args=(info[i], 30.0)) for i in (1, 2)]
+    for t in peers:
+        t.start()
+    distributed.rendezvous(info[0], 30.0)
+    for t in peers:
+        t.join()
+    with socket.create_server(("", port)):
+        pass

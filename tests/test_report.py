@@ -103,6 +103,13 @@ def test_default_layouts_are_the_studys_and_the_circular_pipeline_runs_by_name()
     assert cfg.parallel.pipeline_repeats == 2  # both sides load it; only the JAX trainer has the schedule
 
 
+def test_no_run_on_a_missing_runs_directory_is_exit_2(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    assert report.main(["--no-run", "--runs", str(missing), "--out", str(tmp_path / "out")]) == 2
+    assert f"--no-run --runs {missing}: no such directory" in capsys.readouterr().err
+    assert not missing.exists()
+
+
 def test_missing_run_is_named(tmp_path):
     with pytest.raises(report.ReportError, match="no such run directory"):
         report.load_run(tmp_path / "nope")
@@ -244,3 +251,36 @@ def test_execute_names_the_process_that_failed_not_the_one_it_stopped(tmp_path, 
     cfg = report.run_config("tiny", report.LAYOUTS["pp2-zero1"], "fp32", 3, tmp_path, "jax")
     with pytest.raises(report.ReportError, match=r"failed \(exit 3\); log .*run\.1\.log:\nrank 1 log"):
         report.execute("jax", cfg, tmp_path / "run.log", 10, processes=2)
+
+
+def test_execute_passes_sigterm_on_to_every_trainer_and_waits_for_them(tmp_path, monkeypatch):
+    """A SIGTERM to the report reaches each trainer process (they save); the report exits 143 after them."""
+    import os
+    import signal
+    import threading
+
+    got: list[int] = []
+
+    class Rank:
+        def __init__(self, argv, env, stdout, **kw):
+            self.code = None
+
+        def poll(self):
+            return self.code
+
+        def send_signal(self, sig):
+            got.append(sig)
+            self.code = 128 + sig  # saved and stopped
+
+        def kill(self):
+            self.code = -9
+
+        def wait(self):
+            return self.code
+
+    monkeypatch.setattr(report.subprocess, "Popen", Rank)
+    cfg = report.run_config("tiny", report.LAYOUTS["pp2-zero1"], "fp32", 3, tmp_path, "jax")
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    with pytest.raises(SystemExit) as e:
+        report.execute("jax", cfg, tmp_path / "run.log", 60, processes=2)
+    assert e.value.code == 143 and got == [signal.SIGTERM, signal.SIGTERM]

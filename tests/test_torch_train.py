@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from configs import hostmem, lr_at
+from configs import ConfigError, hostmem, lr_at
 from jax_impl import devices
 
 try:  # the in-process JAX run below needs 2 host devices; tests/conftest.py may already have made 8
@@ -126,6 +126,43 @@ def test_bad_input_exits_2_before_any_worker(tmp_path, monkeypatch, capsys, args
     for w in words:
         assert w in err, f"{w!r} not in {err!r}"
     assert list(tmp_path.iterdir()) == []  # nothing was prepared, so nothing was started
+
+
+def test_many_local_ranks_are_refused_with_the_numbers_and_the_override(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch_train, "_cpu_count", lambda: 2)
+    monkeypatch.setattr(torch_train, "_memory_bytes", lambda: 24 * 10**9)
+    with pytest.raises(SystemExit) as e:
+        torch_train.main([*TINY, "--out-dir", str(tmp_path), "--mesh", "fsdp=96", "--zero", "3"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert ("--mesh fsdp=96 starts 96 local ranks: 48 ranks per core on 2 cores (limit 4) and at least 48.0 GiB "
+            "(0.5 GiB per rank before any model state) on 22.4 GiB of memory") in err
+    assert "--oversubscribe" in err and list(tmp_path.iterdir()) == []
+    # the limits one at a time; the flag and a launcher-given rank (one process per rank) bypass them
+    torch_train.check_local_ranks(8, "fsdp=8", cores=2, memory=64 * 2**30)
+    with pytest.raises(ConfigError, match="9 ranks per core on 1 cores"):
+        torch_train.check_local_ranks(9, "fsdp=9", cores=1, memory=64 * 2**30)
+    with pytest.raises(ConfigError, match=r"at least 4\.0 GiB .* on 2\.0 GiB of memory"):
+        torch_train.check_local_ranks(8, "fsdp=8", cores=64, memory=2 * 2**30)
+    plan = torch_train.main([*TINY, "--out-dir", str(tmp_path), "--mesh", "fsdp=96", "--zero", "3", "--dry-run"])
+    assert plan["layout"].world_size == 96  # a dry run starts nothing: not refused
+
+
+def test_reused_name_and_unusable_out_dir_are_exit_2_before_any_worker(tmp_path, capsys):
+    (tmp_path / "same").mkdir()
+    (tmp_path / "same" / "metrics.jsonl").write_text("")
+    with pytest.raises(SystemExit) as e:
+        run_torch(tmp_path, "same", "--mesh", "data=2", "--zero", "1")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"run directory {tmp_path / 'same'} already holds a run" in err and "Traceback" not in err
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(SystemExit) as e:
+        torch_train.main([*TINY, "--out-dir", str(afile), "--name", "n", "--mesh", "data=2", "--zero", "1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--out-dir {afile}: cannot make the run directory there" in err and "Traceback" not in err
 
 
 def test_worker_crash_ends_the_run_with_its_traceback(tmp_path, monkeypatch):

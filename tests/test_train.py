@@ -83,6 +83,26 @@ def test_refuses_to_overwrite_a_run(tmp_path, capsys):
     assert f"run directory {tmp_path / 'same'} already holds a run; pick another --name" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("where", ["out-dir", "ckpt-dir"])
+def test_unusable_out_dir_or_ckpt_dir_is_refused_before_compiling(tmp_path, capsys, where):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    args = ["--preset", "tiny", "--steps", "2", "--mesh", "data=1", "--name", "u", "--wandb", "disabled", "--quiet",
+            "--ckpt-every", "1"]
+    if where == "out-dir":
+        args += ["--out-dir", str(afile)]
+        msg = f"--out-dir {afile}: cannot make the run directory there"
+    else:
+        args += ["--out-dir", str(tmp_path / "runs"), "--ckpt-dir", str(afile / "ck")]
+        msg = f"--ckpt-dir {afile / 'ck'}: {afile} is not a directory"
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    out, err = capsys.readouterr()
+    assert msg in err and "Traceback" not in err
+    assert "init + compile" not in out  # refused before compiling, not at the first save
+
+
 @pytest.mark.slow
 def test_small_preset_loss_falls_over_30_steps(tmp_path):
     out = main(["--preset", "small", "--mesh", "fsdp=8", "--steps", "30", "--out-dir", str(tmp_path),

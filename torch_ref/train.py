@@ -10,9 +10,13 @@ Run directly, it is its own launcher: it checks the layout (bad input exits 2 be
 worker starts), writes the run directory (config.json, ds_config.json, the initial weights
 ``init_params.npz`` for ``--init jax``), then starts one worker process per mesh rank (world
 size = product of the mesh axes) with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, gloo on CPU
-and OMP_NUM_THREADS = cores / ranks. A worker that fails ends the run: the launcher kills
-its siblings and exits with that worker's traceback; the process group has a timeout
-(TORCH_REF_PG_TIMEOUT seconds, default 300), so a lost peer cannot hang the others.
+and OMP_NUM_THREADS = cores / ranks. A worker that fails ends the run: the launcher stops
+its siblings and exits with the first failure's traceback (a rank killed by a signal, else the first to
+exit non-zero: ``runtime/procgroup.py``); the process group has a timeout (TORCH_REF_PG_TIMEOUT seconds,
+default 300), so a lost peer cannot hang the others. SIGTERM/SIGINT to the launcher go on to every rank:
+each finishes its step, saves a DeepSpeed checkpoint and exits 128+signal, and the launcher exits the same
+only after all have. More local ranks than 4 per core, or than the machine's memory holds at 0.5 GiB each,
+are refused (``--oversubscribe`` starts them anyway). Bad data is found here, before any worker starts.
 
 On a cluster the same module runs under ``mpiexec`` / ``deepspeed`` / ``torchrun``: when a launcher
 gave this process a rank (``runtime.launcher_env``: RANK, PALS_RANKID, PMIX_RANK, PMI_RANK,
@@ -58,17 +62,25 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from aurora_data import DataError, build_source
 from configs import Config, ConfigError, config_from_dict, eval_due, lr_at, valid_offset, valid_samples
 from configs.cli import resolve_config as resolve_cli
 from configs.cli import trainer_parser
 from configs.hostmem import allocator_env
 from configs.rundir import MetricsLog, make_run_dir, read_metrics, write_config, write_meta
 from runtime import launcher_env
+from runtime.procgroup import ProcessGroup
 from torch_ref.layouts import Layout, plan_layout
 
 RUN_DIR_ENV = "TORCH_REF_RUN_DIR"  # set by our launcher for its workers
+DATA_ERROR = "DataError: "  # a rank*.err that starts so holds a bad-data message, not a traceback
 FAULT_ENV = "TORCH_REF_FAULT"  # test hook: "rank=R,step=S" makes rank R raise at step S
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# the own launcher's sanity limits: a rank per 1/4 core still trains on the tiny preset (data=2,fsdp=2 on 2
+# cores is the test suite's widest); 0.5 GiB is a DeepSpeed CPU rank's floor before any model state
+# (peak RSS 580 MiB per rank, tiny preset, data=2 ZeRO-1)
+RANKS_PER_CORE = 4
+RANK_FLOOR_BYTES = 512 * 2**20
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(config.json + *.safetensors); with --resume auto only until the run has a checkpoint")
     ap.add_argument("--dry-run", action="store_true", help="print the layout and the DeepSpeed config; start nothing")
     ap.add_argument("--quiet", action="store_true", help="print only the first and last step; no loss.png")
+    ap.add_argument("--oversubscribe", action="store_true",
+                    help=f"start the local ranks even when they are over {RANKS_PER_CORE} per core or their "
+                         f"memory floor ({RANK_FLOOR_BYTES / 2**30:.1f} GiB each) exceeds this machine's memory")
     ap.add_argument("--ckpt-every", "--ckpt.every", "--train.ckpt_every", dest="ckpt_every", type=int, default=0,
                     help="DeepSpeed engine.save_checkpoint every N steps into <run dir>/checkpoints (0: never)")
     ap.add_argument("--ckpt-every-s", "--train.ckpt_every_s", dest="ckpt_every_s", type=float, default=0.0,
@@ -95,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     jax_only = ap.add_argument_group("jax_impl.train only (refused here)")
     for flags in (("--ckpt-keep", "--train.ckpt_keep"), ("--ckpt-dir", "--train.ckpt_dir"), ("--on-nonfinite",),
                   ("--max-skips",), ("--watchdog-factor",), ("--watchdog-min-s",), ("--watchdog-first-s",),
-                  ("--coordinator",), ("--num-processes",), ("--process-id",)):
+                  ("--coordinator",), ("--num-processes",), ("--process-id",), ("--init-timeout-s",)):
         jax_only.add_argument(*flags, dest="jaxonly_" + flags[0][2:].replace("-", "_"), help="JAX only")
     return ap
 
@@ -207,6 +222,29 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def _memory_bytes() -> int:
+    """This machine's physical memory (MemTotal)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_local_ranks(ranks: int, mesh: str, cores: int | None = None, memory: int | None = None) -> None:
+    """Refuse (ConfigError naming the numbers and ``--oversubscribe``) a local launch that cannot train here."""
+    cores = cores or _cpu_count()
+    memory = memory or _memory_bytes()
+    floor = ranks * RANK_FLOOR_BYTES
+    if ranks <= RANKS_PER_CORE * cores and floor <= memory:
+        return
+    why = []
+    if ranks > RANKS_PER_CORE * cores:
+        why.append(f"{ranks / cores:.0f} ranks per core on {cores} cores (limit {RANKS_PER_CORE})")
+    if floor > memory:
+        why.append(f"at least {floor / 2**30:.1f} GiB ({RANK_FLOOR_BYTES / 2**30:.1f} GiB per rank before any "
+                   f"model state) on {memory / 2**30:.1f} GiB of memory")
+    raise ConfigError(f"--mesh {mesh} starts {ranks} local ranks: {' and '.join(why)}; the machine would thrash "
+                      "rather than train. Use a smaller mesh, start the ranks across nodes with mpiexec/torchrun "
+                      "(each process then is one rank), or pass --oversubscribe to start them here anyway")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -217,6 +255,7 @@ def _free_port() -> int:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     default_extensions_dir()
     if os.environ.get(RUN_DIR_ENV):  # a worker our launcher started: everything comes from the run dir
+        _stop_with_launcher()
         return run_worker(Path(os.environ[RUN_DIR_ENV]))
     try:
         ext = external_rank_env()
@@ -230,6 +269,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             platform = cfg.train.platform
         else:
             platform, _ = select_platform(cfg.train.platform)  # refuses a missing accelerator before any worker
+        if ext is None and not args.dry_run and not args.oversubscribe:
+            check_local_ranks(layout.world_size, cfg.parallel.mesh)
         resume, fresh_in_place = resolve_resume(cfg, args.resume)
         if args.init_from and args.resume not in (None, "auto"):
             raise ConfigError("--resume RUN_DIR and --init-from exclude each other: --resume continues a run, "
@@ -260,12 +301,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if ext is not None:
         try:
             return run_worker(None, cfg=cfg, init=init, quiet=args.quiet, ckpt=ckpt)
-        except RunDirError as e:  # a configuration problem on rank 0, told to every rank: no retry will help
+        except (RunDirError, DataError) as e:  # a configuration or data problem: no retry will help
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
         except FloatingPointError as e:  # exit 3 as jax_impl.train: a rerun from the last checkpoint repeats it
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(3) from None
+    try:
+        # read the data here, once, before any worker starts: bad data is a message (and the index maps the
+        # workers then load are built by one process, not raced for by all)
+        gbs = cfg.parallel.mbs * cfg.parallel.gas * layout.dp
+        build_source(cfg, num_samples=cfg.train.steps * gbs)
+        if cfg.train.eval_interval:
+            build_source(cfg, num_samples=valid_samples(cfg, gbs), split="valid")
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     try:
         return launch(cfg, layout, init=init, quiet=args.quiet, ckpt=ckpt)
     except InitFromError as e:
@@ -345,7 +396,13 @@ def write_init_from(src: Path, cfg: Config, out: Path) -> None:
 def launch(cfg: Config, layout: Layout, init: str = "jax", quiet: bool = False, ckpt: dict[str, Any] | None = None
            ) -> dict[str, Any]:
     """Start one worker per rank, wait; a failed worker kills the rest and ends the run with its traceback."""
-    run_dir = prepare_run_dir(cfg, layout, init, quiet, ckpt)
+    try:
+        run_dir = prepare_run_dir(cfg, layout, init, quiet, ckpt)
+    except OSError as e:  # a reused --name (no errno) or an --out-dir the file system refuses
+        print(f"error: {e}" if e.errno is None else
+              f"error: --out-dir {cfg.train.out_dir}: cannot make the run directory there ({e}); pick a writable "
+              "directory", file=sys.stderr)
+        raise SystemExit(2) from None
     n = layout.world_size
     port = _free_port()
     threads = os.environ.get("OMP_NUM_THREADS") or "1"  # one per rank: more oversubscribes a shared 2-core box
@@ -357,50 +414,63 @@ def launch(cfg: Config, layout: Layout, init: str = "jax", quiet: bool = False, 
                "OMP_NUM_THREADS": threads, "PYTHONPATH": os.pathsep.join(
                    filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
         procs.append(subprocess.Popen([sys.executable, "-m", "torch_ref.train"], env=env, cwd=os.getcwd()))
-    failed = False
-    try:
-        while not failed and any(p.poll() is None for p in procs):
-            failed = any(p.returncode not in (None, 0) for p in procs)
-            time.sleep(0.1)
-        failed = failed or any(p.returncode != 0 for p in procs)
-        if failed:  # let the peers that saw the failure record theirs, so the first one can be told apart
-            time.sleep(1.0)
-    finally:
-        _stop(procs)  # on a failure, or if the launcher itself is interrupted
-    if failed:
-        raise SystemExit(_failure_report(run_dir, procs))
+    group = ProcessGroup(procs)
+    # SIGTERM/SIGINT go on to every rank, each saves, and this returns only when all have exited
+    group.wait(stop_grace_s=float(os.environ.get("TORCH_REF_STOP_GRACE_S", 5.0)))
+    failed = group.first_failure()
+    if group.received is not None and failed is None:  # every rank stopped as asked (or was killed by a 2nd signal)
+        name = signal.Signals(group.received).name
+        print(f"torch_ref.train: stopped by {name}; all {n} ranks exited ({_codes(group)}); continue with "
+              f"--resume {run_dir}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + group.received)
+    if failed is not None:
+        data_error = _data_error(run_dir, failed)
+        if data_error:
+            print(f"error: {data_error}", file=sys.stderr)
+            raise SystemExit(2)
+        raise SystemExit(_failure_report(run_dir, group, failed))
     result = json.loads((run_dir / "result.json").read_text())
     rows = read_metrics(run_dir)
     return {"run_dir": run_dir, "losses": [row["loss"] for row in rows], "metrics": rows, **result}
 
 
-def _failure_report(run_dir: Path, procs: list[subprocess.Popen]) -> str:
-    """The root cause is the earliest traceback: peers fail after it (e.g. gloo 'Connection closed by peer')."""
-    errs = sorted(run_dir.glob("rank*.err"), key=lambda f: f.stat().st_mtime_ns)
-    n = len(procs)
-    codes = {r: p.returncode for r, p in enumerate(procs)}
-    if errs:
-        r = int(errs[0].stem[4:])
-        tb = errs[0].read_text()
+def _stop_with_launcher() -> None:
+    """A worker of our launcher gets SIGTERM (finish the step, save, exit) when the launcher dies, even by
+    SIGKILL, which it cannot pass on (Linux PR_SET_PDEATHSIG; elsewhere nothing changes)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the launcher died before the call above
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _codes(group: ProcessGroup) -> str:
+    return ", ".join(f"rank {r}: {group.describe(r)}" for r in range(len(group.procs)))
+
+
+def _data_error(run_dir: Path, rank: int) -> str | None:
+    f = run_dir / f"rank{rank}.err"
+    text = f.read_text() if f.exists() else ""
+    return text[len(DATA_ERROR):] if text.startswith(DATA_ERROR) else None
+
+
+def _failure_report(run_dir: Path, group: ProcessGroup, first: int) -> str:
+    """The root cause is the first failure (``ProcessGroup.first_failure``: a rank killed by a signal, else the
+    first to exit non-zero); its peers fail after it (e.g. gloo 'Connection closed by peer')."""
+    err = run_dir / f"rank{first}.err"
+    code = group.codes[first]
+    if err.exists():
+        tb = err.read_text()
+    elif code is not None and code < 0:
+        tb = f"(no traceback: the worker was {group.describe(first)})"
     else:
-        r = next(r for r, c in codes.items() if c not in (0, None, -signal.SIGTERM))
-        tb = "(no traceback: the worker died without raising, e.g. killed by a signal)"
-    return (f"torch_ref.train: rank {r} of {n} failed first (exit codes {codes}); the launcher stopped the other "
-            f"ranks. Its traceback:\n{tb}\nrun directory: {run_dir}")
-
-
-def _stop(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:
-    """Terminate our own still-running workers (by their pids), then kill those that ignore it."""
-    alive = [p for p in procs if p.poll() is None]
-    for p in alive:
-        p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for p in alive:
-        try:
-            p.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        tb = "(no traceback: the worker died without raising)"
+    n = len(group.procs)
+    return (f"torch_ref.train: rank {first} of {n} failed first ({group.describe(first)}); the others followed or "
+            f"were stopped by the launcher ({_codes(group)}). Its traceback:\n{tb}\nrun directory: {run_dir}")
 
 
 # ----------------------------------------------------------------------------- worker
@@ -409,8 +479,17 @@ def run_worker(run_dir: Path | None, cfg: Config | None = None, init: str = "jax
     """One rank: init the process group, build the layout's engine, train, log (rank 0)."""
     ext = external_rank_env()
     rank, world, local_rank = (ext.rank, ext.world_size, ext.local_rank) if ext else (0, 1, 0)
+    from aurora_data import DataError
+
     try:
         return _worker(run_dir, rank, world, local_rank, cfg, init, quiet, ckpt or {})
+    except DataError as e:  # bad data is a message for the launcher to print (exit 2), not a traceback
+        if run_dir is not None:
+            (run_dir / f"rank{rank}.err").write_text(f"{DATA_ERROR}{e}")
+            raise SystemExit(2) from None
+        raise
+    except SystemExit:  # stopped by a signal, after saving
+        raise
     except BaseException:
         if run_dir is not None:
             (run_dir / f"rank{rank}.err").write_text(traceback.format_exc())
@@ -427,6 +506,7 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))
     t_start = time.perf_counter()
+    stop = _StopFlag()  # SIGTERM/SIGINT: finish the step, save, exit 128 + signal (as jax_impl.train)
     if run_dir is not None:
         cfg = config_from_dict(json.loads((run_dir / "config.json").read_text())["config"])
         launch_opts = json.loads((run_dir / "launch.json").read_text())
@@ -554,8 +634,9 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
         # a wall-clock checkpoint is due when rank 0's clock says so; the flag rides in the peak-RSS max, so all
         # ranks agree without another collective
         wall_due = float(rank == 0 and every_s > 0 and time.monotonic() - last_save_t >= every_s)
+        # a stop signal seen by any rank rides in the same max: every rank stops after the same step
         stats = torch.tensor([float(local_loss), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0,
-                              wall_due], dtype=torch.float64, device=dev)
+                              wall_due, float(stop.signum or 0)], dtype=torch.float64, device=dev)
         peak = stats[1:].clone()
         dist.all_reduce(stats[:1])  # every rank's loss covers as many tokens: the mean is the global-batch loss
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
@@ -580,7 +661,8 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
                       f"{row['tflops_per_device']:.5f} TFLOPS/dev | peak {peak[0] / 2**20:.0f} MiB", flush=True)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss became {loss} at step {step + 1}; run {run_dir}")
-        if ((every and (step + 1) % every == 0) or peak[1] > 0
+        stop_sig = int(peak[2])
+        if ((every and (step + 1) % every == 0) or peak[1] > 0 or (stop_sig and engine is not None)
                 or ((every or every_s) and step + 1 == cfg.train.steps)):
             t = time.perf_counter()  # every rank writes its own ZeRO partition; rank 0 then updates `latest`
             engine.save_checkpoint(str(ckpt_dir), tag=f"global_step{step + 1}",
@@ -588,6 +670,16 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
             last_save_t = time.monotonic()
             if rank == 0 and not quiet:
                 print(f"checkpoint step {step + 1} -> {ckpt_dir} ({time.perf_counter() - t:.2f}s)", flush=True)
+        if stop_sig:
+            if log is not None:
+                log.close()
+                saved = (f"checkpoint in {ckpt_dir}; continue with --resume {run_dir}" if engine is not None else
+                         f"no checkpoint (layout {layout.label} runs {layout.engine})")
+                print(f"stopped by {signal.Signals(stop_sig).name} after step {step + 1}; {saved}", file=sys.stderr,
+                      flush=True)
+            dist.barrier()
+            dist.destroy_process_group()
+            raise SystemExit(128 + stop_sig)
     if log is not None:
         log.close()
         (run_dir / "result.json").write_text(json.dumps({
@@ -601,6 +693,19 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
     dist.barrier()
     dist.destroy_process_group()
     return {"run_dir": run_dir, "losses": losses, "dist_init_s": dist_init_s, "engine_init_s": engine_init_s}
+
+
+class _StopFlag:
+    """Records the first SIGTERM/SIGINT instead of dying at once; the training loop then saves and stops."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.signum is None:
+            self.signum = signum
 
 
 class RunDirError(RuntimeError):
@@ -641,7 +746,14 @@ if __name__ == "__main__":
     from configs.hostmem import reexec_with_allocator
 
     reexec_with_allocator()  # the host allocator both trainers run under (configs/hostmem.py)
-    main()
+    try:
+        main()
+    except SystemExit as e:  # a worker stopped by a signal (after saving) or by bad data: the same fast exit
+        if os.environ.get(RUN_DIR_ENV) and isinstance(e.code, int):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(e.code)
+        raise
     if os.environ.get(RUN_DIR_ENV):
         # a worker of our own launcher, finished and flushed: skip interpreter teardown, where a C++ thread of
         # the gloo / AutoTP stack was seen to abort (SIGABRT) after a complete run, failing it
