@@ -34,7 +34,16 @@ from typing import Any
 
 from configs import Config, ConfigError, lr_at, mesh_devices, validate_config
 from configs.cli import layout_label, resolve_config, trainer_parser
-from configs.rundir import MetricsLog, make_run_dir, write_config, write_meta
+from configs.rundir import (
+    MetricsLog,
+    RunDirBusy,
+    lock_run_dir,
+    make_run_dir,
+    run_dir_path,
+    truncate_metrics,
+    write_config,
+    write_meta,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,8 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="default <run dir>/checkpoints; must be shared by all processes")
     ck.add_argument("--resume", metavar="PATH|auto",
                     help="a run directory, its checkpoints/ or one checkpoints/<step>; continues in that run "
-                         "directory unless --name is given. auto: resume this --name's run if it has a checkpoint, "
-                         "else start it fresh in that directory (a requeued job's first attempt)")
+                         "directory unless --name is given. An older step starts a new branch: the later "
+                         "checkpoints and metrics rows are moved to abandoned-<time> names. auto: resume this "
+                         "--name's run from its newest readable checkpoint, else start it fresh in that directory "
+                         "(a requeued job)")
     rs = ap.add_argument_group("failure handling")
     rs.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop",
                     help="non-finite loss or gradient norm: stop (exit 3, default) or skip the step's update")
@@ -90,6 +101,17 @@ class RunOptions:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RunOptions:
         return cls(**{k: getattr(args, k) for k in cls.__dataclass_fields__})
+
+    def check(self) -> None:
+        """Refuse values that would silently mean something else (ConfigError names the value and the fix)."""
+        if self.ckpt_every < 0:
+            raise ConfigError(f"--ckpt-every {self.ckpt_every}: must be >= 0 (N: save every N steps; 0: only on "
+                              "SIGTERM/SIGINT and with --ckpt-every-s)")
+        if self.ckpt_every_s < 0 or not math.isfinite(self.ckpt_every_s):
+            raise ConfigError(f"--ckpt-every-s {self.ckpt_every_s}: must be a finite number >= 0 (0: off)")
+        if self.ckpt_keep < 1:
+            raise ConfigError(f"--ckpt-keep {self.ckpt_keep}: must be >= 1 (how many finished checkpoints are "
+                              "kept; a large number keeps them all)")
 
 
 RUN_DIR_ERROR = "\0error:"  # broadcast by process 0 instead of the run directory when it cannot open one
@@ -145,13 +167,38 @@ def dry_run(cfg: Config, trainer) -> dict[str, Any]:
             "compile_s": compile_s}
 
 
+def _planned_run_dir(cfg: Config, opts: RunOptions) -> Path:
+    """The directory this run will write (the one ``_open_run_dir`` opens), known before anything starts."""
+    if opts.resume and opts.resume != "auto" and not cfg.train.name:
+        from jax_impl import checkpoint
+
+        ck, _ = checkpoint.resolve_dir(opts.resume)
+        if ck.name == "checkpoints" and (ck.parent / "config.json").exists():
+            return ck.parent
+    return run_dir_path(cfg, "jax")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    lock, lock_error = None, ""
     try:
         cfg, args = resolve_config(build_parser(), argv)
-        from jax_impl import devices, distributed
+        opts = RunOptions.from_args(args)
+        opts.check()
+        from jax_impl import checkpoint, devices, distributed
 
         dist = distributed.detect(coordinator=args.coordinator, num_processes=args.num_processes,
                                   process_id=args.process_id)
+        planned = None
+        if not args.dry_run and (dist is None or dist.process_id == 0):
+            # one run per directory, decided before anything is compiled; process 0 holds the lock. With peers,
+            # a refusal waits for them (the run-directory broadcast in train) so that every process exits 2
+            try:
+                planned = _planned_run_dir(cfg, opts)
+                lock = lock_run_dir(planned)
+            except (RunDirBusy, checkpoint.CheckpointError, OSError) as e:
+                if dist is None:
+                    raise ConfigError(str(e)) from None
+                lock_error = str(e)
         n_mesh = mesh_devices(cfg.parallel.mesh)
         if dist is not None and n_mesh and n_mesh % dist.num_processes:
             raise ConfigError(f"mesh {cfg.parallel.mesh} ({n_mesh} devices) does not divide over "
@@ -165,6 +212,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         devices.start(platform)  # the backend starts here: a device that is not there is a message, not a trace
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        if lock is not None:
+            lock.release()
         raise SystemExit(2) from None
 
     import jax
@@ -175,15 +224,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         validate_config(cfg, jax.device_count())
         mesh = make_mesh(cfg.mesh_shape(jax.device_count()))
     except ConfigError as e:
+        if lock is not None:
+            lock.release()
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
     from jax_impl.trainer import Trainer
 
-    trainer = Trainer.build(cfg, mesh)
-    if args.dry_run:
-        return dry_run(cfg, trainer)
-    return train(cfg, trainer, platform, quiet=args.quiet, opts=RunOptions.from_args(args))
+    try:
+        trainer = Trainer.build(cfg, mesh)
+        if args.dry_run:
+            return dry_run(cfg, trainer)
+        return train(cfg, trainer, platform, quiet=args.quiet, opts=opts, run_dir=planned, lock_error=lock_error)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _resume_source(cfg: Config, opts: RunOptions) -> Path | None:
@@ -200,9 +255,11 @@ def _resume_source(cfg: Config, opts: RunOptions) -> Path | None:
     return ck if checkpoint.steps_in(ck) else None
 
 
-def _open_run_dir(cfg: Config, resume_from: Path | None, fresh_in_place: bool = False) -> tuple[Path, bool]:
+def _open_run_dir(cfg: Config, resume_from: Path | None, fresh_in_place: bool = False,
+                  planned: Path | None = None) -> tuple[Path, bool]:
     """(run dir, continuing in place); only process 0 calls this. ``fresh_in_place`` (``--resume auto`` and no
-    checkpoint yet): a named run directory left by an attempt that never saved is restarted from step 0."""
+    checkpoint yet): a named run directory left by an attempt that never saved is restarted from step 0, its
+    rows kept aside. ``planned``: the (locked) directory main computed for a run without --name."""
     if resume_from is not None and not cfg.train.name:
         from jax_impl import checkpoint
 
@@ -214,25 +271,36 @@ def _open_run_dir(cfg: Config, resume_from: Path | None, fresh_in_place: bool = 
         if (run_dir / "metrics.jsonl").exists():
             return run_dir, True
     if fresh_in_place and cfg.train.name:
-        stale = Path(cfg.train.out_dir) / cfg.train.name / "metrics.jsonl"
-        if stale.exists():
-            print(f"--resume auto: {stale.parent} has no checkpoint yet; starting it again from step 0")
-            stale.unlink()
-    return make_run_dir(cfg, "jax"), False
+        stale = Path(cfg.train.out_dir) / cfg.train.name
+        if (stale / "metrics.jsonl").exists():
+            aside = truncate_metrics(stale, 0)
+            (stale / "metrics.jsonl").unlink()  # empty now: its rows (if any) are in `aside`
+            print(f"--resume auto: {stale} has no checkpoint yet; starting it again from step 0"
+                  + (f" (the previous attempt's rows are kept in {aside.name})" if aside else ""))
+    return make_run_dir(cfg, "jax", planned if not cfg.train.name else None), False
 
 
-def _truncate_metrics(run_dir: Path, step: int) -> None:
-    """Continuing in place: drop the rows a killed run logged after the checkpoint it resumes from."""
-    import json
+def _check_resume_steps(cfg: Config, resume_from: Path) -> None:
+    """Refuse, before anything is written, a resume whose checkpoint is already past ``--steps``."""
+    from jax_impl import checkpoint
 
-    f = run_dir / "metrics.jsonl"
-    if f.exists():
-        keep = [line for line in f.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        f.write_text("".join(line + "\n" for line in keep))
+    d, step = checkpoint.resolve_dir(resume_from)
+    steps = checkpoint.steps_in(d)
+    step = step if step is not None else (steps[-1] if steps else None)
+    if step is None:
+        return
+    try:
+        meta = checkpoint.read_meta(d, step)
+    except checkpoint.CheckpointError:
+        return  # unreadable: restore says so (or --resume auto falls back), and the step is checked again then
+    if not meta.get("params_only") and meta["step"] > cfg.train.steps:
+        raise ConfigError(f"--steps {cfg.train.steps}, but the checkpoint to resume ({d / str(step)}) is already at "
+                          f"step {meta['step']}: give --steps >= {meta['step']} (the run's total, not the steps to "
+                          "add), or resume an older step with --resume <run>/checkpoints/<step>")
 
 
-def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOptions | None = None
-          ) -> dict[str, Any]:
+def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOptions | None = None,
+          run_dir: Path | None = None, lock_error: str = "") -> dict[str, Any]:
     import jax
     from tqdm import tqdm
 
@@ -251,11 +319,14 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
 
     # process 0 opens the run directory and tells the others where, or why not: every process then exits 2,
     # instead of the others waiting in a collective for a process 0 that is gone
-    error, run_dir, in_place = "", Path(), False
+    error, planned, run_dir, in_place = lock_error, run_dir, Path(), False
     try:
         resume_from = _resume_source(cfg, opts)
-        if lead:
-            run_dir, in_place = _open_run_dir(cfg, resume_from, fresh_in_place=opts.resume == "auto")
+        if lead and not error:
+            if resume_from is not None:
+                _check_resume_steps(cfg, resume_from)
+            run_dir, in_place = _open_run_dir(cfg, resume_from, fresh_in_place=opts.resume == "auto",
+                                              planned=planned)
     except (ConfigError, checkpoint.CheckpointError, FileExistsError) as e:
         error = str(e) or type(e).__name__
     shared = distributed.broadcast_str(RUN_DIR_ERROR + error if error else str(run_dir))
@@ -264,8 +335,6 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
         raise SystemExit(2)
     run_dir = Path(shared)
     ckpt_dir = Path(opts.ckpt_dir) if opts.ckpt_dir else run_dir / "checkpoints"
-    if lead:
-        write_config(run_dir, cfg)
     source = build_source(cfg, num_samples=cfg.train.steps * gbs)
     print(f"run {run_dir} | {cfg.model.name} {cfg.model.n_params():,} params | mesh {dict(mesh.shape)} "
           f"ZeRO-{p.zero} | gbs {gbs} = mbs {p.mbs} x gas {p.gas} x dp {dp} | seq {seq} | {cfg.train.dtype}"
@@ -280,7 +349,12 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
     start_step, consumed0, restored_meta, restore_s = 0, 0, None, None
     if resume_from is not None:
         try:
-            r = checkpoint.restore(resume_from, trainer)
+            r = (checkpoint.restore_newest_readable(resume_from, trainer) if opts.resume == "auto"
+                 else checkpoint.restore(resume_from, trainer))
+            if not r.meta["params_only"] and r.step > cfg.train.steps:
+                raise checkpoint.CheckpointError(
+                    f"--steps {cfg.train.steps}, but checkpoint step {r.step} is already past it: give --steps >= "
+                    f"{r.step} (the run's total)")
         except checkpoint.CheckpointError as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
@@ -291,10 +365,18 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
         else:
             start_step, consumed0 = r.step, r.meta["consumed_samples"]
         print(f"resumed from {resume_from} step {r.step} (consumed samples {consumed0}) in {restore_s:.2f}s")
-        if lead and in_place:
-            _truncate_metrics(run_dir, start_step)
+        if lead:
+            # a new branch from step k: the old branch's later checkpoints and rows are moved aside, not deleted
+            moved = checkpoint.set_aside_after(ckpt_dir, start_step) if restored_meta is not None else None
+            aside = truncate_metrics(run_dir, start_step) if in_place else None
+            if moved or aside:
+                print(f"resumed at step {start_step}: the previous branch's later "
+                      + " and ".join(([f"checkpoints are in {moved}"] if moved else [])
+                                     + ([f"metrics rows are in {aside}"] if aside else [])))
     else:
         params, opt_state = trainer.init_state()
+    if lead:  # after the resume checks: a refused resume leaves config.json as it was
+        write_config(run_dir, cfg)
     compile_s = time.perf_counter() - t0
     if lead:
         write_meta(run_dir, {
