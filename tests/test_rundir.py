@@ -113,3 +113,20 @@ def test_trainer_refuses_a_locked_run_directory(tmp_path, trainer, capsys):
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer", ["jax_impl", "torch_ref"])
+def test_two_runs_started_at_once_in_one_directory(tmp_path, trainer):
+    """Both started together: one trains, the other is refused (exit 2, naming the holder); every step once."""
+    args = [sys.executable, "-m", f"{trainer}.train", "--preset", "tiny", "--wandb", "disabled", "--quiet",
+            "--mesh", "data=1", "--steps", "8", "--ckpt-every", "4", "--out-dir", str(tmp_path), "--name", "c"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], [o[1][-2000:] for o in outs]
+    refused = outs[[p.returncode for p in procs].index(2)][1]
+    assert "is in use by another run (pid" in refused and "Traceback" not in refused
+    assert [r["step"] for r in read_metrics(tmp_path / "c")] == list(range(1, 9))
