@@ -79,6 +79,7 @@ def command(trainer: str, out: Path, name: str, steps: int, every: int, extra: l
 
 def env_for(trainer: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONUNBUFFERED"] = "1"  # the attempt logs must hold what a killed process printed
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     if trainer == "torch":
         env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".torch_ext"))
@@ -142,7 +143,8 @@ def stop(p: subprocess.Popen, sig: int, trainer: str) -> None:
 
 
 def attempt(trainer: str, cmd: list[str], run: Path, log: Path, fault: str | None, rng: random.Random,
-            resumed_rows: int, steps: int, every: int, sig: int, timeout_s: float) -> tuple[int | None, str | None]:
+            resumed_rows: int, steps: int, every: int, sig: int, timeout_s: float, min_rows: int = 0
+            ) -> tuple[int, str | None]:
     """One attempt; if ``fault`` is set, interrupt it at a moment of that kind. Returns (exit code, the kind of
     moment it was stopped at; None if it was not stopped)."""
     ck = run / "checkpoints"
@@ -152,7 +154,7 @@ def attempt(trainer: str, cmd: list[str], run: Path, log: Path, fault: str | Non
         p = subprocess.Popen(cmd, cwd=ROOT, env=env_for(trainer), stdout=lf, stderr=subprocess.STDOUT,
                              start_new_session=True)
     deadline = time.monotonic() + timeout_s
-    target = min(steps - 1, resumed_rows + rng.randint(1, 2 * every))
+    target = min(steps - 1, max(min_rows, resumed_rows + rng.randint(1, 2 * every)))
     # before the first checkpoint: after 0 .. every-1 logged steps (0: at a random time in start-up/compilation)
     first_rows, first_delay = rng.randint(0, every - 1), rng.uniform(0.5, 5.0)
     t0 = time.monotonic()
@@ -208,8 +210,14 @@ def campaign(trainer: str, mode: str, kills: int, steps: int, every: int, seed: 
                                                                                             "random-step"))
         resumed = max((int(p.name[len("global_step"):]) if trainer == "torch" else int(p.name)
                        for p in finished_ckpts(trainer, run / "checkpoints")), default=0)
+        # corrupt mode: every other fault damages the newest checkpoint, so the run first goes on until a second
+        # one is finished (the others are plain kills, so the run also moves forward)
+        corrupt_next = mode == "corrupt" and res.faults_injected % 2 == 1
+        if corrupt_next:
+            fault = "random-step"
         res.attempts += 1
-        rc, kind = attempt(trainer, cmd, run, log, fault, rng, resumed, steps, every, sig, timeout_s)
+        rc, kind = attempt(trainer, cmd, run, log, fault, rng, resumed, steps, every, sig, timeout_s,
+                           min_rows=resumed + every + 2 if corrupt_next else 0)
         if pending_fault:
             # survived: the attempt after a fault ran (until the next fault stopped it, or to the end)
             if kind is not None or rc == 0:
@@ -223,7 +231,7 @@ def campaign(trainer: str, mode: str, kills: int, steps: int, every: int, seed: 
             if rc == 128 + signal.SIGTERM:  # the JAX trainer's graceful stop: it saved, then exited 143
                 res.kinds["saved-on-sigterm"] = res.kinds.get("saved-on-sigterm", 0) + 1
             pending_fault = True
-            if mode == "corrupt" and corrupt_newest(trainer, run / "checkpoints"):
+            if corrupt_next and corrupt_newest(trainer, run / "checkpoints"):
                 res.kinds["newest-corrupted"] = res.kinds.get("newest-corrupted", 0) + 1
             continue
         pending_fault = False
