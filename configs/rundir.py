@@ -56,8 +56,8 @@ def run_dir_path(cfg: Config, framework: str) -> Path:
 def make_run_dir(cfg: Config, framework: str, run_dir: Path | None = None) -> Path:
     run_dir = run_dir or run_dir_path(cfg, framework)
     if (run_dir / "metrics.jsonl").exists():
-        raise FileExistsError(f"run directory {run_dir} already holds a run; pick another --name, continue it with "
-                              "--resume auto, or remove it")
+        raise FileExistsError(f"run directory {run_dir} already holds a run; pick another --name or remove it "
+                              "(or continue it: --resume auto)")
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
