@@ -93,19 +93,27 @@ def rows_logged(run: Path) -> int:
         return 0
 
 
-def saving(trainer: str, ck: Path) -> bool:
-    """A checkpoint is being written right now."""
+def unfinished(trainer: str, ck: Path) -> set[tuple[str, int]]:
+    """(name, inode) of the checkpoints not finished: orbax tmp directories, DeepSpeed tags newer than ``latest``.
+    Killed saves leave theirs behind; the inode tells a new save of the same step from the old leftover."""
     try:
-        names = [p.name for p in ck.iterdir()]
+        entries = [(p.name, p.stat().st_ino) for p in ck.iterdir()]
     except OSError:
-        return False
+        return set()
     if trainer == "jax":
-        return any(".orbax-checkpoint-tmp" in n for n in names)
+        return {e for e in entries if ".orbax-checkpoint-tmp" in e[0]}
     from torch_ref.train import latest_tag, tag_step
 
     latest = latest_tag(ck)
-    newest = max((tag_step(n) or 0 for n in names), default=0)
-    return newest > (tag_step(latest) or 0 if latest else 0)
+    done = tag_step(latest) or 0 if latest else 0
+    return {e for e in entries if (tag_step(e[0]) or 0) > done}
+
+
+def inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except OSError:
+        return None
 
 
 def finished_ckpts(trainer: str, ck: Path) -> list[Path]:
@@ -157,18 +165,26 @@ def attempt(trainer: str, cmd: list[str], run: Path, log: Path, fault: str | Non
     target = min(steps - 1, max(min_rows, resumed_rows + rng.randint(1, 2 * every)))
     # before the first checkpoint: after 0 .. every-1 logged steps (0: at a random time in start-up/compilation)
     first_rows, first_delay = rng.randint(0, every - 1), rng.uniform(0.5, 5.0)
+    # what the previous attempt left: unfinished saves, and rows past its checkpoint until this attempt's resume
+    # moves them aside (replacing metrics.jsonl: a new inode), so they are not counted as this attempt's steps
+    left_saves, metrics_ino = unfinished(trainer, ck), inode(run / "metrics.jsonl")
+    stale = rows_logged(run) > resumed_rows
     t0 = time.monotonic()
     kind = None
     while p.poll() is None and time.monotonic() < deadline:
         if fault is None:
             time.sleep(0.05)
             continue
-        n = rows_logged(run)
+        if stale and inode(run / "metrics.jsonl") == metrics_ino:
+            n = resumed_rows  # not resumed yet: the rows in the file are the previous attempt's
+        else:
+            n, stale = rows_logged(run), False
+        saving = bool(unfinished(trainer, ck) - left_saves)
         if fault == "before-first-checkpoint":
             if n >= first_rows and (first_rows or time.monotonic() - t0 >= first_delay):
-                kind = fault if not finished_ckpts(trainer, ck) and not saving(trainer, ck) else "random-step"
+                kind = fault if not finished_ckpts(trainer, ck) and not saving else "random-step"
         elif fault == "during-save":
-            if n > resumed_rows and saving(trainer, ck):
+            if n > resumed_rows and saving:
                 kind = fault
             elif n >= min(steps - 1, resumed_rows + 3 * every):  # no save seen in time: a random step it is
                 kind = "random-step"
@@ -212,7 +228,7 @@ def campaign(trainer: str, mode: str, kills: int, steps: int, every: int, seed: 
                        for p in finished_ckpts(trainer, run / "checkpoints")), default=0)
         # corrupt mode: every other fault damages the newest checkpoint, so the run first goes on until a second
         # one is finished (the others are plain kills, so the run also moves forward)
-        corrupt_next = mode == "corrupt" and res.faults_injected % 2 == 1
+        corrupt_next = mode == "corrupt" and fault is not None and res.faults_injected % 2 == 1
         if corrupt_next:
             fault = "random-step"
         res.attempts += 1
