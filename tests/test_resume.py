@@ -381,3 +381,26 @@ def test_torch_negative_checkpoint_interval_is_refused(tmp_path, capsys, flag):
     with pytest.raises(SystemExit) as e:
         torch_train.main(["--preset", "tiny", "--mesh", "data=1", "--out-dir", str(tmp_path), flag])
     assert e.value.code == 2 and "must be" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_torch_resume_from_an_older_tag_starts_a_new_branch(tmp_path, capsys):
+    """DeepSpeed: --resume <run>/checkpoints/global_step2 continues in place, after a torn metrics line; the later
+    tags and rows of the old branch are moved aside, `latest` is rewritten, and the new branch repeats the old."""
+    from torch_ref import train as torch_train
+
+    common = ["--preset", "tiny", "--wandb", "disabled", "--quiet", "--mesh", "data=1", "--zero", "1",
+              "--steps", "4", "--ckpt-every", "2", "--out-dir", str(tmp_path)]
+    first = torch_train.main([*common, "--name", "t"])
+    run_dir, ck = tmp_path / "t", tmp_path / "t" / "checkpoints"
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "lo')  # torn
+    with pytest.warns(UserWarning, match="torn"):
+        res = torch_train.main([*common, "--resume", str(ck / "global_step2")])
+    assert res["run_dir"] == run_dir and res["losses"] == first["losses"]
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
+    aside = [p for p in ck.iterdir() if p.name.startswith("abandoned-")]
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["global_step4"]
+    assert (ck / "latest").read_text().strip() == "global_step4" and (ck / "global_step4").is_dir()  # new branch
+    rows_aside = list(run_dir.glob("metrics.abandoned-*.jsonl"))
+    assert len(rows_aside) == 1 and [json.loads(x)["step"] for x in rows_aside[0].read_text().splitlines()] == [3, 4]
