@@ -10,7 +10,7 @@ Both trainers also share the run directory's failure handling here (docs/checkpo
   anything is compiled; a second run is refused naming the holder's pid and host.
 - ``metrics.jsonl`` is strict JSON: a non-finite float is written as the string ``"NaN"``, ``"Infinity"`` or
   ``"-Infinity"`` and read back as the float; a torn last line (what a crash mid-write leaves) is dropped
-  with a warning.
+  with a warning when a run is resumed.
 - ``truncate_metrics`` / ``set_aside``: resuming from step k starts a new branch; the old branch's rows
   after k and its checkpoints after k are moved into ``abandoned-<time>`` names, never deleted.
 """
@@ -211,7 +211,7 @@ def _open_wandb(cfg: Config, run_dir: Path, framework: str):
         return None
 
 
-def _parse_metrics(path: Path) -> tuple[list[dict[str, Any]], list[str], bool]:
+def _parse_metrics(path: Path, allow_torn: bool = True) -> tuple[list[dict[str, Any]], list[str], bool]:
     """(rows, their lines, whether a torn last line was dropped); a bad line elsewhere is an error."""
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     rows, torn = [], False
@@ -219,7 +219,7 @@ def _parse_metrics(path: Path) -> tuple[list[dict[str, Any]], list[str], bool]:
         try:
             rows.append(_loose(json.loads(line)))
         except json.JSONDecodeError as e:
-            if i == len(lines):  # a crash mid-write leaves the last line cut short: that step was not logged
+            if allow_torn and i == len(lines):  # a crash mid-write cuts the last line short: a step not logged
                 warnings.warn(f"{path}: dropping the torn last line {i} ({e.msg}): {line[:80]!r}", stacklevel=3)
                 torn = True
                 break
@@ -227,9 +227,11 @@ def _parse_metrics(path: Path) -> tuple[list[dict[str, Any]], list[str], bool]:
     return rows, lines[:len(rows)], torn
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The rows of ``metrics.jsonl``, non-finite values as floats; a torn last line is dropped (warning)."""
-    return _parse_metrics(Path(run_dir) / "metrics.jsonl")[0]
+def read_metrics(run_dir: Path, allow_torn: bool = False) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl``, non-finite values as floats. A bad line is an error naming it, except with
+    ``allow_torn`` a torn last line (a run still going, or one to resume), which is dropped with a warning;
+    resuming a run drops it for good (``truncate_metrics``). Reports of finished runs read strictly."""
+    return _parse_metrics(Path(run_dir) / "metrics.jsonl", allow_torn)[0]
 
 
 def truncate_metrics(run_dir: Path, step: int) -> Path | None:

@@ -46,8 +46,10 @@ def test_nonfinite_metrics_are_strict_json_and_read_back_as_floats(tmp_path):
 def test_torn_last_line_is_dropped_with_a_warning(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
     with pytest.warns(UserWarning, match="torn last line 2"):
-        rows = read_metrics(tmp_path)
+        rows = read_metrics(tmp_path, allow_torn=True)
     assert rows == [{"step": 1, "loss": 2.0}]
+    with pytest.raises(ValueError, match="line 2 is not valid JSON"):  # a finished run's report reads strictly
+        read_metrics(tmp_path)
 
 
 def test_truncate_metrics_keeps_the_later_rows_aside_and_drops_a_torn_line(tmp_path):
