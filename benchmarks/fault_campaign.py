@@ -151,8 +151,8 @@ def stop(p: subprocess.Popen, sig: int, trainer: str) -> None:
 
 
 def attempt(trainer: str, cmd: list[str], run: Path, log: Path, fault: str | None, rng: random.Random,
-            resumed_rows: int, steps: int, every: int, sig: int, timeout_s: float, min_rows: int = 0
-            ) -> tuple[int, str | None]:
+            resumed_rows: int, steps: int, every: int, sig: int, timeout_s: float, min_rows: int = 0,
+            max_advance: int | None = None) -> tuple[int, str | None]:
     """One attempt; if ``fault`` is set, interrupt it at a moment of that kind. Returns (exit code, the kind of
     moment it was stopped at; None if it was not stopped)."""
     ck = run / "checkpoints"
@@ -162,7 +162,7 @@ def attempt(trainer: str, cmd: list[str], run: Path, log: Path, fault: str | Non
         p = subprocess.Popen(cmd, cwd=ROOT, env=env_for(trainer), stdout=lf, stderr=subprocess.STDOUT,
                              start_new_session=True)
     deadline = time.monotonic() + timeout_s
-    target = min(steps - 1, max(min_rows, resumed_rows + rng.randint(1, 2 * every)))
+    target = min(steps - 1, max(min_rows, resumed_rows + rng.randint(1, max_advance or 2 * every)))
     # before the first checkpoint: after 0 .. every-1 logged steps (0: at a random time in start-up/compilation)
     first_rows, first_delay = rng.randint(0, every - 1), rng.uniform(0.5, 5.0)
     # what the previous attempt left: unfinished saves, and rows past its checkpoint until this attempt's resume
@@ -231,9 +231,13 @@ def campaign(trainer: str, mode: str, kills: int, steps: int, every: int, seed: 
         corrupt_next = mode == "corrupt" and fault is not None and res.faults_injected % 2 == 1
         if corrupt_next:
             fault = "random-step"
+        # spread the faults over the run: a fault lets it advance by at most twice its share of the steps left
+        # (a SIGTERM saves where it lands, so without this the run would be over long before the last fault)
+        left = kills - res.faults_injected
+        advance = max(1, min(2 * every, 2 * (steps - 1 - resumed) // (left + 1))) if fault else None
         res.attempts += 1
         rc, kind = attempt(trainer, cmd, run, log, fault, rng, resumed, steps, every, sig, timeout_s,
-                           min_rows=resumed + every + 2 if corrupt_next else 0)
+                           min_rows=resumed + every + 2 if corrupt_next else 0, max_advance=advance)
         if pending_fault:
             # survived: the attempt after a fault ran (until the next fault stopped it, or to the end)
             if kind is not None or rc == 0:
