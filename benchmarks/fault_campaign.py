@@ -188,8 +188,8 @@ def attempt(trainer: str, cmd: list[str], run: Path, log: Path, fault: str | Non
                 kind = fault
             elif n >= min(steps - 1, resumed_rows + 3 * every):  # no save seen in time: a random step it is
                 kind = "random-step"
-        elif n >= target:
-            kind = "random-step"
+        elif n >= target:  # (an attempt after the last step was saved only starts, restores and ends)
+            kind = "random-step" if resumed_rows < steps else "restart-of-a-finished-run"
         if kind:
             stop(p, sig, trainer)
             break
