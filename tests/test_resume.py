@@ -404,3 +404,14 @@ def test_torch_resume_from_an_older_tag_starts_a_new_branch(tmp_path, capsys):
     assert (ck / "latest").read_text().strip() == "global_step4" and (ck / "global_step4").is_dir()  # new branch
     rows_aside = list(run_dir.glob("metrics.abandoned-*.jsonl"))
     assert len(rows_aside) == 1 and [json.loads(x)["step"] for x in rows_aside[0].read_text().splitlines()] == [3, 4]
+
+
+@pytest.mark.slow
+def test_torch_resume_at_the_last_step_finishes_at_once(tmp_path, capfd):
+    from torch_ref import train as torch_train
+
+    common = ["--preset", "tiny", "--wandb", "disabled", "--quiet", "--mesh", "data=1", "--zero", "1",
+              "--steps", "2", "--ckpt-every", "2", "--out-dir", str(tmp_path), "--name", "done"]
+    first = torch_train.main(common)
+    again = torch_train.main([*common, "--resume", "auto"])
+    assert again["losses"] == first["losses"] and "nothing to train" in capfd.readouterr().out

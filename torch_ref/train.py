@@ -653,7 +653,8 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
         (run_dir / "result.json").write_text(json.dumps({
             "layout": layout.label, "layout_impl": layout.description, "world_size": world,
             "dist_init_s": dist_init_s, "engine_init_s": engine_init_s, "init_s": init_s}) + "\n")
-        print(f"done: loss {losses[0]:.4f} -> {losses[-1]:.4f}; metrics in {run_dir / 'metrics.jsonl'}")
+        print(f"done: loss {losses[0]:.4f} -> {losses[-1]:.4f}; metrics in {run_dir / 'metrics.jsonl'}" if losses
+              else f"done: the checkpoint was already at step {cfg.train.steps}; nothing to train")
     dist.barrier()
     dist.destroy_process_group()
     if lock is not None:
