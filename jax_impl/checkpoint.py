@@ -62,6 +62,10 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0][:300]}" if text else type(e).__name__
 
 
+class UnreadableCheckpoint(CheckpointError):
+    """A finished checkpoint step whose files cannot be read (truncated, corrupt): an older one may be good."""
+
+
 def _ocp():
     import orbax.checkpoint as ocp
 
@@ -178,7 +182,9 @@ class Checkpointer:
 
 def _manager(directory: Path):
     ocp = _ocp()
-    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False, read_only=True),
+    # orbax wants an absolute path (a relative --resume failed with "Checkpoint path should be absolute")
+    return ocp.CheckpointManager(Path(directory).absolute(),
+                                 options=ocp.CheckpointManagerOptions(create=False, read_only=True),
                                  item_names=ITEMS)
 
 
@@ -195,7 +201,7 @@ def read_meta(directory: str | Path, step: int) -> dict[str, Any]:
     try:
         meta = json.loads(f.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"checkpoint step {step} in {directory} has no readable meta ({f}: {e}); "
+        raise UnreadableCheckpoint(f"checkpoint step {step} in {directory} has no readable meta ({f}: {e}); "
                               f"it is corrupt or was not written by jax_impl.checkpoint") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint step {step} in {directory} has format {meta.get('format')!r}; "
@@ -261,7 +267,7 @@ def restore(directory: str | Path, trainer, step: int | None = None) -> Restored
         older = [s for s in steps if s < step]
         hint = (f"; the previous checkpoint, step {older[-1]}, may still be good: --resume {directory / str(older[-1])}"
                 if older else "")
-        raise CheckpointError(f"{where} is unreadable (truncated or corrupt?): {type(e).__name__}: "
+        raise UnreadableCheckpoint(f"{where} is unreadable (truncated or corrupt?): {type(e).__name__}: "
                               f"{str(e).splitlines()[0][:400] if str(e) else ''}{hint}") from e
     finally:
         mngr.close()
@@ -289,6 +295,39 @@ def load_init(path: str | Path, trainer) -> tuple[Any, str]:
         return jax.tree.map(put, params, trainer.storage), f"Hugging Face checkpoint {path}"
     r = restore(path, trainer)
     return r.params, f"checkpoint step {r.step} in {path} (its params)"
+
+
+def restore_newest_readable(directory: str | Path, trainer) -> Restored:
+    """``--resume auto``: the newest finished step that restores, saying which newer ones were unreadable.
+
+    Only unreadable steps are skipped; a checkpoint that does not fit the model is refused as by ``restore``.
+    """
+    directory, _ = resolve_dir(directory)
+    steps = steps_in(directory)
+    if not steps:
+        raise CheckpointError(f"no finished checkpoint in {directory}")
+    bad = []
+    for step in reversed(steps):
+        try:
+            r = restore(directory, trainer, step)
+        except UnreadableCheckpoint as e:
+            bad.append(step)
+            print(f"warning: --resume auto: {e}", file=sys.stderr, flush=True)
+            continue
+        if bad:
+            print(f"warning: --resume auto: newer checkpoint step(s) {bad} unreadable; resumed from step {step}, "
+                  "the newest readable one", file=sys.stderr, flush=True)
+        return r
+    raise CheckpointError(f"--resume auto: none of the checkpoints {steps} in {directory} is readable; start a new "
+                          "run with another --name, or repair or remove them")
+
+
+def set_aside_after(directory: str | Path, step: int) -> Path | None:
+    """Resuming from ``step`` starts a new branch: the old branch's finished steps after it are moved (renames,
+    nothing deleted) into ``<directory>/abandoned-<time>/``, so the new branch can save those step numbers."""
+    from configs.rundir import set_aside
+
+    return set_aside(Path(directory), [str(s) for s in steps_in(directory) if s > step])
 
 
 def restore_numpy(directory: str | Path, step: int | None = None) -> tuple[dict, dict[str, Any]]:

@@ -34,7 +34,16 @@ from typing import Any
 
 from configs import Config, ConfigError, eval_due, lr_at, mesh_devices, valid_offset, valid_samples, validate_config
 from configs.cli import layout_label, resolve_config, trainer_parser
-from configs.rundir import MetricsLog, make_run_dir, write_config, write_meta
+from configs.rundir import (
+    MetricsLog,
+    RunDirBusy,
+    lock_run_dir,
+    make_run_dir,
+    run_dir_path,
+    truncate_metrics,
+    write_config,
+    write_meta,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,8 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="default <run dir>/checkpoints; must be shared by all processes")
     ck.add_argument("--resume", metavar="PATH|auto",
                     help="a run directory, its checkpoints/ or one checkpoints/<step>; continues in that run "
-                         "directory unless --name is given. auto: resume this --name's run if it has a checkpoint, "
-                         "else start it fresh in that directory (a requeued job's first attempt)")
+                         "directory unless --name is given. An older step starts a new branch: the later "
+                         "checkpoints and metrics rows are moved to abandoned-<time> names. auto: resume this "
+                         "--name's run from its newest readable checkpoint, else start it fresh in that directory "
+                         "(a requeued job)")
     ck.add_argument("--init-from", metavar="CKPT|HF_DIR",
                     help="start a new run (step 0, fresh optimizer state) from these weights: a checkpoint of "
                          "this project (any run's, or one made by `python -m jax_impl.checkpoint import`) or a "
@@ -99,6 +110,17 @@ class RunOptions:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RunOptions:
         return cls(**{k: getattr(args, k) for k in cls.__dataclass_fields__})
+
+    def check(self) -> None:
+        """Refuse values that would silently mean something else (ConfigError names the value and the fix)."""
+        if self.ckpt_every < 0:
+            raise ConfigError(f"--ckpt-every {self.ckpt_every}: must be >= 0 (N: save every N steps; 0: only on "
+                              "SIGTERM/SIGINT and with --ckpt-every-s)")
+        if self.ckpt_every_s < 0 or not math.isfinite(self.ckpt_every_s):
+            raise ConfigError(f"--ckpt-every-s {self.ckpt_every_s}: must be a finite number >= 0 (0: off)")
+        if self.ckpt_keep < 1:
+            raise ConfigError(f"--ckpt-keep {self.ckpt_keep}: must be >= 1 (how many finished checkpoints are "
+                              "kept; a large number keeps them all)")
 
 
 RUN_DIR_ERROR = "\0error:"  # broadcast by process 0 instead of the run directory when it cannot open one
@@ -154,14 +176,38 @@ def dry_run(cfg: Config, trainer) -> dict[str, Any]:
             "compile_s": compile_s}
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from jax_impl import devices, distributed  # neither imports jax
+def _planned_run_dir(cfg: Config, opts: RunOptions) -> Path:
+    """The directory this run will write (the one ``_open_run_dir`` opens), known before anything starts."""
+    if opts.resume and opts.resume != "auto" and not cfg.train.name:
+        from jax_impl import checkpoint
 
+        ck, _ = checkpoint.resolve_dir(opts.resume)
+        if ck.name == "checkpoints" and (ck.parent / "config.json").exists():
+            return ck.parent
+    return run_dir_path(cfg, "jax")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    lock, lock_error = None, ""
     try:
         cfg, args = resolve_config(build_parser(), argv)
+        opts = RunOptions.from_args(args)
+        opts.check()
+        from jax_impl import checkpoint, devices, distributed
 
         dist = distributed.detect(coordinator=args.coordinator, num_processes=args.num_processes,
                                   process_id=args.process_id)
+        planned = None
+        if not args.dry_run and (dist is None or dist.process_id == 0):
+            # one run per directory, decided before anything is compiled; process 0 holds the lock. With peers,
+            # a refusal waits for them (the run-directory broadcast in train) so that every process exits 2
+            try:
+                planned = _planned_run_dir(cfg, opts)
+                lock = lock_run_dir(planned)
+            except (RunDirBusy, checkpoint.CheckpointError, OSError) as e:
+                if dist is None:
+                    raise ConfigError(str(e)) from None
+                lock_error = str(e)
         n_mesh = mesh_devices(cfg.parallel.mesh)
         if dist is not None and n_mesh and n_mesh % dist.num_processes:
             raise ConfigError(f"mesh {cfg.parallel.mesh} ({n_mesh} devices) does not divide over "
@@ -177,6 +223,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         devices.start(platform)  # the backend starts here: a device that is not there is a message, not a trace
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        if lock is not None:
+            lock.release()
         raise SystemExit(2) from None
     except distributed.JoinError as e:  # a peer or the coordinator never came: a requeue elsewhere may help
         print(f"error: {e}", file=sys.stderr)
@@ -190,21 +238,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         validate_config(cfg, jax.device_count())
         mesh = make_mesh(cfg.mesh_shape(jax.device_count()))
     except ConfigError as e:
+        if lock is not None:
+            lock.release()
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
+    from aurora_data import DataError
     from jax_impl.trainer import Trainer
 
-    trainer = Trainer.build(cfg, mesh)
-    if args.dry_run:
-        return dry_run(cfg, trainer)
-    from aurora_data import DataError
-
     try:
-        return train(cfg, trainer, platform, quiet=args.quiet, opts=RunOptions.from_args(args))
+        trainer = Trainer.build(cfg, mesh)
+        if args.dry_run:
+            return dry_run(cfg, trainer)
+        return train(cfg, trainer, platform, quiet=args.quiet, opts=opts, run_dir=planned, lock_error=lock_error)
     except DataError as e:  # bad data (most are found before compiling; a token id past the vocabulary mid-run)
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _resume_source(cfg: Config, opts: RunOptions) -> Path | None:
@@ -221,9 +273,11 @@ def _resume_source(cfg: Config, opts: RunOptions) -> Path | None:
     return ck if checkpoint.steps_in(ck) else None
 
 
-def _open_run_dir(cfg: Config, resume_from: Path | None, fresh_in_place: bool = False) -> tuple[Path, bool]:
+def _open_run_dir(cfg: Config, resume_from: Path | None, fresh_in_place: bool = False,
+                  planned: Path | None = None) -> tuple[Path, bool]:
     """(run dir, continuing in place); only process 0 calls this. ``fresh_in_place`` (``--resume auto`` and no
-    checkpoint yet): a named run directory left by an attempt that never saved is restarted from step 0."""
+    checkpoint yet): a named run directory left by an attempt that never saved is restarted from step 0, its
+    rows kept aside. ``planned``: the (locked) directory main computed for a run without --name."""
     if resume_from is not None and not cfg.train.name:
         from jax_impl import checkpoint
 
@@ -235,11 +289,13 @@ def _open_run_dir(cfg: Config, resume_from: Path | None, fresh_in_place: bool = 
         if (run_dir / "metrics.jsonl").exists():
             return run_dir, True
     if fresh_in_place and cfg.train.name:
-        stale = Path(cfg.train.out_dir) / cfg.train.name / "metrics.jsonl"
-        if stale.exists():
-            print(f"--resume auto: {stale.parent} has no checkpoint yet; starting it again from step 0")
-            stale.unlink()
-    return make_run_dir(cfg, "jax"), False
+        stale = Path(cfg.train.out_dir) / cfg.train.name
+        if (stale / "metrics.jsonl").exists():
+            aside = truncate_metrics(stale, 0)
+            (stale / "metrics.jsonl").unlink()  # empty now: its rows (if any) are in `aside`
+            print(f"--resume auto: {stale} has no checkpoint yet; starting it again from step 0"
+                  + (f" (the previous attempt's rows are kept in {aside.name})" if aside else ""))
+    return make_run_dir(cfg, "jax", planned if not cfg.train.name else None), False
 
 
 def check_writable_dir(path: Path, flag: str) -> None:
@@ -254,18 +310,27 @@ def check_writable_dir(path: Path, flag: str) -> None:
         raise ConfigError(f"{flag} {path}: {what} by this user; pick a writable location")
 
 
-def _truncate_metrics(run_dir: Path, step: int) -> None:
-    """Continuing in place: drop the rows a killed run logged after the checkpoint it resumes from."""
-    import json
+def _check_resume_steps(cfg: Config, resume_from: Path) -> None:
+    """Refuse, before anything is written, a resume whose checkpoint is already past ``--steps``."""
+    from jax_impl import checkpoint
 
-    f = run_dir / "metrics.jsonl"
-    if f.exists():
-        keep = [line for line in f.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        f.write_text("".join(line + "\n" for line in keep))
+    d, step = checkpoint.resolve_dir(resume_from)
+    steps = checkpoint.steps_in(d)
+    step = step if step is not None else (steps[-1] if steps else None)
+    if step is None:
+        return
+    try:
+        meta = checkpoint.read_meta(d, step)
+    except checkpoint.CheckpointError:
+        return  # unreadable: restore says so (or --resume auto falls back), and the step is checked again then
+    if not meta.get("params_only") and meta["step"] > cfg.train.steps:
+        raise ConfigError(f"--steps {cfg.train.steps}, but the checkpoint to resume ({d / str(step)}) is already at "
+                          f"step {meta['step']}: give --steps >= {meta['step']} (the run's total, not the steps to "
+                          "add), or resume an older step with --resume <run>/checkpoints/<step>")
 
 
-def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOptions | None = None
-          ) -> dict[str, Any]:
+def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOptions | None = None,
+          run_dir: Path | None = None, lock_error: str = "") -> dict[str, Any]:
     import jax
     from tqdm import tqdm
 
@@ -286,7 +351,7 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
     # every process reads its data first (bad data is a message, before any directory is made); process 0 then
     # opens the run directory and tells the others where, or why not: every process then exits 2, instead of
     # the others waiting in a collective for a process 0 that is gone
-    error, run_dir, in_place = "", Path(), False
+    error, planned, run_dir, in_place = lock_error, run_dir, Path(), False
     try:
         if opts.resume not in (None, "auto") and opts.init_from:
             raise ConfigError("--resume PATH and --init-from exclude each other: --resume continues a run (its "
@@ -296,11 +361,14 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
         valid = (build_source(cfg, num_samples=valid_samples(cfg, gbs), split="valid") if cfg.train.eval_interval
                  else None)
         resume_from = _resume_source(cfg, opts)
-        if lead:
+        if lead and not error:
             if opts.ckpt_dir:  # found unusable only at the first save, after compiling, otherwise
                 check_writable_dir(Path(opts.ckpt_dir), "--ckpt-dir")
-            run_dir, in_place = _open_run_dir(cfg, resume_from, fresh_in_place=opts.resume == "auto")
-    except (ConfigError, checkpoint.CheckpointError, DataError, OSError) as e:
+            if resume_from is not None:
+                _check_resume_steps(cfg, resume_from)
+            run_dir, in_place = _open_run_dir(cfg, resume_from, fresh_in_place=opts.resume == "auto",
+                                              planned=planned)
+    except (ConfigError, checkpoint.CheckpointError, DataError, FileExistsError, OSError) as e:
         # an OSError with an errno is the file system's (--out-dir a file, not writable, ...)
         error = (f"--out-dir {cfg.train.out_dir}: cannot make the run directory there ({e}); pick a writable "
                  "directory" if isinstance(e, OSError) and e.errno is not None else str(e) or type(e).__name__)
@@ -317,8 +385,6 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
         raise SystemExit(2)
     run_dir = Path(shared)
     ckpt_dir = Path(opts.ckpt_dir) if opts.ckpt_dir else run_dir / "checkpoints"
-    if lead:
-        write_config(run_dir, cfg)
     print(f"run {run_dir} | {cfg.model.name} {cfg.model.n_params():,} params | mesh {dict(mesh.shape)} "
           f"ZeRO-{p.zero} | gbs {gbs} = mbs {p.mbs} x gas {p.gas} x dp {dp} | seq {seq} | {cfg.train.dtype}"
           + (f" | process {jax.process_index()}/{jax.process_count()}" if jax.process_count() > 1 else ""))
@@ -332,7 +398,12 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
     start_step, consumed0, restored_meta, restore_s = 0, 0, None, None
     if resume_from is not None:
         try:
-            r = checkpoint.restore(resume_from, trainer)
+            r = (checkpoint.restore_newest_readable(resume_from, trainer) if opts.resume == "auto"
+                 else checkpoint.restore(resume_from, trainer))
+            if not r.meta["params_only"] and r.step > cfg.train.steps:
+                raise checkpoint.CheckpointError(
+                    f"--steps {cfg.train.steps}, but checkpoint step {r.step} is already past it: give --steps >= "
+                    f"{r.step} (the run's total)")
         except checkpoint.CheckpointError as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
@@ -343,8 +414,14 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
         else:
             start_step, consumed0 = r.step, r.meta["consumed_samples"]
         print(f"resumed from {resume_from} step {r.step} (consumed samples {consumed0}) in {restore_s:.2f}s")
-        if lead and in_place:
-            _truncate_metrics(run_dir, start_step)
+        if lead:
+            # a new branch from step k: the old branch's later checkpoints and rows are moved aside, not deleted
+            moved = checkpoint.set_aside_after(ckpt_dir, start_step) if restored_meta is not None else None
+            aside = truncate_metrics(run_dir, start_step) if in_place else None
+            if moved or aside:
+                print(f"resumed at step {start_step}: the previous branch's later "
+                      + " and ".join(([f"checkpoints are in {moved}"] if moved else [])
+                                     + ([f"metrics rows are in {aside}"] if aside else [])))
     elif opts.init_from:
         try:
             params, what = checkpoint.load_init(opts.init_from, trainer)
@@ -356,6 +433,8 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
         print(f"initial weights from {what}")
     else:
         params, opt_state = trainer.init_state()
+    if lead:  # after the resume checks: a refused resume leaves config.json as it was
+        write_config(run_dir, cfg)
     compile_s = time.perf_counter() - t0
     if lead:
         write_meta(run_dir, {

@@ -336,3 +336,31 @@ def test_jax_process0_run_dir_error_stops_every_process(tmp_path):
     for r in res:
         assert r.returncode == 2, r.stderr[-3000:]
         assert "already holds a run; pick another --name or remove it" in r.stderr
+
+
+@pytest.mark.parametrize("trainer", ["jax", "torch"])
+def test_a_locked_run_directory_stops_every_rank(tmp_path, trainer):
+    """Under an external launcher, process/rank 0 finds the run directory locked by a live run: every rank exits 2
+    naming the holder (none waits for a peer that is gone)."""
+    from configs.rundir import lock_run_dir
+
+    lock = lock_run_dir(tmp_path / "held")  # this test process is the live holder
+    try:
+        if trainer == "jax":
+            addr = f"127.0.0.1:{_port()}"
+            res = _two_ranks(tmp_path, ["-m", "jax_impl.train", *TINY, "--mesh", "data=2,fsdp=4", "--out-dir",
+                                        str(tmp_path), "--name", "held"],
+                             lambda i: {"PMI_RANK": str(i), "PMI_SIZE": "2", "JAX_COORDINATOR_ADDRESS": addr})
+        else:
+            port = str(_port())
+            res = _two_ranks(tmp_path, ["-m", "torch_ref.train", *TINY, "--mesh", "data=2", "--zero", "1",
+                                        "--out-dir", str(tmp_path), "--name", "held"],
+                             lambda i: {"PMIX_RANK": str(i), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                                        "TORCH_REF_PG_TIMEOUT": "1800"})
+    finally:
+        lock.release()
+    for r in res:
+        assert r.returncode == 2, r.stderr[-3000:]
+        assert f"is in use by another run (pid {os.getpid()}" in r.stderr, r.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "held").iterdir()) == ["run.lock"]

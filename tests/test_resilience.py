@@ -33,6 +33,8 @@ def test_planted_inf_weight_stops_naming_step_and_parameter(tmp_path, monkeypatc
     assert "first non-finite parameter: layers.w_up" in msg and "the update was not applied" in msg
     rows = read_metrics(tmp_path / "nan")
     assert [r["step"] for r in rows] == [1, 2, 3] and not np.isfinite(rows[-1]["loss"])
+    last = (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()[-1]
+    assert '"loss": "NaN"' in last or '"loss": "Infinity"' in last, last  # strict JSON, no bare NaN
 
 
 def test_bad_batch_is_skipped_and_training_goes_on(tmp_path, monkeypatch):

@@ -235,3 +235,183 @@ def test_deepspeed_kill9_then_resume_is_bit_identical(tmp_path):
     assert len(res["losses"]) == steps
     assert res["losses"] == full["losses"], (kill_at, latest)
     assert [r["grad_norm"] for r in res["metrics"]] == [r["grad_norm"] for r in full["metrics"]]
+
+
+# ----------------------------------------------------------------------------- branches, fallbacks, refusals
+def copy_run(base: dict, tmp_path: Path, name: str) -> Path:
+    shutil.copytree(base["run_dir"], tmp_path / name)
+    return tmp_path / name
+
+
+def corrupt(step_dir: Path) -> None:
+    """A save cut short: every array file of the step stops half way."""
+    files = [f for f in step_dir.rglob("*") if f.is_file() and "/d/" in str(f)]
+    assert files, list(step_dir.rglob("*"))
+    for f in files:
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def test_resume_from_an_older_step_starts_a_new_branch(base, tmp_path, capsys):
+    """The recovery the trainer prints (--resume <run>/checkpoints/<older step>, no --name) continues in place:
+    the later checkpoints and rows of the old branch are moved aside, not deleted, and the new branch saves."""
+    run_dir = copy_run(base, tmp_path, "br")
+    ck = run_dir / "checkpoints"
+    res = main([*TINY, "--mesh", "fsdp=8", "--steps", "4", "--ckpt-every", "2", "--resume", str(ck / "2")])
+    assert res["run_dir"] == run_dir and res["start_step"] == 2
+    assert res["losses"] == base["losses"][2:]  # the new branch repeats the old one bit for bit
+    assert checkpoint.steps_in(ck) == [2, 4]
+    aside = [p for p in ck.iterdir() if p.name.startswith("abandoned-")]
+    assert len(aside) == 1 and checkpoint.steps_in(aside[0]) == [4]
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
+    assert [r["loss"] for r in read_metrics(run_dir)] == base["losses"]
+    rows_aside = list(run_dir.glob("metrics.abandoned-*.jsonl"))
+    assert len(rows_aside) == 1 and [json.loads(x)["step"] for x in rows_aside[0].read_text().splitlines()] == [3, 4]
+    assert "previous branch's later checkpoints are in" in capsys.readouterr().out
+
+
+def test_resume_auto_falls_back_to_the_newest_readable_checkpoint(base, tmp_path, capsys):
+    run_dir = copy_run(base, tmp_path, "fb")
+    corrupt(run_dir / "checkpoints" / "4")
+    res = run(tmp_path, "fb", "--mesh", "fsdp=8", "--steps", "4", "--ckpt-every", "2", "--resume", "auto")
+    assert res["start_step"] == 2 and res["losses"] == base["losses"][2:]
+    err = capsys.readouterr().err
+    assert "checkpoint step 4" in err and "unreadable" in err and "resumed from step 2, the newest readable" in err
+    # the unreadable step is kept aside (for a post-mortem), the new branch saved a good step 4
+    aside = next(p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("abandoned-"))
+    assert checkpoint.steps_in(aside) == [4]
+    assert checkpoint.restore(run_dir / "checkpoints", trainer("fsdp=8", **{"train.steps": 4})).step == 4
+    assert [r["loss"] for r in read_metrics(run_dir)] == base["losses"]
+
+
+def test_resume_with_fewer_steps_than_done_is_refused_and_config_untouched(base, tmp_path, capsys):
+    run_dir = copy_run(base, tmp_path, "few")
+    before = (run_dir / "config.json").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "few", "--mesh", "fsdp=8", "--steps", "3", "--resume", "auto")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--steps 3" in err and "already at step 4" in err and "give --steps >= 4" in err
+    assert (run_dir / "config.json").read_bytes() == before
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
+
+
+def test_torn_metrics_line_is_dropped_and_the_run_resumes(base, tmp_path):
+    run_dir = copy_run(base, tmp_path, "torn")
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "loss": 5.6')  # what a crash in the middle of a write leaves
+    with pytest.warns(UserWarning, match="torn last line"):
+        res = run(tmp_path, "torn", "--mesh", "fsdp=8", "--steps", "5", "--resume", "auto")
+    assert res["start_step"] == 4 and len(res["losses"]) == 1
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5]
+
+
+def test_requeue_before_the_first_checkpoint_starts_fresh_keeping_the_rows(tmp_path, capsys):
+    """A first attempt killed before (or during) its first save: --resume auto starts that run again from
+    step 0 in its directory; the attempt's rows are kept aside, its half-written save is never restored."""
+    run_dir = tmp_path / "rq"
+    (run_dir / "checkpoints" / "2.orbax-checkpoint-tmp-99").mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 99.0}\n{"step": 2, "loss": 98.0}\n{"step": 3, "lo')
+    with pytest.warns(UserWarning, match="torn"):
+        res = run(tmp_path, "rq", "--mesh", "fsdp=8", "--steps", "2", "--ckpt-every", "2", "--resume", "auto")
+    assert res["run_dir"] == run_dir and res["start_step"] == 0
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2] and 99.0 not in [r["loss"] for r in rows]
+    aside = list(run_dir.glob("metrics.abandoned-*.jsonl"))
+    assert len(aside) == 1 and [json.loads(x)["loss"] for x in aside[0].read_text().splitlines()] == [99.0, 98.0]
+    assert checkpoint.steps_in(run_dir / "checkpoints") == [2]
+
+
+@pytest.mark.parametrize("flag, value, hint", [("--ckpt-every", "-1", "must be >= 0"),
+                                               ("--ckpt-keep", "0", "must be >= 1"),
+                                               ("--ckpt-every-s", "-5", "must be a finite number >= 0")])
+def test_bad_checkpoint_flags_are_refused(tmp_path, capsys, flag, value, hint):
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "bad", "--steps", "2", flag, value)
+    assert e.value.code == 2
+    assert f"{flag} {float(value) if flag.endswith('-s') else value}: {hint}" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+# ----------------------------------------------------------------------------- torch_ref: the same semantics
+def fake_ds_run(tmp_path: Path, steps: list[int], latest: int) -> Path:
+    """A run directory with DeepSpeed-shaped tags whose .pt files are real torch.save archives."""
+    import torch
+
+    run_dir = tmp_path / "t"
+    for s in steps:
+        tag = run_dir / "checkpoints" / f"global_step{s}"
+        tag.mkdir(parents=True)
+        torch.save({"module": torch.ones(64) * s}, tag / "mp_rank_00_model_states.pt")
+        torch.save({"optimizer": torch.ones(64)}, tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    (run_dir / "checkpoints" / "latest").write_text(f"global_step{latest}")
+    (run_dir / "config.json").write_text('{"sentinel": true}\n')
+    return run_dir
+
+
+def test_torch_resume_auto_skips_an_unreadable_tag(tmp_path, capsys):
+    from torch_ref.train import resolve_resume
+
+    run_dir = fake_ds_run(tmp_path, [2, 4, 6], latest=4)  # 6: cut short before DeepSpeed wrote `latest`
+    f = run_dir / "checkpoints" / "global_step4" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    f.write_bytes(f.read_bytes()[:100])
+    cfg = load_config("tiny", {"train.name": "t", "train.out_dir": str(tmp_path)})
+    assert resolve_resume(cfg, "auto") == (str(run_dir), False, "global_step2")
+    err = capsys.readouterr().err
+    assert "global_step4 is unreadable (zero_pp_rank_0" in err and "resuming from global_step2" in err
+    assert resolve_resume(cfg, str(run_dir / "checkpoints" / "global_step6")) == (str(run_dir), False,
+                                                                                   "global_step6")
+
+
+def test_torch_resume_with_fewer_steps_is_refused_before_any_worker(tmp_path, capsys):
+    from torch_ref import train as torch_train
+
+    run_dir = fake_ds_run(tmp_path, [8], latest=8)
+    with pytest.raises(SystemExit) as e:
+        torch_train.main(["--preset", "tiny", "--wandb", "disabled", "--mesh", "data=1", "--steps", "4",
+                          "--resume", str(run_dir)])
+    assert e.value.code == 2
+    assert "already at step 8: give --steps >= 8" in capsys.readouterr().err
+    assert (run_dir / "config.json").read_text() == '{"sentinel": true}\n'
+
+
+@pytest.mark.parametrize("flag", ["--ckpt-every=-1", "--ckpt-every-s=-1"])
+def test_torch_negative_checkpoint_interval_is_refused(tmp_path, capsys, flag):
+    from torch_ref import train as torch_train
+
+    with pytest.raises(SystemExit) as e:
+        torch_train.main(["--preset", "tiny", "--mesh", "data=1", "--out-dir", str(tmp_path), flag])
+    assert e.value.code == 2 and "must be" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_torch_resume_from_an_older_tag_starts_a_new_branch(tmp_path, capsys):
+    """DeepSpeed: --resume <run>/checkpoints/global_step2 continues in place, after a torn metrics line; the later
+    tags and rows of the old branch are moved aside, `latest` is rewritten, and the new branch repeats the old."""
+    from torch_ref import train as torch_train
+
+    common = ["--preset", "tiny", "--wandb", "disabled", "--quiet", "--mesh", "data=1", "--zero", "1",
+              "--steps", "4", "--ckpt-every", "2", "--out-dir", str(tmp_path)]
+    first = torch_train.main([*common, "--name", "t"])
+    run_dir, ck = tmp_path / "t", tmp_path / "t" / "checkpoints"
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "lo')  # torn
+    with pytest.warns(UserWarning, match="torn"):
+        res = torch_train.main([*common, "--resume", str(ck / "global_step2")])
+    assert res["run_dir"] == run_dir and res["losses"] == first["losses"]
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
+    aside = [p for p in ck.iterdir() if p.name.startswith("abandoned-")]
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["global_step4"]
+    assert (ck / "latest").read_text().strip() == "global_step4" and (ck / "global_step4").is_dir()  # new branch
+    rows_aside = list(run_dir.glob("metrics.abandoned-*.jsonl"))
+    assert len(rows_aside) == 1 and [json.loads(x)["step"] for x in rows_aside[0].read_text().splitlines()] == [3, 4]
+
+
+@pytest.mark.slow
+def test_torch_resume_at_the_last_step_finishes_at_once(tmp_path, capfd):
+    from torch_ref import train as torch_train
+
+    common = ["--preset", "tiny", "--wandb", "disabled", "--quiet", "--mesh", "data=1", "--zero", "1",
+              "--steps", "2", "--ckpt-every", "2", "--out-dir", str(tmp_path), "--name", "done"]
+    first = torch_train.main(common)
+    again = torch_train.main([*common, "--resume", "auto"])
+    assert again["losses"] == first["losses"] and "nothing to train" in capfd.readouterr().out

@@ -41,8 +41,12 @@ every N steps (tag ``global_stepN``, client state = step and consumed samples; D
 last save (rank 0 decides, all ranks agree); ``--resume RUN_DIR`` continues that run directory from
 its latest checkpoint (``engine.load_checkpoint``: module, ZeRO-partitioned optimizer state, engine
 step counters); the per-step losses then equal an uninterrupted run's bit for bit (fp32, CPU).
-``--resume auto`` (needs ``--name``): continue that run if it has a checkpoint, else start it afresh in
-its directory -- what a requeued or retried job wants.
+``--resume RUN_DIR/checkpoints/global_stepK`` continues from an older tag: a new branch, whose later
+tags and metrics rows are moved to ``abandoned-<time>`` names (configs/rundir.py, docs/checkpoints.md).
+``--resume auto`` (needs ``--name``): continue that run from its newest readable checkpoint (an
+unreadable newer tag is said and skipped), else start it afresh in its directory -- what a requeued or
+retried job wants. The run directory is locked (``configs.rundir.lock_run_dir``) by the launcher, or
+by rank 0 under an external launcher, so a second run in it is refused.
 """
 
 from __future__ import annotations
@@ -67,7 +71,18 @@ from configs import Config, ConfigError, config_from_dict, eval_due, lr_at, vali
 from configs.cli import resolve_config as resolve_cli
 from configs.cli import trainer_parser
 from configs.hostmem import allocator_env
-from configs.rundir import MetricsLog, make_run_dir, read_metrics, write_config, write_meta
+from configs.rundir import (
+    MetricsLog,
+    RunDirBusy,
+    lock_run_dir,
+    make_run_dir,
+    read_metrics,
+    run_dir_path,
+    set_aside,
+    truncate_metrics,
+    write_config,
+    write_meta,
+)
 from runtime import launcher_env
 from runtime.procgroup import ProcessGroup
 from torch_ref.layouts import Layout, plan_layout
@@ -193,16 +208,101 @@ def bind_device(platform: str, local_rank: int) -> None:
     mod.set_device(local_rank)
 
 
-def resolve_resume(cfg: Config, resume: str | None) -> tuple[str | None, bool]:
-    """``--resume`` -> (run directory to continue, or None; start fresh in the named directory)."""
+TAG_PREFIX = "global_step"
+
+
+def tag_step(tag: str) -> int | None:
+    """``global_step12`` -> 12 (None for any other name)."""
+    rest = tag[len(TAG_PREFIX):] if tag.startswith(TAG_PREFIX) else ""
+    return int(rest) if rest.isdigit() else None
+
+
+def ckpt_tags(ckpt_dir: Path) -> list[str]:
+    """The ``global_stepN`` directories, oldest first (finished or not: DeepSpeed writes ``latest`` last)."""
+    if not ckpt_dir.is_dir():
+        return []
+    tags = [p.name for p in ckpt_dir.iterdir() if p.is_dir() and tag_step(p.name) is not None]
+    return sorted(tags, key=lambda t: tag_step(t) or 0)
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    """The tag DeepSpeed's ``latest`` file names (written after the tag is complete), if it names one."""
+    try:
+        tag = (ckpt_dir / "latest").read_text().strip()
+    except OSError:
+        return None
+    return tag if tag_step(tag) is not None and (ckpt_dir / tag).is_dir() else None
+
+
+def unreadable_reason(tag_dir: Path) -> str | None:
+    """Why a DeepSpeed tag cannot be loaded, or None. torch.save writes zip archives with a CRC per record:
+    ``testzip`` reads every byte and checks them, without unpickling (a truncated file has no directory)."""
+    import zipfile
+
+    files = sorted(tag_dir.glob("*.pt"))
+    if not any(f.name.endswith("model_states.pt") for f in files):
+        return f"{tag_dir} has no *model_states.pt"
+    for f in files:
+        try:
+            with zipfile.ZipFile(f) as z:
+                bad = z.testzip()
+        except (OSError, zipfile.BadZipFile) as e:
+            return f"{f.name}: {e}"
+        if bad is not None:
+            return f"{f.name}: record {bad} fails its CRC"
+    return None
+
+
+def resolve_resume(cfg: Config, resume: str | None) -> tuple[str | None, bool, str | None]:
+    """``--resume`` -> (run directory to continue or None, start fresh in the named directory, tag to load).
+
+    PATH may be a run directory (its ``latest`` tag), its ``checkpoints/`` or one ``checkpoints/global_stepK``.
+    ``auto``: the newest readable tag up to ``latest``, warning about unreadable newer ones; none: start fresh.
+    """
+    if resume is None:
+        return None, False, None
     if resume != "auto":
-        return resume, False
+        p = Path(resume)
+        if tag_step(p.name) is not None and p.parent.name == "checkpoints":
+            if not p.is_dir():
+                raise ConfigError(f"--resume {resume}: no such checkpoint tag (tags there: "
+                                  f"{ckpt_tags(p.parent)})")
+            return str(p.parent.parent), False, p.name
+        run = p.parent if p.name == "checkpoints" else p
+        tag = latest_tag(run / "checkpoints")
+        if tag is None:
+            raise ConfigError(f"--resume {resume}: no DeepSpeed checkpoint there (checkpoints/latest is missing "
+                              "or names no tag)")
+        return str(run), False, tag
     if not cfg.train.name:
         raise ConfigError("--resume auto needs --name (the run to continue)")
     run = Path(cfg.train.out_dir) / cfg.train.name
-    if (run / "checkpoints" / "latest").exists():
-        return str(run), False
-    return None, True
+    ck = run / "checkpoints"
+    newest = latest_tag(ck)
+    if newest is None:
+        return None, True, None
+    for tag in reversed([t for t in ckpt_tags(ck) if (tag_step(t) or 0) <= (tag_step(newest) or 0)]):
+        why = unreadable_reason(ck / tag)
+        if why is None:
+            if tag != newest:
+                print(f"warning: --resume auto: checkpoint {newest} is unreadable; resuming from {tag}, the newest "
+                      "readable one", file=sys.stderr, flush=True)
+            return str(run), False, tag
+        print(f"warning: --resume auto: checkpoint {ck / tag} is unreadable ({why})", file=sys.stderr, flush=True)
+    raise ConfigError(f"--resume auto: no readable checkpoint in {ck}; start a new run with another --name, or "
+                      "repair or remove them")
+
+
+def planned_run_dir(cfg: Config, ckpt: dict[str, Any]) -> Path:
+    """The run directory this launch writes (the one to lock)."""
+    return Path(ckpt["resume"]) if ckpt.get("resume") else run_dir_path(cfg, "torch")
+
+
+def check_run_options(args: argparse.Namespace) -> None:
+    if args.ckpt_every is not None and args.ckpt_every < 0:
+        raise ConfigError(f"--ckpt-every {args.ckpt_every}: must be >= 0 (N: save every N steps; 0: never)")
+    if args.ckpt_every_s is not None and (args.ckpt_every_s < 0 or not math.isfinite(args.ckpt_every_s)):
+        raise ConfigError(f"--ckpt-every-s {args.ckpt_every_s}: must be a finite number >= 0 (0: off)")
 
 
 def default_extensions_dir() -> None:
@@ -264,6 +364,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if jax_only:
             raise ConfigError(f"{', '.join(jax_only)}: only jax_impl.train has these (torch_ref: --ckpt-every, "
                               "--ckpt-every-s, --resume)")
+        check_run_options(args)
         layout = plan_layout(cfg, ext.world_size if ext else None)
         if args.dry_run:
             platform = cfg.train.platform
@@ -271,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             platform, _ = select_platform(cfg.train.platform)  # refuses a missing accelerator before any worker
         if ext is None and not args.dry_run and not args.oversubscribe:
             check_local_ranks(layout.world_size, cfg.parallel.mesh)
-        resume, fresh_in_place = resolve_resume(cfg, args.resume)
+        resume, fresh_in_place, tag = resolve_resume(cfg, args.resume)
         if args.init_from and args.resume not in (None, "auto"):
             raise ConfigError("--resume RUN_DIR and --init-from exclude each other: --resume continues a run, "
                               "--init-from starts a new one from the weights")
@@ -282,6 +383,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if wants_ckpt and not layout.engine.startswith("deepspeed"):
             raise ConfigError(f"checkpoints are implemented for the DeepSpeed engines; layout {layout.label} runs "
                               f"{layout.engine}: drop --ckpt-every/--ckpt-every-s/--resume for it")
+        if tag is not None and (tag_step(tag) or 0) > cfg.train.steps:
+            raise ConfigError(f"--steps {cfg.train.steps}, but the checkpoint to resume ({resume}/checkpoints/{tag}) "
+                              f"is already at step {tag_step(tag)}: give --steps >= {tag_step(tag)} (the run's "
+                              "total, not the steps to add), or resume an older tag with --resume "
+                              f"{resume}/checkpoints/{TAG_PREFIX}<K>")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -292,12 +398,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(installed_ds_config(cfg), indent=2))
         return {"layout": layout, "ds_config": installed_ds_config(cfg)}
     ckpt = {"ckpt_every": args.ckpt_every or 0, "ckpt_every_s": args.ckpt_every_s or 0.0, "resume": resume,
-            "fresh_in_place": fresh_in_place, "platform": platform,
+            "resume_tag": tag, "fresh_in_place": fresh_in_place, "platform": platform,
             "init_from": str(Path(args.init_from).resolve()) if init == "file" else None}
-    if resume and not (Path(resume) / "checkpoints" / "latest").exists():
-        print(f"error: --resume {resume}: no DeepSpeed checkpoint there (checkpoints/latest is missing)",
-              file=sys.stderr)
-        raise SystemExit(2)
     if ext is not None:
         try:
             return run_worker(None, cfg=cfg, init=init, quiet=args.quiet, ckpt=ckpt)
@@ -317,15 +419,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    planned = planned_run_dir(cfg, ckpt)
     try:
-        return launch(cfg, layout, init=init, quiet=args.quiet, ckpt=ckpt)
+        lock = lock_run_dir(planned)  # one run per directory, before any work
+    except (RunDirBusy, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        return launch(cfg, layout, init=init, quiet=args.quiet, ckpt=ckpt, run_dir=planned)
     except InitFromError as e:
         print(f"error: --init-from {args.init_from}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        lock.release()
 
 
-def prepare_run_dir(cfg: Config, layout: Layout, init: str, quiet: bool, ckpt: dict[str, Any] | None = None) -> Path:
-    """Run directory with config.json, ds_config.json, launch.json and (``--init jax``) init_params.npz."""
+def _branch_at(run_dir: Path, tag: str) -> None:
+    """Continue ``run_dir`` from ``tag``: later tags (finished or cut short) and metrics rows of the old branch are
+    moved to ``abandoned-<time>`` names, and ``latest`` names ``tag`` (written to a temporary file, then renamed)."""
+    ck, step = run_dir / "checkpoints", tag_step(tag) or 0
+    moved = set_aside(ck, [t for t in ckpt_tags(ck) if (tag_step(t) or 0) > step])
+    tmp = ck / "latest.tmp"
+    tmp.write_text(tag)
+    os.replace(tmp, ck / "latest")
+    aside = truncate_metrics(run_dir, step)
+    if moved or aside:
+        print(f"resuming at step {step}: the previous branch's later "
+              + " and ".join(([f"checkpoints are in {moved}"] if moved else [])
+                             + ([f"metrics rows are in {aside}"] if aside else [])), flush=True)
+
+
+def prepare_run_dir(cfg: Config, layout: Layout, init: str, quiet: bool, ckpt: dict[str, Any] | None = None,
+                    planned: Path | None = None) -> Path:
+    """Run directory with config.json, ds_config.json, launch.json and (``--init jax``) init_params.npz.
+    ``planned``: the directory the caller locked (``planned_run_dir``)."""
     from torch_ref.ds_config import installed_ds_config
 
     ckpt = ckpt or {}
@@ -333,14 +460,19 @@ def prepare_run_dir(cfg: Config, layout: Layout, init: str, quiet: bool, ckpt: d
         run_dir = Path(ckpt["resume"])
         for f in [*run_dir.glob("rank*.err"), run_dir / "result.json"]:
             f.unlink(missing_ok=True)
+        _branch_at(run_dir, ckpt.get("resume_tag") or latest_tag(run_dir / "checkpoints") or "")
     else:
         if ckpt.get("fresh_in_place") and cfg.train.name:  # --resume auto, no checkpoint: this run from step 0
             stale = Path(cfg.train.out_dir) / cfg.train.name
-            if (stale / "metrics.jsonl").exists():
-                print(f"--resume auto: {stale} has no checkpoint yet; starting it again from step 0", flush=True)
-            for f in [*stale.glob("rank*.err"), stale / "result.json", stale / "metrics.jsonl"]:
+            aside = truncate_metrics(stale, 0)  # the attempt's rows (a torn last line dropped) kept aside
+            (stale / "metrics.jsonl").unlink(missing_ok=True)
+            set_aside(stale / "checkpoints", ckpt_tags(stale / "checkpoints"))  # tags cut short before `latest`
+            if aside:
+                print(f"--resume auto: {stale} has no checkpoint yet; starting it again from step 0 (the previous "
+                      f"attempt's rows are kept in {aside.name})", flush=True)
+            for f in [*stale.glob("rank*.err"), stale / "result.json"]:
                 f.unlink(missing_ok=True)
-        run_dir = make_run_dir(cfg, "torch")
+        run_dir = make_run_dir(cfg, "torch", planned)
     write_config(run_dir, cfg)
     if layout.engine.startswith("deepspeed"):
         (run_dir / "ds_config.json").write_text(json.dumps(installed_ds_config(cfg), indent=2) + "\n")
@@ -393,11 +525,11 @@ def write_init_from(src: Path, cfg: Config, out: Path) -> None:
         raise InitFromError(f"its parameters do not fit model '{cfg.model.name}': {e}") from None
 
 
-def launch(cfg: Config, layout: Layout, init: str = "jax", quiet: bool = False, ckpt: dict[str, Any] | None = None
-           ) -> dict[str, Any]:
+def launch(cfg: Config, layout: Layout, init: str = "jax", quiet: bool = False, ckpt: dict[str, Any] | None = None,
+           run_dir: Path | None = None) -> dict[str, Any]:
     """Start one worker per rank, wait; a failed worker kills the rest and ends the run with its traceback."""
     try:
-        run_dir = prepare_run_dir(cfg, layout, init, quiet, ckpt)
+        run_dir = prepare_run_dir(cfg, layout, init, quiet, ckpt, run_dir)
     except OSError as e:  # a reused --name (no errno) or an --out-dir the file system refuses
         print(f"error: {e}" if e.errno is None else
               f"error: --out-dir {cfg.train.out_dir}: cannot make the run directory there ({e}); pick a writable "
@@ -511,8 +643,8 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
         cfg = config_from_dict(json.loads((run_dir / "config.json").read_text())["config"])
         launch_opts = json.loads((run_dir / "launch.json").read_text())
         init, quiet = launch_opts["init"], launch_opts["quiet"]
-        ckpt = {k: launch_opts.get(k) for k in ("ckpt_every", "ckpt_every_s", "resume", "fresh_in_place",
-                                                 "platform")}
+        ckpt = {k: launch_opts.get(k) for k in ("ckpt_every", "ckpt_every_s", "resume", "resume_tag",
+                                                 "fresh_in_place", "platform")}
     assert cfg is not None
     layout = plan_layout(cfg, world)
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank)})
@@ -535,12 +667,15 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
                                rank=rank, world_size=world)
     dist_init_s = time.perf_counter() - t
 
+    lock = None
     if run_dir is None:  # external launcher: rank 0 prepares the run directory, the others learn its path
         box: list[Any] = [None]  # or why rank 0 could not: every rank then stops, none waits out the PG timeout
         if rank == 0:
             try:
-                box = [{"run_dir": str(prepare_run_dir(cfg, layout, init, quiet, ckpt))}]
-            except (OSError, ConfigError) as e:
+                planned = planned_run_dir(cfg, ckpt)
+                lock = lock_run_dir(planned)  # held by rank 0 for the run's life
+                box = [{"run_dir": str(prepare_run_dir(cfg, layout, init, quiet, ckpt, planned))}]
+            except (OSError, ConfigError, RunDirBusy) as e:
                 box = [{"error": f"{type(e).__name__}: {e}"}]
         dist.broadcast_object_list(box, src=0)
         if "error" in box[0]:
@@ -591,14 +726,13 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
     start_step, consumed0 = 0, 0
     if ckpt.get("resume"):
         t = time.perf_counter()
-        path, client = engine.load_checkpoint(str(ckpt_dir))
+        path, client = engine.load_checkpoint(str(ckpt_dir), tag=ckpt.get("resume_tag"))
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {ckpt_dir}")
         start_step, consumed0 = int(client["step"]), int(client["consumed_samples"])
         if rank == 0:
             print(f"resumed from {path} (step {start_step}, consumed samples {consumed0}) in "
                   f"{time.perf_counter() - t:.2f}s", flush=True)
-            _truncate_metrics(run_dir, start_step)
     fault = _parse_fault(os.environ.get(FAULT_ENV, ""))
     if rank == 0:
         print(f"run {run_dir} | {cfg.model.name} {cfg.model.n_params():,} params | {layout.label}: "
@@ -685,13 +819,16 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
         (run_dir / "result.json").write_text(json.dumps({
             "layout": layout.label, "layout_impl": layout.description, "world_size": world,
             "dist_init_s": dist_init_s, "engine_init_s": engine_init_s, "init_s": init_s}) + "\n")
-        print(f"done: loss {losses[0]:.4f} -> {losses[-1]:.4f}; metrics in {run_dir / 'metrics.jsonl'}")
-        if not quiet:
+        print(f"done: loss {losses[0]:.4f} -> {losses[-1]:.4f}; metrics in {run_dir / 'metrics.jsonl'}" if losses
+              else f"done: the checkpoint was already at step {cfg.train.steps}; nothing to train")
+        if not quiet and losses:
             from compare.plot import write_run_plot  # loss.png; a failure there only warns
 
             write_run_plot(run_dir)
     dist.barrier()
     dist.destroy_process_group()
+    if lock is not None:
+        lock.release()
     return {"run_dir": run_dir, "losses": losses, "dist_init_s": dist_init_s, "engine_init_s": engine_init_s}
 
 
@@ -710,14 +847,6 @@ class _StopFlag:
 
 class RunDirError(RuntimeError):
     """Rank 0 could not prepare the run directory (every rank raises it)."""
-
-
-def _truncate_metrics(run_dir: Path, step: int) -> None:
-    """Continuing in place: drop the rows a killed run logged after the checkpoint it resumes from."""
-    f = run_dir / "metrics.jsonl"
-    if f.exists():
-        keep = [line for line in f.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        f.write_text("".join(line + "\n" for line in keep))
 
 
 def _parse_fault(spec: str) -> tuple[int, int] | None:
