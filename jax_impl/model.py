@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from configs import ModelConfig
-from jax_impl.sharding import constrain, gather_weight
+from jax_impl.sharding import GRAD_SHARDED_AS, constrain, gather_weight
 
 # logical axis names of every parameter, by name (the model's whole sharding vocabulary)
 PARAM_AXES: dict[str, tuple[str, ...]] = {
@@ -45,6 +46,20 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
 WEIGHTS = "layer_w"  # checkpoint name of a layer's weights as its matmuls read them (see block)
 
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}  # train.dtype -> compute dtype
+
+def all_but_weights(prim: Any, *_, **params: Any) -> bool:
+    """Remat policy: save every intermediate but the layer's weights as its matmuls read them (``WEIGHTS``,
+    ``pipe_w``) and the resharding or slicing that makes them from the layer's inputs. The backward then reads
+    the weights from the inputs -- slices of the stored stack, which the layer scan's vjp keeps as that stack
+    itself -- instead of a stacked copy of them saved for it (42B, TP=6 + ZeRO-2, no recompute: 25 GiB of
+    per-device temp, docs/memory.md). (jax 0.10.2's ``save_anything_except_these_names`` saves named values
+    too: it ignores its names.)"""
+    if prim.name == "name":
+        return params["name"] not in (WEIGHTS, "pipe_w")
+    if prim.name == "custom_vjp_call":  # the weight's gradient-sharding identity (sharding.gather_weight)
+        return params.get("name") != GRAD_SHARDED_AS
+    return prim.name not in ("sharding_constraint", "slice")
+
 
 REMAT_POLICIES: dict[str, Callable | None] = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
@@ -288,8 +303,10 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, *, dtype=jnp.floa
     cos, sin = rope_tables(s, cfg.dim_head, cfg.rope_theta)
 
     layer = partial(block, cfg, dtype, attn_chunk, cos, sin, attn_impl=attn_impl, matmul_out=matmul_out)
-    if remat:
-        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
+    # without remat every intermediate is still saved, but not the weights: the backward reads them from the
+    # stored stack instead of a stacked copy the scan would keep (see all_but_weights)
+    layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat_policy] if remat else all_but_weights,
+                           prevent_cse=False)
     x, _ = jax.lax.scan(lambda carry, p: (layer(carry, p), None), x, params["layers"], unroll=unroll)
 
     x = rms_norm(x, gather_weight(params["final_norm"], ("norm",), (h,)), cfg.norm_eps, dtype)

@@ -47,7 +47,7 @@ Schedules (``parallel.pipeline_schedule``), with m = GAS microbatches of MBS sam
 
 ``parallel.remat`` checkpoints each layer in both schedules (residuals become the layer inputs). Without it each
 layer still runs under ``jax.checkpoint``, with a policy that saves everything but the weights
-(``_all_but_weights``): what a schedule keeps for the backward (1F1B's ring, the fill/drain ticks' cond outputs)
+(``all_but_weights``): what a schedule keeps for the backward (1F1B's ring, the fill/drain ticks' cond outputs)
 is then activations only, never a copy of the stage's weights (``_StageVjp``; bench pp2 bf16 GPipe: XLA temp
 209 -> 164 MiB, 1F1B 274 -> 184 MiB).
 """
@@ -66,7 +66,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from configs import Config, validate_config
-from jax_impl.model import DTYPES, PARAM_AXES, REMAT_POLICIES, WEIGHTS, block, matmul, rms_norm, rope_tables
+from jax_impl.model import DTYPES, PARAM_AXES, REMAT_POLICIES, all_but_weights, block, matmul, rms_norm, rope_tables
 from jax_impl.sharding import PIPELINE_AXIS, constrain, gather_weight
 
 PIPE = PIPELINE_AXIS
@@ -89,17 +89,6 @@ def check(cfg: Config, mesh_shape: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------- pieces
-def _all_but_weights(prim: Any, *_, **params: Any) -> bool:
-    """Remat policy: save every intermediate but the layer's weights as its matmuls read them (``model.WEIGHTS``,
-    ``pipe_w``) and the resharding or slicing that makes them from the layer's inputs. The backward then reads
-    the weights from the inputs -- slices of the stage's stack, which the layer scan's vjp keeps as that stack
-    itself -- instead of a stacked copy of them saved for it. (jax 0.10.2's
-    ``save_anything_except_these_names`` saves named values too: it ignores its names.)"""
-    if prim.name == "name":
-        return params["name"] not in (WEIGHTS, "pipe_w")
-    return prim.name not in ("sharding_constraint", "slice")
-
-
 def _stage_fn(cfg: Config, seq: int) -> Callable[..., jax.Array]:
     """This stage's layers: ``run(layers, x)`` scans x (batch, seq, hidden) through the local (L/p, ...) weights;
     ``run(layers, x, start=i, count=n)`` through layers i .. i+n-1 of them, i traced (a circular schedule's chunk)."""
@@ -110,7 +99,7 @@ def _stage_fn(cfg: Config, seq: int) -> Callable[..., jax.Array]:
     policy = REMAT_POLICIES[par.remat_policy]
     # without remat: every intermediate saved but the weights, so the backward reads them from the layer's inputs
     # (slices of the stage's stack) rather than from a stacked copy (what _StageVjp and _run_if rely on)
-    layer = jax.checkpoint(block_fn, policy=policy if par.remat else _all_but_weights, prevent_cse=False)
+    layer = jax.checkpoint(block_fn, policy=policy if par.remat else all_but_weights, prevent_cse=False)
 
     def layer_at(x, layers, i):
         # the weights indexed *inside* the (checkpointed) layer: indexed outside, autodiff would save them per
@@ -119,7 +108,7 @@ def _stage_fn(cfg: Config, seq: int) -> Callable[..., jax.Array]:
                          layers)
         return block_fn(x, w)
 
-    layer_at = jax.checkpoint(layer_at, prevent_cse=False, policy=policy if par.remat else _all_but_weights)
+    layer_at = jax.checkpoint(layer_at, prevent_cse=False, policy=policy if par.remat else all_but_weights)
     unroll = par.layer_unroll(m.n_layers)  # as model.forward: small models unroll their layer loop
 
     def run(layers: dict, x: jax.Array, start: jax.Array | None = None, count: int = 0) -> jax.Array:
@@ -242,7 +231,7 @@ def _run_if(busy: jax.Array, stage: _StageVjp, layers: dict, x: jax.Array) -> ja
 
     A plain ``lax.cond`` does the same, but JAX's partial evaluation of a cond returns every residual of the
     branch as a cond output, weights included (it forwards none of the branch's inputs): each skippable tick
-    then kept a copy of all the stage's weights until its backward (with _all_but_weights: 209 -> 164 MiB temp
+    then kept a copy of all the stage's weights until its backward (with all_but_weights: 209 -> 164 MiB temp
     of a bench pp2 bf16 step). Here the forward cond returns the activations only and the backward cond takes
     the weights as they are.
     """

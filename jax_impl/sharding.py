@@ -56,6 +56,10 @@ RULES: dict[str, tuple[str, ...]] = {
 # dimensions that ZeRO shards over the data-parallel axes in stored trees
 ZERO_DIMS = ("embed", "norm")
 
+# gather_weight reduce-scatters each layer's weight gradient to the step's gradient sharding inside the
+# backward (docs/memory.md); False: the gradient keeps the weight's stored sharding until the step's end
+GRADS_PER_LAYER = True
+
 _ACTIVE: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("mesh", default=None)
 _PLAN: contextvars.ContextVar[ZeroPlan | None] = contextvars.ContextVar("plan", default=None)
 
@@ -137,7 +141,7 @@ def gather_weight(w: jax.Array, names: tuple[str, ...], shape: tuple[int, ...]) 
     """
     plan = _PLAN.get()
     if plan is not None and _ACTIVE.get() is not None:
-        if plan.opt:
+        if plan.opt and GRADS_PER_LAYER:
             # the gradient of this one layer's weight is reduce-scattered to the step's gradient sharding
             # (the optimizer state's) inside the backward, so the layer scan stacks 1/dp-sized gradients
             # instead of full ones, or ones sharded only inside a node (hpZ, 70B: 21.5 -> 2.7 GiB)
@@ -165,6 +169,7 @@ def _grad_sharded_as_bwd(spec: P, _: None, ct: jax.Array) -> tuple[jax.Array]:
 
 
 _grad_sharded_as.defvjp(_grad_sharded_as_fwd, _grad_sharded_as_bwd)
+GRAD_SHARDED_AS = _grad_sharded_as.__name__  # its primitive's name (remat policies leave its output unsaved)
 
 
 @dataclass(frozen=True)
