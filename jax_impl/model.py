@@ -61,11 +61,28 @@ def all_but_weights(prim: Any, *_, **params: Any) -> bool:
     return prim.name not in ("sharding_constraint", "slice")
 
 
+def no_dot_recompute(prim: Any, *_, **params: Any) -> bool:
+    """Remat policy for training without activation checkpointing: every matmul and attention output (and
+    every cast to a narrower dtype) is saved, so the backward recomputes no dot -- only elementwise work
+    (norms, rotary, SiLU, the fp32 copies of saved bf16 values) -- and never a weight (as all_but_weights)."""
+    if prim.name == "name":
+        return params["name"] not in (WEIGHTS, "pipe_w")
+    if prim.name == "custom_vjp_call":  # matmul / attention outputs; not the weights' gradient-sharding identity
+        return params.get("name") != GRAD_SHARDED_AS
+    if prim.name == "convert_element_type":
+        return jnp.dtype(params["new_dtype"]).itemsize < 4
+    return prim.name == "dot_general"
+
+
 REMAT_POLICIES: dict[str, Callable | None] = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
+    # no matmul recomputed: the projections are custom_vjp calls, which save_dots does not see as dots
+    "save_matmuls": no_dot_recompute,
 }
+# what a layer saves for the backward when parallel.remat is off (docs/memory.md)
+NO_REMAT_POLICY: Callable = all_but_weights
 
 
 def _param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...], name: str) -> nnx.Param:
@@ -305,7 +322,7 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, *, dtype=jnp.floa
     layer = partial(block, cfg, dtype, attn_chunk, cos, sin, attn_impl=attn_impl, matmul_out=matmul_out)
     # without remat every intermediate is still saved, but not the weights: the backward reads them from the
     # stored stack instead of a stacked copy the scan would keep (see all_but_weights)
-    layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat_policy] if remat else all_but_weights,
+    layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat_policy] if remat else NO_REMAT_POLICY,
                            prevent_cse=False)
     x, _ = jax.lax.scan(lambda carry, p: (layer(carry, p), None), x, params["layers"], unroll=unroll)
 
