@@ -299,6 +299,20 @@ class Llama(nnx.Module):
         return forward(self.cfg, nnx.to_pure_dict(nnx.state(self, nnx.Param)), tokens, **kw)
 
 
+# the layer scan carries (and so saves, one per layer) a 16-bit compute-dtype activation as its raw bits: XLA:CPU
+# runs bf16 dynamic-(update-)slices in fp32, and the fp32 copy of the saved stack that the backward loop then
+# reads was hoisted out of it whole (70B ZeRO-3 + hpZ: 10 GiB per device); integers it slices as they are
+CARRY_AS_BITS = True
+
+
+def _through_bits(layer: Callable, dtype) -> Callable:
+    """``layer`` on (and returning) the uint16 bits of its 16-bit ``dtype`` activations."""
+    def bits_layer(xb: jax.Array, p: dict) -> jax.Array:
+        y = layer(jax.lax.bitcast_convert_type(xb, dtype), p)
+        return jax.lax.bitcast_convert_type(y, jnp.uint16)
+    return bits_layer
+
+
 def init_params(cfg: ModelConfig, seed: int) -> dict:
     """Initial parameters as a plain nested dict (same seed -> same weights on any mesh)."""
     return nnx.to_pure_dict(nnx.state(Llama(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
@@ -320,11 +334,16 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, *, dtype=jnp.floa
     cos, sin = rope_tables(s, cfg.dim_head, cfg.rope_theta)
 
     layer = partial(block, cfg, dtype, attn_chunk, cos, sin, attn_impl=attn_impl, matmul_out=matmul_out)
+    if CARRY_AS_BITS and x.dtype.itemsize == 2:
+        layer = _through_bits(layer, x.dtype)
+        x = jax.lax.bitcast_convert_type(x, jnp.uint16)
     # without remat every intermediate is still saved, but not the weights: the backward reads them from the
     # stored stack instead of a stacked copy the scan would keep (see all_but_weights)
     layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat_policy] if remat else NO_REMAT_POLICY,
                            prevent_cse=False)
     x, _ = jax.lax.scan(lambda carry, p: (layer(carry, p), None), x, params["layers"], unroll=unroll)
+    if x.dtype == jnp.uint16:
+        x = jax.lax.bitcast_convert_type(x, dtype)
 
     x = rms_norm(x, gather_weight(params["final_norm"], ("norm",), (h,)), cfg.norm_eps, dtype)
     logits = matmul(x, gather_weight(params["head"], PARAM_AXES["head"], (h, V)))
