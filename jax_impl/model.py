@@ -47,6 +47,11 @@ WEIGHTS = "layer_w"  # checkpoint name of a layer's weights as its matmuls read 
 
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}  # train.dtype -> compute dtype
 
+def _vjp_name(params: dict) -> str:
+    """The name of a custom_vjp function, from its call's parameters (its backward rule is ``<name>_bwd``)."""
+    return getattr(params.get("bwd"), "__name__", "").removesuffix("_bwd")
+
+
 def all_but_weights(prim: Any, *_, **params: Any) -> bool:
     """Remat policy: save every intermediate but the layer's weights as its matmuls read them (``WEIGHTS``,
     ``pipe_w``) and the resharding or slicing that makes them from the layer's inputs. The backward then reads
@@ -57,21 +62,20 @@ def all_but_weights(prim: Any, *_, **params: Any) -> bool:
     if prim.name == "name":
         return params["name"] not in (WEIGHTS, "pipe_w")
     if prim.name == "custom_vjp_call":  # the weight's gradient-sharding identity (sharding.gather_weight)
-        return params.get("name") != GRAD_SHARDED_AS
+        return _vjp_name(params) != GRAD_SHARDED_AS
     return prim.name not in ("sharding_constraint", "slice")
 
 
 def no_dot_recompute(prim: Any, *_, **params: Any) -> bool:
-    """Remat policy for training without activation checkpointing: every matmul and attention output (and
-    every cast to a narrower dtype) is saved, so the backward recomputes no dot -- only elementwise work
-    (norms, rotary, SiLU, the fp32 copies of saved bf16 values) -- and never a weight (as all_but_weights)."""
+    """Remat policy for training without activation checkpointing: the inputs of every matmul, of attention
+    and of the norms are saved (``_kept``), and every fp32 matmul
+    output, so the backward recomputes no dot of the layer's projections -- only elementwise work (norms,
+    rotary, SiLU) and the chunked attention's scores -- and never a weight (as all_but_weights)."""
     if prim.name == "name":
-        return params["name"] not in (WEIGHTS, "pipe_w")
-    if prim.name == "custom_vjp_call":  # matmul / attention outputs; not the weights' gradient-sharding identity
-        return params.get("name") != GRAD_SHARDED_AS
-    if prim.name == "convert_element_type":
-        return jnp.dtype(params["new_dtype"]).itemsize < 4
-    return prim.name == "dot_general"
+        return params["name"] == KEPT
+    if prim.name == "custom_vjp_call" and _vjp_name(params) == "_matmul":  # fp32 outputs: used as fp32
+        return params["call_jaxpr"].out_avals[0].dtype.itemsize == 4
+    return False
 
 
 REMAT_POLICIES: dict[str, Callable | None] = {
@@ -238,6 +242,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int = 0, impl: st
     return out.reshape(b, s, nh * hd)  # (batch, seq, heads*head_dim)
 
 
+KEPT = "kept"  # checkpoint name of the activations the save_matmuls policy keeps (see _kept)
+
+
+def _kept(v: jax.Array) -> jax.Array:
+    """v named ``KEPT``: what the save_matmuls policy saves for the backward (the inputs of every matmul, of
+    attention and of the norms)."""
+    return checkpoint_name(v, KEPT)
+
+
 def block(cfg: ModelConfig, dtype, attn_chunk: int, cos: jax.Array, sin: jax.Array, x: jax.Array, p: dict,
           attn_impl: str = "xla", matmul_out: str = "fp32") -> jax.Array:
     """One pre-norm transformer layer. x (batch, seq, hidden) in the compute dtype; ``matmul_out``:
@@ -250,20 +263,21 @@ def block(cfg: ModelConfig, dtype, attn_chunk: int, cos: jax.Array, sin: jax.Arr
         ("wo", (nh * hd, h)), ("mlp_norm", (h,)), ("w_gate", (h, f)), ("w_up", (h, f)), ("w_down", (f, h)))}
 
     mm = partial(matmul, out_dtype=dtype if matmul_out == "compute" else jnp.float32)
-    y = rms_norm(x, w["attn_norm"], cfg.norm_eps, dtype)
+    y = _kept(rms_norm(x, w["attn_norm"], cfg.norm_eps, dtype))
     q = mm(y, w["wq"]).astype(dtype).reshape(b, s, nh, hd)  # (batch, seq, heads, head_dim)
     k = mm(y, w["wk"]).astype(dtype).reshape(b, s, nkv, hd)  # (batch, seq, kv_heads, head_dim)
     v = mm(y, w["wv"]).astype(dtype).reshape(b, s, nkv, hd)
-    q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "act_heads", None))
-    k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "act_kv_heads", None))
+    q = _kept(constrain(apply_rope(q, cos, sin), ("batch", "seq", "act_heads", None)))
+    k = _kept(constrain(apply_rope(k, cos, sin), ("batch", "seq", "act_kv_heads", None)))
+    v = _kept(v)
     a = attention(q, k, v, attn_chunk, attn_impl)  # (batch, seq, heads*head_dim)
-    a = checkpoint_name(a, "attn_out")
-    x = x + constrain(mm(a, w["wo"]).astype(dtype), ("batch", "seq", "act_embed"))
+    a = _kept(checkpoint_name(a, "attn_out"))
+    x = _kept(x + constrain(mm(a, w["wo"]).astype(dtype), ("batch", "seq", "act_embed")))
 
-    y = rms_norm(x, w["mlp_norm"], cfg.norm_eps, dtype)
-    g = mm(y, w["w_gate"])  # (batch, seq, ffn)
-    u = mm(y, w["w_up"])
-    m = constrain((jax.nn.silu(g.astype(jnp.float32)) * u).astype(dtype), ("batch", "seq", "act_mlp"))
+    y = _kept(rms_norm(x, w["mlp_norm"], cfg.norm_eps, dtype))
+    g = _kept(mm(y, w["w_gate"]))  # (batch, seq, ffn)
+    u = _kept(mm(y, w["w_up"]))
+    m = _kept(constrain((jax.nn.silu(g.astype(jnp.float32)) * u).astype(dtype), ("batch", "seq", "act_mlp")))
     return x + constrain(mm(m, w["w_down"]).astype(dtype), ("batch", "seq", "act_embed"))
 
 
@@ -299,20 +313,6 @@ class Llama(nnx.Module):
         return forward(self.cfg, nnx.to_pure_dict(nnx.state(self, nnx.Param)), tokens, **kw)
 
 
-# the layer scan carries (and so saves, one per layer) a 16-bit compute-dtype activation as its raw bits: XLA:CPU
-# runs bf16 dynamic-(update-)slices in fp32, and the fp32 copy of the saved stack that the backward loop then
-# reads was hoisted out of it whole (70B ZeRO-3 + hpZ: 10 GiB per device); integers it slices as they are
-CARRY_AS_BITS = True
-
-
-def _through_bits(layer: Callable, dtype) -> Callable:
-    """``layer`` on (and returning) the uint16 bits of its 16-bit ``dtype`` activations."""
-    def bits_layer(xb: jax.Array, p: dict) -> jax.Array:
-        y = layer(jax.lax.bitcast_convert_type(xb, dtype), p)
-        return jax.lax.bitcast_convert_type(y, jnp.uint16)
-    return bits_layer
-
-
 def init_params(cfg: ModelConfig, seed: int) -> dict:
     """Initial parameters as a plain nested dict (same seed -> same weights on any mesh)."""
     return nnx.to_pure_dict(nnx.state(Llama(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
@@ -334,16 +334,11 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, *, dtype=jnp.floa
     cos, sin = rope_tables(s, cfg.dim_head, cfg.rope_theta)
 
     layer = partial(block, cfg, dtype, attn_chunk, cos, sin, attn_impl=attn_impl, matmul_out=matmul_out)
-    if CARRY_AS_BITS and x.dtype.itemsize == 2:
-        layer = _through_bits(layer, x.dtype)
-        x = jax.lax.bitcast_convert_type(x, jnp.uint16)
     # without remat every intermediate is still saved, but not the weights: the backward reads them from the
     # stored stack instead of a stacked copy the scan would keep (see all_but_weights)
     layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat_policy] if remat else NO_REMAT_POLICY,
                            prevent_cse=False)
     x, _ = jax.lax.scan(lambda carry, p: (layer(carry, p), None), x, params["layers"], unroll=unroll)
-    if x.dtype == jnp.uint16:
-        x = jax.lax.bitcast_convert_type(x, dtype)
 
     x = rms_norm(x, gather_weight(params["final_norm"], ("norm",), (h,)), cfg.norm_eps, dtype)
     logits = matmul(x, gather_weight(params["head"], PARAM_AXES["head"], (h, V)))
