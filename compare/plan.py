@@ -149,11 +149,11 @@ class Layout:
 
     def jax_config(self, model: str, seq: int = SEQ) -> Config:
         """The JAX run of this layout that matches what DeepSpeed runs: pipelines as 1F1B (DeepSpeed's
-        PipelineEngine schedule), and no activation checkpointing as the ``save_matmuls`` policy (no matmul
+        PipelineEngine schedule) where GAS >= stages, and no activation checkpointing as the ``save_matmuls`` policy (no matmul
         recomputed: JAX's attention is chunked, so its scores are recomputed either way; docs/memory.md)."""
         cfg = self.config(model, seq)
         par = cfg.parallel
-        if self.pp > 1:
+        if self.pp > 1 and self.gas >= self.pp:  # JAX's 1F1B needs a microbatch per stage; below, GPipe
             par = dataclasses.replace(par, pipeline_schedule="1f1b")
         if not self.remat:
             par = dataclasses.replace(par, remat=True, remat_policy="save_matmuls")
