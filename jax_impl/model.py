@@ -251,6 +251,14 @@ def _kept(v: jax.Array) -> jax.Array:
     return checkpoint_name(v, KEPT)
 
 
+_BETWEEN = ("batch", "act_seq", "act_embed")  # activations between the blocks (sequence-parallel over tensor)
+
+
+def _gathered_seq(y: jax.Array) -> jax.Array:
+    """A norm's output with its whole sequence, as the projections read it (sequence parallelism's all-gather)."""
+    return constrain(y, ("batch", "seq", "act_embed"))
+
+
 def block(cfg: ModelConfig, dtype, attn_chunk: int, cos: jax.Array, sin: jax.Array, x: jax.Array, p: dict,
           attn_impl: str = "xla", matmul_out: str = "fp32") -> jax.Array:
     """One pre-norm transformer layer. x (batch, seq, hidden) in the compute dtype; ``matmul_out``:
@@ -263,7 +271,7 @@ def block(cfg: ModelConfig, dtype, attn_chunk: int, cos: jax.Array, sin: jax.Arr
         ("wo", (nh * hd, h)), ("mlp_norm", (h,)), ("w_gate", (h, f)), ("w_up", (h, f)), ("w_down", (f, h)))}
 
     mm = partial(matmul, out_dtype=dtype if matmul_out == "compute" else jnp.float32)
-    y = _kept(rms_norm(x, w["attn_norm"], cfg.norm_eps, dtype))
+    y = _gathered_seq(_kept(constrain(rms_norm(x, w["attn_norm"], cfg.norm_eps, dtype), _BETWEEN)))
     q = mm(y, w["wq"]).astype(dtype).reshape(b, s, nh, hd)  # (batch, seq, heads, head_dim)
     k = mm(y, w["wk"]).astype(dtype).reshape(b, s, nkv, hd)  # (batch, seq, kv_heads, head_dim)
     v = mm(y, w["wv"]).astype(dtype).reshape(b, s, nkv, hd)
@@ -272,13 +280,13 @@ def block(cfg: ModelConfig, dtype, attn_chunk: int, cos: jax.Array, sin: jax.Arr
     v = _kept(v)
     a = attention(q, k, v, attn_chunk, attn_impl)  # (batch, seq, heads*head_dim)
     a = _kept(checkpoint_name(a, "attn_out"))
-    x = _kept(x + constrain(mm(a, w["wo"]).astype(dtype), ("batch", "seq", "act_embed")))
+    x = _kept(x + constrain(mm(a, w["wo"]).astype(dtype), _BETWEEN))
 
-    y = _kept(rms_norm(x, w["mlp_norm"], cfg.norm_eps, dtype))
+    y = _gathered_seq(_kept(constrain(rms_norm(x, w["mlp_norm"], cfg.norm_eps, dtype), _BETWEEN)))
     g = _kept(mm(y, w["w_gate"]))  # (batch, seq, ffn)
     u = _kept(mm(y, w["w_up"]))
     m = _kept(constrain((jax.nn.silu(g.astype(jnp.float32)) * u).astype(dtype), ("batch", "seq", "act_mlp")))
-    return x + constrain(mm(m, w["w_down"]).astype(dtype), ("batch", "seq", "act_embed"))
+    return x + constrain(mm(m, w["w_down"]).astype(dtype), _BETWEEN)
 
 
 class Layers(nnx.Module):
@@ -330,7 +338,7 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, *, dtype=jnp.floa
     V, h = cfg.padded_vocab, cfg.hidden
     s = tokens.shape[1]
     embed = gather_weight(params["embed"], PARAM_AXES["embed"], (V, h))
-    x = constrain(jnp.take(embed, tokens, axis=0).astype(dtype), ("batch", "seq", "act_embed"))
+    x = constrain(jnp.take(embed, tokens, axis=0).astype(dtype), _BETWEEN)
     cos, sin = rope_tables(s, cfg.dim_head, cfg.rope_theta)
 
     layer = partial(block, cfg, dtype, attn_chunk, cos, sin, attn_impl=attn_impl, matmul_out=matmul_out)

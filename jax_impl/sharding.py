@@ -40,6 +40,9 @@ PIPELINE_AXIS = "pipeline"  # [pipeline] the axis jax_impl.pipeline runs its sta
 RULES: dict[str, tuple[str, ...]] = {
     "batch": DP_AXES,
     "seq": (),
+    # Megatron-style sequence parallelism: the activations between the blocks (residual stream, norms) are
+    # split over `tensor` along the sequence; gathered before qkv / mlp-in, reduce-scattered after out / mlp-out
+    "act_seq": ("tensor",),
     "act_embed": (),
     "act_heads": ("tensor",),
     "act_kv_heads": ("tensor",),
