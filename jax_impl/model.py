@@ -68,14 +68,10 @@ def all_but_weights(prim: Any, *_, **params: Any) -> bool:
 
 def no_dot_recompute(prim: Any, *_, **params: Any) -> bool:
     """Remat policy for training without activation checkpointing: the inputs of every matmul, of attention
-    and of the norms are saved (``_kept``), and every fp32 matmul
-    output, so the backward recomputes no dot of the layer's projections -- only elementwise work (norms,
-    rotary, SiLU) and the chunked attention's scores -- and never a weight (as all_but_weights)."""
-    if prim.name == "name":
-        return params["name"] == KEPT
-    if prim.name == "custom_vjp_call" and _vjp_name(params) == "_matmul":  # fp32 outputs: used as fp32
-        return params["call_jaxpr"].out_avals[0].dtype.itemsize == 4
-    return False
+    and of the norms, and the gate/up projections SiLU reads (``_kept``), so the backward recomputes no dot of
+    the layer's projections -- only elementwise work (norms, rotary, SiLU) and the attention's scores -- and
+    never a weight (as all_but_weights)."""
+    return prim.name == "name" and params["name"] == KEPT
 
 
 REMAT_POLICIES: dict[str, Callable | None] = {
