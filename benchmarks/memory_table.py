@@ -37,6 +37,8 @@ EXTRA: list[tuple[str, Layout]] = [
     ("llama2-70b", Layout("ZeRO-3 MiCS", data=4, fsdp=24, zero=3, mics=True)),
     ("llama2-70b", Layout("ZeRO-3 MiCS", data=2, fsdp=48, zero=3, mics=True)),
     ("llama2-70b", Layout("ZeRO-3", fsdp=96, zero=3)),
+    # the 42B without checkpointing does not fit JAX's step (save_matmuls); the least recompute that does
+    ("auroragpt-42b-tp6", Layout("TP+ZeRO-2", data=16, tp=6, zero=2, remat=False, jax_remat_policy="save_mlp")),
 ]
 
 

@@ -110,6 +110,7 @@ class Layout:
     mbs: int = 1
     gas: int = 1
     remat: bool = True
+    jax_remat_policy: str = ""  # JAX only: this remat policy instead of the one jax_config derives from remat
 
     @property
     def dp(self) -> int:
@@ -136,7 +137,8 @@ class Layout:
 
     @property
     def variant(self) -> str:
-        return f"mbs {self.mbs} gas {self.gas}" + ("" if self.remat else " no-ckpt")
+        return (f"mbs {self.mbs} gas {self.gas}" + ("" if self.remat else " no-ckpt")
+                + (f" (JAX {self.jax_remat_policy})" if self.jax_remat_policy else ""))
 
     def config(self, model: str, seq: int = SEQ) -> Config:
         """The project Config of this layout (validated by the caller)."""
@@ -149,14 +151,15 @@ class Layout:
 
     def jax_config(self, model: str, seq: int = SEQ) -> Config:
         """The JAX run of this layout that matches what DeepSpeed runs: pipelines as 1F1B (DeepSpeed's
-        PipelineEngine schedule) where GAS >= stages, and no activation checkpointing as the ``save_matmuls`` policy (no matmul
-        recomputed: JAX's attention is chunked, so its scores are recomputed either way; docs/memory.md)."""
+        PipelineEngine schedule) where GAS >= stages, and no activation checkpointing as the ``save_matmuls``
+        policy (no matmul recomputed; JAX's attention is chunked, so its scores are recomputed either way;
+        docs/memory.md), or ``jax_remat_policy`` where set."""
         cfg = self.config(model, seq)
         par = cfg.parallel
         if self.pp > 1 and self.gas >= self.pp:  # JAX's 1F1B needs a microbatch per stage; below, GPipe
             par = dataclasses.replace(par, pipeline_schedule="1f1b")
-        if not self.remat:
-            par = dataclasses.replace(par, remat=True, remat_policy="save_matmuls")
+        if not self.remat or self.jax_remat_policy:
+            par = dataclasses.replace(par, remat=True, remat_policy=self.jax_remat_policy or "save_matmuls")
         return dataclasses.replace(cfg, parallel=par)
 
 

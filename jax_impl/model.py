@@ -44,6 +44,7 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
 }
 
 WEIGHTS = "layer_w"  # checkpoint name of a layer's weights as its matmuls read them (see block)
+KEPT_ATTN, KEPT_MLP = "kept_attn", "kept_mlp"  # checkpoint names of what save_matmuls / save_mlp keep (_kept)
 
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}  # train.dtype -> compute dtype
 
@@ -71,7 +72,7 @@ def no_dot_recompute(prim: Any, *_, **params: Any) -> bool:
     and of the norms, and the gate/up projections SiLU reads (``_kept``), so the backward recomputes no dot of
     the layer's projections -- only elementwise work (norms, rotary, SiLU) and the attention's scores -- and
     never a weight (as all_but_weights)."""
-    return prim.name == "name" and params["name"] == KEPT
+    return prim.name == "name" and params["name"] in (KEPT_ATTN, KEPT_MLP)
 
 
 REMAT_POLICIES: dict[str, Callable | None] = {
@@ -80,6 +81,8 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
     # no matmul recomputed: the projections are custom_vjp calls, which save_dots does not see as dots
     "save_matmuls": no_dot_recompute,
+    # the MLP's matmuls not recomputed, the attention block's are (its q/k/v/o projections and scores)
+    "save_mlp": jax.checkpoint_policies.save_only_these_names(KEPT_MLP),
 }
 # what a layer saves for the backward when parallel.remat is off (docs/memory.md)
 NO_REMAT_POLICY: Callable = all_but_weights
@@ -238,13 +241,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int = 0, impl: st
     return out.reshape(b, s, nh * hd)  # (batch, seq, heads*head_dim)
 
 
-KEPT = "kept"  # checkpoint name of the activations the save_matmuls policy keeps (see _kept)
-
-
-def _kept(v: jax.Array) -> jax.Array:
-    """v named ``KEPT``: what the save_matmuls policy saves for the backward (the inputs of every matmul, of
-    attention and of the norms)."""
-    return checkpoint_name(v, KEPT)
+def _kept(v: jax.Array, group: str) -> jax.Array:
+    """v named as kept for the backward by the save_matmuls policy (both groups) or save_mlp (``KEPT_MLP``): the
+    inputs of every matmul, of attention and of the norms, and the gate/up projections SiLU reads."""
+    return checkpoint_name(v, group)
 
 
 _BETWEEN = ("batch", "act_seq", "act_embed")  # activations between the blocks (sequence-parallel over tensor)
@@ -267,21 +267,22 @@ def block(cfg: ModelConfig, dtype, attn_chunk: int, cos: jax.Array, sin: jax.Arr
         ("wo", (nh * hd, h)), ("mlp_norm", (h,)), ("w_gate", (h, f)), ("w_up", (h, f)), ("w_down", (f, h)))}
 
     mm = partial(matmul, out_dtype=dtype if matmul_out == "compute" else jnp.float32)
-    y = _gathered_seq(_kept(constrain(rms_norm(x, w["attn_norm"], cfg.norm_eps, dtype), _BETWEEN)))
+    y = _gathered_seq(_kept(constrain(rms_norm(x, w["attn_norm"], cfg.norm_eps, dtype), _BETWEEN), KEPT_ATTN))
     q = mm(y, w["wq"]).astype(dtype).reshape(b, s, nh, hd)  # (batch, seq, heads, head_dim)
     k = mm(y, w["wk"]).astype(dtype).reshape(b, s, nkv, hd)  # (batch, seq, kv_heads, head_dim)
     v = mm(y, w["wv"]).astype(dtype).reshape(b, s, nkv, hd)
-    q = _kept(constrain(apply_rope(q, cos, sin), ("batch", "seq", "act_heads", None)))
-    k = _kept(constrain(apply_rope(k, cos, sin), ("batch", "seq", "act_kv_heads", None)))
-    v = _kept(v)
+    q = _kept(constrain(apply_rope(q, cos, sin), ("batch", "seq", "act_heads", None)), KEPT_ATTN)
+    k = _kept(constrain(apply_rope(k, cos, sin), ("batch", "seq", "act_kv_heads", None)), KEPT_ATTN)
+    v = _kept(v, KEPT_ATTN)
     a = attention(q, k, v, attn_chunk, attn_impl)  # (batch, seq, heads*head_dim)
-    a = _kept(checkpoint_name(a, "attn_out"))
-    x = _kept(x + constrain(mm(a, w["wo"]).astype(dtype), _BETWEEN))
+    a = _kept(checkpoint_name(a, "attn_out"), KEPT_ATTN)
+    x = _kept(x + constrain(mm(a, w["wo"]).astype(dtype), _BETWEEN), KEPT_MLP)
 
-    y = _gathered_seq(_kept(constrain(rms_norm(x, w["mlp_norm"], cfg.norm_eps, dtype), _BETWEEN)))
-    g = _kept(mm(y, w["w_gate"]))  # (batch, seq, ffn)
-    u = _kept(mm(y, w["w_up"]))
-    m = _kept(constrain((jax.nn.silu(g.astype(jnp.float32)) * u).astype(dtype), ("batch", "seq", "act_mlp")))
+    y = _gathered_seq(_kept(constrain(rms_norm(x, w["mlp_norm"], cfg.norm_eps, dtype), _BETWEEN), KEPT_MLP))
+    g = _kept(mm(y, w["w_gate"]), KEPT_MLP)  # (batch, seq, ffn)
+    u = _kept(mm(y, w["w_up"]), KEPT_MLP)
+    m = constrain((jax.nn.silu(g.astype(jnp.float32)) * u).astype(dtype), ("batch", "seq", "act_mlp"))
+    m = _kept(m, KEPT_MLP)
     return x + constrain(mm(m, w["w_down"]).astype(dtype), _BETWEEN)
 
 
