@@ -108,6 +108,8 @@ class ParallelConfig:
     zero: int = 3
     hpz: bool = False  # ZeRO-3 + hpZ: params over `fsdp` (inside a node), states over data x fsdp
     mics: bool = False  # ZeRO-3 MiCS: all model states over `fsdp` only, replicated across `data`
+    # JAX, tensor > 1: activations between blocks split over `tensor` along the sequence (Megatron-style)
+    sequence_parallel: bool = False
     mbs: int = 1  # micro batch (samples) per data-parallel rank
     gas: int = 1  # gradient accumulation steps (microbatches per step)
     gbs: int = 0  # 0 -> mbs * gas * dp; otherwise must equal it

@@ -40,8 +40,9 @@ PIPELINE_AXIS = "pipeline"  # [pipeline] the axis jax_impl.pipeline runs its sta
 RULES: dict[str, tuple[str, ...]] = {
     "batch": DP_AXES,
     "seq": (),
-    # Megatron-style sequence parallelism: the activations between the blocks (residual stream, norms) are
-    # split over `tensor` along the sequence; gathered before qkv / mlp-in, reduce-scattered after out / mlp-out
+    # Megatron-style sequence parallelism (parallel.sequence_parallel, see `sequence_parallel`): the activations
+    # between the blocks (residual stream, norms) split over `tensor` along the sequence; gathered before
+    # qkv / mlp-in, reduce-scattered after out / mlp-out. Off: whole sequences, as "seq".
     "act_seq": ("tensor",),
     "act_embed": (),
     "act_heads": ("tensor",),
@@ -65,6 +66,7 @@ GRADS_PER_LAYER = True
 
 _ACTIVE: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("mesh", default=None)
 _PLAN: contextvars.ContextVar[ZeroPlan | None] = contextvars.ContextVar("plan", default=None)
+_SEQ_PARALLEL: contextvars.ContextVar[bool] = contextvars.ContextVar("seq_parallel", default=False)
 
 
 def make_mesh(shape: dict[str, int], devices: list | None = None) -> Mesh:
@@ -106,6 +108,16 @@ def stored_as(plan: ZeroPlan) -> Iterator[ZeroPlan]:
         _PLAN.reset(token)
 
 
+@contextlib.contextmanager
+def sequence_parallel(on: bool) -> Iterator[None]:
+    """While tracing a step: whether ``act_seq`` follows its rule (True) or is left whole like ``seq``."""
+    token = _SEQ_PARALLEL.set(on)
+    try:
+        yield
+    finally:
+        _SEQ_PARALLEL.reset(token)
+
+
 def _axes(mesh: Mesh, names: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(a for a in names if mesh.shape[a] > 1)
 
@@ -113,7 +125,7 @@ def _axes(mesh: Mesh, names: tuple[str, ...]) -> tuple[str, ...]:
 def logical_spec(names: tuple[str | None, ...], mesh: Mesh, rules: dict[str, tuple[str, ...]] = RULES) -> P:
     parts = []
     for n in names:
-        axes = _axes(mesh, rules[n]) if n else ()
+        axes = _axes(mesh, rules[n]) if n and (n != "act_seq" or _SEQ_PARALLEL.get()) else ()
         parts.append(axes if len(axes) > 1 else (axes[0] if axes else None))
     return P(*parts)
 
