@@ -1,7 +1,7 @@
 """Per-tile memory of every layout the study ran: JAX's AOT-compiled step beside the DeepSpeed model.
 
     python -m benchmarks.memory_table                    # the study's layouts (+ the extra targets below)
-    python -m benchmarks.memory_table --only hpZ --refresh
+    python -m benchmarks.memory_table --only hpZ --only "gas 8" --refresh
     python -m benchmarks.memory_table --out reports/memory_table.md
 
 For each layout: the JAX train step AOT-compiled on fake CPU devices (``compare.plan.jax_memory``: one
@@ -75,7 +75,8 @@ def command(model: str, lay: Layout) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.memory_table", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", help="layouts whose label, model or variant contains this text")
+    ap.add_argument("--only", action="append", help="layouts whose 'model label variant' contains this text "
+                    "(repeatable: any of them)")
     ap.add_argument("--no-extra", action="store_true", help="only the reference CSV's layouts")
     ap.add_argument("--refresh", action="store_true", help="recompile instead of reading the cache")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per compile")
@@ -86,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cluster = load_cluster(args.cluster, {})
     usable = cluster.usable_bytes
     todo = [t for t in study_layouts(not args.no_extra)
-            if not args.only or args.only in f"{t[0]} {t[1].label} {t[1].variant}"]
+            if not args.only or any(o in f"{t[0]} {t[1].label} {t[1].variant}" for o in args.only)]
     if not todo:
         print(f"error: no layout matches --only {args.only!r}", file=sys.stderr)
         return 2
