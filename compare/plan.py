@@ -52,7 +52,7 @@ MBS_CHOICES = (1, 2)
 # DeepSpeed's documented defaults, used where the generated config leaves a key out (ZeRO-1/2).
 DS_DEFAULT_REDUCE_BUCKET = 5e8
 DS_DEFAULT_ALLGATHER_BUCKET = 5e8
-JAX_WORKER_VERSION = 1  # bump to invalidate cached compile results
+JAX_WORKER_VERSION = 2  # bump to invalidate cached compile results (and whenever the step's memory changes)
 
 
 # =============================================================================== assumptions
@@ -119,6 +119,7 @@ class Layout:
     gas: int = 1
     remat: bool = True
     schedule: str = "1f1b"  # pipeline schedule: 1f1b (DeepSpeed's TrainSchedule) | gpipe (JAX's other choice)
+    jax_remat_policy: str = ""  # JAX only: this remat policy instead of the one jax_config derives from remat
 
     @property
     def dp(self) -> int:
@@ -146,7 +147,8 @@ class Layout:
     @property
     def variant(self) -> str:
         return (f"mbs {self.mbs} gas {self.gas}" + ("" if self.remat else " no-ckpt")
-                + (f" {self.schedule}" if self.pp > 1 and self.schedule != "1f1b" else ""))
+                + (f" {self.schedule}" if self.pp > 1 and self.schedule != "1f1b" else "")
+                + (f" (JAX {self.jax_remat_policy})" if self.jax_remat_policy else ""))
 
     def config(self, model: str, seq: int = SEQ) -> Config:
         """The project Config of this layout (validated by the caller)."""
@@ -155,6 +157,21 @@ class Layout:
                                   mbs=self.mbs, gas=self.gas, gbs=0, remat=self.remat)
         return dataclasses.replace(base, parallel=par, data=dataclasses.replace(base.data, seq_len=seq),
                                    train=dataclasses.replace(base.train, dtype="bf16"))
+
+
+    def jax_config(self, model: str, seq: int = SEQ) -> Config:
+        """The JAX run of this layout that matches what DeepSpeed runs: pipelines as 1F1B (DeepSpeed's
+        PipelineEngine schedule) where GAS >= stages, and no activation checkpointing as the ``save_matmuls``
+        policy (no matmul recomputed; JAX's attention is chunked, so its scores are recomputed either way;
+        docs/memory.md), or ``jax_remat_policy`` where set."""
+        cfg = self.config(model, seq)
+        par = cfg.parallel
+        # JAX's 1F1B needs a microbatch per stage; below it, and where the layout asks for it, GPipe
+        if self.pp > 1 and self.gas >= self.pp and self.schedule == "1f1b":
+            par = dataclasses.replace(par, pipeline_schedule="1f1b")
+        if not self.remat or self.jax_remat_policy:
+            par = dataclasses.replace(par, remat=True, remat_policy=self.jax_remat_policy or "save_matmuls")
+        return dataclasses.replace(cfg, parallel=par)
 
 
 @functools.cache
@@ -787,7 +804,7 @@ def jax_memory(model: str, layout: Layout, seq: int = SEQ, timeout: float = 600,
 
     One subprocess per layout (the device count is fixed per process); results cached by config hash.
     """
-    cfg = layout.config(model, seq)
+    cfg = layout.jax_config(model, seq)
     cache = cache or _cache_dir()
     key = jax_compile_key(cfg, layout.ngpu)
     path = cache / f"{key}.json"
@@ -1037,7 +1054,14 @@ def _jax_cell(p: Planned) -> str:
     if not p.jax.get("ok"):
         return f"not available ({p.jax.get('reason', '?')[:60]})"
     over = p.memory is not None and p.jax["peak_bytes"] > p.memory.usable
-    return _gb(p.jax["peak_bytes"]) + (" (over usable)" if over else "")
+    return jax_split(p.jax) + (" (over usable)" if over else "")
+
+
+def jax_split(res: dict[str, Any]) -> str:
+    """A JAX AOT result as 'peak (params P + temp T)' in GB: P the stored arguments (params, optimizer state),
+    T XLA's temporaries (activations, gathered weights, gradients)."""
+    m = res["memory"]
+    return f"{_gb(res['peak_bytes'])} (args {_gb(m['argument'])} + temp {_gb(m['temp'])})"
 
 
 PLAN_HEAD = ("#", "family", "layout", "variant", "GBS", "DS mem GB/tile", "margin GB (± model error)",

@@ -108,11 +108,13 @@ class ParallelConfig:
     zero: int = 3
     hpz: bool = False  # ZeRO-3 + hpZ: params over `fsdp` (inside a node), states over data x fsdp
     mics: bool = False  # ZeRO-3 MiCS: all model states over `fsdp` only, replicated across `data`
+    # JAX, tensor > 1: activations between blocks split over `tensor` along the sequence (Megatron-style)
+    sequence_parallel: bool = False
     mbs: int = 1  # micro batch (samples) per data-parallel rank
     gas: int = 1  # gradient accumulation steps (microbatches per step)
     gbs: int = 0  # 0 -> mbs * gas * dp; otherwise must equal it
     remat: bool = False  # activation checkpointing per layer
-    remat_policy: str = "full"  # full | save_dots | save_attn_out
+    remat_policy: str = "full"  # full | save_dots | save_attn_out | save_matmuls (no matmul recomputed) | save_mlp
     pipeline_schedule: str = "gpipe"  # gpipe | 1f1b (pipeline axis > 1)
     # JAX GPipe: final norm + head + loss of the microbatch leaving the last stage computed by every stage on
     # its 1/p of the vocabulary (split) or by the last stage alone (last); 1F1B always uses the last stage
@@ -501,7 +503,7 @@ def validate_config(cfg: Config, n_devices: int | None = None) -> None:
                 f"gas={p.gas} < pipeline={mesh['pipeline']}; set --gas {mesh['pipeline']} or more "
                 "(gas >= 2 x stages to beat GPipe's memory), or use parallel.pipeline_schedule=gpipe"
             )
-    _choice("parallel.remat_policy", p.remat_policy, ("full", "save_dots", "save_attn_out"))
+    _choice("parallel.remat_policy", p.remat_policy, ("full", "save_dots", "save_attn_out", "save_matmuls", "save_mlp"))
     _choice("parallel.pipeline_schedule", p.pipeline_schedule, ("gpipe", "1f1b"))
     _choice("parallel.pipeline_head", p.pipeline_head, ("split", "last"))
     _choice("parallel.attn_impl", p.attn_impl, ("xla", "cudnn"))

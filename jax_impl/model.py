@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from configs import ModelConfig
 from configs import rope as configs_rope
-from jax_impl.sharding import constrain, gather_weight
+from jax_impl.sharding import GRAD_SHARDED_AS, constrain, gather_weight
 
 # logical axis names of every parameter, by name (the model's whole sharding vocabulary)
 PARAM_AXES: dict[str, tuple[str, ...]] = {
@@ -44,14 +45,48 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
 }
 
 WEIGHTS = "layer_w"  # checkpoint name of a layer's weights as its matmuls read them (see block)
+KEPT_ATTN, KEPT_MLP = "kept_attn", "kept_mlp"  # checkpoint names of what save_matmuls / save_mlp keep (_kept)
 
 DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}  # train.dtype -> compute dtype
+
+def _vjp_name(params: dict) -> str:
+    """The name of a custom_vjp function, from its call's parameters (its backward rule is ``<name>_bwd``)."""
+    return getattr(params.get("bwd"), "__name__", "").removesuffix("_bwd")
+
+
+def all_but_weights(prim: Any, *_, **params: Any) -> bool:
+    """Remat policy: save every intermediate but the layer's weights as its matmuls read them (``WEIGHTS``,
+    ``pipe_w``) and the resharding or slicing that makes them from the layer's inputs. The backward then reads
+    the weights from the inputs -- slices of the stored stack, which the layer scan's vjp keeps as that stack
+    itself -- instead of a stacked copy of them saved for it (42B, TP=6 + ZeRO-2, no recompute: 25 GiB of
+    per-device temp, docs/memory.md). (jax 0.10.2's ``save_anything_except_these_names`` saves named values
+    too: it ignores its names.)"""
+    if prim.name == "name":
+        return params["name"] not in (WEIGHTS, "pipe_w")
+    if prim.name == "custom_vjp_call":  # the weight's gradient-sharding identity (sharding.gather_weight)
+        return _vjp_name(params) != GRAD_SHARDED_AS
+    return prim.name not in ("sharding_constraint", "slice")
+
+
+def no_dot_recompute(prim: Any, *_, **params: Any) -> bool:
+    """Remat policy for training without activation checkpointing: the inputs of every matmul, of attention
+    and of the norms, and the gate/up projections SiLU reads (``_kept``), so the backward recomputes no dot of
+    the layer's projections -- only elementwise work (norms, rotary, SiLU) and the attention's scores -- and
+    never a weight (as all_but_weights)."""
+    return prim.name == "name" and params["name"] in (KEPT_ATTN, KEPT_MLP)
+
 
 REMAT_POLICIES: dict[str, Callable | None] = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
+    # no matmul recomputed: the projections are custom_vjp calls, which save_dots does not see as dots
+    "save_matmuls": no_dot_recompute,
+    # the MLP's matmuls not recomputed, the attention block's are (its q/k/v/o projections and scores)
+    "save_mlp": jax.checkpoint_policies.save_only_these_names(KEPT_MLP),
 }
+# what a layer saves for the backward when parallel.remat is off (docs/memory.md)
+NO_REMAT_POLICY: Callable = all_but_weights
 
 
 def _param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...], name: str) -> nnx.Param:
@@ -201,6 +236,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int = 0, impl: st
     return out.reshape(b, s, nh * hd)  # (batch, seq, heads*head_dim)
 
 
+def _kept(v: jax.Array, group: str) -> jax.Array:
+    """v named as kept for the backward by the save_matmuls policy (both groups) or save_mlp (``KEPT_MLP``): the
+    inputs of every matmul, of attention and of the norms, and the gate/up projections SiLU reads."""
+    return checkpoint_name(v, group)
+
+
+_BETWEEN = ("batch", "act_seq", "act_embed")  # activations between the blocks (sequence-parallel over tensor)
+
+
+def _gathered_seq(y: jax.Array) -> jax.Array:
+    """A norm's output with its whole sequence, as the projections read it (sequence parallelism's all-gather)."""
+    return constrain(y, ("batch", "seq", "act_embed"))
+
+
 def block(cfg: ModelConfig, dtype, attn_chunk: int, cos: jax.Array, sin: jax.Array, x: jax.Array, p: dict,
           attn_impl: str = "xla", matmul_out: str = "fp32") -> jax.Array:
     """One pre-norm transformer layer. x (batch, seq, hidden) in the compute dtype; ``matmul_out``:
@@ -213,21 +262,23 @@ def block(cfg: ModelConfig, dtype, attn_chunk: int, cos: jax.Array, sin: jax.Arr
         ("wo", (nh * hd, h)), ("mlp_norm", (h,)), ("w_gate", (h, f)), ("w_up", (h, f)), ("w_down", (f, h)))}
 
     mm = partial(matmul, out_dtype=dtype if matmul_out == "compute" else jnp.float32)
-    y = rms_norm(x, w["attn_norm"], cfg.norm_eps, dtype)
+    y = _gathered_seq(_kept(constrain(rms_norm(x, w["attn_norm"], cfg.norm_eps, dtype), _BETWEEN), KEPT_ATTN))
     q = mm(y, w["wq"]).astype(dtype).reshape(b, s, nh, hd)  # (batch, seq, heads, head_dim)
     k = mm(y, w["wk"]).astype(dtype).reshape(b, s, nkv, hd)  # (batch, seq, kv_heads, head_dim)
     v = mm(y, w["wv"]).astype(dtype).reshape(b, s, nkv, hd)
-    q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "act_heads", None))
-    k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "act_kv_heads", None))
+    q = _kept(constrain(apply_rope(q, cos, sin), ("batch", "seq", "act_heads", None)), KEPT_ATTN)
+    k = _kept(constrain(apply_rope(k, cos, sin), ("batch", "seq", "act_kv_heads", None)), KEPT_ATTN)
+    v = _kept(v, KEPT_ATTN)
     a = attention(q, k, v, attn_chunk, attn_impl)  # (batch, seq, heads*head_dim)
-    a = checkpoint_name(a, "attn_out")
-    x = x + constrain(mm(a, w["wo"]).astype(dtype), ("batch", "seq", "act_embed"))
+    a = _kept(checkpoint_name(a, "attn_out"), KEPT_ATTN)
+    x = _kept(x + constrain(mm(a, w["wo"]).astype(dtype), _BETWEEN), KEPT_MLP)
 
-    y = rms_norm(x, w["mlp_norm"], cfg.norm_eps, dtype)
-    g = mm(y, w["w_gate"])  # (batch, seq, ffn)
-    u = mm(y, w["w_up"])
+    y = _gathered_seq(_kept(constrain(rms_norm(x, w["mlp_norm"], cfg.norm_eps, dtype), _BETWEEN), KEPT_MLP))
+    g = _kept(mm(y, w["w_gate"]), KEPT_MLP)  # (batch, seq, ffn)
+    u = _kept(mm(y, w["w_up"]), KEPT_MLP)
     m = constrain((jax.nn.silu(g.astype(jnp.float32)) * u).astype(dtype), ("batch", "seq", "act_mlp"))
-    return x + constrain(mm(m, w["w_down"]).astype(dtype), ("batch", "seq", "act_embed"))
+    m = _kept(m, KEPT_MLP)
+    return x + constrain(mm(m, w["w_down"]).astype(dtype), _BETWEEN)
 
 
 class Layers(nnx.Module):
@@ -279,12 +330,14 @@ def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, *, dtype=jnp.floa
     V, h = cfg.padded_vocab, cfg.hidden
     s = tokens.shape[1]
     embed = gather_weight(params["embed"], PARAM_AXES["embed"], (V, h))
-    x = constrain(jnp.take(embed, tokens, axis=0).astype(dtype), ("batch", "seq", "act_embed"))
+    x = constrain(jnp.take(embed, tokens, axis=0).astype(dtype), _BETWEEN)
     cos, sin = rope_tables(s, cfg.dim_head, cfg.rope_theta)
 
     layer = partial(block, cfg, dtype, attn_chunk, cos, sin, attn_impl=attn_impl, matmul_out=matmul_out)
-    if remat:
-        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
+    # without remat every intermediate is still saved, but not the weights: the backward reads them from the
+    # stored stack instead of a stacked copy the scan would keep (see all_but_weights)
+    layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat_policy] if remat else NO_REMAT_POLICY,
+                           prevent_cse=False)
     x, _ = jax.lax.scan(lambda carry, p: (layer(carry, p), None), x, params["layers"], unroll=unroll)
 
     x = rms_norm(x, gather_weight(params["final_norm"], ("norm",), (h,)), cfg.norm_eps, dtype)

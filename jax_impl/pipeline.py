@@ -9,7 +9,7 @@ and 1F1B keep them on the last stage. Their weights are stored on every stage: n
 schedule, at 2 V h / TP parameters per device (``report_placement``).
 GPipe is ``jax.grad`` of a tick loop; 1F1B is written out with ``jax.vjp`` and a ring of ``p`` residual slots,
 so at most ``p - s`` microbatches' activations live on stage ``s``. Every layer runs under ``jax.checkpoint``
-with a policy that never saves the weights (``_all_but_weights``, ``_StageVjp``): what a schedule keeps for
+with a policy that never saves the weights (``all_but_weights``, ``_StageVjp``): what a schedule keeps for
 the backward (1F1B's ring, the skipped fill/drain ticks) must be activations, not a copy of the stage.
 Schedules, memory and the measurements behind each choice: docs/pipeline.md and docs/performance.md.
 """
@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from configs import Config, validate_config
-from jax_impl.model import DTYPES, PARAM_AXES, REMAT_POLICIES, WEIGHTS, block, matmul, rms_norm, rope_tables
+from jax_impl.model import DTYPES, PARAM_AXES, REMAT_POLICIES, all_but_weights, block, matmul, rms_norm, rope_tables
 from jax_impl.sharding import PIPELINE_AXIS, constrain, gather_weight
 
 PIPE = PIPELINE_AXIS
@@ -51,17 +51,6 @@ def check(cfg: Config, mesh_shape: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------- pieces
-def _all_but_weights(prim: Any, *_, **params: Any) -> bool:
-    """Remat policy: save every intermediate but the layer's weights as its matmuls read them (``model.WEIGHTS``,
-    ``pipe_w``) and the resharding or slicing that makes them from the layer's inputs. The backward then reads
-    the weights from the inputs -- slices of the stage's stack, which the layer scan's vjp keeps as that stack
-    itself -- instead of a stacked copy of them saved for it. (jax 0.10.2's
-    ``save_anything_except_these_names`` saves named values too: it ignores its names.)"""
-    if prim.name == "name":
-        return params["name"] not in (WEIGHTS, "pipe_w")
-    return prim.name not in ("sharding_constraint", "slice")
-
-
 def _stage_fn(cfg: Config, seq: int) -> Callable[..., jax.Array]:
     """This stage's layers: ``run(layers, x)`` scans x (batch, seq, hidden) through the local (L/p, ...) weights;
     ``run(layers, x, start=i, count=n)`` through layers i .. i+n-1 of them, i traced (a circular schedule's chunk)."""
@@ -72,7 +61,7 @@ def _stage_fn(cfg: Config, seq: int) -> Callable[..., jax.Array]:
     policy = REMAT_POLICIES[par.remat_policy]
     # without remat: every intermediate saved but the weights, so the backward reads them from the layer's inputs
     # (slices of the stage's stack) rather than from a stacked copy (what _StageVjp and _run_if rely on)
-    layer = jax.checkpoint(block_fn, policy=policy if par.remat else _all_but_weights, prevent_cse=False)
+    layer = jax.checkpoint(block_fn, policy=policy if par.remat else all_but_weights, prevent_cse=False)
 
     def layer_at(x, layers, i):
         # the weights indexed *inside* the (checkpointed) layer: indexed outside, autodiff would save them per
@@ -81,7 +70,7 @@ def _stage_fn(cfg: Config, seq: int) -> Callable[..., jax.Array]:
                          layers)
         return block_fn(x, w)
 
-    layer_at = jax.checkpoint(layer_at, prevent_cse=False, policy=policy if par.remat else _all_but_weights)
+    layer_at = jax.checkpoint(layer_at, prevent_cse=False, policy=policy if par.remat else all_but_weights)
     unroll = par.layer_unroll(m.n_layers)  # as model.forward: small models unroll their layer loop
 
     def run(layers: dict, x: jax.Array, start: jax.Array | None = None, count: int = 0) -> jax.Array:
@@ -204,7 +193,7 @@ def _run_if(busy: jax.Array, stage: _StageVjp, layers: dict, x: jax.Array) -> ja
 
     A plain ``lax.cond`` does the same, but JAX's partial evaluation of a cond returns every residual of the
     branch as a cond output, weights included (it forwards none of the branch's inputs): each skippable tick
-    then kept a copy of all the stage's weights until its backward (with _all_but_weights: 209 -> 164 MiB temp
+    then kept a copy of all the stage's weights until its backward (with all_but_weights: 209 -> 164 MiB temp
     of a bench pp2 bf16 step). Here the forward cond returns the activations only and the backward cond takes
     the weights as they are.
     """

@@ -24,6 +24,7 @@ import contextvars
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import numpy as np
@@ -39,6 +40,10 @@ PIPELINE_AXIS = "pipeline"  # [pipeline] the axis jax_impl.pipeline runs its sta
 RULES: dict[str, tuple[str, ...]] = {
     "batch": DP_AXES,
     "seq": (),
+    # Megatron-style sequence parallelism (parallel.sequence_parallel, see `sequence_parallel`): the activations
+    # between the blocks (residual stream, norms) split over `tensor` along the sequence; gathered before
+    # qkv / mlp-in, reduce-scattered after out / mlp-out. Off: whole sequences, as "seq".
+    "act_seq": ("tensor",),
     "act_embed": (),
     "act_heads": ("tensor",),
     "act_kv_heads": ("tensor",),
@@ -55,8 +60,13 @@ RULES: dict[str, tuple[str, ...]] = {
 # dimensions that ZeRO shards over the data-parallel axes in stored trees
 ZERO_DIMS = ("embed", "norm")
 
+# gather_weight reduce-scatters each layer's weight gradient to the step's gradient sharding inside the
+# backward (docs/memory.md); False: the gradient keeps the weight's stored sharding until the step's end
+GRADS_PER_LAYER = True
+
 _ACTIVE: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("mesh", default=None)
 _PLAN: contextvars.ContextVar[ZeroPlan | None] = contextvars.ContextVar("plan", default=None)
+_SEQ_PARALLEL: contextvars.ContextVar[bool] = contextvars.ContextVar("seq_parallel", default=False)
 
 
 def make_mesh(shape: dict[str, int], devices: list | None = None) -> Mesh:
@@ -98,6 +108,16 @@ def stored_as(plan: ZeroPlan) -> Iterator[ZeroPlan]:
         _PLAN.reset(token)
 
 
+@contextlib.contextmanager
+def sequence_parallel(on: bool) -> Iterator[None]:
+    """While tracing a step: whether ``act_seq`` follows its rule (True) or is left whole like ``seq``."""
+    token = _SEQ_PARALLEL.set(on)
+    try:
+        yield
+    finally:
+        _SEQ_PARALLEL.reset(token)
+
+
 def _axes(mesh: Mesh, names: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(a for a in names if mesh.shape[a] > 1)
 
@@ -105,7 +125,7 @@ def _axes(mesh: Mesh, names: tuple[str, ...]) -> tuple[str, ...]:
 def logical_spec(names: tuple[str | None, ...], mesh: Mesh, rules: dict[str, tuple[str, ...]] = RULES) -> P:
     parts = []
     for n in names:
-        axes = _axes(mesh, rules[n]) if n else ()
+        axes = _axes(mesh, rules[n]) if n and (n != "act_seq" or _SEQ_PARALLEL.get()) else ()
         parts.append(axes if len(axes) > 1 else (axes[0] if axes else None))
     return P(*parts)
 
@@ -135,12 +155,36 @@ def gather_weight(w: jax.Array, names: tuple[str, ...], shape: tuple[int, ...]) 
     and copied every gathered weight once more into the plain row-major layout the dots read.
     """
     plan = _PLAN.get()
-    if plan is not None and plan.params and _ACTIVE.get() is not None:
-        w = _constrain_spec(w, plan.spec(names, "params", shape))
+    if plan is not None and _ACTIVE.get() is not None:
+        if plan.opt and GRADS_PER_LAYER:
+            # the gradient of this one layer's weight is reduce-scattered to the step's gradient sharding
+            # (the optimizer state's) inside the backward, so the layer scan stacks 1/dp-sized gradients
+            # instead of full ones, or ones sharded only inside a node (hpZ, 70B: 21.5 -> 2.7 GiB)
+            w = _grad_sharded_as(w, plan.spec(names, "opt", shape))
+        if plan.params:
+            w = _constrain_spec(w, plan.spec(names, "params", shape))
     w = constrain(w, names)
     if w.shape != shape:
         w = w[tuple(slice(0, n) for n in shape)]
     return w
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _grad_sharded_as(w: jax.Array, spec: P) -> jax.Array:
+    """Identity; its cotangent is constrained to ``spec`` (the forward value keeps its own sharding)."""
+    return w
+
+
+def _grad_sharded_as_fwd(w: jax.Array, spec: P) -> tuple[jax.Array, None]:
+    return w, None
+
+
+def _grad_sharded_as_bwd(spec: P, _: None, ct: jax.Array) -> tuple[jax.Array]:
+    return (_constrain_spec(ct, spec),)
+
+
+_grad_sharded_as.defvjp(_grad_sharded_as_fwd, _grad_sharded_as_bwd)
+GRAD_SHARDED_AS = _grad_sharded_as.__name__  # its primitive's name (remat policies leave its output unsaved)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding
 from configs import Config
 from jax_impl import devices, pipeline
 from jax_impl.model import DTYPES, PARAM_AXES, cross_entropy, forward, init_params
-from jax_impl.sharding import ZeroPlan, activate, batch_sharding, replicated, stored_as
+from jax_impl.sharding import ZeroPlan, activate, batch_sharding, replicated, sequence_parallel, stored_as
 
 
 def lr_schedule(cfg: Config) -> optax.Schedule:
@@ -167,7 +167,9 @@ class Trainer:
         return cross_entropy(logits, tokens[:, 1:])
 
     def _step(self, params: dict, opt_state: Any, batch: jax.Array, with_grads: bool = False, guard: bool = False):
-        with stored_as(self.plan):  # traced knowing how the parameters are stored (sharding.gather_weight)
+        # traced knowing how the parameters are stored (sharding.gather_weight), and whether the activations
+        # between blocks are sequence-parallel
+        with stored_as(self.plan), sequence_parallel(self.cfg.parallel.sequence_parallel):
             return self._traced_step(params, opt_state, batch, with_grads, guard)
 
     def _traced_step(self, params: dict, opt_state: Any, batch: jax.Array, with_grads: bool, guard: bool):

@@ -1,6 +1,7 @@
 """The Flax Llama: exact shapes, attention math against a plain reference, remat, bf16 dots."""
 
 import ast
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -147,13 +148,52 @@ def test_initial_loss_is_near_log_vocab(tiny):
     assert abs(float(loss) - math.log(cfg.model.vocab_size)) < 0.5
 
 
-@pytest.mark.parametrize("policy", ["full", "save_dots", "save_attn_out"])
+@pytest.mark.parametrize("policy", ["full", "save_dots", "save_attn_out", "save_matmuls", "save_mlp"])
 def test_remat_gives_identical_loss_and_grads(tiny, policy):
     cfg, params, tokens = tiny
     l0, g0 = _loss_and_grads(cfg, params, tokens)
     l1, g1 = _loss_and_grads(cfg, params, tokens, remat=True, remat_policy=policy)
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
     assert_tree_close(g1, g0, rtol=1e-5)
+
+
+def _dots_in_grad(model_cfg, params, tokens, dtype, **kw) -> int:
+    """dot_general equations in the jaxpr of the loss gradient, nested jaxprs included."""
+    def loss(p):
+        return M.cross_entropy(M.forward(model_cfg, p, tokens[:, :-1], dtype=dtype, **kw), tokens[:, 1:])
+
+    return len(re.findall(r"\bdot_general\[", str(jax.make_jaxpr(jax.grad(loss))(params))))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_save_matmuls_recomputes_no_matmul_save_mlp_the_attention_block(tiny, dtype):
+    """save_matmuls traces one dot more than no remat at all -- the attention scores, whose probabilities it
+    recomputes rather than keeps (chunked attention recomputes them in any case); full remat traces every
+    forward dot again."""
+    cfg, params, tokens = tiny
+    scanned = dataclasses.replace(cfg.model, n_layers=10)  # > 8 layers: a lax.scan
+    params = M.init_params(scanned, 0)
+    plain = _dots_in_grad(scanned, params, tokens, dtype)
+    saved = _dots_in_grad(scanned, params, tokens, dtype, remat=True, remat_policy="save_matmuls")
+    mlp = _dots_in_grad(scanned, params, tokens, dtype, remat=True, remat_policy="save_mlp")
+    full = _dots_in_grad(scanned, params, tokens, dtype, remat=True, remat_policy="full")
+    # save_mlp recomputes the attention block's inputs only: q, k, v and the attention's two dots
+    assert saved == plain + 1 < mlp == plain + 5 < full
+
+
+def test_no_remat_saves_no_copy_of_the_layer_weights(tiny, capsys):
+    """Without remat the layer scan keeps activations only: its weights reach the backward as the stacked
+    parameters themselves, never as a saved stacked copy (a weight-sized residual)."""
+    cfg, params, tokens = tiny
+    scanned = dataclasses.replace(cfg.model, n_layers=10)
+    params = M.init_params(scanned, 0)
+    capsys.readouterr()
+    jax.ad_checkpoint.print_saved_residuals(
+        lambda p: M.cross_entropy(M.forward(scanned, p, tokens[:, :-1]), tokens[:, 1:]), params)
+    saved = capsys.readouterr().out.splitlines()
+    weight_shapes = {f"f32[{','.join(map(str, w.shape))}]" for w in jax.tree.leaves(params["layers"])}
+    copies = [s for s in saved if s.split()[0] in weight_shapes and "from the argument" not in s]
+    assert len(saved) > 20 and not copies, copies
 
 
 def test_matmul_vjp_equals_autodiff_in_fp32():

@@ -163,6 +163,17 @@ def test_70b_dry_run_other_layouts(args):
 
 
 @pytest.mark.slow
+def test_70b_hpz_8_nodes_fits_a_tile():
+    """The study's ZeRO-3 + hpZ layout on 8 nodes: the AOT-compiled step's peak per device is within the
+    57.8 GiB (64 GB x 0.97) of a PVC tile (XLA:CPU's buffer assignment is deterministic; docs/memory.md)."""
+    r = _cli("--preset", "llama2-70b", "--mesh", "data=8,fsdp=12", "--zero", "3", "--parallel.hpz=true",
+             "--dry-run")
+    assert r.returncode == 0, r.stderr[-3000:]
+    peak = float(next(ln for ln in r.stdout.splitlines() if ln.strip().startswith("peak")).split()[1])
+    assert peak <= 64e9 * 0.97 / 2**30, r.stdout
+
+
+@pytest.mark.slow
 def test_42b_tp6_dry_run():
     r = _cli("--preset", "auroragpt-42b-tp6", "--dry-run")
     assert r.returncode == 0, r.stderr[-3000:]
