@@ -72,6 +72,7 @@ class RunDirLock:
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / LOCK_FILE
+        self.created = not self.path.parent.exists()  # a run stopped before it wrote anything leaves no directory
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -96,6 +97,21 @@ class RunDirLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+    def abandon(self) -> None:
+        """Release; and if this lock made the directory and nothing else was written there, remove both."""
+        self.release()
+        d = self.path.parent
+        if self.created and d.is_dir() and [p.name for p in d.iterdir()] == [LOCK_FILE]:
+            self.path.unlink(missing_ok=True)
+            d.rmdir()
+
+
+def out_dir_error(e: BaseException, out_dir: str) -> str:
+    """The message for a run directory that could not be made or locked: the file system's errors name --out-dir."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return f"--out-dir {out_dir}: cannot make the run directory there ({e}); pick a writable directory"
+    return str(e)
 
 
 def lock_run_dir(run_dir: Path) -> RunDirLock:

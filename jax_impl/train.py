@@ -39,6 +39,7 @@ from configs.rundir import (
     RunDirBusy,
     lock_run_dir,
     make_run_dir,
+    out_dir_error,
     run_dir_path,
     truncate_metrics,
     write_config,
@@ -188,12 +189,14 @@ def _planned_run_dir(cfg: Config, opts: RunOptions) -> Path:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from jax_impl import devices, distributed  # neither imports jax
+
     lock, lock_error = None, ""
     try:
         cfg, args = resolve_config(build_parser(), argv)
         opts = RunOptions.from_args(args)
         opts.check()
-        from jax_impl import checkpoint, devices, distributed
+        from jax_impl import checkpoint
 
         dist = distributed.detect(coordinator=args.coordinator, num_processes=args.num_processes,
                                   process_id=args.process_id)
@@ -206,8 +209,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 lock = lock_run_dir(planned)
             except (RunDirBusy, checkpoint.CheckpointError, OSError) as e:
                 if dist is None:
-                    raise ConfigError(str(e)) from None
-                lock_error = str(e)
+                    raise ConfigError(out_dir_error(e, cfg.train.out_dir)) from None
+                lock_error = out_dir_error(e, cfg.train.out_dir)
         n_mesh = mesh_devices(cfg.parallel.mesh)
         if dist is not None and n_mesh and n_mesh % dist.num_processes:
             raise ConfigError(f"mesh {cfg.parallel.mesh} ({n_mesh} devices) does not divide over "
@@ -224,10 +227,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         if lock is not None:
-            lock.release()
+            lock.abandon()
         raise SystemExit(2) from None
     except distributed.JoinError as e:  # a peer or the coordinator never came: a requeue elsewhere may help
         print(f"error: {e}", file=sys.stderr)
+        if lock is not None:
+            lock.abandon()
         raise SystemExit(distributed.JOIN_EXIT) from None
 
     import jax
@@ -239,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         mesh = make_mesh(cfg.mesh_shape(jax.device_count()))
     except ConfigError as e:
         if lock is not None:
-            lock.release()
+            lock.abandon()
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -76,6 +76,7 @@ from configs.rundir import (
     RunDirBusy,
     lock_run_dir,
     make_run_dir,
+    out_dir_error,
     read_metrics,
     run_dir_path,
     set_aside,
@@ -423,7 +424,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         lock = lock_run_dir(planned)  # one run per directory, before any work
     except (RunDirBusy, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {out_dir_error(e, cfg.train.out_dir)}", file=sys.stderr)
         raise SystemExit(2) from None
     try:
         return launch(cfg, layout, init=init, quiet=args.quiet, ckpt=ckpt, run_dir=planned)
