@@ -942,8 +942,8 @@ def mics_shard_sizes(tiles: int, tiles_per_node: int) -> list[int]:
     return sorted({*out, tiles}) if tiles >= 2 else out
 
 
-def candidates(model: str, nodes: int, cluster: Cluster) -> list[Layout]:
-    """The study's four layouts and JAX-native meshes, each with GAS/MBS/checkpointing choices."""
+def mesh_candidates(model: str, nodes: int, cluster: Cluster) -> list[Layout]:
+    """The study's four layouts and JAX-native meshes (mbs 1, gas 1): the shapes before the batch is split."""
     T, tpn = nodes * cluster.tiles_per_node, cluster.tiles_per_node
     meshes: list[Layout] = []
     tps = [t for t in _divisors(tpn) if t > 1]
@@ -963,13 +963,57 @@ def candidates(model: str, nodes: int, cluster: Cluster) -> list[Layout]:
                                  zero=3, mics=True))
     meshes.append(Layout("fsdp (JAX ZeRO-3)", fsdp=T, zero=3))
     meshes.append(Layout("data ZeRO-1", data=T, zero=1))
+    return meshes
+
+
+def batch_splits(dp: int, gbs: int | None) -> list[tuple[int, int]]:
+    """(mbs, gas) pairs: every GAS/MBS choice, or at a fixed global batch those with mbs * gas * dp == gbs
+    (any GAS: the batch is the user's hyperparameter, the split is the layout's)."""
+    if gbs is None:
+        return [(m, g) for g in GAS_CHOICES for m in MBS_CHOICES]
+    if gbs % dp:
+        return []
+    per = gbs // dp
+    return [(m, per // m) for m in MBS_CHOICES if per % m == 0]
+
+
+def candidates(model: str, nodes: int, cluster: Cluster, gbs: int | None = None) -> list[Layout]:
+    """Every mesh of ``mesh_candidates`` with its MBS/GAS/checkpointing choices (at ``gbs`` if given)."""
     out = []
-    for lay in meshes:
-        for gas in GAS_CHOICES:
-            for mbs in MBS_CHOICES:
-                for remat in (True, False):
-                    out.append(dataclasses.replace(lay, gas=gas, mbs=mbs, remat=remat))
+    for lay in mesh_candidates(model, nodes, cluster):
+        for mbs, gas in batch_splits(lay.dp, gbs):
+            for remat in (True, False):
+                out.append(dataclasses.replace(lay, gas=gas, mbs=mbs, remat=remat))
     return out
+
+
+def working_gbs(model: str, nodes: int, cluster: Cluster) -> list[int]:
+    """The data-parallel widths of the meshes that can be built: a global batch works iff one divides it."""
+    return sorted({m.dp for m in mesh_candidates(model, nodes, cluster) if not check_layout(model, m, cluster)})
+
+
+def nearest_gbs(gbs: int, widths: Sequence[int]) -> list[int]:
+    """The nearest global batches below and above ``gbs`` that some width divides."""
+    out = []
+    below = [w * (gbs // w) for w in widths if gbs // w >= 1]
+    if below:
+        out.append(max(below))
+    out.append(min(w * (gbs // w + 1) for w in widths))
+    return sorted(set(out))
+
+
+def check_gbs(model: str, nodes: int, cluster: Cluster, gbs: int) -> None:
+    """ConfigError unless some buildable mesh's data-parallel width divides ``gbs`` (naming the nearest that do)."""
+    if gbs < 1:
+        raise ConfigError(f"--gbs {gbs} must be >= 1 (the global batch in samples)")
+    widths = working_gbs(model, nodes, cluster)
+    if not widths:
+        raise ConfigError(f"no layout of {model} can be built on {nodes} x {cluster.name} nodes; change --nodes")
+    if not any(gbs % w == 0 for w in widths):
+        near = " or ".join(str(g) for g in nearest_gbs(gbs, widths))
+        raise ConfigError(f"--gbs {gbs}: no data-parallel width of {model} on {nodes} x {cluster.name} nodes "
+                          f"divides it (widths {', '.join(map(str, widths))}); nearest global batches that work: "
+                          f"{near}")
 
 
 @dataclass
@@ -979,6 +1023,7 @@ class Planned:
     memory: MemoryEstimate | None = None
     step: StepEstimate | None = None
     jax: dict[str, Any] | None = None
+    structural: bool = False  # the shape cannot be built at all (indivisible heads/layers, batch, ...)
 
     @property
     def fits(self) -> bool:
@@ -1003,7 +1048,7 @@ def check_layout(model: str, layout: Layout, cluster: Cluster) -> str:
 def evaluate(model: str, layout: Layout, cluster: Cluster, a: Assumptions, seq: int = SEQ) -> Planned:
     reason = check_layout(model, layout, cluster)
     if reason:
-        return Planned(layout, reason)
+        return Planned(layout, reason, structural=True)
     mem = ds_memory(model, layout, cluster, a, seq)
     p = Planned(layout, "", mem, step_time(model, layout, cluster, a, seq))
     if mem.uncertain:  # neither a pick nor a rejection
@@ -1018,13 +1063,54 @@ def evaluate(model: str, layout: Layout, cluster: Cluster, a: Assumptions, seq: 
 
 
 def plan(model: str, nodes: int, cluster: Cluster, a: Assumptions, seq: int = SEQ,
-         layouts: Iterable[Layout] | None = None) -> list[Planned]:
-    """Every candidate evaluated; fitting ones first, by predicted samples/s (GBS <= max_gbs)."""
+         layouts: Iterable[Layout] | None = None, gbs: int | None = None) -> list[Planned]:
+    """Every candidate evaluated; fitting ones first, by predicted samples/s.
+
+    With ``gbs`` only layouts whose mbs * gas * dp equals it (meshes whose data-parallel width does not divide
+    it come back as structural rejections); without it, GBS <= ``a.max_gbs``."""
     if nodes < 1:
         raise ConfigError(f"--nodes {nodes} must be >= 1")
-    res = [evaluate(model, lay, cluster, a, seq) for lay in (layouts or candidates(model, nodes, cluster))]
-    res = [p for p in res if p.layout.gbs <= a.max_gbs or p.layout.gas == 1]
-    return sorted(res, key=lambda p: (not p.fits, -(p.step.sps if p.step and p.fits else 0)))
+    if gbs is not None:
+        check_gbs(model, nodes, cluster, gbs)
+    if layouts is None:
+        layouts = candidates(model, nodes, cluster, gbs)
+        if gbs is not None:  # the meshes no split reaches, kept so the summary can say why
+            extra = [Planned(m, f"data-parallel width {m.dp} does not divide GBS {gbs}", structural=True)
+                     for m in mesh_candidates(model, nodes, cluster) if gbs % m.dp]
+        else:
+            extra = []
+    else:
+        layouts = [lay for lay in layouts if gbs is None or lay.gbs == gbs]
+        extra = []
+    res = [evaluate(model, lay, cluster, a, seq) for lay in layouts]
+    if gbs is None:
+        res = [p for p in res if p.layout.gbs <= a.max_gbs or p.layout.gas == 1]
+    return sorted(res, key=lambda p: (not p.fits, -(p.step.sps if p.step and p.fits else 0))) + extra
+
+
+def structural_summary(planned: Sequence[Planned]) -> str:
+    """One line: how many mesh shapes cannot be built, and why (distinct reasons, most frequent first)."""
+    why: dict[str, set[str]] = {}
+    for p in planned:
+        if p.structural:
+            why.setdefault(p.reason, set()).add(p.layout.label)
+    if not why:
+        return ""
+    n = len(set().union(*why.values()))
+    parts = sorted(why.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    return (f"{n} mesh shape{'s' if n != 1 else ''} structurally impossible (not listed): "
+            + "; ".join(f"{len(v)} x {k}" for k, v in parts))
+
+
+def best_per_gbs(planned: Sequence[Planned], top: int = 3) -> list[Planned]:
+    """The ``top`` best fitting layouts (best variant per mesh) of each global batch, by GBS then samples/s."""
+    by: dict[int, list[Planned]] = {}
+    for p in planned:
+        by.setdefault(p.layout.gbs, []).append(p)
+    out: list[Planned] = []
+    for g in sorted(by):
+        out += best_per_mesh(by[g])[0][:top]
+    return out
 
 
 def best_per_mesh(planned: Sequence[Planned]) -> tuple[list[Planned], list[Planned]]:
@@ -1068,9 +1154,13 @@ PLAN_HEAD = ("#", "family", "layout", "variant", "GBS", "DS mem GB/tile", "margi
              "JAX mem GB/tile (XLA:CPU)", "samples/s", "TFLOPS/tile", "step s", "bubble")
 
 
-def plan_rows(ok: Sequence[Planned]) -> list[list[str]]:
+def plan_rows(ok: Sequence[Planned], per_gbs: bool = False) -> list[list[str]]:
+    """Table rows; ``per_gbs`` numbers the rank within each global batch (the grouped view)."""
     rows = []
-    for i, p in enumerate(ok, 1):
+    i, last = 0, None
+    for p in ok:
+        i = i + 1 if not per_gbs or p.layout.gbs == last else 1
+        last = p.layout.gbs
         s = p.step
         assert s is not None and p.memory is not None
         rows.append([str(i), p.layout.family, p.layout.label, p.layout.variant, str(p.layout.gbs),
@@ -1120,7 +1210,7 @@ def plot_plan(ok: Sequence[Planned], rejected: Sequence[Planned], cluster: Clust
 
     items = list(ok[:15]) + [p for p in rejected if p.memory is not None][:8]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, max(3.5, 0.38 * len(items) + 1.5)), sharey=True)
-    names = [f"{p.layout.label} ({p.layout.variant})" for p in items]
+    names = [f"GBS {p.layout.gbs}: {p.layout.label} ({p.layout.variant})" for p in items]
     y = np.arange(len(items))
     ax1.barh(y, [p.step.sps if p.fits and p.step else 0 for p in items], color="tab:blue")
     ax1.set_yticks(y, names, fontsize=7)
@@ -1280,7 +1370,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", default="llama2-70b", help="a configs/presets name (llama2-70b, auroragpt-42b-tp6)")
     ap.add_argument("--nodes", type=int, default=8)
     ap.add_argument("--cluster", default="aurora", help="compare/clusters/<name>.toml or a path")
-    ap.add_argument("--seq", type=int, default=SEQ)
+    ap.add_argument("--seq", type=int, default=SEQ, help="sequence length (default: the study's 4096)")
+    ap.add_argument("--gbs", type=int, default=None,
+                    help="rank only layouts with mbs x gas x dp == GBS (default: the best per global batch)")
     ap.add_argument("--mesh", help="plan one layout only, e.g. pipeline=8,data=6,tensor=2")
     ap.add_argument("--zero", type=int, default=None, help="with --mesh (default 1 with a pipeline, else 3)")
     ap.add_argument("--hpz", action="store_true", help="with --mesh: ZeRO-3 hpZ over the fsdp axis")
@@ -1331,58 +1423,72 @@ def main(argv: Sequence[str] | None = None) -> int:
         load_config(args.model)  # unknown preset -> ConfigError with the list
         if args.nodes < 1:
             raise ConfigError(f"--nodes {args.nodes} must be >= 1")
+        if args.seq < 1:
+            raise ConfigError(f"--seq {args.seq} must be >= 1 (tokens per sample)")
+        if args.gbs is not None:
+            check_gbs(args.model, args.nodes, cluster, args.gbs)
         fit = None
         if not args.no_fit:
             fit = calibrate(cluster=cluster, a=a, loo=False)
             a = dataclasses.replace(a, **{k: v for k, v in fit.params.items() if k not in a_over})
         layouts = _single_layouts(args, args.nodes, cluster) if args.mesh else None
-        planned = plan(args.model, args.nodes, cluster, a, args.seq, layouts)
+        planned = plan(args.model, args.nodes, cluster, a, args.seq, layouts, args.gbs)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    impossible = "" if args.mesh else structural_summary(planned)
+    if not args.mesh:  # summarised in one line; a layout asked for by --mesh keeps its reason in the list
+        planned = [p for p in planned if not p.structural]
+    grouped = args.gbs is None and not args.mesh and not args.all
     ok, rejected = (([p for p in planned if p.fits], [p for p in planned if not p.fits]) if args.all or args.mesh
                     else best_per_mesh(planned))
+    if grouped:  # one ranking per global batch: a larger batch is not a faster layout
+        ok = best_per_gbs(planned)
     if args.jax:
         for p in ok[: args.jax_top] + ([p for p in rejected if p.memory][:1] if args.mesh else []):
             print(f"JAX AOT compile {p.layout.label} ({p.layout.variant}) on {p.layout.ngpu} fake CPU devices ...",
                   file=sys.stderr)
             p.jax = jax_memory(args.model, p.layout, args.seq)
     title = (f"{args.model} on {args.nodes} x {cluster.name} nodes ({args.nodes * cluster.tiles_per_node} tiles), "
-             f"seq {args.seq}")
-    rows = plan_rows(ok)
+             f"seq {args.seq}, " + (f"GBS {args.gbs}" if args.gbs else "best 3 layouts per GBS"))
+    rows = plan_rows(ok, per_gbs=grouped)
     uncertain = [p for p in rejected if p.uncertain]  # within the memory model's error: neither picks nor rejections
     rejected = [p for p in rejected if not p.uncertain]
-    unc_rows = [[p.layout.family, p.layout.label, p.layout.variant, p.reason] for p in uncertain]
-    rej_rows = [[p.layout.family, p.layout.label, p.layout.variant, p.reason] for p in rejected]
+    unc_rows = [[p.layout.family, p.layout.label, p.layout.variant, str(p.layout.gbs), p.reason] for p in uncertain]
+    rej_rows = [[p.layout.family, p.layout.label, p.layout.variant, str(p.layout.gbs), p.reason] for p in rejected]
+    rej_head = ("family", "layout", "variant", "GBS", "reason")
     notes = ["Memory: DeepSpeed = analytic model of the reference; JAX = XLA:CPU memory_analysis of the AOT-compiled "
              "step on fake CPU devices (a CPU-compiler estimate, not the Intel GPU compiler's; JAX keeps fp32 params).",
              "TFLOPS/tile: Megatron-LM model FLOPs (no recompute term). Fitted: "
-             + ", ".join(f"{k}={getattr(a, k):.3f}" for k in Assumptions.FITTED)]
-    _print_rich(title, PLAN_HEAD, rows[:25], notes)
+             + ", ".join(f"{k}={getattr(a, k):.3f}" for k in Assumptions.FITTED)] + ([impossible] if impossible else [])
+    _print_rich(title, PLAN_HEAD, rows[:40 if grouped else 25], notes)
     if unc_rows:
         _print_rich("uncertain: the memory verdict is within the model's error (not picks)",
-                    ("family", "layout", "variant", "memory"), unc_rows[:30])
-    _print_rich("rejected", ("family", "layout", "variant", "reason"), rej_rows[:30])
+                    rej_head, unc_rows[:30])
+    _print_rich("rejected (could be built; do not fit)", rej_head, rej_rows[:30])
     args.out.mkdir(parents=True, exist_ok=True)
     md = [f"# Layout plan: {title}\n", _md_table(PLAN_HEAD, rows),
           "\n## Uncertain (memory verdict within the model's error; not picks)\n",
-          _md_table(("family", "layout", "variant", "memory"), unc_rows), "\n## Rejected\n",
-          _md_table(("family", "layout", "variant", "reason"), rej_rows), "\n" + "\n\n".join(notes) + "\n"]
+          _md_table(rej_head, unc_rows), "\n## Rejected\n",
+          _md_table(rej_head, rej_rows), "\n" + "\n\n".join(notes) + "\n"]
     if ok:
         md += [f"\n## Breakdown of #1: {ok[0].layout.label} ({ok[0].layout.variant})\n", memory_breakdown(ok[0]),
                "\n", time_breakdown(ok[0])]
     md += ["\n## Assumptions\n", assumptions_md(a, cluster, fit)]
-    stem = f"plan_{args.model}_{args.nodes}n_{cluster.name}"
+    stem = f"plan_{args.model}_{args.nodes}n_{cluster.name}" + (f"_gbs{args.gbs}" if args.gbs else "")
     (args.out / f"{stem}.md").write_text("".join(md))
     (args.out / f"{stem}.json").write_text(json.dumps({
-        "model": args.model, "nodes": args.nodes, "cluster": dataclasses.asdict(cluster),
+        "model": args.model, "nodes": args.nodes, "gbs": args.gbs, "seq": args.seq,
+        "cluster": dataclasses.asdict(cluster), "impossible": impossible,
         "assumptions": dataclasses.asdict(a),
         "ranked": [{"layout": p.layout.label, "variant": p.layout.variant, "gbs": p.layout.gbs,
                     "ds_mem_gb": p.memory.total / GB if p.memory else None,
                     "memory_verdict": p.memory.verdict() if p.memory else None, "sps": p.step.sps if p.step else None,
                     "tflops": tflops_per_tile(p.step, p.layout) if p.step else None, "jax": p.jax} for p in ok],
-        "uncertain": [{"layout": p.layout.label, "variant": p.layout.variant, "reason": p.reason} for p in uncertain],
-        "rejected": [{"layout": p.layout.label, "variant": p.layout.variant, "reason": p.reason} for p in rejected],
+        "uncertain": [{"layout": p.layout.label, "variant": p.layout.variant, "gbs": p.layout.gbs,
+                       "reason": p.reason} for p in uncertain],
+        "rejected": [{"layout": p.layout.label, "variant": p.layout.variant, "gbs": p.layout.gbs,
+                      "reason": p.reason} for p in rejected],
     }, indent=1, default=str) + "\n")
     png = plot_plan(ok, uncertain + rejected, cluster, args.out / f"{stem}.png", title)
     if ok:

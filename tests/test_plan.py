@@ -246,8 +246,9 @@ def test_mics_row_without_shard_size_says_which_fit(tmp_path):
 
 
 def test_plan_42b_and_other_clusters(tmp_path):
-    assert plan.main(["--model", "auroragpt-42b-tp6", "--nodes", "8", "--out", str(tmp_path), "--no-fit"]) == 0
-    md = (tmp_path / "plan_auroragpt-42b-tp6_8n_aurora.md").read_text()
+    assert plan.main(["--model", "auroragpt-42b-tp6", "--nodes", "8", "--gbs", "64", "--out", str(tmp_path),
+                      "--no-fit"]) == 0
+    md = (tmp_path / "plan_auroragpt-42b-tp6_8n_aurora_gbs64.md").read_text()
     assert "data=16,tensor=6 ZeRO-2" in md
     big = plan.plan("llama2-70b", 8, load_cluster("h200-node"), plan.Assumptions())
     small = plan.plan("llama2-70b", 8, load_cluster("h200-node", {"mem_gb": 24}), plan.Assumptions())
@@ -339,3 +340,47 @@ def test_jax_config_runs_layouts_as_deepspeed_does():
     least = plan.Layout("t", data=16, tp=6, zero=2, remat=False, jax_remat_policy="save_mlp")
     assert least.jax_config("auroragpt-42b-tp6").parallel.remat_policy == "save_mlp"
     assert "(JAX save_mlp)" in least.variant
+
+
+# ----------------------------------------------------------------------------- ranking at the user's global batch
+def test_ranking_respects_gbs(tmp_path):
+    """Every ranked, uncertain and rejected layout runs the asked global batch; every family is searched;
+    structural shapes are one summary line, not rejections."""
+    import json
+
+    cluster, a = load_cluster("aurora"), _fitted()
+    planned = plan.plan("llama2-70b", 16, cluster, a, gbs=768)
+    built = [p for p in planned if not p.structural]
+    assert built and all(p.layout.gbs == 768 for p in built)
+    assert {p.layout.family for p in built if p.fits} >= {"PP+ZeRO-1", "ZeRO-3+hpZ", "ZeRO-3 MiCS"}
+    assert plan.main(["--model", "llama2-70b", "--nodes", "16", "--gbs", "768", "--out", str(tmp_path)]) == 0
+    out = json.loads((tmp_path / "plan_llama2-70b_16n_aurora_gbs768.json").read_text())
+    assert out["gbs"] == 768 and out["ranked"]
+    assert {r["gbs"] for r in out["ranked"] + out["uncertain"] + out["rejected"]} == {768}
+    assert not any("not divisible by the tensor axis" in r["reason"] for r in out["rejected"] + out["uncertain"])
+    assert "structurally impossible" in out["impossible"] and "tensor axis (3)" in out["impossible"]
+    md = (tmp_path / "plan_llama2-70b_16n_aurora_gbs768.md").read_text()
+    assert "| GBS |" in md and "structurally impossible" in md
+
+
+def test_without_gbs_ranks_within_each_global_batch(tmp_path):
+    cluster, a = load_cluster("aurora"), _fitted()
+    best = plan.best_per_gbs(plan.plan("llama2-70b", 16, cluster, a))
+    gbs = [p.layout.gbs for p in best]
+    assert gbs == sorted(gbs) and len(set(gbs)) > 3  # grouped by GBS, not one mixed ranking
+    for g in set(gbs):
+        sps = [p.step.sps for p in best if p.layout.gbs == g]
+        assert sps == sorted(sps, reverse=True) and len(sps) <= 3
+    rows = plan.plan_rows(best, per_gbs=True)
+    assert next(r[0] for r in rows if r[4] == str(gbs[-1])) == "1"  # rank restarts per GBS
+
+
+def test_gbs_no_width_divides_names_the_nearest(capsys, tmp_path):
+    # 16 nodes of the 70B: data-parallel widths 3, 6, 12, ... (n_heads=64 rules out tensor 3/6/12)
+    assert plan.main(["--nodes", "16", "--gbs", "1001", "--no-fit", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--gbs 1001: no data-parallel width" in err and "999 or 1002" in err and "Traceback" not in err
+    assert plan.nearest_gbs(1001, [3, 6]) == [999, 1002]
+    assert plan.nearest_gbs(2, [3]) == [3]
+    with pytest.raises(ConfigError, match="must be >= 1"):
+        plan.check_gbs("llama2-70b", 8, load_cluster("aurora"), 0)
