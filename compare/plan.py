@@ -1450,7 +1450,7 @@ def _jax_verdict(res: dict[str, Any], usable: float, err: float) -> dict[str, An
     margin, e = usable - peak, err * peak
     verdict = "uncertain" if abs(margin) <= e else "fits" if margin > 0 else "OOM"
     return {"jax_verdict": verdict, "jax_peak_gb": round(peak / GB, 3), "jax_margin_gb": round(margin / GB, 3),
-            "jax_err_gb": round(e / GB, 3), "jax_cached": bool(res.get("cached"))}
+            "jax_err_gb": round(e / GB, 3), "jax_cached": bool(res.get("cached")), "jax_memory": res["memory"]}
 
 
 def _torch_refusal(cfg: Config, lay: Layout) -> str:
@@ -1538,7 +1538,14 @@ def choose(cfg: Config, *, nodes: int | None = None, cluster: Cluster | None = N
         source = (f"a description of this host ({cluster.describe()}; assumed figures, not measured), not a "
                   "cluster model")
     n_nodes = nodes or 1
-    model = register_config(cfg)
+    if nodes is None and cluster.name.startswith("host-cpu"):
+        a.runtime_gb = 1.0 / cluster.tiles_per_node  # one process's runtime shared by its fake devices
+    # planned without the run's name, steps, seed, ...: they change no memory, and the compile cache is keyed by
+    # the config's hash
+    from configs.schema import TrainConfig
+
+    model = register_config(dataclasses.replace(cfg, train=TrainConfig(dtype=cfg.train.dtype,
+                                                                       platform=cfg.train.platform)))
     check_gbs(model, n_nodes, cluster, gbs, flag="parallel.gbs")
     planned = [p for p in plan(model, n_nodes, cluster, a, seq, gbs=gbs) if not p.structural]
     refused: dict[str, str] = {}
@@ -1612,6 +1619,25 @@ def choose(cfg: Config, *, nodes: int | None = None, cluster: Cluster | None = N
     runner, runner_info = chosen[1] if len(chosen) > 1 else (None, None)
     return Decision(pick.layout, runner.layout if runner else None, framework, pick.layout.apply(cfg, framework),
                     inputs, considered, why, pick_info, runner_info, source, memory_source)
+
+
+def auto_layout(cfg: Config, *, framework: str, nodes: int | None = None, cluster: str | None = None,
+                devices: int | None = None, recorded: dict[str, Any] | None = None, cache: Path | None = None
+                ) -> tuple[Config, dict[str, Any], list[str]]:
+    """``--mesh auto`` for a trainer: (cfg with the chosen layout, the record for meta.json, lines to print).
+
+    ``recorded`` (a resumed run's ``configs.rundir.recorded_layout``): its layout is reused, nothing re-planned."""
+    if recorded is not None:
+        par = dataclasses.replace(cfg.parallel, **{k: v for k, v in recorded["parallel"].items()
+                                                   if k in {f.name for f in dataclasses.fields(cfg.parallel)}})
+        rec = dict(recorded.get("decision") or {}, reused_on_resume=True)
+        return dataclasses.replace(cfg, parallel=par), rec, [
+            f"--mesh auto: resuming with the run's recorded layout {par.mesh} ZeRO-{par.zero}"
+            + (" hpZ" if par.hpz else "") + (" MiCS" if par.mics else "")
+            + f", mbs {par.mbs} gas {par.gas}, GBS {par.gbs} (not re-planned)"]
+    cl = load_cluster(cluster or "aurora") if nodes is not None or cluster is not None else None
+    d = choose(cfg, nodes=nodes, cluster=cl, framework=framework, devices=devices, cache=cache)
+    return d.config, d.to_dict(), d.lines()
 
 
 # =============================================================================== CLI

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from configs.schema import PLATFORMS, Config, load_config, parse_overrides
+from configs.schema import PLATFORMS, Config, ConfigError, load_config, parse_overrides
 
 SHORTHANDS = {  # flag -> config key
     "mesh": "parallel.mesh", "zero": "parallel.zero", "mbs": "parallel.mbs", "gas": "parallel.gas",
@@ -19,7 +19,11 @@ def trainer_parser(prog: str, doc: str | None, platform_help: str = "auto: an in
     """The flags of ``jax_impl.train`` and ``torch_ref.train``; anything else is a dotted override."""
     ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small", help="configs/presets/<name>.toml or a path (default: small)")
-    ap.add_argument("--mesh", help="e.g. fsdp=96, data=8,fsdp=12, data=2,fsdp=2,tensor=2 (axes left out are 1)")
+    ap.add_argument("--mesh", help="e.g. fsdp=96, data=8,fsdp=12, data=2,fsdp=2,tensor=2 (axes left out are 1); auto: "
+                    "the planner picks mesh, ZeRO, hpZ/MiCS, mbs/gas and pipeline schedule at parallel.gbs")
+    ap.add_argument("--nodes", type=int, help="with --mesh auto: plan a job on N nodes of --cluster (default: the "
+                    "devices this process sees)")
+    ap.add_argument("--cluster", help="with --mesh auto: compare/clusters/<name>.toml or a path (default aurora)")
     ap.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage")
     ap.add_argument("--mbs", type=int, help="micro batch per data-parallel rank")
     ap.add_argument("--gas", type=int, help="gradient accumulation steps")
@@ -40,7 +44,19 @@ def resolve_config(ap: argparse.ArgumentParser, argv: list[str] | None, validate
     overrides: dict[str, Any] = {key: getattr(args, flag) for flag, key in SHORTHANDS.items()
                                  if getattr(args, flag) is not None}
     overrides.update(parse_overrides(rest))
-    return load_config(args.preset, overrides, validate=validate), args
+    auto = args.mesh == "auto"
+    if auto:  # the planner sets these; a value given beside auto would be silently replaced
+        given = [f"--{k.split('.')[1]}" for k in ("parallel.zero", "parallel.mbs", "parallel.gas") if k in overrides]
+        if given:
+            raise ConfigError(f"--mesh auto chooses the ZeRO stage, mbs and gas itself; drop {', '.join(given)} "
+                              "(or give the layout with an explicit --mesh)")
+        del overrides["parallel.mesh"]
+    elif args.nodes is not None or args.cluster is not None:
+        raise ConfigError("--nodes/--cluster size a --mesh auto job; add --mesh auto, or drop them")
+    if args.nodes is not None and args.nodes < 1:
+        raise ConfigError(f"--nodes {args.nodes} must be >= 1")
+    # with auto the layout is validated once the planner has set it
+    return load_config(args.preset, overrides, validate=validate and not auto), args
 
 
 def layout_label(cfg: Config) -> str:

@@ -174,6 +174,19 @@ def host_cpu() -> str:
     return f"{model}, {os.cpu_count()} CPUs" + (f", {' '.join(isa)}" if isa else "")
 
 
+def recorded_layout(run_dir: Path) -> dict[str, Any] | None:
+    """The parallel section a run recorded (config.json) and its ``--mesh auto`` decision (meta.json), or None."""
+    try:
+        par = json.loads((run_dir / "config.json").read_text())["config"]["parallel"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:
+        dec = json.loads((run_dir / "meta.json").read_text()).get("layout_decision")
+    except (OSError, ValueError, AttributeError):
+        dec = None
+    return {"parallel": par, "decision": dec}
+
+
 def write_meta(run_dir: Path, meta: dict[str, Any]) -> None:
     base = {"python": sys.version.split()[0], "host": platform.node(), "cpu": host_cpu(), "argv": sys.argv,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}

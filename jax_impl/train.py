@@ -146,8 +146,9 @@ def compiled_memory(compiled) -> dict[str, int] | None:
     return {k: int(getattr(ma, k + "_size_in_bytes", 0) or 0) for k in ("argument", "output", "alias", "temp")}
 
 
-def dry_run(cfg: Config, trainer) -> dict[str, Any]:
-    """Plan without allocating: counts, per-device state bytes, AOT-compiled memory analysis."""
+def dry_run(cfg: Config, trainer, compiled_by_planner: dict[str, int] | None = None) -> dict[str, Any]:
+    """Plan without allocating: counts, per-device state bytes, AOT-compiled memory analysis (``--mesh auto``:
+    the planner's compile of the same step, cached by config hash, instead of compiling it again)."""
     n_dev = trainer.mesh.size
     state = trainer.state_bytes_per_device()
     total = cfg.model.n_params()
@@ -157,10 +158,14 @@ def dry_run(cfg: Config, trainer) -> dict[str, Any]:
           + f"; stored ZeRO dims padded to a multiple of {trainer.plan.pad_multiple()}")
     for k, v in state.items():
         print(f"  {k:<10} {_gib(v)} per device")
-    t0 = time.perf_counter()
-    compiled = trainer.compile_step()
-    compile_s = time.perf_counter() - t0
-    mem = compiled_memory(compiled)
+    if compiled_by_planner is not None:
+        mem, compile_s = dict(compiled_by_planner), 0.0
+        print("AOT-compiled train step (by the --mesh auto planner; XLA:CPU, cached by config hash):")
+    else:
+        t0 = time.perf_counter()
+        compiled = trainer.compile_step()
+        compile_s = time.perf_counter() - t0
+        mem = compiled_memory(compiled)
     if mem is None:  # a PJRT plugin need not implement it (the oneapi one is untested here)
         import jax
 
@@ -169,7 +174,8 @@ def dry_run(cfg: Config, trainer) -> dict[str, Any]:
         return {"n_params": total, "devices": n_dev, "state_bytes": state, "memory": None, "peak_bytes": None,
                 "compile_s": compile_s}
     peak = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
-    print(f"AOT-compiled train step in {compile_s:.1f}s; per-device memory analysis:")
+    if compiled_by_planner is None:
+        print(f"AOT-compiled train step in {compile_s:.1f}s; per-device memory analysis:")
     for k, v in mem.items():
         print(f"  {k:<10} {_gib(v)}")
     print(f"  {'peak':<10} {_gib(peak)} (arguments + outputs - aliased + temporaries)")
@@ -198,6 +204,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         opts.check()
         from jax_impl import checkpoint
 
+        decision = None
+        if args.mesh == "auto":  # the layout is decided before the run directory, devices or anything else
+            cfg, decision = mesh_auto(cfg, args, opts)
         dist = distributed.detect(coordinator=args.coordinator, num_processes=args.num_processes,
                                   process_id=args.process_id)
         planned = None
@@ -254,14 +263,59 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         trainer = Trainer.build(cfg, mesh)
         if args.dry_run:
-            return dry_run(cfg, trainer)
-        return train(cfg, trainer, platform, quiet=args.quiet, opts=opts, run_dir=planned, lock_error=lock_error)
+            pre = ((decision or {}).get("pick") or {}).get("jax_memory") if platform == "cpu" else None
+            return dry_run(cfg, trainer, pre) | ({"layout_decision": decision} if decision else {})
+        return train(cfg, trainer, platform, quiet=args.quiet, opts=opts, run_dir=planned, lock_error=lock_error,
+                     layout_decision=decision)
     except DataError as e:  # bad data (most are found before compiling; a token id past the vocabulary mid-run)
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
         if lock is not None:
             lock.release()
+
+
+def _resumed_run_dir(cfg: Config, opts: RunOptions) -> Path | None:
+    """The run directory a ``--resume`` continues from (its recorded layout), or None (a fresh run)."""
+    from jax_impl import checkpoint
+
+    if not opts.resume:
+        return None
+    try:
+        if opts.resume == "auto":
+            src = _resume_source(cfg, opts)
+            return Path(cfg.train.out_dir) / cfg.train.name if src is not None else None
+        ck, _ = checkpoint.resolve_dir(opts.resume)
+    except (checkpoint.CheckpointError, ConfigError, OSError):
+        return None  # reported where the checkpoint is opened
+    return ck.parent if ck.name == "checkpoints" else None
+
+
+def mesh_auto(cfg: Config, args: argparse.Namespace, opts: RunOptions) -> tuple[Config, dict[str, Any]]:
+    """``--mesh auto``: the planner's layout at ``parallel.gbs`` and the config's sequence (a resumed run: the
+    layout it recorded). Devices: ``--nodes`` x the cluster's tiles, else on CPU the preset's mesh size in fake
+    devices, else the accelerators this process sees (whole nodes of ``--cluster``)."""
+    from compare.plan import auto_layout  # here, not at import: jax_impl stays importable without compare
+    from configs.rundir import recorded_layout
+    from jax_impl import devices
+
+    run_dir = _resumed_run_dir(cfg, opts)
+    recorded = recorded_layout(run_dir) if run_dir is not None else None
+    n, cluster = None, args.cluster
+    if args.nodes is None and recorded is None:
+        platform = devices.detect(note=False) if cfg.train.platform == "auto" else cfg.train.platform
+        if platform == "cpu":
+            n = mesh_devices(cfg.parallel.mesh) or 1
+            print(f"--mesh auto: {n} fake CPU devices (the preset's mesh {cfg.parallel.mesh}); --nodes N plans a "
+                  "cluster job instead")
+        else:
+            devices.configure(platform, None)
+            n, cluster = devices.start(platform), cluster or "aurora"
+    cfg, rec, lines = auto_layout(cfg, framework="jax", nodes=args.nodes, cluster=cluster, devices=n,
+                                  recorded=recorded)
+    print("\n".join(lines), flush=True)
+    validate_config(cfg)
+    return cfg, rec
 
 
 def _resume_source(cfg: Config, opts: RunOptions) -> Path | None:
@@ -335,7 +389,8 @@ def _check_resume_steps(cfg: Config, resume_from: Path) -> None:
 
 
 def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOptions | None = None,
-          run_dir: Path | None = None, lock_error: str = "") -> dict[str, Any]:
+          run_dir: Path | None = None, lock_error: str = "", layout_decision: dict[str, Any] | None = None
+          ) -> dict[str, Any]:
     import jax
     from tqdm import tqdm
 
@@ -450,7 +505,7 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
             "device_kind": jax.devices()[0].device_kind, "mesh": dict(mesh.shape), "layout": layout_label(cfg),
             "zero": p.zero, "dtype": cfg.train.dtype, "gbs": gbs, "compile_s": compile_s,
             "compiled_memory": compiled_memory(compiled), "data": getattr(source, "meta", None),
-            "init_from": opts.init_from,
+            "init_from": opts.init_from, "layout_decision": layout_decision,
             "resumed_from": None if restored_meta is None else {
                 "path": str(resume_from), "step": restored_meta["step"], "mesh": restored_meta["mesh"],
                 "restore_s": restore_s},

@@ -65,3 +65,68 @@ def test_host_description_is_named():
     assert d.inputs["nodes"] is None and d.inputs["devices"] == 8
     assert "a description of this host" in d.cluster_source and "assumed figures" in d.cluster_source
     assert d.pick.ngpu == 8 and d.pick.gbs == 16
+
+
+# ----------------------------------------------------------------------------- --mesh auto in the trainers
+SMALL = ["--preset", "small", "--mesh", "auto", "--parallel.gbs=8", "--model.n_layers=2", "--data.seq_len=32",
+         "--wandb", "disabled", "--quiet"]
+
+
+def _meta(run_dir):
+    import json
+
+    return json.loads((run_dir / "meta.json").read_text()), json.loads((run_dir / "config.json").read_text())
+
+
+def test_jax_mesh_auto_trains_records_and_resumes_without_replanning(tmp_path, monkeypatch, capsys):
+    from jax_impl import train as jax_train
+
+    monkeypatch.setenv("AURORAGPT_PLAN_CACHE", str(tmp_path / "cache"))
+    jax_train.main([*SMALL, "--steps", "2", "--ckpt-every", "2", "--out-dir", str(tmp_path), "--name", "r"])
+    out = capsys.readouterr().out
+    assert "--mesh auto: 8 fake CPU devices" in out and "a description of this host" in out
+    assert "  pick " in out and "  runner-up " in out and "samples/s predicted, memory margin" in out
+    meta, conf = _meta(tmp_path / "r")
+    dec = meta["layout_decision"]
+    assert dec["inputs"]["gbs"] == 8 and dec["inputs"]["devices"] == 8 and dec["why"] and dec["candidates"]
+    assert dec["pick"]["jax_verdict"] in ("fits", "uncertain") and "JAX AOT" in dec["memory_source"]
+    par = conf["config"]["parallel"]
+    assert par["mesh"] == dec["parallel"]["mesh"] and par["gbs"] == 8
+    assert par["mbs"] * par["gas"] * meta["mesh"]["data"] * meta["mesh"]["fsdp"] == 8
+
+    import compare.plan
+
+    def no_replan(*a, **k):
+        raise AssertionError("a resumed --mesh auto run re-planned")
+
+    monkeypatch.setattr(compare.plan, "choose", no_replan)
+    jax_train.main([*SMALL, "--steps", "4", "--out-dir", str(tmp_path), "--resume", str(tmp_path / "r")])
+    assert "resuming with the run's recorded layout" in capsys.readouterr().out
+    meta2, conf2 = _meta(tmp_path / "r")
+    assert conf2["config"]["parallel"] == par and meta2["mesh"] == meta["mesh"]
+    assert meta2["layout_decision"]["reused_on_resume"] and meta2["layout_decision"]["pick"] == dec["pick"]
+
+
+def test_jax_mesh_auto_nothing_fits_exits_before_allocating(capsys):
+    from jax_impl import train as jax_train
+
+    with pytest.raises(SystemExit) as e:
+        jax_train.main(["--preset", "llama2-70b", "--nodes", "1", "--mesh", "auto", "--parallel.gbs=96",
+                        "--dry-run"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "no layout fits llama2-70b at GBS 96, seq 4096 on 1 x aurora nodes" in err
+    assert "smallest node count that fits at this GBS and seq is 4" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("argv", "match"), [
+    (["--preset", "small", "--mesh", "auto"], "--mesh auto needs the global batch"),
+    (["--preset", "small", "--mesh", "auto", "--parallel.gbs=8", "--zero", "3"], "drop --zero"),
+    (["--preset", "small", "--mesh", "fsdp=8", "--nodes", "2"], "add --mesh auto"),
+])
+def test_mesh_auto_bad_input(argv, match, capsys):
+    from jax_impl import train as jax_train
+
+    with pytest.raises(SystemExit) as e:
+        jax_train.main([*argv, "--dry-run"])
+    assert e.value.code == 2 and match in capsys.readouterr().err
