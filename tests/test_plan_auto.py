@@ -130,3 +130,43 @@ def test_mesh_auto_bad_input(argv, match, capsys):
     with pytest.raises(SystemExit) as e:
         jax_train.main([*argv, "--dry-run"])
     assert e.value.code == 2 and match in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torch_mesh_auto_trains_records_and_resumes_without_replanning(tmp_path, monkeypatch, capsys):
+    """8 CPU ranks under DeepSpeed (about a minute a run): the DeepSpeed model's pick among torch_ref's layouts."""
+    from torch_ref import train as torch_train
+
+    torch_train.main([*SMALL, "--steps", "2", "--ckpt-every", "2", "--out-dir", str(tmp_path), "--name", "t"])
+    out = capsys.readouterr().out
+    assert "--mesh auto: 8 ranks" in out and "  pick " in out and "DeepSpeed memory model" in out
+    meta, conf = _meta(tmp_path / "t")
+    dec = meta["layout_decision"]
+    assert dec["inputs"]["framework"] == "torch" and dec["pick"]["ds_verdict"] == "fits"
+    assert conf["config"]["parallel"]["mesh"] == dec["parallel"]["mesh"] and meta["gbs"] == 8
+
+    import compare.plan
+
+    def no_replan(*a, **k):
+        raise AssertionError("a resumed --mesh auto run re-planned")
+
+    monkeypatch.setattr(compare.plan, "choose", no_replan)
+    torch_train.main([*SMALL, "--steps", "4", "--out-dir", str(tmp_path), "--resume", str(tmp_path / "t")])
+    assert "resuming with the run's recorded layout" in capsys.readouterr().out
+    meta2, conf2 = _meta(tmp_path / "t")
+    assert conf2["config"]["parallel"] == conf["config"]["parallel"] and meta2["mesh"] == meta["mesh"]
+    assert meta2["layout_decision"]["reused_on_resume"]
+
+
+def test_torch_mesh_auto_dry_run_and_nothing_fits(capsys):
+    from torch_ref import train as torch_train
+
+    res = torch_train.main(["--preset", "llama2-70b", "--nodes", "8", "--mesh", "auto", "--parallel.gbs=96",
+                            "--dry-run"])
+    out = capsys.readouterr().out
+    assert res["layout"].world_size == 96 and "  pick " in out and "  runner-up " in out
+    assert not (res["layout"].mesh["pipeline"] > 1 and res["layout"].mesh["tensor"] > 1)  # torch_ref: not both
+    with pytest.raises(SystemExit) as e:
+        torch_train.main(["--preset", "llama2-70b", "--nodes", "1", "--mesh", "auto", "--parallel.gbs=96",
+                          "--dry-run"])
+    assert e.value.code == 2 and "smallest node count that fits at this GBS and seq is 4" in capsys.readouterr().err

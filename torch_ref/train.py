@@ -67,7 +67,16 @@ from pathlib import Path
 from typing import Any
 
 from aurora_data import DataError, build_source
-from configs import Config, ConfigError, config_from_dict, eval_due, lr_at, valid_offset, valid_samples
+from configs import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    eval_due,
+    lr_at,
+    mesh_devices,
+    valid_offset,
+    valid_samples,
+)
 from configs.cli import resolve_config as resolve_cli
 from configs.cli import trainer_parser
 from configs.hostmem import allocator_env
@@ -134,6 +143,29 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_config(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     # validated by plan_layout: its torch/DeepSpeed-specific checks speak first, then validate_config's
     return resolve_cli(build_parser(), argv, validate=False)
+
+
+def mesh_auto(cfg: Config, args: argparse.Namespace, ext: launcher_env.LaunchEnv | None
+              ) -> tuple[Config, dict[str, Any]]:
+    """``--mesh auto``: the planner's layout at ``parallel.gbs`` among those torch_ref runs, the DeepSpeed memory
+    model deciding (a resumed run: the layout it recorded). Ranks: ``--nodes`` x the cluster's tiles, else the
+    launcher's world size, else the preset's mesh size."""
+    from compare.plan import auto_layout  # here, not at import: torch_ref stays importable without compare
+    from configs.rundir import recorded_layout
+
+    resume, _, _ = resolve_resume(cfg, args.resume)
+    recorded = recorded_layout(Path(resume)) if resume else None
+    n = None
+    if args.nodes is None and recorded is None:
+        n = ext.world_size if ext else (mesh_devices(cfg.parallel.mesh) or 1)
+        print(f"--mesh auto: {n} ranks (" + ("the launcher's world size" if ext else
+                                            f"the preset's mesh {cfg.parallel.mesh}") + "); --nodes N plans a "
+              "cluster job instead")
+    cfg, rec, lines = auto_layout(cfg, framework="torch", nodes=args.nodes, cluster=args.cluster, devices=n,
+                                  recorded=recorded)
+    if ext is None or ext.rank == 0:
+        print("\n".join(lines), flush=True)
+    return cfg, rec
 
 
 # ----------------------------------------------------------------------------- environment
@@ -366,6 +398,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise ConfigError(f"{', '.join(jax_only)}: only jax_impl.train has these (torch_ref: --ckpt-every, "
                               "--ckpt-every-s, --resume)")
         check_run_options(args)
+        decision = None
+        if args.mesh == "auto":  # before the layout check, the run directory and any worker
+            cfg, decision = mesh_auto(cfg, args, ext)
         layout = plan_layout(cfg, ext.world_size if ext else None)
         if args.dry_run:
             platform = cfg.train.platform
@@ -400,7 +435,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {"layout": layout, "ds_config": installed_ds_config(cfg)}
     ckpt = {"ckpt_every": args.ckpt_every or 0, "ckpt_every_s": args.ckpt_every_s or 0.0, "resume": resume,
             "resume_tag": tag, "fresh_in_place": fresh_in_place, "platform": platform,
-            "init_from": str(Path(args.init_from).resolve()) if init == "file" else None}
+            "init_from": str(Path(args.init_from).resolve()) if init == "file" else None,
+            "layout_decision": decision}
     if ext is not None:
         try:
             return run_worker(None, cfg=cfg, init=init, quiet=args.quiet, ckpt=ckpt)
@@ -645,7 +681,7 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
         launch_opts = json.loads((run_dir / "launch.json").read_text())
         init, quiet = launch_opts["init"], launch_opts["quiet"]
         ckpt = {k: launch_opts.get(k) for k in ("ckpt_every", "ckpt_every_s", "resume", "resume_tag",
-                                                 "fresh_in_place", "platform")}
+                                                 "fresh_in_place", "platform", "layout_decision")}
     assert cfg is not None
     layout = plan_layout(cfg, world)
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank)})
@@ -750,6 +786,7 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
             "threads_per_rank":
             torch.get_num_threads(), "host_allocator": host_allocator(), "dist_init_s": dist_init_s,
             "engine_init_s": engine_init_s, "init_s": init_s, "data": getattr(source, "meta", None),
+            "layout_decision": ckpt.get("layout_decision"),
         })
     log = MetricsLog(run_dir, cfg, "torch") if rank == 0 else None
     losses: list[float] = []
