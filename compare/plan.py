@@ -1318,6 +1318,47 @@ def validate(cluster: Cluster | None = None, a: Assumptions | None = None,
     return out, fit, fitted
 
 
+def ranking_groups(rows: Sequence[Row]) -> list[list[Row]]:
+    """Reference rows with the same model, node count, GBS and sequence, in groups of >= 2 distinct layouts."""
+    by: dict[tuple[str, int, int, int], list[Row]] = {}
+    for r in rows:
+        by.setdefault((r.model, r.nodes, r.gbs, r.seq), []).append(r)
+    out = []
+    for rs in by.values():
+        lays = {(layout_from_row(r).label, layout_from_row(r).variant) for r in rs}
+        if len(lays) >= 2:
+            out.append(rs)
+    return out
+
+
+def ranking_check(cluster: Cluster, a: Assumptions, rows: Sequence[Row] | None = None) -> list[dict[str, Any]]:
+    """Per group of ``ranking_groups``: the measured order (fastest first; OOM and hung runs last) beside the
+    planner's (predicted samples/s; predicted OOM last), and whether they agree."""
+    rows = rows if rows is not None else load_reference(DEFAULT_REFERENCE)
+    out = []
+    for rs in ranking_groups(rows):
+        def name(r: Row) -> str:
+            lay = layout_from_row(r, cluster.tiles_per_node)
+            return f"{lay.label} ({lay.variant})"
+
+        measured = sorted(rs, key=lambda r: (r.status != "ok", -(r.sps or 0), r.run))
+        pred: dict[str, tuple[bool, float]] = {}
+        for r in rs:
+            lay = layout_from_row(r, cluster.tiles_per_node)
+            mem = ds_memory(r.model, lay, cluster, a, r.seq)
+            oom = not mem.fits and not mem.uncertain  # uncertain: the model cannot say it goes last
+            pred[r.run] = (oom, step_time(r.model, lay, cluster, a, r.seq).sps)
+        planner = sorted(rs, key=lambda r: (pred[r.run][0], -pred[r.run][1], r.run))
+        out.append({
+            "group": f"{rs[0].model}, {rs[0].nodes} nodes, GBS {rs[0].gbs}, seq {rs[0].seq}",
+            "measured": [f"{name(r)}: " + (f"{r.sps:.3f}" if r.status == "ok" and r.sps else r.status.upper())
+                         for r in measured],
+            "planner": [f"{name(r)}: " + ("OOM" if pred[r.run][0] else f"{pred[r.run][1]:.3f}") for r in planner],
+            "agree": [r.run for r in measured] == [r.run for r in planner],
+        })
+    return out
+
+
 def validation_markdown(cluster: Cluster | None = None, a: Assumptions | None = None) -> str:
     """Predicted vs measured for every reference row, as Markdown (for the compare report)."""
     c = cluster or load_cluster("aurora")
@@ -1340,8 +1381,20 @@ def _validation_md(rows: list[list[str]], fit: Fit, fitted: Assumptions, c: Clus
         "modelled. Hangs (status `hang`) are not modelled: the memory model can only say whether the layout "
         "fits.\n\n### ZeRO-3+hpZ fixed per-step part against DP\n\n"
         + "\n".join(f"- {ln}" for ln in zero3_trend(load_reference(DEFAULT_REFERENCE), c, fitted))
-        + "\n\n### Assumptions\n\n" + assumptions_md(fitted, c, fit)
+        + "\n\n### Ranking at a fixed global batch\n\n"
+        "Reference rows with the same model, node count, GBS and sequence and at least two layouts: the measured "
+        "order (fastest first; OOM and hung runs last) beside the planner's (predicted samples/s; predicted OOM "
+        "last).\n\n" + _md_table(RANK_HEAD, ranking_rows(ranking_check(c, fitted)))
+        + "\n### Assumptions\n\n" + assumptions_md(fitted, c, fit)
     )
+
+
+RANK_HEAD = ("group", "measured order (samples/s)", "planner order (predicted samples/s)", "same order")
+
+
+def ranking_rows(checks: Sequence[dict[str, Any]]) -> list[list[str]]:
+    return [[g["group"], " > ".join(g["measured"]), " > ".join(g["planner"]), "yes" if g["agree"] else "NO"]
+            for g in checks]
 
 
 def plot_validation(fit: Fit, path: Path) -> Path:
@@ -1809,6 +1862,9 @@ def _main_validate(args: argparse.Namespace, cluster: Cluster, a: Assumptions) -
              "ZeRO-3+hpZ fixed per-step part against DP (study rows at GAS 1, then the model):",
              *(f"  {ln}" for ln in zero3_trend(load_reference(DEFAULT_REFERENCE), cluster, fitted))]
     _print_rich("planner vs the study (reference CSV)", VALID_HEAD, rows, notes)
+    checks = ranking_check(cluster, fitted)
+    _print_rich("ranking at a fixed global batch: measured vs planner order", RANK_HEAD, ranking_rows(checks),
+                [f"{sum(g['agree'] for g in checks)} of {len(checks)} groups in the same order"])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "validation.md").write_text(_validation_md(rows, fit, fitted, cluster))
     png = plot_validation(fit, args.out / "validation.png")

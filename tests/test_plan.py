@@ -384,3 +384,22 @@ def test_gbs_no_width_divides_names_the_nearest(capsys, tmp_path):
     assert plan.nearest_gbs(2, [3]) == [3]
     with pytest.raises(ConfigError, match="must be >= 1"):
         plan.check_gbs("llama2-70b", 8, load_cluster("aurora"), 0)
+
+
+def test_validate_ranking_check_on_the_reference_groups(tmp_path, capsys):
+    """Groups of study rows at the same model, nodes, GBS and seq: the planner orders them as measured."""
+    rows = load_reference()
+    groups = plan.ranking_groups(rows)
+    keys = {(g[0].nodes, g[0].gbs) for g in groups}
+    assert keys >= {(8, 12), (8, 96), (8, 192)}  # OOM vs fits; PP+TP vs ZeRO-3+hpZ at two batches
+    checks = plan.ranking_check(load_cluster("aurora"), _fitted(), rows)
+    assert len(checks) == len(groups) and all(g["agree"] for g in checks), checks
+    oom = next(g for g in checks if "GBS 12," in g["group"])
+    assert oom["measured"][-1].endswith("OOM") and oom["planner"][-1].endswith("OOM")
+    # a group the planner orders wrongly is reported as such
+    swapped = [dataclasses.replace(r, sps=10.0) if r.run == "glamorous-wood-2199" else r for r in rows]
+    bad = next(g for g in plan.ranking_check(load_cluster("aurora"), _fitted(), swapped) if "GBS 96," in g["group"])
+    assert not bad["agree"]
+    assert plan.main(["--validate", "--out", str(tmp_path)]) == 0
+    assert "groups in the same order" in capsys.readouterr().out
+    assert "### Ranking at a fixed global batch" in (tmp_path / "validation.md").read_text()
