@@ -204,11 +204,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         opts.check()
         from jax_impl import checkpoint
 
-        decision = None
-        if args.mesh == "auto":  # the layout is decided before the run directory, devices or anything else
-            cfg, decision = mesh_auto(cfg, args, opts)
         dist = distributed.detect(coordinator=args.coordinator, num_processes=args.num_processes,
                                   process_id=args.process_id)
+        decision = None
+        if args.mesh == "auto":  # the layout is decided before the run directory, devices or anything else
+            cfg, decision = mesh_auto(cfg, args, opts, multi_process=dist is not None)
         planned = None
         if not args.dry_run and (dist is None or dist.process_id == 0):
             # one run per directory, decided before anything is compiled; process 0 holds the lock. With peers,
@@ -291,7 +291,8 @@ def _resumed_run_dir(cfg: Config, opts: RunOptions) -> Path | None:
     return ck.parent if ck.name == "checkpoints" else None
 
 
-def mesh_auto(cfg: Config, args: argparse.Namespace, opts: RunOptions) -> tuple[Config, dict[str, Any]]:
+def mesh_auto(cfg: Config, args: argparse.Namespace, opts: RunOptions, multi_process: bool = False
+              ) -> tuple[Config, dict[str, Any]]:
     """``--mesh auto``: the planner's layout at ``parallel.gbs`` and the config's sequence (a resumed run: the
     layout it recorded). Devices: ``--nodes`` x the cluster's tiles, else on CPU the preset's mesh size in fake
     devices, else the accelerators this process sees (whole nodes of ``--cluster``)."""
@@ -308,6 +309,9 @@ def mesh_auto(cfg: Config, args: argparse.Namespace, opts: RunOptions) -> tuple[
             n = mesh_devices(cfg.parallel.mesh) or 1
             print(f"--mesh auto: {n} fake CPU devices (the preset's mesh {cfg.parallel.mesh}); --nodes N plans a "
                   "cluster job instead")
+        elif multi_process:  # counting the devices would start JAX before jax.distributed joins
+            raise ConfigError("--mesh auto in a multi-process job needs --nodes N (and --cluster, default aurora): "
+                              "every process then plans the same layout before JAX starts")
         else:
             devices.configure(platform, None)
             n, cluster = devices.start(platform), cluster or "aurora"

@@ -142,6 +142,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     try:
         cfg, args = resolve_config(ap, argv, validate=False)
+        if args.mesh == "auto":
+            raise ConfigError("torch_ref.memplan builds one explicit layout: give --mesh (and --zero/--mbs/--gas), "
+                              "e.g. the pick that `torch_ref.train --mesh auto --dry-run` prints")
         layout = plan_layout(cfg)
         check_rank(layout, args.rank)
     except ConfigError as e:
