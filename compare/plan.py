@@ -1681,6 +1681,10 @@ def auto_layout(cfg: Config, *, framework: str, nodes: int | None = None, cluste
 
     ``recorded`` (a resumed run's ``configs.rundir.recorded_layout``): its layout is reused, nothing re-planned."""
     if recorded is not None:
+        was = recorded["parallel"].get("gbs")
+        if cfg.parallel.gbs and was and cfg.parallel.gbs != was:
+            raise ConfigError(f"parallel.gbs={cfg.parallel.gbs}, but the run being resumed was planned at GBS {was}; "
+                              f"a resume keeps its layout and batch: drop --parallel.gbs or give {was}")
         par = dataclasses.replace(cfg.parallel, **{k: v for k, v in recorded["parallel"].items()
                                                    if k in {f.name for f in dataclasses.fields(cfg.parallel)}})
         rec = dict(recorded.get("decision") or {}, reused_on_resume=True)
@@ -1757,6 +1761,12 @@ def _single_layouts(args: argparse.Namespace, nodes: int, cluster: Cluster) -> l
     base = Layout("--mesh", pp=shape["pipeline"], data=shape["data"], fsdp=shape["fsdp"], tp=shape["tensor"],
                   zero=zero, hpz=args.hpz, mics=args.mics, mbs=args.mbs, remat=not args.no_remat,
                   schedule=args.schedule)
+    if args.gbs and not args.gas:  # the batch is given: the GAS that makes it, if there is one
+        per = args.mbs * base.dp
+        if args.gbs % per:
+            raise ConfigError(f"--gbs {args.gbs} is not a multiple of mbs x dp = {args.mbs} x {base.dp} = {per} for "
+                              f"mesh {args.mesh!r}; use a multiple of {per} or another --mbs/--mesh")
+        return [dataclasses.replace(base, gas=args.gbs // per)]
     return [dataclasses.replace(base, gas=g) for g in ((args.gas,) if args.gas else GAS_CHOICES)]
 
 

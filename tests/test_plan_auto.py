@@ -170,3 +170,25 @@ def test_torch_mesh_auto_dry_run_and_nothing_fits(capsys):
         torch_train.main(["--preset", "llama2-70b", "--nodes", "1", "--mesh", "auto", "--parallel.gbs=96",
                           "--dry-run"])
     assert e.value.code == 2 and "smallest node count that fits at this GBS and seq is 4" in capsys.readouterr().err
+
+
+def test_recorded_layout_is_reused_and_its_batch_kept():
+    cfg = _cfg("small", **{"parallel.gbs": 8})
+    rec = {"parallel": {"mesh": "data=2,fsdp=4", "zero": 3, "mbs": 2, "gas": 2, "gbs": 8}, "decision": {"why": "w"}}
+    out, d, lines = plan.auto_layout(cfg, framework="jax", recorded=rec)
+    assert out.parallel.mesh == "data=2,fsdp=4" and out.parallel.gas == 2 and d["reused_on_resume"] and d["why"] == "w"
+    assert "not re-planned" in lines[0]
+    with pytest.raises(ConfigError, match="planned at GBS 8; a resume keeps its layout and batch"):
+        plan.auto_layout(_cfg("small", **{"parallel.gbs": 16}), framework="jax", recorded=rec)
+
+
+def test_plan_single_mesh_at_a_gbs_derives_gas(tmp_path, capsys):
+    import json
+
+    assert plan.main(["--nodes", "8", "--mesh", "pipeline=8,data=6,tensor=2", "--zero", "1", "--gbs", "96",
+                      "--no-fit", "--out", str(tmp_path)]) == 0
+    out = json.loads((tmp_path / "plan_llama2-70b_8n_aurora_gbs96.json").read_text())
+    assert [r["variant"] for r in out["ranked"] + out["uncertain"]] == ["mbs 1 gas 16"]
+    assert plan.main(["--nodes", "8", "--mesh", "pipeline=8,data=6,tensor=2", "--zero", "1", "--gbs", "99",
+                      "--no-fit", "--out", str(tmp_path)]) == 2
+    assert "--gbs 99 is not a multiple of mbs x dp = 1 x 6 = 6" in capsys.readouterr().err
