@@ -1253,7 +1253,7 @@ def plot_plan(ok: Sequence[Planned], rejected: Sequence[Planned], cluster: Clust
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # long layout labels on the left
     plt.close(fig)
     return path
 
@@ -1852,7 +1852,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rejected": [{"layout": p.layout.label, "variant": p.layout.variant, "gbs": p.layout.gbs,
                       "reason": p.reason} for p in rejected],
     }, indent=1, default=str) + "\n")
-    png = plot_plan(ok, uncertain + rejected, cluster, args.out / f"{stem}.png", title)
+    # grouped: the best of each GBS, so the plot reaches the large batches
+    shown = [p for i, p in enumerate(ok) if not grouped or i == 0 or ok[i - 1].layout.gbs != p.layout.gbs]
+    png = plot_plan(shown, uncertain + rejected, cluster, args.out / f"{stem}.png",
+                    title.replace("best 3 layouts per GBS", "best layout per GBS") if grouped else title)
     if ok:
         print(memory_breakdown(ok[0]))
         print(time_breakdown(ok[0]))
