@@ -1579,11 +1579,14 @@ def choose(cfg: Config, *, nodes: int | None = None, cluster: Cluster | None = N
         a = dataclasses.replace(a, **fit.params)
         source = f"cluster description '{cluster.name}' ({cluster.describe()}), step-time model fitted to the study"
     elif cluster is not None:
-        if not devices or devices % cluster.tiles_per_node:
-            raise ConfigError(f"{devices} devices are not whole {cluster.name} nodes ({cluster.tiles_per_node} "
-                              "each); give --nodes N")
+        if not devices:
+            raise ConfigError("--mesh auto without --nodes needs the number of devices this process sees")
+        if devices % cluster.tiles_per_node:  # fewer or other than whole nodes: the visible devices as one node
+            cluster = dataclasses.replace(cluster, name=f"{cluster.name}-{devices}dev", tiles_per_node=devices,
+                                          tiles_per_gpu=math.gcd(devices, cluster.tiles_per_gpu))
         nodes = devices // cluster.tiles_per_node
-        source = f"cluster description '{cluster.name}' ({cluster.describe()}), unfitted"
+        source = (f"cluster description '{cluster.name}' for the {devices} visible devices ({cluster.describe()}), "
+                  "step-time model not fitted")
     else:
         if not devices:
             raise ConfigError("--mesh auto without --nodes needs the number of devices this process sees")

@@ -314,7 +314,10 @@ def mesh_auto(cfg: Config, args: argparse.Namespace, opts: RunOptions, multi_pro
                               "every process then plans the same layout before JAX starts")
         else:
             devices.configure(platform, None)
-            n, cluster = devices.start(platform), cluster or "aurora"
+            n = devices.start(platform)
+            cluster = cluster or ("aurora" if platform in ("xpu", "sycl") else "h100-node")
+            print(f"--mesh auto: the {n} visible {platform} devices, per-device figures of cluster {cluster!r} "
+                  "(--cluster to change)")
     cfg, rec, lines = auto_layout(cfg, framework="jax", nodes=args.nodes, cluster=cluster, devices=n,
                                   recorded=recorded)
     print("\n".join(lines), flush=True)

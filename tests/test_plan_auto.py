@@ -192,3 +192,11 @@ def test_plan_single_mesh_at_a_gbs_derives_gas(tmp_path, capsys):
     assert plan.main(["--nodes", "8", "--mesh", "pipeline=8,data=6,tensor=2", "--zero", "1", "--gbs", "99",
                       "--no-fit", "--out", str(tmp_path)]) == 2
     assert "--gbs 99 is not a multiple of mbs x dp = 1 x 6 = 6" in capsys.readouterr().err
+
+
+def test_visible_devices_that_are_not_whole_nodes_plan_as_one_node():
+    """One GPU under the h100-node description: the cluster's per-device figures, one node of one device."""
+    d = plan.choose(_cfg("small", **{"parallel.gbs": 8}), devices=1, cluster=plan.load_cluster("h100-node"),
+                    framework="torch")
+    assert d.pick.ngpu == 1 and d.pick.gbs == 8 and d.inputs["cluster"]["tiles_per_node"] == 1
+    assert d.inputs["cluster"]["mem_gb"] == 80.0 and "for the 1 visible devices" in d.cluster_source
