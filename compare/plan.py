@@ -2,7 +2,11 @@
 
     python -m compare.plan --model llama2-70b --nodes 8 [--jax] [--cluster h100-node] [--cluster.mem_gb=80]
     python -m compare.plan --model llama2-70b --nodes 8 --mesh pipeline=8,data=6,tensor=2 --zero 1 --gas 32
-    python -m compare.plan --validate          # every reference row: predicted vs measured
+    python -m compare.plan --model llama2-70b --nodes 16 --gbs 768 [--seq 4096]   # only layouts running GBS 768
+    python -m compare.plan --validate          # every reference row: predicted vs measured; ranking check
+
+``choose(cfg, nodes=, cluster=, framework=, devices=)`` is the same ranking as an API: the layout a trainer's
+``--mesh auto`` runs (the pick, the runner-up, what was weighed and why).
 
 Two memory figures per tile:
 
