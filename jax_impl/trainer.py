@@ -18,28 +18,19 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from configs import Config
+from configs import Config, lr_at
 from jax_impl import devices, pipeline
 from jax_impl.model import PARAM_AXES, ModelOptions, cross_entropy, forward, init_params
 from jax_impl.sharding import ZeroPlan, activate, batch_sharding, replicated
 
 
 def lr_schedule(cfg: Config) -> optax.Schedule:
-    """Megatron's warmup + cosine schedule (same formula as ``configs.schema.lr_at``)."""
-    o = cfg.optim
-    decay = o.decay_steps or cfg.train.steps
-    warmup = o.warmup_frac * decay
+    """Megatron's warmup + cosine schedule: ``configs.lr_at`` on the traced step. optax calls it with the count
+    of updates already applied (0 for the first), lr_at's 0-based step index; the lr is fp32."""
 
     def sched(count):
         step = jnp.asarray(count, jnp.float32)
-        if o.schedule == "constant":
-            lr = jnp.full_like(step, o.lr)
-        else:
-            ratio = jnp.clip((step - warmup) / max(decay - warmup, 1e-9), 0.0, 1.0)
-            lr = o.min_lr + (o.lr - o.min_lr) * 0.5 * (jnp.cos(jnp.pi * ratio) + 1.0)
-        if warmup > 0:
-            lr = jnp.where(step <= warmup, o.lr * step / warmup, lr)
-        return lr
+        return jnp.broadcast_to(jnp.asarray(lr_at(cfg, step, xp=jnp), jnp.float32), step.shape)
 
     return sched
 
