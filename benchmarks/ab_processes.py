@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     trees = [Path(t).resolve() for t in (args.a, args.b)]
     for tree in trees:
-        if not (tree / "jax_impl" / "pipeline.py").is_file():
-            ap.error(f"--a/--b {str(tree)!r} is not a project tree (no jax_impl/pipeline.py); make one with "
+        if not ((tree / "jax_impl" / "pipeline.py").is_file() or (tree / "jax_impl" / "pipeline").is_dir()):
+            ap.error(f"--a/--b {str(tree)!r} is not a project tree (no jax_impl/pipeline); make one with "
                      "`git worktree add DIR REV`")
     for kv in args.set:
         if not kv.startswith("parallel.") or "=" not in kv:

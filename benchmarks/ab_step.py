@@ -134,12 +134,21 @@ def lever(name: str, value: str) -> Iterator[None]:
         with mock.patch.object(model, "_attend", seq_major):
             yield
     elif name == "gather" and value == "unpinned":
-        from jax_impl import trainer
+        import dataclasses
 
-        with mock.patch.object(trainer, "stored_as", lambda plan: contextlib.nullcontext()):
+        from jax_impl.trainer import Trainer
+
+        orig_build = Trainer.build.__func__
+
+        def build(cls, cfg, mesh):  # the model told nothing of the ZeRO plan: weights gathered unpinned
+            tr = orig_build(cls, cfg, mesh)
+            tr.model_opts = dataclasses.replace(tr.model_opts, plan=None)
+            return tr
+
+        with mock.patch.object(Trainer, "build", classmethod(build)):
             yield
     elif name == "rope" and value == "traced":
-        from jax_impl import model, pipeline
+        from jax_impl import model
         jnp = jax.numpy
 
         def traced(seq, dim, theta):
@@ -147,12 +156,12 @@ def lever(name: str, value: str) -> Iterator[None]:
             emb = jnp.tile(jnp.outer(jnp.arange(seq, dtype=jnp.float32), inv_freq), 2)
             return jnp.cos(emb), jnp.sin(emb)
 
-        with mock.patch.object(model, "rope_tables", traced), mock.patch.object(pipeline, "rope_tables", traced):
+        with mock.patch.object(model, "rope_tables", traced):
             yield
     elif name == "ticks" and value == "scan":
-        from jax_impl import pipeline
+        from jax_impl.pipeline import gpipe
 
-        with mock.patch.object(pipeline, "TICKS_AS_SCAN", True):
+        with mock.patch.object(gpipe, "TICKS_AS_SCAN", True):
             yield
     else:
         raise SystemExit(f"unknown lever {name}={value}; known: zero_dim=embed, step_grads=stored, "

@@ -213,21 +213,35 @@ class Config:
         return self.parallel.mbs * self.parallel.gas * self.dp_size(n_devices)
 
 
-def lr_at(cfg: Config, step: int) -> float:
+def lr_at(cfg: Config, step: Any, xp: Any = None) -> Any:
     """Learning rate of optimizer step ``step`` (0-based), as Megatron's OptimizerParamScheduler.
 
-    Linear warmup over ``warmup_frac * decay_steps`` (a float, as Megatron), then cosine to
-    ``min_lr`` at ``decay_steps``; step 0 uses lr 0 when there is warmup.
+    Step-index convention (Megatron's): optimizer step k (1-based) runs at ``lr_at(k - 1)``, so the first step
+    runs at lr 0 when there is warmup; warmup is linear over ``warmup_frac * decay_steps`` steps (a float, as
+    Megatron), the step with index ``warmup`` (when whole) runs at the full lr, and cosine decay reaches
+    ``min_lr`` at index ``decay_steps`` and stays there (``decay_steps`` 0: train.steps). ``schedule="constant"``:
+    the full lr after the warmup. Megatron counts samples instead of steps; with a fixed global batch the
+    ratios are the same (tests/test_lr_schedule.py checks both against a restatement of its scheduler).
+
+    The one formula for every caller: ``xp=None`` takes a Python number and returns a float (torch_ref, the
+    metrics); ``xp=jax.numpy`` takes a traced array (the JAX trainer's optax schedule, ``trainer.lr_schedule``).
     """
     o = cfg.optim
     decay = o.decay_steps or cfg.train.steps
     warmup = o.warmup_frac * decay
-    if warmup > 0 and step <= warmup:
-        return o.lr * step / warmup
+    if xp is None:
+        cos, where = math.cos, lambda c, a, b: a if c else b
+        clip = lambda x, lo, hi: min(max(x, lo), hi)  # noqa: E731
+    else:
+        cos, where, clip = xp.cos, xp.where, xp.clip
     if o.schedule == "constant":
-        return o.lr
-    ratio = min(max((step - warmup) / max(decay - warmup, 1e-9), 0.0), 1.0)
-    return o.min_lr + (o.lr - o.min_lr) * 0.5 * (math.cos(math.pi * ratio) + 1.0)
+        lr = o.lr
+    else:
+        ratio = clip((step - warmup) / max(decay - warmup, 1e-9), 0.0, 1.0)
+        lr = o.min_lr + (o.lr - o.min_lr) * 0.5 * (cos(math.pi * ratio) + 1.0)
+    if warmup > 0:
+        lr = where(step <= warmup, o.lr * step / warmup, lr)
+    return lr
 
 
 def eval_due(cfg: Config, step: int) -> bool:

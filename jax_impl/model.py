@@ -15,8 +15,9 @@ Parameter names (and shapes; L layers, h hidden, H*D query width, K*D key/value 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -24,9 +25,9 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from configs import ModelConfig
+from configs import Config, ModelConfig
 from configs import rope as configs_rope
-from jax_impl.sharding import GRAD_SHARDED_AS, constrain, gather_weight
+from jax_impl.sharding import GRAD_SHARDED_AS, ZeroPlan, constrain, gather_weight
 
 # logical axis names of every parameter, by name (the model's whole sharding vocabulary)
 PARAM_AXES: dict[str, tuple[str, ...]] = {
@@ -87,6 +88,45 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 }
 # what a layer saves for the backward when parallel.remat is off (docs/memory.md)
 NO_REMAT_POLICY: Callable = all_but_weights
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How the model's math runs: everything ``embed``, ``layers``, ``head_loss`` and ``forward`` read besides
+    the parameters and the tokens. Built once per trainer (``from_config``); ``ModelOptions(model_cfg)`` is
+    the plain single-device model."""
+
+    cfg: ModelConfig
+    dtype: Any = jnp.float32  # compute dtype
+    remat: bool = False
+    remat_policy: str = "full"  # REMAT_POLICIES key (with remat)
+    attn_chunk: int = 0
+    attn_impl: str = "xla"
+    unroll: int = 1  # layers per iteration of the layer scan
+    matmul_out: str = "fp32"  # the projections' output dtype: fp32 or the compute dtype ("compute")
+    # activations between the blocks split along the sequence over the tensor shards (the act_seq rule)
+    sequence_parallel: bool = False
+    # how the parameters are stored (ZeRO): gather_weight brings each to its compute layout; None: as computed
+    plan: ZeroPlan | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Config, plan: ZeroPlan | None = None) -> ModelOptions:
+        p, m = cfg.parallel, cfg.model
+        return cls(m, dtype=DTYPES[cfg.train.dtype], remat=p.remat, remat_policy=p.remat_policy,
+                   attn_chunk=p.attn_chunk, attn_impl=p.attn_impl, unroll=p.layer_unroll(m.n_layers),
+                   matmul_out=p.matmul_out, sequence_parallel=p.sequence_parallel, plan=plan)
+
+    def gather(self, w: jax.Array, names: tuple[str, ...], shape: tuple[int, ...]) -> jax.Array:
+        """A stored weight in compute layout and logical shape (``sharding.gather_weight`` under ``plan``)."""
+        return gather_weight(w, names, shape, self.plan)
+
+    def constrain(self, x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+        return constrain(x, names, self.sequence_parallel)
+
+    @property
+    def policy(self) -> Callable | None:
+        """The layer's remat policy: what it saves for the backward (never the weights without remat)."""
+        return REMAT_POLICIES[self.remat_policy] if self.remat else NO_REMAT_POLICY
 
 
 def _param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...], name: str) -> nnx.Param:
@@ -245,35 +285,33 @@ def _kept(v: jax.Array, group: str) -> jax.Array:
 _BETWEEN = ("batch", "act_seq", "act_embed")  # activations between the blocks (sequence-parallel over tensor)
 
 
-def _gathered_seq(y: jax.Array) -> jax.Array:
-    """A norm's output with its whole sequence, as the projections read it (sequence parallelism's all-gather)."""
-    return constrain(y, ("batch", "seq", "act_embed"))
-
-
-def block(cfg: ModelConfig, dtype, attn_chunk: int, cos: jax.Array, sin: jax.Array, x: jax.Array, p: dict,
-          attn_impl: str = "xla", matmul_out: str = "fp32") -> jax.Array:
-    """One pre-norm transformer layer. x (batch, seq, hidden) in the compute dtype; ``matmul_out``:
-    the projections' output dtype, fp32 or the compute dtype (ParallelConfig.matmul_out)."""
+def block(opts: ModelOptions, cos: jax.Array, sin: jax.Array, x: jax.Array, p: dict) -> jax.Array:
+    """One pre-norm transformer layer. x (batch, seq, hidden) in the compute dtype; ``p``: one layer's
+    (stored) weights."""
+    cfg, dtype, constrain = opts.cfg, opts.dtype, opts.constrain
     h, nh, nkv, hd, f = cfg.hidden, cfg.n_heads, cfg.n_kv_heads, cfg.dim_head, cfg.ffn_hidden
     b, s, _ = x.shape
     # named: a remat policy that leaves WEIGHTS out saves no copy of them for the backward (jax_impl.pipeline)
-    w = {k: checkpoint_name(gather_weight(p[k], PARAM_AXES[k][1:], shape), WEIGHTS) for k, shape in (
+    w = {k: checkpoint_name(opts.gather(p[k], PARAM_AXES[k][1:], shape), WEIGHTS) for k, shape in (
         ("attn_norm", (h,)), ("wq", (h, nh * hd)), ("wk", (h, nkv * hd)), ("wv", (h, nkv * hd)),
         ("wo", (nh * hd, h)), ("mlp_norm", (h,)), ("w_gate", (h, f)), ("w_up", (h, f)), ("w_down", (f, h)))}
 
-    mm = partial(matmul, out_dtype=dtype if matmul_out == "compute" else jnp.float32)
-    y = _gathered_seq(_kept(constrain(rms_norm(x, w["attn_norm"], cfg.norm_eps, dtype), _BETWEEN), KEPT_ATTN))
+    def gathered_seq(y):  # a norm's output with its whole sequence, as the projections read it (SP's all-gather)
+        return constrain(y, ("batch", "seq", "act_embed"))
+
+    mm = partial(matmul, out_dtype=dtype if opts.matmul_out == "compute" else jnp.float32)
+    y = gathered_seq(_kept(constrain(rms_norm(x, w["attn_norm"], cfg.norm_eps, dtype), _BETWEEN), KEPT_ATTN))
     q = mm(y, w["wq"]).astype(dtype).reshape(b, s, nh, hd)  # (batch, seq, heads, head_dim)
     k = mm(y, w["wk"]).astype(dtype).reshape(b, s, nkv, hd)  # (batch, seq, kv_heads, head_dim)
     v = mm(y, w["wv"]).astype(dtype).reshape(b, s, nkv, hd)
     q = _kept(constrain(apply_rope(q, cos, sin), ("batch", "seq", "act_heads", None)), KEPT_ATTN)
     k = _kept(constrain(apply_rope(k, cos, sin), ("batch", "seq", "act_kv_heads", None)), KEPT_ATTN)
     v = _kept(v, KEPT_ATTN)
-    a = attention(q, k, v, attn_chunk, attn_impl)  # (batch, seq, heads*head_dim)
+    a = attention(q, k, v, opts.attn_chunk, opts.attn_impl)  # (batch, seq, heads*head_dim)
     a = _kept(checkpoint_name(a, "attn_out"), KEPT_ATTN)
     x = _kept(x + constrain(mm(a, w["wo"]).astype(dtype), _BETWEEN), KEPT_MLP)
 
-    y = _gathered_seq(_kept(constrain(rms_norm(x, w["mlp_norm"], cfg.norm_eps, dtype), _BETWEEN), KEPT_MLP))
+    y = gathered_seq(_kept(constrain(rms_norm(x, w["mlp_norm"], cfg.norm_eps, dtype), _BETWEEN), KEPT_MLP))
     g = _kept(mm(y, w["w_gate"]), KEPT_MLP)  # (batch, seq, ffn)
     u = _kept(mm(y, w["w_up"]), KEPT_MLP)
     m = constrain((jax.nn.silu(g.astype(jnp.float32)) * u).astype(dtype), ("batch", "seq", "act_mlp"))
@@ -309,7 +347,7 @@ class Llama(nnx.Module):
         self.final_norm = _ones((h,), "final_norm")
         self.head = _param(rngs, cfg.std, (h, V), "head")
 
-    def __call__(self, tokens: jax.Array, **kw) -> jax.Array:
+    def __call__(self, tokens: jax.Array, **kw: Any) -> jax.Array:
         return forward(self.cfg, nnx.to_pure_dict(nnx.state(self, nnx.Param)), tokens, **kw)
 
 
@@ -318,31 +356,90 @@ def init_params(cfg: ModelConfig, seed: int) -> dict:
     return nnx.to_pure_dict(nnx.state(Llama(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
 
 
-def forward(cfg: ModelConfig, params: dict, tokens: jax.Array, *, dtype=jnp.float32, remat: bool = False,
-            remat_policy: str = "full", attn_chunk: int = 0, attn_impl: str = "xla", unroll: int = 1,
-            matmul_out: str = "fp32") -> jax.Array:
+# ------------------------------------------------------------------ the model as functions of explicit arguments
+def embed(opts: ModelOptions, table: jax.Array, tokens: jax.Array, *, whole_seq: bool = False) -> jax.Array:
+    """tokens (batch, seq) -> (batch, seq, hidden) in the compute dtype; ``table`` the (stored) embedding.
+    ``whole_seq``: not split along the sequence even when sequence-parallel (a pipeline stage's carry)."""
+    V, h = opts.cfg.padded_vocab, opts.cfg.hidden
+    x = jnp.take(opts.gather(table, PARAM_AXES["embed"], (V, h)), tokens, axis=0).astype(opts.dtype)
+    return opts.constrain(x, ("batch", "seq", "act_embed") if whole_seq else _BETWEEN)
+
+
+def layers(opts: ModelOptions, stack: dict, x: jax.Array, *, start: jax.Array | None = None,
+           count: int = 0) -> jax.Array:
+    """x (batch, seq, hidden) through the decoder layers of ``stack`` ({name: (n, ...)}, stored weights), one
+    ``lax.scan`` step per layer, each under ``jax.checkpoint`` with ``opts.policy``. With ``start`` (traced) and
+    ``count``: through layers start .. start+count-1 of the stack only (a circular pipeline schedule's chunk)."""
+    cos, sin = rope_tables(x.shape[1], opts.cfg.dim_head, opts.cfg.rope_theta)
+    block_fn = partial(block, opts, cos, sin)
+    if start is None:
+        # without remat every intermediate is still saved, but not the weights: the backward reads them from the
+        # stored stack instead of a stacked copy the scan would keep (see all_but_weights)
+        layer = jax.checkpoint(block_fn, policy=opts.policy, prevent_cse=False)
+        x, _ = jax.lax.scan(lambda carry, p: (layer(carry, p), None), x, stack, unroll=opts.unroll)
+        return x
+
+    def layer_at(x, stack, i):
+        # the weights indexed *inside* the (checkpointed) layer: indexed outside, autodiff would save them per
+        # step as residuals (the 70B plan, pp8 x v2: 647 GiB temp); recomputing an index costs nothing
+        w = jax.tree.map(lambda a: checkpoint_name(jax.lax.dynamic_index_in_dim(a, i, keepdims=False), "pipe_w"),
+                         stack)
+        return block_fn(x, w)
+
+    layer_at = jax.checkpoint(layer_at, prevent_cse=False, policy=opts.policy)
+    x, _ = jax.lax.scan(lambda c, j: (layer_at(c, stack, start + j), None), x, jnp.arange(count))
+    return x
+
+
+def logits(opts: ModelOptions, x: jax.Array, final_norm: jax.Array, head: jax.Array, *,
+           head_gathered: bool = False) -> jax.Array:
+    """Final norm + head: x (batch, seq, hidden) -> fp32 logits (batch, seq, vocab). ``head_gathered``: ``head``
+    is already in compute layout (e.g. a slice of its vocabulary columns), used as it is."""
+    V, h = opts.cfg.padded_vocab, opts.cfg.hidden
+    x = rms_norm(x, opts.gather(final_norm, PARAM_AXES["final_norm"], (h,)), opts.cfg.norm_eps, opts.dtype)
+    w = head if head_gathered else opts.gather(head, PARAM_AXES["head"], (h, V))
+    return opts.constrain(matmul(x, w), ("batch", "seq", "act_vocab"))
+
+
+class VocabSplit(Protocol):
+    """The head's vocabulary columns split over devices (a pipeline's head on every stage): how the per-shard
+    log-partition, label columns and gold logits combine into the whole vocabulary's."""
+
+    def logz(self, logz: jax.Array) -> jax.Array: ...
+    def columns(self, labels: jax.Array) -> jax.Array: ...  # local column of each label, -1 where not here
+    def gold(self, gold: jax.Array) -> jax.Array: ...
+
+
+def head_loss(opts: ModelOptions, x: jax.Array, final_norm: jax.Array, head: jax.Array, labels: jax.Array,
+              split: VocabSplit | None = None) -> jax.Array:
+    """Final norm + head + mean next-token cross-entropy; x (batch, seq, hidden), labels (batch, seq).
+    With ``split``, ``head`` is this device's share of the vocabulary columns (in compute layout)."""
+    z = logits(opts, x, final_norm, head, head_gathered=split is not None)  # (batch, seq, V or a share)
+    logz = jax.nn.logsumexp(z, axis=-1)  # (batch, seq)
+    cols = labels
+    if split is not None:
+        logz, cols = split.logz(logz), split.columns(labels)
+    # cross_entropy picks the gold logit with take_along_axis; inside a pipeline's loop, with vocab over
+    # `tensor` and batch over `data`, that gather aborts XLA's SPMD partitioner (jax 0.10.2, CPU). A
+    # one-hot sum is the same number (one nonzero term) and partitions as a plain reduction.
+    gold = jnp.sum(jnp.where(jax.nn.one_hot(cols, z.shape[-1], dtype=jnp.bool_), z, 0.0), axis=-1)
+    if split is not None:
+        gold = split.gold(gold)
+    return jnp.mean(logz - gold)
+
+
+def forward(model: ModelConfig | ModelOptions, params: dict, tokens: jax.Array, **options: Any) -> jax.Array:
     """tokens (batch, seq) int32 -> logits (batch, seq, padded_vocab) fp32.
 
+    ``model``: the options (``ModelOptions``), or a ModelConfig and the options' fields as keywords.
     ``params`` may hold padded storage arrays (see ``jax_impl.sharding``); every weight is
-    brought to its logical shape and compute layout by ``gather_weight`` where it is used,
+    brought to its logical shape and compute layout by ``opts.gather`` where it is used,
     which inside the layer scan means one layer at a time (ZeRO-3's just-in-time all-gather).
     """
-    V, h = cfg.padded_vocab, cfg.hidden
-    s = tokens.shape[1]
-    embed = gather_weight(params["embed"], PARAM_AXES["embed"], (V, h))
-    x = constrain(jnp.take(embed, tokens, axis=0).astype(dtype), _BETWEEN)
-    cos, sin = rope_tables(s, cfg.dim_head, cfg.rope_theta)
-
-    layer = partial(block, cfg, dtype, attn_chunk, cos, sin, attn_impl=attn_impl, matmul_out=matmul_out)
-    # without remat every intermediate is still saved, but not the weights: the backward reads them from the
-    # stored stack instead of a stacked copy the scan would keep (see all_but_weights)
-    layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat_policy] if remat else NO_REMAT_POLICY,
-                           prevent_cse=False)
-    x, _ = jax.lax.scan(lambda carry, p: (layer(carry, p), None), x, params["layers"], unroll=unroll)
-
-    x = rms_norm(x, gather_weight(params["final_norm"], ("norm",), (h,)), cfg.norm_eps, dtype)
-    logits = matmul(x, gather_weight(params["head"], PARAM_AXES["head"], (h, V)))
-    return constrain(logits, ("batch", "seq", "act_vocab"))  # (batch, seq, vocab) fp32
+    opts = model if isinstance(model, ModelOptions) else ModelOptions(model, **options)
+    x = embed(opts, params["embed"], tokens)
+    x = layers(opts, params["layers"], x)
+    return logits(opts, x, params["final_norm"], params["head"])  # (batch, seq, vocab) fp32
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:

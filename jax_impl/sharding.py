@@ -40,7 +40,7 @@ PIPELINE_AXIS = "pipeline"  # [pipeline] the axis jax_impl.pipeline runs its sta
 RULES: dict[str, tuple[str, ...]] = {
     "batch": DP_AXES,
     "seq": (),
-    # Megatron-style sequence parallelism (parallel.sequence_parallel, see `sequence_parallel`): the activations
+    # Megatron-style sequence parallelism (parallel.sequence_parallel, see `logical_spec`): the activations
     # between the blocks (residual stream, norms) split over `tensor` along the sequence; gathered before
     # qkv / mlp-in, reduce-scattered after out / mlp-out. Off: whole sequences, as "seq".
     "act_seq": ("tensor",),
@@ -65,8 +65,6 @@ ZERO_DIMS = ("embed", "norm")
 GRADS_PER_LAYER = True
 
 _ACTIVE: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("mesh", default=None)
-_PLAN: contextvars.ContextVar[ZeroPlan | None] = contextvars.ContextVar("plan", default=None)
-_SEQ_PARALLEL: contextvars.ContextVar[bool] = contextvars.ContextVar("seq_parallel", default=False)
 
 
 def make_mesh(shape: dict[str, int], devices: list | None = None) -> Mesh:
@@ -98,46 +96,30 @@ def activate(mesh: Mesh) -> Iterator[Mesh]:
         _ACTIVE.reset(token)
 
 
-@contextlib.contextmanager
-def stored_as(plan: ZeroPlan) -> Iterator[ZeroPlan]:
-    """While tracing a step: the parameters arrive sharded as ``plan`` stores them (see ``gather_weight``)."""
-    token = _PLAN.set(plan)
-    try:
-        yield plan
-    finally:
-        _PLAN.reset(token)
-
-
-@contextlib.contextmanager
-def sequence_parallel(on: bool) -> Iterator[None]:
-    """While tracing a step: whether ``act_seq`` follows its rule (True) or is left whole like ``seq``."""
-    token = _SEQ_PARALLEL.set(on)
-    try:
-        yield
-    finally:
-        _SEQ_PARALLEL.reset(token)
-
-
 def _axes(mesh: Mesh, names: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(a for a in names if mesh.shape[a] > 1)
 
 
-def logical_spec(names: tuple[str | None, ...], mesh: Mesh, rules: dict[str, tuple[str, ...]] = RULES) -> P:
+def logical_spec(names: tuple[str | None, ...], mesh: Mesh, rules: dict[str, tuple[str, ...]] = RULES,
+                 seq_parallel: bool = False) -> P:
+    """The PartitionSpec of logical ``names`` on ``mesh``; ``act_seq`` follows its rule only with ``seq_parallel``
+    (else it is left whole, like ``seq``)."""
     parts = []
     for n in names:
-        axes = _axes(mesh, rules[n]) if n and (n != "act_seq" or _SEQ_PARALLEL.get()) else ()
+        axes = _axes(mesh, rules[n]) if n and (n != "act_seq" or seq_parallel) else ()
         parts.append(axes if len(axes) > 1 else (axes[0] if axes else None))
     return P(*parts)
 
 
-def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
-    """Sharding constraint from logical names; identity when no mesh is active."""
+def constrain(x: jax.Array, names: tuple[str | None, ...], seq_parallel: bool = False) -> jax.Array:
+    """Sharding constraint from logical names (``seq_parallel``: see ``logical_spec``); identity when no mesh
+    is active."""
     mesh = _ACTIVE.get()
     if mesh is None:
         return x
     # [pipeline] inside jax.shard_map(axis_names={"pipeline"}) the context mesh marks `pipeline` Manual;
     # a constraint must be built on that mesh (its specs never name the manual axis: see jax_impl.pipeline).
-    return _constrain_spec(x, logical_spec(names, mesh))
+    return _constrain_spec(x, logical_spec(names, mesh, seq_parallel=seq_parallel))
 
 
 def _constrain_spec(x: jax.Array, spec: P) -> jax.Array:
@@ -146,15 +128,16 @@ def _constrain_spec(x: jax.Array, spec: P) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(target, spec))
 
 
-def gather_weight(w: jax.Array, names: tuple[str, ...], shape: tuple[int, ...]) -> jax.Array:
-    """A stored (maybe ZeRO-sharded, maybe padded) weight in compute layout and logical shape.
+def gather_weight(w: jax.Array, names: tuple[str, ...], shape: tuple[int, ...],
+                  plan: ZeroPlan | None = None) -> jax.Array:
+    """A stored (maybe ZeRO-sharded, maybe padded) weight in compute layout and logical shape; ``plan``: how
+    the weight is stored (None: as computed, no ZeRO pinning).
 
     Under ZeRO-3 the weight is first pinned to its stored sharding: a layer's slice of the stacked
     weights is then all-gathered as the 2-D matrix it is. Left to itself, XLA gathered the
     (1, rows, cols) slice before dropping the layer axis, in a layout with the gathered axis major,
     and copied every gathered weight once more into the plain row-major layout the dots read.
     """
-    plan = _PLAN.get()
     if plan is not None and _ACTIVE.get() is not None:
         if plan.opt and GRADS_PER_LAYER:
             # the gradient of this one layer's weight is reduce-scattered to the step's gradient sharding

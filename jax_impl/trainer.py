@@ -6,6 +6,7 @@ so ``compile_step`` can plan a 70B step on abstract arrays (ahead-of-time compil
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -17,28 +18,19 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from configs import Config
+from configs import Config, lr_at
 from jax_impl import devices, pipeline
-from jax_impl.model import DTYPES, PARAM_AXES, cross_entropy, forward, init_params
-from jax_impl.sharding import ZeroPlan, activate, batch_sharding, replicated, sequence_parallel, stored_as
+from jax_impl.model import PARAM_AXES, ModelOptions, cross_entropy, forward, init_params
+from jax_impl.sharding import ZeroPlan, activate, batch_sharding, replicated
 
 
 def lr_schedule(cfg: Config) -> optax.Schedule:
-    """Megatron's warmup + cosine schedule (same formula as ``configs.schema.lr_at``)."""
-    o = cfg.optim
-    decay = o.decay_steps or cfg.train.steps
-    warmup = o.warmup_frac * decay
+    """Megatron's warmup + cosine schedule: ``configs.lr_at`` on the traced step. optax calls it with the count
+    of updates already applied (0 for the first), lr_at's 0-based step index; the lr is fp32."""
 
     def sched(count):
         step = jnp.asarray(count, jnp.float32)
-        if o.schedule == "constant":
-            lr = jnp.full_like(step, o.lr)
-        else:
-            ratio = jnp.clip((step - warmup) / max(decay - warmup, 1e-9), 0.0, 1.0)
-            lr = o.min_lr + (o.lr - o.min_lr) * 0.5 * (jnp.cos(jnp.pi * ratio) + 1.0)
-        if warmup > 0:
-            lr = jnp.where(step <= warmup, o.lr * step / warmup, lr)
-        return lr
+        return jnp.broadcast_to(jnp.asarray(lr_at(cfg, step, xp=jnp), jnp.float32), step.shape)
 
     return sched
 
@@ -107,6 +99,8 @@ class Trainer:
     opt_leaf_sh: dict  # the optimizer-state sharding of one parameter-shaped leaf (Adam's mu and nu)
     opt_abstract: Any
     tx: optax.GradientTransformation
+    # how the model runs, built once: compute dtype, remat, ..., and the ZeRO plan its weights are gathered under
+    model_opts: ModelOptions
 
     @classmethod
     def build(cls, cfg: Config, mesh: Mesh) -> Trainer:
@@ -131,7 +125,8 @@ class Trainer:
             transform_non_params=lambda _: replicated(mesh))
         opt_abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                     opt_abstract, opt_sh)
-        return cls(cfg, mesh, plan, names, shapes, storage, param_sh, grad_sh, opt_sh, opt_leaf_sh, opt_abstract, tx)
+        return cls(cfg, mesh, plan, names, shapes, storage, param_sh, grad_sh, opt_sh, opt_leaf_sh, opt_abstract, tx,
+                   ModelOptions.from_config(cfg, plan))
 
     # ------------------------------------------------------------------ state
     @functools.cached_property
@@ -158,21 +153,11 @@ class Trainer:
                             is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(i, int) for i in x))
 
     # ------------------------------------------------------------------ step
-    def loss_fn(self, params: dict, tokens: jax.Array) -> jax.Array:
-        """Mean next-token loss of one microbatch tokens (batch, seq+1)."""
-        p, m = self.cfg.parallel, self.cfg.model
-        logits = forward(m, params, tokens[:, :-1], dtype=DTYPES[self.cfg.train.dtype], remat=p.remat,
-                         remat_policy=p.remat_policy, attn_chunk=p.attn_chunk,
-                         attn_impl=p.attn_impl, unroll=p.layer_unroll(m.n_layers), matmul_out=p.matmul_out)
-        return cross_entropy(logits, tokens[:, 1:])
+    def loss_fn(self, params: dict, tokens: jax.Array, opts: ModelOptions | None = None) -> jax.Array:
+        """Mean next-token loss of one microbatch tokens (batch, seq+1); ``opts``: the trainer's by default."""
+        return cross_entropy(forward(opts or self.model_opts, params, tokens[:, :-1]), tokens[:, 1:])
 
     def _step(self, params: dict, opt_state: Any, batch: jax.Array, with_grads: bool = False, guard: bool = False):
-        # traced knowing how the parameters are stored (sharding.gather_weight), and whether the activations
-        # between blocks are sequence-parallel
-        with stored_as(self.plan), sequence_parallel(self.cfg.parallel.sequence_parallel):
-            return self._traced_step(params, opt_state, batch, with_grads, guard)
-
-    def _traced_step(self, params: dict, opt_state: Any, batch: jax.Array, with_grads: bool, guard: bool):
         grad_fn = jax.value_and_grad(self.loss_fn)
 
         # Gradients live only inside the step, so they are reduced straight into the sharding of the
@@ -186,7 +171,7 @@ class Trainer:
 
         gas = batch.shape[0]
         if pipeline.stages(self.mesh.shape) > 1:  # [pipeline] the microbatches flow through the stages
-            loss, grads = pipeline.loss_and_grads(self.cfg, self.mesh, params, batch)
+            loss, grads = pipeline.loss_and_grads(self.cfg, self.mesh, params, batch, self.model_opts)
             grads = jax.lax.with_sharding_constraint(grads, step_grad_sh)
         elif gas == 1:
             loss, grads = micro(batch[0])
@@ -235,10 +220,15 @@ class Trainer:
         )
 
     def _eval_loss(self, params: dict, batch: jax.Array) -> jax.Array:
-        with stored_as(self.plan):
-            if pipeline.stages(self.mesh.shape) > 1:  # [pipeline] the same schedule; its gradients are dropped
-                return pipeline.loss_and_grads(self.cfg, self.mesh, params, batch)[0]
-            return jnp.mean(jax.lax.map(partial(self.loss_fn, params), batch))  # mean over the microbatches
+        if pipeline.stages(self.mesh.shape) > 1:  # [pipeline] the same schedule; its gradients are dropped
+            return pipeline.loss_and_grads(self.cfg, self.mesh, params, batch, self._eval_opts)[0]
+        # the mean over the microbatches
+        return jnp.mean(jax.lax.map(partial(self.loss_fn, params, opts=self._eval_opts), batch))
+
+    @property
+    def _eval_opts(self) -> ModelOptions:
+        # the evaluation step has always traced without sequence parallelism (whole sequences between blocks)
+        return dataclasses.replace(self.model_opts, sequence_parallel=False)
 
     @functools.cached_property
     def eval_step(self):

@@ -14,6 +14,8 @@ from _util import assert_tree_close
 from aurora_data import SyntheticSource, global_batch
 from configs import ConfigError, load_config
 from jax_impl import pipeline
+from jax_impl.model import ModelOptions
+from jax_impl.pipeline import common
 from jax_impl.sharding import activate, batch_sharding, make_mesh
 from jax_impl.trainer import Trainer
 
@@ -140,7 +142,7 @@ def test_stage_residuals_hold_no_copy_of_the_weights(remat):
     mesh = make_mesh(cfg.mesh_shape())  # weights constrained to their tensor shards, as inside the pipeline
     layers = Trainer.build(cfg, mesh).init_state()[0]["layers"]
     x = jax.ShapeDtypeStruct((MBS, cfg.data.seq_len, cfg.model.hidden), jnp.bfloat16)
-    stage = pipeline._StageVjp(pipeline._stage_fn(cfg, cfg.data.seq_len))
+    stage = common.StageVjp(common.stage_fn(ModelOptions.from_config(cfg)))
     with activate(mesh):
         acts = jax.eval_shape(lambda w, x: stage.forward(w, x)[1], layers, x)
     weights = jax.tree.leaves(layers)
@@ -180,7 +182,7 @@ def test_stages_store_only_their_layers():
             assert shard.data.shape[0] == 2
     # the jitted step takes and returns params in these shardings (in_shardings = out_shardings, donated)
     assert all(s.spec[0] == "pipeline" for s in jax.tree.leaves(tr.param_sh["layers"]))
-    assert tr.param_sh["head"].spec[0] != "pipeline"  # embedding/head: stored on every stage (see pipeline.py)
+    assert tr.param_sh["head"].spec[0] != "pipeline"  # embedding/head: stored on every stage (see jax_impl/pipeline)
     # AdamW's mu and nu of every layer weight follow their stage too (and ZeRO-1 shards them over data)
     staged = [s for s in jax.tree.leaves(tr.opt_sh) if len(s.spec) and s.spec[0] == "pipeline"]
     assert len(staged) == 2 * len(params["layers"]) and all("data" in s.spec for s in staged)

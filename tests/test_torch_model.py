@@ -125,7 +125,7 @@ def test_block_matches_jax(n_kv):
     x = np.random.default_rng(2).normal(size=(2, 20, cfg.hidden)).astype(np.float32)
     cos, sin = jm.rope_tables(20, cfg.dim_head, cfg.rope_theta)
     for i in range(cfg.n_layers):
-        want = jm.block(cfg, jnp.float32, 0, cos, sin, jnp.asarray(x), layer_params(params, i))
+        want = jm.block(jm.ModelOptions(cfg), cos, sin, jnp.asarray(x), layer_params(params, i))
         got = model.layers[i](torch.from_numpy(x))
         assert rel_err(got.detach(), want) < RTOL, f"layer {i}, n_kv_heads={n_kv}"
 
@@ -140,7 +140,7 @@ def test_mlp_matches_jax(tiny_pair):
                            for k, v in p.items()})
     x = np.random.default_rng(4).normal(size=(2, 12, cfg.hidden)).astype(np.float32)
     cos, sin = jm.rope_tables(12, cfg.dim_head, cfg.rope_theta)
-    want = np.asarray(jm.block(cfg, jnp.float32, 0, cos, sin, jnp.asarray(x), p)) - x
+    want = np.asarray(jm.block(jm.ModelOptions(cfg), cos, sin, jnp.asarray(x), p)) - x
     got = block(torch.from_numpy(x)).detach().numpy() - x
     assert np.abs(want).max() > 1e-3  # the MLP really contributes
     assert rel_err(got, want) < RTOL
