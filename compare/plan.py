@@ -46,7 +46,7 @@ import numpy as np
 
 from compare.cluster import Cluster, load_cluster
 from compare.reference import DEFAULT_REFERENCE, Row, load_reference
-from configs import Config, ConfigError, ModelConfig, load_config, validate_config
+from configs import Config, ConfigError, ModelConfig, ParallelConfig, load_config, validate_config
 
 DEFAULT_OUT = Path("reports") / "plan"
 GB = 1e9
@@ -167,31 +167,27 @@ class Layout:
                                    train=dataclasses.replace(base.train, dtype=dtype))
 
     def apply(self, cfg: Config, framework: str = "jax") -> Config:
-        """``cfg`` with this layout's parallel settings, as ``framework`` runs them (JAX: 1F1B only where every
-        stage has a microbatch, no checkpointing as the ``save_matmuls`` policy, as ``jax_config``)."""
+        """``cfg`` with this layout's parallel settings, as ``framework`` runs them (JAX: ``jax_parallel``)."""
         par = dataclasses.replace(cfg.parallel, mesh=self.mesh, zero=self.zero, hpz=self.hpz, mics=self.mics,
                                   mbs=self.mbs, gas=self.gas, gbs=self.gbs, remat=self.remat)
-        if framework == "jax":
-            one_f = self.pp > 1 and self.gas >= self.pp and self.schedule == "1f1b"
-            par = dataclasses.replace(par, pipeline_schedule="1f1b" if one_f else "gpipe")
-            if not self.remat or self.jax_remat_policy:
-                par = dataclasses.replace(par, remat=True, remat_policy=self.jax_remat_policy or "save_matmuls")
-        return dataclasses.replace(cfg, parallel=par)
+        return dataclasses.replace(cfg, parallel=self.jax_parallel(par) if framework == "jax" else par)
 
-
-    def jax_config(self, model: str, seq: int = SEQ) -> Config:
-        """The JAX run of this layout that matches what DeepSpeed runs: pipelines as 1F1B (DeepSpeed's
-        PipelineEngine schedule) where GAS >= stages, and no activation checkpointing as the ``save_matmuls``
-        policy (no matmul recomputed; JAX's attention is chunked, so its scores are recomputed either way;
-        docs/memory.md), or ``jax_remat_policy`` where set."""
-        cfg = self.config(model, seq)
-        par = cfg.parallel
-        # JAX's 1F1B needs a microbatch per stage; below it, and where the layout asks for it, GPipe
-        if self.pp > 1 and self.gas >= self.pp and self.schedule == "1f1b":
-            par = dataclasses.replace(par, pipeline_schedule="1f1b")
+    def jax_parallel(self, par: ParallelConfig) -> ParallelConfig:
+        """``par`` as JAX runs this layout to match DeepSpeed: pipelines as 1F1B (DeepSpeed's PipelineEngine
+        schedule) where GAS >= stages, else GPipe (JAX's 1F1B needs a microbatch per stage); no activation
+        checkpointing as the ``save_matmuls`` policy (no matmul recomputed; JAX's attention is chunked, so its
+        scores are recomputed either way; docs/memory.md), or ``jax_remat_policy`` where set."""
+        one_f = self.pp > 1 and self.gas >= self.pp and self.schedule == "1f1b"
+        par = dataclasses.replace(par, pipeline_schedule="1f1b" if one_f else "gpipe")
         if not self.remat or self.jax_remat_policy:
             par = dataclasses.replace(par, remat=True, remat_policy=self.jax_remat_policy or "save_matmuls")
-        return dataclasses.replace(cfg, parallel=par)
+        return par
+
+    def jax_config(self, model: str, seq: int = SEQ) -> Config:
+        """The JAX run of this layout that matches what DeepSpeed runs (``jax_parallel``): what the AOT probe
+        compiles, and what ``apply`` hands a ``--mesh auto`` trainer."""
+        cfg = self.config(model, seq)
+        return dataclasses.replace(cfg, parallel=self.jax_parallel(cfg.parallel))
 
 
 _CONFIGS: dict[str, Config] = {}  # run configs planned under a name (a preset with the user's overrides)
@@ -1329,7 +1325,7 @@ def ranking_groups(rows: Sequence[Row]) -> list[list[Row]]:
         by.setdefault((r.model, r.nodes, r.gbs, r.seq), []).append(r)
     out = []
     for rs in by.values():
-        lays = {(layout_from_row(r).label, layout_from_row(r).variant) for r in rs}
+        lays = {(lay.label, lay.variant) for lay in map(layout_from_row, rs)}
         if len(lays) >= 2:
             out.append(rs)
     return out
