@@ -1,0 +1,118 @@
+"""The JAX <-> torch name mapping (weightmap, numpy only) and how the JAX initial weights reach torch_ref.
+
+torch_ref never imports JAX: ``--init jax`` runs ``python -m jax_impl.init_weights`` as a subprocess, and
+the .npz it writes must hold exactly what ``jax_impl.model.init_params`` returns in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from configs import load_config
+from configs.rundir import write_config
+from jax_impl import init_weights
+from jax_impl.model import init_params
+from weightmap import jaxtorch
+from weightmap.npz import load_npz, npz_members, save_npz
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def jax_params(model, seed: int) -> dict:
+    return jax.tree.map(np.asarray, init_params(model, seed))
+
+
+def assert_bitwise(got: dict, want: dict) -> None:
+    g, w = jaxtorch.flatten(got), jaxtorch.flatten(want)
+    assert sorted(g) == sorted(w)
+    for k in w:
+        assert g[k].dtype == w[k].dtype and g[k].shape == w[k].shape, k
+        assert g[k].tobytes() == w[k].tobytes(), k
+
+
+def test_torch_names_round_trip_is_bitwise_without_torch():
+    cfg = load_config("tiny").model
+    params = jax_params(cfg, 3)
+    state = jaxtorch.to_torch(params)
+    assert len(state) == 3 + 9 * cfg.n_layers
+    assert state["head.weight"].shape == (cfg.padded_vocab, cfg.hidden)
+    np.testing.assert_array_equal(state["layers.1.w_down.weight"], params["layers"]["w_down"][1].T)
+    assert all(a.flags.c_contiguous and a.flags.writeable for a in state.values())  # torch.from_numpy-ready
+    assert {k: list(v.shape) for k, v in state.items()} == jaxtorch.torch_shapes(params)
+    assert_bitwise(jaxtorch.to_jax(state), params)
+    assert_bitwise(jaxtorch.unflatten(jaxtorch.flatten(params)), params)
+
+
+def test_npz_hand_off_is_bitwise_and_mappable(tmp_path):
+    params = jax_params(load_config("tiny").model, 1)
+    path = save_npz(tmp_path / "w.npz", params)
+    assert_bitwise(load_npz(path), params)
+    members = npz_members(path)
+    assert set(members) == set(jaxtorch.flatten(params))
+    assert np.array_equal(members["layers.wq"].array()[1], params["layers"]["wq"][1])
+
+
+def test_init_weights_cli_writes_init_params_of_the_run_config(tmp_path, capsys):
+    cfg = load_config("tiny", {"train.seed": 5, "model.n_layers": 3})
+    write_config(tmp_path, cfg)
+    assert init_weights.main([str(tmp_path / "config.json"), str(tmp_path / "w.npz")]) == 0
+    assert_bitwise(load_npz(tmp_path / "w.npz"), jax_params(cfg.model, 5))
+    assert init_weights.main([str(tmp_path / "config.json"), str(tmp_path / "s.npz"), "--seed", "6"]) == 0
+    assert_bitwise(load_npz(tmp_path / "s.npz"), jax_params(cfg.model, 6))
+    (tmp_path / "bad.json").write_text(json.dumps({"model": {}}))
+    assert init_weights.main([str(tmp_path / "bad.json"), str(tmp_path / "x.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "no model section and train.seed; give a run directory's config.json" in err and "Traceback" not in err
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_torch_ref_gets_the_jax_init_without_importing_jax(tmp_path):
+    """What ``torch_ref.train --init jax`` writes into its run directory, from a process that never has JAX:
+    the same bits as ``init_params`` here."""
+    cfg = load_config("tiny", {"train.seed": 2})
+    write_config(tmp_path, cfg)
+    code = ("import sys; from pathlib import Path; from torch_ref import train as t; "
+            f"t.write_jax_init(Path({str(tmp_path / 'config.json')!r}), Path({str(tmp_path / 'init.npz')!r})); "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jax_impl', 'flax', 'optax')); "
+            "assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert_bitwise(load_npz(tmp_path / "init.npz"), jax_params(cfg.model, 2))
+
+
+def test_torch_ref_refuses_init_jax_where_jax_is_missing(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from torch_ref import train as torch_train
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "jax" else real(name, *a))
+    assert "has no JAX" in torch_train.jax_init_unavailable()
+    with pytest.raises(SystemExit) as e:
+        torch_train.main(["--preset", "tiny", "--steps", "1", "--out-dir", str(tmp_path), "--name", "r"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--init jax (the default)" in err and "--init torch" in err and "--init-from" in err
+    assert not (tmp_path / "r").exists()  # refused before the run directory
+
+
+def test_init_from_npz_is_checked_and_copied(tmp_path):
+    from torch_ref import train as torch_train
+
+    cfg = load_config("tiny")
+    src = save_npz(tmp_path / "w.npz", jax_params(cfg.model, 0))
+    torch_train.write_init_from(src, cfg, tmp_path / "init_params.npz")
+    assert (tmp_path / "init_params.npz").read_bytes() == src.read_bytes()
+    other = save_npz(tmp_path / "o.npz", jax_params(load_config("tiny", {"model.n_layers": 1}).model, 0))
+    with pytest.raises(torch_train.InitFromError, match=r"flat JAX names.*layers\.attn_norm"):
+        torch_train.write_init_from(other, cfg, tmp_path / "x.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(torch_train.InitFromError, match=r"not an uncompressed \.npz"):
+        torch_train.write_init_from(tmp_path / "junk.npz", cfg, tmp_path / "y.npz")
