@@ -116,3 +116,42 @@ def test_init_from_npz_is_checked_and_copied(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(torch_train.InitFromError, match=r"not an uncompressed \.npz"):
         torch_train.write_init_from(tmp_path / "junk.npz", cfg, tmp_path / "y.npz")
+
+
+def test_checkpoint_cli_torch_file_round_trip_is_bitwise(tmp_path, capsys):
+    """``export --to torch`` / ``import --from torch`` leave torch's file format to ``python -m torch_ref.convert``
+    (a subprocess); the state_dict holds torch_ref's names and the JAX bits, and comes back unchanged."""
+    import torch
+
+    from jax_impl import checkpoint
+    from torch_ref.convert import jax_to_torch
+
+    cfg = load_config("tiny")
+    params = jax_params(cfg.model, 4)
+    checkpoint.save_params_only(tmp_path / "ck", params, cfg, 2)
+    assert checkpoint._cli(["export", "--to", "torch", str(tmp_path / "ck"), str(tmp_path / "m.pt")]) == 0
+    state = torch.load(tmp_path / "m.pt", weights_only=True)
+    want = jax_to_torch(params)
+    assert list(state) == list(want)
+    assert all(torch.equal(state[k], want[k]) and state[k].dtype == want[k].dtype for k in want)
+    assert checkpoint._cli(["import", str(tmp_path / "m.pt"), str(tmp_path / "back"), "--preset", "tiny"]) == 0
+    assert_bitwise(checkpoint.restore_numpy(tmp_path / "back")[0], params)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no scratch files left behind
+    torch.save({k: v for k, v in want.items() if k != "embed.weight"}, tmp_path / "short.pt")
+    assert checkpoint._cli(["import", str(tmp_path / "short.pt"), str(tmp_path / "o"), "--preset", "tiny"]) == 2
+    assert "embed.weight: state_dict missing vs tiny" in capsys.readouterr().err
+
+
+def test_checkpoint_cli_without_torch_names_the_other_formats(tmp_path, monkeypatch, capsys):
+    from jax_impl import checkpoint
+
+    fake = tmp_path / "notorch" / "torch"  # shadows torch in the subprocess: an environment without it
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
+    monkeypatch.setenv("PYTHONPATH", f"{fake.parent}:{ROOT}")
+    cfg = load_config("tiny")
+    checkpoint.save_params_only(tmp_path / "ck", jax_params(cfg.model, 0), cfg, 1)
+    assert checkpoint._cli(["export", "--to", "torch", str(tmp_path / "ck"), str(tmp_path / "m.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "needs PyTorch, which this environment lacks; use --to npz or --to hf" in err and "Traceback" not in err
+    assert not (tmp_path / "m.pt").exists()
