@@ -403,8 +403,10 @@ def model_torch_shapes(model_cfg) -> dict[str, list[int]]:
 def _torch_file(cmd: str, src: Path, out: Path) -> None:
     """``python -m torch_ref.convert CMD SRC OUT`` (torch's file format, names unchanged), or a CheckpointError
     with its message; this package never imports torch."""
+    root = str(Path(__file__).resolve().parents[1])  # torch_ref from this source tree, whatever the cwd
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     r = subprocess.run([sys.executable, "-m", "torch_ref.convert", cmd, str(src), str(out)], capture_output=True,
-                       text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                       text=True, env=env)
     if r.returncode == 0:
         return
     if "No module named 'torch'" in r.stderr:
