@@ -7,6 +7,7 @@ the .npz it writes must hold exactly what ``jax_impl.model.init_params`` returns
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +156,18 @@ def test_checkpoint_cli_without_torch_names_the_other_formats(tmp_path, monkeypa
     err = capsys.readouterr().err
     assert "needs PyTorch, which this environment lacks; use --to npz or --to hf" in err and "Traceback" not in err
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_torch_ref_names_a_failed_jax_init_and_the_alternatives(tmp_path, monkeypatch, capsys):
+    from torch_ref import train as torch_train
+
+    fake = tmp_path / "brokenjax" / "jax"  # JAX present but broken: the subprocess fails, the launcher says so
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('this JAX is broken')\n")
+    monkeypatch.setenv("PYTHONPATH", f"{fake.parent}{os.pathsep}{ROOT}")
+    with pytest.raises(SystemExit) as e:
+        torch_train.main(["--preset", "tiny", "--steps", "1", "--mesh", "data=1", "--out-dir", str(tmp_path / "runs"),
+                          "--name", "r"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: --init jax: `-m jax_impl.init_weights")
+    assert "pass --init torch or --init-from instead" in err and "this JAX is broken" in err

@@ -477,7 +477,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         return launch(cfg, layout, init=init, quiet=args.quiet, ckpt=ckpt, run_dir=planned)
     except InitFromError as e:
-        print(f"error: --init-from {args.init_from}: {e}", file=sys.stderr)
+        print(f"error: --init-from {args.init_from}: {e}" if init == "file" else f"error: --init {init}: {e}",
+              file=sys.stderr)
         raise SystemExit(2) from None
     finally:
         lock.release()
