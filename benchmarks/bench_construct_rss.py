@@ -27,8 +27,8 @@ import json
 import os
 import resource
 import socket
-import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,13 +51,17 @@ def worker(mode: str, layers: int, init: str) -> dict:
 
     from configs import load_config
     from configs.hostmem import reuse_host_memory
+    from runtime import launcher_env
     from torch_ref import build
     from torch_ref.ds_config import installed_ds_config
     from torch_ref.weights import TorchInit
 
     reuse_host_memory()
     torch.set_num_threads(1)
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    launch = launcher_env.read()  # the one reader of launcher variables; run() sets torchrun's
+    if launch is None:
+        raise SystemExit("--worker runs as one rank of run(): RANK/WORLD_SIZE are not set")
+    rank, world = launch.rank, launch.world_size
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
     cfg = load_config("bench", {"parallel.mesh": f"fsdp={world}" if mode == "zero3" else f"pipeline={world}",
                                 "parallel.zero": 3 if mode == "zero3" else 1}, validate=False)
@@ -98,23 +102,27 @@ def _free_port() -> int:
 
 
 def run(mode: str, ranks: int, layers: int, init: str) -> list[dict]:
+    import tempfile
+
     from configs.hostmem import allocator_env
+    from runtime import procgroup
 
     port, env0 = _free_port(), allocator_env()
-    procs = []
-    for r in range(ranks):
-        env = {**env0, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", mode, "--layers", str(layers),
-                                       "--init", init], env=env, stdout=subprocess.PIPE, text=True))
-    rows = []
-    for p in procs:
-        out, _ = p.communicate(timeout=900)
-        if p.returncode:
-            raise SystemExit(f"{mode} x{ranks}: a rank failed (exit {p.returncode})")
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-    return rows
+    envs = [{**env0, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+            for r in range(ranks)]
+    argv = [sys.executable, __file__, "--worker", mode, "--layers", str(layers), "--init", init]
+    with tempfile.TemporaryDirectory() as tmp:
+        logs = [(Path(tmp) / f"{r}.out", Path(tmp) / f"{r}.err") for r in range(ranks)]
+        group = procgroup.start([argv] * ranks, envs, logs=logs)
+        group.wait(deadline=time.monotonic() + 900, kill_on_stop=True)
+        first = group.first_failure()
+        if first is not None or group.stopped:
+            rank = first if first is not None else min(group.stopped)
+            tail = "\n".join(logs[rank][1].read_text().splitlines()[-6:])
+            raise SystemExit(f"{mode} x{ranks}: rank {rank} failed ({group.describe(rank)}):\n{tail}")
+        return [json.loads(out.read_text().strip().splitlines()[-1]) for out, _ in logs]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

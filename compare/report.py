@@ -32,7 +32,7 @@ from typing import Any
 from configs import Config, ConfigError, config_from_dict, load_config
 from configs.hostmem import allocator_env, child_allocator
 from configs.rundir import host_cpu, read_metrics
-from runtime.procgroup import ProcessGroup
+from runtime import procgroup
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMEWORKS = {"jax": "jax_impl.train", "torch": "torch_ref.train"}
@@ -232,17 +232,11 @@ def execute(framework: str, cfg: Config, log: Path, timeout_s: int, processes: i
         addr = f"127.0.0.1:{_free_port()}"
         ranks = [{"PMI_RANK": str(i), "PMI_SIZE": str(processes), "JAX_COORDINATOR_ADDRESS": addr}
                  for i in range(processes)]
-    files = [lg.open("w") for lg in logs]
-    procs = [subprocess.Popen(argv, cwd=root, env={**env, **rank}, stdout=f, stderr=subprocess.STDOUT)
-             for rank, f in zip(ranks, files, strict=True)]
+    group = procgroup.start([argv] * len(ranks), [{**env, **rank} for rank in ranks], cwd=root, logs=logs,
+                            poll_s=0.2)
     # the same waiting as torch_ref.train's launcher: a failed process (or the timeout) stops the others, a
     # SIGTERM/SIGINT to the report reaches every trainer process and is waited out (they save)
-    group = ProcessGroup(procs, poll_s=0.2)
-    try:
-        group.wait(deadline=time.monotonic() + timeout_s, failure_grace_s=0.0, kill_on_stop=True)
-    finally:
-        for f in files:
-            f.close()
+    group.wait(deadline=time.monotonic() + timeout_s, failure_grace_s=0.0, kill_on_stop=True)
     if group.received is not None:
         raise SystemExit(128 + group.received)
     first = group.first_failure()

@@ -24,9 +24,12 @@ in ``meta`` are compared to the model's, so a wrong model is refused by name ins
     python -m jax_impl.checkpoint import --from hf Llama-2-70b-hf out_ckpt --preset llama2-70b
     python -m jax_impl.checkpoint export --to hf --dtype bfloat16 runs/r1/checkpoints hf_out
 
-The JAX <-> torch parameter mapping is the table in ``torch_ref/convert.py`` (transposes and layer
+The JAX <-> torch parameter mapping is the table in ``weightmap/jaxtorch.py`` (transposes and layer
 stacking only, so both directions are exact in fp32); the Hugging Face Llama names are in
 ``weightmap/hf.py`` (config.json + safetensors, sharded or not; no transformers needed at run time).
+This module imports neither torch nor torch_ref: ``--to torch`` / ``--from torch`` map the names here and
+leave torch's file format to ``python -m torch_ref.convert``, run as a subprocess (an environment without
+torch gets a message naming ``--to npz`` / ``--to hf``).
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +50,8 @@ import jax
 import numpy as np
 
 from weightmap import hf
+from weightmap.jaxtorch import flatten, to_jax, to_torch, torch_shapes, unflatten
+from weightmap.npz import save_npz
 
 FORMAT = 1
 ITEMS = ("params", "opt_state", "meta")
@@ -75,7 +83,7 @@ def _ocp():
 
 
 def path_name(path: tuple) -> str:
-    """``('layers', 'wq')`` key path -> ``layers.wq`` (the names torch_ref.convert uses)."""
+    """``('layers', 'wq')`` key path -> ``layers.wq`` (the flat names of ``weightmap.jaxtorch``)."""
     parts = []
     for k in path:
         parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
@@ -280,8 +288,6 @@ def load_init(path: str | Path, trainer) -> tuple[Any, str]:
     the run's model config)."""
     path = Path(path)
     if (path / hf.CONFIG).is_file():
-        from torch_ref.convert import unflatten
-
         where = str(path / hf.CONFIG)
         hf.check_against(hf.model_fields(json.loads((path / hf.CONFIG).read_text()), where), trainer.cfg.model,
                          where)
@@ -387,40 +393,43 @@ def save_params_only(directory: str | Path, params: dict, cfg, step: int = 0) ->
     return Path(directory)
 
 
-def torch_shapes(model_cfg) -> dict[str, list[int]]:
-    """torch_ref ``Llama`` state_dict shapes of a model config (the mapping of torch_ref/convert.py)."""
+def model_torch_shapes(model_cfg) -> dict[str, list[int]]:
+    """torch_ref ``Llama`` state_dict shapes of a model config (the mapping of ``weightmap/jaxtorch.py``)."""
     from jax_impl.model import init_params
-    from torch_ref.convert import LAYER_KEYS, TOP_KEYS, TRANSPOSED
 
-    shapes = jax.eval_shape(lambda: init_params(model_cfg, 0))
+    return torch_shapes(jax.eval_shape(lambda: init_params(model_cfg, 0)))
 
-    def t(name: str, s: tuple[int, ...]) -> list[int]:
-        return list(s[::-1] if name in TRANSPOSED else s)
 
-    out = {f"{k}.weight": t(k, shapes[k].shape) for k in TOP_KEYS}
-    for k in LAYER_KEYS:
-        s = shapes["layers"][k].shape
-        out.update({f"layers.{i}.{k}.weight": t(k, s[1:]) for i in range(s[0])})
-    return out
+def _torch_file(cmd: str, src: Path, out: Path) -> None:
+    """``python -m torch_ref.convert CMD SRC OUT`` (torch's file format, names unchanged), or a CheckpointError
+    with its message; this package never imports torch."""
+    root = str(Path(__file__).resolve().parents[1])  # torch_ref from this source tree, whatever the cwd
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([sys.executable, "-m", "torch_ref.convert", cmd, str(src), str(out)], capture_output=True,
+                       text=True, env=env)
+    if r.returncode == 0:
+        return
+    if "No module named 'torch'" in r.stderr:
+        alt = "--to npz or --to hf" if cmd == "to-pt" else "--from hf"
+        raise CheckpointError(f"a torch state_dict file needs PyTorch, which this environment lacks; use {alt}, "
+                              "or run this where torch is installed")
+    lines = r.stderr.strip().splitlines() or ["(no output)"]
+    raise CheckpointError(lines[-1].removeprefix("error: "))
+
+
+def _load_state_dict(path: str, scratch: Path) -> dict[str, np.ndarray]:
+    """A torch state_dict file's arrays by name (read by ``torch_ref.convert`` in a subprocess, through a
+    temporary .npz in ``scratch``), or a CheckpointError saying what is wrong with it."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: no such file (a torch_ref state_dict .pt)")
+    with tempfile.TemporaryDirectory(dir=scratch, prefix=".state-") as tmp:
+        npz = Path(tmp) / "state.npz"
+        _torch_file("from-pt", Path(path), npz)
+        with np.load(npz) as f:
+            return {k: f[k] for k in f.files}
 
 
 # ----------------------------------------------------------------------------- CLI
-def _load_state_dict(path: str) -> dict[str, Any]:
-    """A torch state_dict file, or a CheckpointError saying what is wrong with it."""
-    import torch
-
-    if not Path(path).is_file():
-        raise CheckpointError(f"{path}: no such file (a torch_ref state_dict .pt)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, not a pickle, a pickle of something else
-        raise CheckpointError(f"{path}: not a readable torch state_dict ({_why(e)}); it is truncated or "
-                              "corrupt") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state_dict of tensors")
-    return state
-
-
 def _cli(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jax_impl.checkpoint", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -457,12 +466,9 @@ def _cli(argv: list[str] | None = None) -> int:
                 m = read_meta(d, steps[-1])
                 print(json.dumps({k: m[k] for k in ("step", "consumed_samples", "mesh", "zero", "params_only")}))
         elif args.cmd == "export":
-            from torch_ref.convert import jax_to_torch, save_npz
-
             params, meta = restore_numpy(args.ckpt, args.step)
             if args.to == "hf":
                 from configs.schema import ModelConfig
-                from torch_ref.convert import flatten
 
                 model_cfg = ModelConfig(**meta["config"]["model"])
                 hf.write(args.out, hf.from_flat(flatten(params), model_cfg, hf.DTYPES[args.dtype]), model_cfg,
@@ -470,30 +476,29 @@ def _cli(argv: list[str] | None = None) -> int:
             elif args.to == "npz":
                 save_npz(args.out, params)
             else:
-                import torch
-
-                torch.save(jax_to_torch(params), args.out)
+                out = Path(args.out)
+                with tempfile.TemporaryDirectory(dir=out.resolve().parent, prefix=".export-") as tmp:
+                    npz = Path(tmp) / "state.npz"
+                    np.savez(npz, **to_torch(params))
+                    _torch_file("to-pt", npz, out)
             print(f"exported step {meta['step']} ({sum(a.size for a in jax.tree.leaves(params)):,} parameters) "
                   f"to {args.out}")
         elif args.src == "hf":
             _import_hf(args.state, args.out, args.preset, rest, args.step)
         else:
-            import torch
-
             from configs import load_config
             from configs.schema import parse_overrides
-            from torch_ref.convert import torch_to_jax
 
             args.preset = args.preset or "tiny"
             cfg = load_config(args.preset, parse_overrides(rest))
-            state = _load_state_dict(args.state)
-            want = torch_shapes(cfg.model)
+            state = _load_state_dict(args.state, out.resolve().parent)
+            want = model_torch_shapes(cfg.model)
             bad = [f"{k}: state_dict {list(state[k].shape) if k in state else 'missing'} vs {args.preset} {v}"
                    for k, v in want.items() if k not in state or list(state[k].shape) != v]
             bad += [f"{k}: not a parameter of {args.preset}" for k in state if k not in want]
             if bad:
                 raise CheckpointError(f"{args.state} does not fit preset {args.preset}:\n  " + "\n  ".join(bad[:10]))
-            params = torch_to_jax(state)
+            params = to_jax(state)
             save_params_only(args.out, params, cfg, args.step)
             print(f"wrote params-only checkpoint step {args.step} to {args.out}")
     except (CheckpointError, hf.HFError) as e:
@@ -526,8 +531,6 @@ def hf_model_config(directory: str | Path, preset: str | None, overrides: list[s
 
 
 def _import_hf(src: str, out: str, preset: str | None, overrides: list[str], step: int) -> None:
-    from torch_ref.convert import unflatten
-
     cfg = hf_model_config(src, preset, overrides)
     _, tensors = hf.read(src)
     flat = hf.to_flat(tensors, cfg.model, np.float32, where=src)

@@ -1,7 +1,8 @@
 """Wait on a group of local worker processes the way a launcher must: pass signals on, blame the right one.
 
-Both local launchers use it: ``torch_ref.train``'s (one process per rank) and ``compare.report``'s (the
-trainers, or the ranks of a multi-process JAX run).
+Every local launcher uses it: ``torch_ref.train``'s (one process per rank), ``compare.report``'s (the
+trainers, or the ranks of a multi-process JAX run), and the tests' multi-process runs (``start``: each
+process's environment and log files, then ``ProcessGroup.wait``).
 
 - SIGTERM / SIGINT received by the launcher while it waits are sent on to every worker still running, and
   the launcher keeps waiting until all of them have exited (each saves its checkpoint first), so no worker
@@ -17,8 +18,10 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT)
 
@@ -128,3 +131,32 @@ class ProcessGroup:
             return f"killed by {signal.Signals(-code).name}"
         return f"exit {code}"
 
+
+
+Log = Path | tuple[Path, Path]
+
+
+def start(argvs: Sequence[Sequence[str]], envs: Sequence[Mapping[str, str]], *, cwd: str | Path | None = None,
+          logs: Sequence[Log] | None = None, poll_s: float = 0.1) -> ProcessGroup:
+    """Start process ``i`` as ``argvs[i]`` with exactly the environment ``envs[i]``; its output goes to
+    ``logs[i]`` (one file for stdout and stderr, or an (out, err) pair of files) or, without ``logs``, to this
+    process's. Files, not pipes: a launcher that only polls would let a full pipe stall its child. If one
+    cannot start, those already started are killed before the error propagates."""
+    if len(argvs) != len(envs) or (logs is not None and len(logs) != len(argvs)):
+        raise ValueError(f"{len(argvs)} commands, {len(envs)} environments and "
+                         f"{'no' if logs is None else len(logs)} logs: give one of each per process")
+    procs: list[subprocess.Popen] = []
+    try:
+        for i, (argv, env) in enumerate(zip(argvs, envs, strict=True)):
+            with ExitStack() as files:  # the child holds its own descriptors; ours close once it started
+                out = err = None
+                if logs is not None:
+                    log = logs[i]
+                    out_path, err_path = log if isinstance(log, tuple) else (log, None)
+                    out = files.enter_context(Path(out_path).open("w"))
+                    err = files.enter_context(Path(err_path).open("w")) if err_path else subprocess.STDOUT
+                procs.append(subprocess.Popen(list(argv), cwd=cwd, env=dict(env), stdout=out, stderr=err))
+    except BaseException:
+        ProcessGroup(procs).stop(kill=True)
+        raise
+    return ProcessGroup(procs, poll_s=poll_s)

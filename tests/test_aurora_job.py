@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from _pbs import JAX_70B, TORCH_70B, fake_pbs, write_script
 
 from configs import ConfigError
 from configs.rundir import read_metrics
+from runtime import procgroup
 from scripts.aurora import alcf, launch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -298,15 +300,14 @@ def test_resume_auto_needs_a_name(tmp_path, capsys):
 # ----------------------------------------------------------------------------- rank 0's failure reaches every rank
 def _two_ranks(tmp_path: Path, argv: list[str], env_for) -> list[subprocess.CompletedProcess]:
     base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs = [subprocess.Popen([sys.executable, *argv], cwd=ROOT, env={**base, "OMP_NUM_THREADS": "1", **env_for(i)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=300) for p in procs]  # a rank left waiting for rank 0 would hang here
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return [subprocess.CompletedProcess(p.args, p.returncode, o, e) for p, (o, e) in zip(procs, outs, strict=True)]
+    (tmp_path / "logs").mkdir(exist_ok=True)
+    logs = [(tmp_path / "logs" / f"rank{i}.out", tmp_path / "logs" / f"rank{i}.err") for i in range(2)]
+    group = procgroup.start([[sys.executable, *argv]] * 2, [{**base, "OMP_NUM_THREADS": "1", **env_for(i)}
+                                                             for i in range(2)], cwd=ROOT, logs=logs)
+    # every rank must exit by itself (a rank left waiting for rank 0 would run into the deadline and be killed)
+    group.wait(deadline=time.monotonic() + 300, stop_on_failure=False, kill_on_stop=True)
+    return [subprocess.CompletedProcess(p.args, p.wait(), o.read_text(), e.read_text())
+            for p, (o, e) in zip(group.procs, logs, strict=True)]
 
 
 def _port() -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from _pbs import JAX_70B, TORCH_70B, fake_pbs, write_script
 
+from runtime import procgroup
 from runtime.procgroup import ProcessGroup
 from scripts.aurora import alcf, launch
 
@@ -148,6 +149,39 @@ def test_group_forwards_sigterm_to_every_worker_and_waits_for_them(tmp_path):
     assert [p.returncode for p in procs] == [143] * 3
     assert all((tmp_path / f"rank{r}").read_text() == "saved" for r in range(3))
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+
+
+def test_start_gives_each_process_its_environment_and_log_files(tmp_path):
+    code = "import os, sys; print('out', os.environ['RANK']); print('err', os.environ.get('HOME'), file=sys.stderr)"
+    logs = [(tmp_path / "0.out", tmp_path / "0.err"), tmp_path / "1.log"]
+    group = procgroup.start([[sys.executable, "-c", code]] * 2, [{"RANK": str(r), "PATH": os.environ["PATH"]}
+                                                                  for r in range(2)], cwd=tmp_path, logs=logs)
+    group.wait(deadline=time.monotonic() + 60)
+    assert group.codes == {0: 0, 1: 0}
+    assert (tmp_path / "0.out").read_text() == "out 0\n" and (tmp_path / "0.err").read_text() == "err None\n"
+    assert sorted((tmp_path / "1.log").read_text().splitlines()) == ["err None", "out 1"]  # exactly the env given
+    with pytest.raises(ValueError, match="2 commands, 1 environments and no logs: give one of each per process"):
+        procgroup.start([["true"]] * 2, [{}])
+
+
+def test_start_stops_the_started_processes_when_one_cannot_start(tmp_path):
+    sleeper = [sys.executable, "-c", "import time; time.sleep(600)"]
+    with pytest.raises(FileNotFoundError):
+        procgroup.start([sleeper, [str(tmp_path / "no-such-program")]], [dict(os.environ)] * 2)
+    assert not [p for p in _children() if "time.sleep(600)" in p]
+
+
+def _children() -> list[str]:
+    """Command lines of this process's living (not zombie) children."""
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            if d.name.isdigit() and int(stat[1]) == os.getpid() and stat[0] != "Z":
+                out.append((d / "cmdline").read_text().replace("\0", " "))
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
 
 
 def _workers_of(pid: int) -> dict[int, int]:

@@ -20,6 +20,7 @@ from configs.rundir import read_metrics
 from jax_impl import checkpoint, distributed
 from jax_impl.sharding import batch_sharding, make_mesh
 from jax_impl.train import main
+from runtime import procgroup
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", "--wandb", "disabled", "--quiet"]
@@ -93,26 +94,15 @@ def run_two_processes(tmp_path, name: str, *args: str, timeout: int = 500,
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
     env["OMP_NUM_THREADS"] = "1"
     logs = [(tmp_path / f"{name}.{i}.out", tmp_path / f"{name}.{i}.err") for i in range(2)]
-    procs = []
-    for i, (out, err) in enumerate(logs):
-        with out.open("w") as fo, err.open("w") as fe:  # files, not pipes: a full pipe would stall the child
-            procs.append(subprocess.Popen(
-                command or [sys.executable, "-m", "jax_impl.train", *TINY, "--out-dir", str(tmp_path), "--name", name,
-                            *args],
-                cwd=ROOT, stdout=fo, stderr=fe, text=True,
-                env={**env, "PMI_RANK": str(i), "PMI_SIZE": "2", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}"}))
-    deadline = time.monotonic() + timeout
-    try:
-        while any(p.poll() is None for p in procs):
-            if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-    finally:
-        for q in procs:
-            if q.poll() is None:
-                q.kill()
+    argv = command or [sys.executable, "-m", "jax_impl.train", *TINY, "--out-dir", str(tmp_path), "--name", name,
+                       *args]
+    group = procgroup.start([argv] * 2, [{**env, "PMI_RANK": str(i), "PMI_SIZE": "2",
+                                          "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}"} for i in range(2)],
+                            cwd=ROOT, logs=logs, poll_s=0.2)
+    # the launchers' own waiting (runtime.procgroup): a failure or the deadline kills the peer at once
+    group.wait(deadline=time.monotonic() + timeout, failure_grace_s=0.0, kill_on_stop=True)
     out = [subprocess.CompletedProcess(p.args, p.wait(), o.read_text(), e.read_text())
-           for p, (o, e) in zip(procs, logs, strict=True)]
+           for p, (o, e) in zip(group.procs, logs, strict=True)]
     for r in out:
         assert r.returncode == 0, r.stderr[-4000:]
     return out

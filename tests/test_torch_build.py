@@ -20,12 +20,13 @@ import torch
 
 from configs import load_config
 from torch_ref import build, weights
-from torch_ref.convert import jax_to_torch, load_npz, npz_members, save_npz, torch_to_jax
+from torch_ref.convert import jax_to_torch, torch_to_jax
 from torch_ref.ds_config import installed_ds_config
 from torch_ref.layouts import plan_layout
 from torch_ref.memplan import fake_world
 from torch_ref.memplan import main as memplan_main
 from torch_ref.model import Llama, init_torch
+from weightmap.npz import load_npz, npz_members, save_npz
 
 # vocab 250 (not a multiple of 2, 3 or 4) and odd widths: every partition boundary cuts rows mid-way
 MODEL = dataclasses.replace(load_config("tiny").model, vocab_size=250, hidden=36, n_heads=6, n_kv_heads=2,
@@ -107,7 +108,7 @@ def test_npz_is_read_in_place_and_equals_the_loaded_file(tmp_path):
 def test_npz_reader_refuses_a_compressed_file_and_a_wrong_model(tmp_path):
     params = torch_to_jax(init_torch(Llama(MODEL), seed=2).state_dict())
     np.savez_compressed(tmp_path / "c.npz", **{"embed": params["embed"]})
-    with pytest.raises(ValueError, match=r"member embed\.npy is compressed.*torch_ref\.convert\.save_npz"):
+    with pytest.raises(ValueError, match=r"member embed\.npy is compressed.*weightmap\.npz\.save_npz"):
         npz_members(tmp_path / "c.npz")
     bigger = dataclasses.replace(MODEL, n_layers=4)
     path = save_npz(tmp_path / "init_params.npz", params)

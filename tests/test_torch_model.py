@@ -16,17 +16,13 @@ try:  # as tests/conftest.py may do; a no-op once JAX has started with enough de
 except Exception:
     pass
 
+import jax
 import jax.numpy as jnp
 
 from jax_impl import model as jm
 from torch_ref import model as tm
-from torch_ref.convert import (
-    jax_init_params,
-    jax_to_torch,
-    load_npz,
-    save_npz,
-    torch_to_jax,
-)
+from torch_ref.convert import jax_to_torch, torch_to_jax
+from weightmap.npz import load_npz, save_npz
 
 RTOL = 1e-5
 
@@ -41,6 +37,11 @@ def small_cfg(n_kv_heads: int = 2, **kw) -> ModelConfig:
     base = dict(name="t", vocab_size=96, vocab_pad_to=64, hidden=64, n_layers=2, n_heads=8, n_kv_heads=n_kv_heads,
                 ffn_hidden=96, embed_init_std=0.5, init_std=0.1)
     return ModelConfig(**{**base, **kw})
+
+
+def jax_init_params(cfg: ModelConfig, seed: int) -> dict:
+    """The JAX initial weights as numpy (what ``python -m jax_impl.init_weights`` writes)."""
+    return jax.tree.map(np.asarray, jm.init_params(cfg, seed))
 
 
 def layer_params(params: dict, i: int) -> dict:

@@ -1,152 +1,85 @@
-"""Exact JAX <-> torch parameter conversion (a bitwise round trip: only transposes and stacking).
+"""JAX params <-> torch ``state_dict`` tensors, and ``.pt`` <-> ``.npz`` for ``python -m jax_impl.checkpoint``.
 
-The one mapping table (L layers; i = 0..L-1; JAX matrices are (in, out), torch's (out, in)):
+The name mapping (the table, transposes and layer stacking) is ``weightmap.jaxtorch``, numpy only; this
+module only wraps its arrays as torch tensors and back, so the round trip stays bitwise.
 
-    JAX (jax_impl.model)        shape         torch (torch_ref.model)           shape        op
-    embed                       (V, h)        embed.weight                      (V, h)       copy
-    head                        (h, V)        head.weight                       (V, h)       transpose
-    final_norm                  (h,)          final_norm.weight                 (h,)         copy
-    layers.attn_norm[i]         (h,)          layers.{i}.attn_norm.weight       (h,)         copy
-    layers.mlp_norm[i]          (h,)          layers.{i}.mlp_norm.weight        (h,)         copy
-    layers.wq[i]                (h, H*D)      layers.{i}.wq.weight              (H*D, h)     transpose
-    layers.wk[i], wv[i]         (h, K*D)      layers.{i}.wk/wv.weight           (K*D, h)     transpose
-    layers.wo[i]                (H*D, h)      layers.{i}.wo.weight              (h, H*D)     transpose
-    layers.w_gate[i], w_up[i]   (h, F)        layers.{i}.w_gate/w_up.weight     (F, h)       transpose
-    layers.w_down[i]            (F, h)        layers.{i}.w_down.weight          (h, F)       transpose
+``python -m torch_ref.convert`` moves a state_dict between torch's file format and an ``.npz`` of the same
+(torch) names, nothing else. ``jax_impl.checkpoint``'s ``export --to torch`` and ``import --from torch`` run it
+in a subprocess, so neither package imports the other's framework:
 
-``--init jax`` hands the JAX initial weights to the torch workers as an ``.npz`` of the flat
-JAX names (``layers.wq`` etc.), written once by the launcher (``save_npz``, uncompressed). A worker
-never loads it whole: ``npz_members`` maps each member in place, and ``torch_ref.weights.NpzInit``
-reads one parameter's shard at a time from those maps. Only ``jax_init_params`` needs JAX, and
-imports it when called (the Aurora torch environment has no JAX).
+    python -m torch_ref.convert to-pt   state.npz model.pt    # torch-named arrays -> torch.save(state_dict)
+    python -m torch_ref.convert from-pt model.pt  state.npz   # torch.load(state_dict) -> torch-named arrays
 """
 
 from __future__ import annotations
 
-import struct
-import zipfile
+import argparse
+import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
-TOP_KEYS = ("embed", "head", "final_norm")
-TRANSPOSED = frozenset({"head", "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down"})
-
-
-def _t(a: np.ndarray, name: str) -> np.ndarray:
-    # always a fresh, writable, C-ordered copy: torch.from_numpy must not alias JAX's read-only buffers
-    return np.array(a.T if name in TRANSPOSED else a, order="C", copy=True)
+from weightmap.jaxtorch import to_jax, to_torch
 
 
 def jax_to_torch(params: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """JAX params (nested dict of arrays, ``init_params`` layout) -> torch ``state_dict`` of ``Llama``."""
-    out: dict[str, torch.Tensor] = {}
-    for name in TOP_KEYS:
-        out[f"{name}.weight"] = torch.from_numpy(_t(np.asarray(params[name]), name))
-    layers = params["layers"]
-    n_layers = np.asarray(layers["wq"]).shape[0]
-    for key in LAYER_KEYS:
-        stacked = np.asarray(layers[key])
-        for i in range(n_layers):
-            out[f"layers.{i}.{key}.weight"] = torch.from_numpy(_t(stacked[i], key))
-    return out
+    # to_torch returns fresh writable copies, so the tensors never alias the caller's (maybe read-only) buffers
+    return {k: torch.from_numpy(v) for k, v in to_torch(params).items()}
 
 
 def torch_to_jax(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """torch ``state_dict`` of ``Llama`` -> JAX params (nested dict of numpy arrays)."""
-    def arr(k: str) -> np.ndarray:
-        return state[k].detach().cpu().numpy()
-
-    out: dict[str, Any] = {name: _t(arr(f"{name}.weight"), name) for name in TOP_KEYS}
-    n_layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("layers."))
-    out["layers"] = {key: np.stack([_t(arr(f"layers.{i}.{key}.weight"), key) for i in range(n_layers)])
-                     for key in LAYER_KEYS}
-    return out
+    return to_jax({k: v.detach().cpu().numpy() for k, v in state.items()})
 
 
-def flatten(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Nested JAX params -> {"embed": ..., "layers.wq": ...} (the .npz keys)."""
-    flat = {k: np.asarray(v) for k, v in params.items() if k != "layers"}
-    flat.update({f"layers.{k}": np.asarray(v) for k, v in params["layers"].items()})
-    return flat
+class StateFileError(ValueError):
+    """A state_dict file that cannot be read; the message says which and why."""
 
 
-def unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    out: dict[str, Any] = {"layers": {}}
-    for k, v in flat.items():
-        if k.startswith("layers."):
-            out["layers"][k.split(".", 1)[1]] = v
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A torch state_dict file of tensors, or a StateFileError saying what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise StateFileError(f"{path}: no such file (a torch_ref state_dict .pt)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, not a pickle, a pickle of something else
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise StateFileError(f"{path}: not a readable torch state_dict ({type(e).__name__}: {first}); it is "
+                             "truncated or corrupt") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise StateFileError(f"{path}: holds a {type(state).__name__}, not a state_dict of tensors")
+    return state
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m torch_ref.convert", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    to_pt = sub.add_parser("to-pt", help="an .npz of torch state_dict names -> torch.save'd state_dict")
+    to_pt.add_argument("src")
+    to_pt.add_argument("out")
+    from_pt = sub.add_parser("from-pt", help="a torch state_dict file -> an .npz of the same names")
+    from_pt.add_argument("src")
+    from_pt.add_argument("out")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "to-pt":
+            with np.load(args.src) as f:
+                # copies: torch.save of a tensor over a read-only npz buffer would warn, and the file is closed next
+                state = {k: torch.from_numpy(np.array(f[k])) for k in f.files}
+            torch.save(state, args.out)
         else:
-            out[k] = v
-    return out
+            np.savez(args.out, **{k: v.detach().cpu().numpy() for k, v in load_state_dict(args.src).items()})
+    except (StateFileError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
-def save_npz(path: str | Path, params: Mapping[str, Any]) -> Path:
-    path = Path(path)
-    np.savez(path, **flatten(params))
-    return path
-
-
-def load_npz(path: str | Path) -> dict[str, Any]:
-    with np.load(path) as f:
-        return unflatten({k: f[k] for k in f.files})
-
-
-@dataclass(frozen=True)
-class NpzMember:
-    """Where one array of an uncompressed ``.npz`` lies in the file: ``array()`` maps it read-only, copying nothing."""
-
-    path: Path
-    offset: int
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    fortran_order: bool
-
-    def array(self) -> np.ndarray:
-        # a fresh map per call: the pages a reader touched leave the process when its array is dropped
-        if 0 in self.shape:  # np.memmap cannot map zero bytes
-            return np.zeros(self.shape, self.dtype)
-        return np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape or (1,),
-                         order="F" if self.fortran_order else "C").reshape(self.shape)
-
-
-def npz_members(path: str | Path) -> dict[str, NpzMember]:
-    """The arrays of an ``np.savez`` file (stored, not deflated) by key, located without reading their data."""
-    path = Path(path)
-    out: dict[str, NpzMember] = {}
-    with zipfile.ZipFile(path) as z, path.open("rb") as f:
-        for info in z.infolist():
-            if not info.filename.endswith(".npy"):
-                continue
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise ValueError(f"{path}: member {info.filename} is compressed; the shard-by-shard reader needs an "
-                                 "uncompressed .npz (write it with torch_ref.convert.save_npz / np.savez)")
-            f.seek(info.header_offset)
-            local = f.read(30)
-            if local[:4] != b"PK\x03\x04":
-                raise ValueError(f"{path}: no local file header for {info.filename} at byte {info.header_offset}")
-            name_len, extra_len = struct.unpack("<HH", local[26:30])
-            f.seek(info.header_offset + 30 + name_len + extra_len)
-            version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read_header(f)
-            out[info.filename[:-4]] = NpzMember(path, f.tell(), tuple(shape), np.dtype(dtype), bool(fortran))
-    return out
-
-
-def jax_init_params(model_cfg, seed: int) -> dict[str, Any]:
-    """``jax_impl.model.init_params`` as numpy (JAX on CPU; same weights on any device count)."""
-    import os
-
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # only matters if JAX has not started yet
-    import jax
-
-    from jax_impl.model import init_params
-
-    return jax.tree.map(np.asarray, init_params(model_cfg, seed))
+if __name__ == "__main__":
+    raise SystemExit(main())

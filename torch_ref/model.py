@@ -1,6 +1,6 @@
 """Llama-2 as a plain ``nn.Module``: the same math as ``jax_impl.model``, nothing distributed.
 
-Parameter names map 1:1 to the Flax tree (see ``torch_ref.convert`` for the table); linear
+Parameter names map 1:1 to the Flax tree (see ``weightmap.jaxtorch`` for the table); linear
 weights are torch's (out, in), i.e. the transpose of JAX's (in, out). Layers are an
 ``nn.ModuleList`` of ``Block`` so a pipeline can cut between them (``torch_ref.build.pipeline_specs``).
 

@@ -8,9 +8,10 @@
 
 Run directly, it is its own launcher: it checks the layout (bad input exits 2 before any
 worker starts), writes the run directory (config.json, ds_config.json, the initial weights
-``init_params.npz`` for ``--init jax``), then starts one worker process per mesh rank (world
-size = product of the mesh axes) with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, gloo on CPU
-and OMP_NUM_THREADS = cores / ranks. A worker that fails ends the run: the launcher stops
+``init_params.npz`` for ``--init jax``, computed by ``python -m jax_impl.init_weights`` in a subprocess:
+this package never imports JAX, and refuses ``--init jax`` where JAX is not installed), then starts one
+worker process per mesh rank (world size = product of the mesh axes) with RANK/WORLD_SIZE/MASTER_ADDR/
+MASTER_PORT, gloo on CPU and OMP_NUM_THREADS = cores / ranks. A worker that fails ends the run: the launcher stops
 its siblings and exits with the first failure's traceback (a rank killed by a signal, else the first to
 exit non-zero: ``runtime/procgroup.py``); the process group has a timeout (TORCH_REF_PG_TIMEOUT seconds,
 default 300), so a lost peer cannot hang the others. SIGTERM/SIGINT to the launcher go on to every rank:
@@ -21,7 +22,7 @@ are refused (``--oversubscribe`` starts them anyway). Bad data is found here, be
 On a cluster the same module runs under ``mpiexec`` / ``deepspeed`` / ``torchrun``: when a launcher
 gave this process a rank (``runtime.launcher_env``: RANK, PALS_RANKID, PMIX_RANK, PMI_RANK,
 OMPI_COMM_WORLD_RANK, SLURM_PROCID; world size from WORLD_SIZE, PMI_SIZE, ...), every process is a
-worker; rank 0 writes the run directory and computes the JAX initial weights.
+worker; rank 0 writes the run directory and the JAX initial weights (the same subprocess).
 
 ``--platform``: ``xpu`` = Intel GPUs through ``torch.xpu`` (DeepSpeed's xpu accelerator, the ``xccl``
 backend; no intel-extension-for-pytorch), ``cpu`` = gloo, ``gpu`` = CUDA (DeepSpeed's choice of backend),
@@ -52,16 +53,19 @@ by rank 0 under an external launcher, so a second run in it is refused.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 import traceback
+import zipfile
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -112,12 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap = trainer_parser("python -m torch_ref.train", __doc__,
                         "xpu: torch.xpu + xccl; cpu: gloo; gpu: CUDA; auto: xpu if available, else CUDA, else cpu")
     ap.add_argument("--init", choices=("jax", "torch"), default="jax",
-                    help="jax: jax_impl.model.init_params(seed), the JAX run's exact weights (default); "
+                    help="jax: jax_impl.model.init_params(seed), the JAX run's exact weights (default; written by "
+                         "`python -m jax_impl.init_weights` in a subprocess, so it needs JAX installed); "
                          "torch: torch_ref.model.init_torch (same stds, torch's random stream)")
-    ap.add_argument("--init-from", metavar="CKPT|HF_DIR",
+    ap.add_argument("--init-from", metavar="CKPT|HF_DIR|NPZ",
                     help="start from these weights instead of --init: a jax_impl checkpoint (read by "
-                         "`python -m jax_impl.checkpoint export`, in a subprocess) or a Hugging Face Llama directory "
-                         "(config.json + *.safetensors); with --resume auto only until the run has a checkpoint")
+                         "`python -m jax_impl.checkpoint export`, in a subprocess), a Hugging Face Llama directory "
+                         "(config.json + *.safetensors) or an .npz of the flat JAX names (e.g. written by "
+                         "`python -m jax_impl.init_weights`); with --resume auto only until the run has a checkpoint")
     ap.add_argument("--dry-run", action="store_true", help="print the layout and the DeepSpeed config; start nothing")
     ap.add_argument("--quiet", action="store_true", help="print only the first and last step; no loss.png")
     ap.add_argument("--oversubscribe", action="store_true",
@@ -415,6 +421,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.init_from and not Path(args.init_from).exists():
             raise ConfigError(f"--init-from {args.init_from}: no such checkpoint or directory")
         init = "file" if args.init_from and not resume else args.init
+        if init == "jax" and (why := jax_init_unavailable()):
+            raise ConfigError(f"--init jax (the default) computes the JAX run's initial weights with "
+                              f"`python -m jax_impl.init_weights`, but {why}; pass --init torch (torch's own draw), "
+                              "or --init-from with weights written where JAX is installed (an .npz from "
+                              "`python -m jax_impl.init_weights RUN_DIR/config.json OUT.npz`, a checkpoint, or a "
+                              "Hugging Face directory)")
         wants_ckpt = args.ckpt_every or args.ckpt_every_s or resume
         if wants_ckpt and not layout.engine.startswith("deepspeed"):
             raise ConfigError(f"checkpoints are implemented for the DeepSpeed engines; layout {layout.label} runs "
@@ -465,7 +477,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         return launch(cfg, layout, init=init, quiet=args.quiet, ckpt=ckpt, run_dir=planned)
     except InitFromError as e:
-        print(f"error: --init-from {args.init_from}: {e}", file=sys.stderr)
+        print(f"error: --init-from {args.init_from}: {e}" if init == "file" else f"error: --init {init}: {e}",
+              file=sys.stderr)
         raise SystemExit(2) from None
     finally:
         lock.release()
@@ -515,9 +528,7 @@ def prepare_run_dir(cfg: Config, layout: Layout, init: str, quiet: bool, ckpt: d
         (run_dir / "ds_config.json").write_text(json.dumps(installed_ds_config(cfg), indent=2) + "\n")
     t = time.perf_counter()
     if init == "jax":
-        from torch_ref.convert import jax_init_params, save_npz
-
-        save_npz(run_dir / "init_params.npz", jax_init_params(cfg.model, cfg.train.seed))
+        write_jax_init(run_dir / "config.json", run_dir / "init_params.npz")
     elif init == "file":
         write_init_from(Path(ckpt["init_from"]), cfg, run_dir / "init_params.npz")
     (run_dir / "launch.json").write_text(json.dumps({"init": init, "quiet": quiet, **ckpt,
@@ -529,14 +540,51 @@ class InitFromError(ValueError):
     """--init-from weights that cannot be read or do not fit the model; the message says why."""
 
 
+def _jax_env() -> dict[str, str]:
+    # the subprocess imports jax_impl from this source tree, whatever the working directory
+    return {**os.environ, "JAX_PLATFORMS": "cpu",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+
+
+def jax_init_unavailable() -> str | None:
+    """Why ``--init jax`` cannot run here (no JAX, or no jax_impl beside this package), else None. Looks the
+    modules up without importing them: this package never imports JAX."""
+    if importlib.util.find_spec("jax") is None:
+        return f"this Python ({sys.executable}) has no JAX"
+    if not (PROJECT_ROOT / "jax_impl" / "init_weights.py").is_file() and importlib.util.find_spec("jax_impl") is None:
+        return f"jax_impl is not installed beside torch_ref ({PROJECT_ROOT})"
+    return None
+
+
+def write_jax_init(config_json: Path, out: Path) -> None:
+    """``--init jax``: ``python -m jax_impl.init_weights`` writes ``init_params(model, train.seed)`` of the run's
+    config.json as the flat .npz the workers read shard by shard (a subprocess: no JAX in this process)."""
+    cmd = [sys.executable, "-m", "jax_impl.init_weights", str(config_json.resolve()), str(out.resolve())]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_jax_env())
+    if r.returncode != 0:
+        tail = "\n".join(r.stderr.strip().splitlines()[-6:]) or "(no output)"
+        raise InitFromError(f"`{' '.join(cmd[1:])}` failed (exit {r.returncode}); pass --init torch or --init-from "
+                            f"instead:\n{tail}")
+
+
 def write_init_from(src: Path, cfg: Config, out: Path) -> None:
     """``--init-from``: the weights as the flat .npz the workers read shard by shard (``NpzInit``).
 
     A Hugging Face directory is read here (numpy + safetensors); a jax_impl checkpoint by the JAX CLI in a
     subprocess, so this package never imports JAX (an environment without it gets a message saying so)."""
-    from torch_ref.convert import save_npz, unflatten
+    from torch_ref.weights import NpzInit
     from weightmap import hf
+    from weightmap.jaxtorch import unflatten
+    from weightmap.npz import save_npz
 
+    if src.is_file():  # an .npz of the flat JAX names: checked against the model, then copied as it is
+        try:
+            NpzInit(cfg.model, src)  # headers only
+        except (ValueError, KeyError, OSError, zipfile.BadZipFile) as e:
+            raise InitFromError(f"not an uncompressed .npz of this model's parameters (flat JAX names: embed, "
+                                f"layers.wq, ...): {e}") from None
+        shutil.copyfile(src, out)
+        return
     if (src / hf.CONFIG).is_file():
         try:
             where = str(src / hf.CONFIG)
@@ -547,15 +595,13 @@ def write_init_from(src: Path, cfg: Config, out: Path) -> None:
             raise InitFromError(str(e)) from None
         return
     cmd = [sys.executable, "-m", "jax_impl.checkpoint", "export", "--to", "npz", str(src), str(out)]
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_jax_env())
     if r.returncode != 0:
         why = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
         if "No module named 'jax" in r.stderr:
             why = ("reading a jax_impl checkpoint needs JAX, which this environment lacks; export it where JAX "
                    "is installed (`python -m jax_impl.checkpoint export --to hf CKPT DIR`) and pass DIR")
         raise InitFromError(why)
-    from torch_ref.weights import NpzInit
-
     try:
         NpzInit(cfg.model, out)  # checks every array's shape against the model (headers only)
     except (ValueError, KeyError) as e:

@@ -13,7 +13,7 @@ from its own generator, seeded from (seed, name, k): any element range is reprod
 at the cost of drawing at most two chunks more than asked for.
 
 ``NpzInit`` (``--init jax``): the JAX initial weights in the run directory's ``init_params.npz``
-(JAX names, stacked layers, (in, out) matrices), read in place through ``convert.npz_members``:
+(JAX names, stacked layers, (in, out) matrices), read in place through ``weightmap.npz.npz_members``:
 only the requested slice of a member is ever read into memory.
 """
 
@@ -137,7 +137,8 @@ class NpzInit(WeightSource):
     """``--init jax``: slices of the JAX initial weights in an ``init_params.npz``, read in place."""
 
     def __init__(self, cfg: ModelConfig, path: str | Path):
-        from torch_ref.convert import TRANSPOSED, npz_members
+        from weightmap.jaxtorch import TRANSPOSED
+        from weightmap.npz import npz_members
 
         super().__init__(cfg)
         self.path = Path(path)
@@ -149,7 +150,7 @@ class NpzInit(WeightSource):
             want = self._jax_shape(name, shape)
             if got is None or got[len(idx):] != want or (idx and got[0] <= idx[0]):
                 raise ValueError(f"{self.path}: array {key!r} has shape {got}, which does not hold {name} {shape} of "
-                                 f"model {cfg.name!r}; write the file for this model (torch_ref.convert.save_npz)")
+                                 f"model {cfg.name!r}; write the file for this model (weightmap.npz.save_npz)")
 
     def _member(self, name: str) -> tuple[str, tuple[int, ...]]:
         if name.startswith("layers."):
