@@ -198,3 +198,23 @@ def test_visible_devices_that_are_not_whole_nodes_plan_as_one_node():
                     framework="torch")
     assert d.pick.ngpu == 1 and d.pick.gbs == 8 and d.inputs["cluster"]["tiles_per_node"] == 1
     assert d.inputs["cluster"]["mem_gb"] == 80.0 and "for the 1 visible devices" in d.cluster_source
+
+
+def test_trainers_import_the_planner_only_for_mesh_auto():
+    """Importing a trainer loads no compare module (``auto_layout`` is imported inside the function that needs it);
+    importing the planner loads neither framework (the JAX probe and DeepSpeed's buckets import them lazily)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, {mods}; print(sorted({{m.split('.')[0] for m in sys.modules if m.split('.')[0] in "
+            "{{'compare', 'jax', 'jax_impl', 'torch', 'torch_ref', 'deepspeed'}}}}))")
+    root = Path(__file__).resolve().parents[1]
+
+    def loaded(mods: str) -> str:
+        r = subprocess.run([sys.executable, "-c", code.format(mods=mods)], capture_output=True, text=True, cwd=root,
+                           check=True)
+        return r.stdout.strip()
+
+    assert loaded("jax_impl.train, torch_ref.train") == "['jax_impl', 'torch_ref']"
+    assert loaded("compare.plan") == "['compare']"
