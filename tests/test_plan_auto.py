@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from compare import plan
+from compare.cluster import load_cluster
+from compare.plan import choice
 from configs import ConfigError, load_config
 
 
@@ -34,7 +36,7 @@ def test_uncertain_is_not_picked_over_a_clear_fit():
     cfg = _cfg("llama2-70b", **{"parallel.gbs": 96})
     d = plan.choose(cfg, nodes=8, framework="torch")
     assert d.pick_info["ds_verdict"] == "fits"
-    ranked = plan._ranked(plan.plan(plan.register_config(cfg), 8, plan.load_cluster("aurora"),
+    ranked = choice._ranked(plan.plan(plan.register_config(cfg), 8, load_cluster("aurora"),
                                     plan.Assumptions(**d.inputs["assumptions"]), gbs=96))
     unsure = [p for p in ranked if p.uncertain]
     assert unsure and max(p.step.sps for p in unsure) > d.pick_info["sps"]  # a faster, uncertain one existed
@@ -94,12 +96,10 @@ def test_jax_mesh_auto_trains_records_and_resumes_without_replanning(tmp_path, m
     assert par["mesh"] == dec["parallel"]["mesh"] and par["gbs"] == 8
     assert par["mbs"] * par["gas"] * meta["mesh"]["data"] * meta["mesh"]["fsdp"] == 8
 
-    import compare.plan
-
     def no_replan(*a, **k):
         raise AssertionError("a resumed --mesh auto run re-planned")
 
-    monkeypatch.setattr(compare.plan, "choose", no_replan)
+    monkeypatch.setattr(choice, "choose", no_replan)  # where auto_layout looks it up
     jax_train.main([*SMALL, "--steps", "4", "--out-dir", str(tmp_path), "--resume", str(tmp_path / "r")])
     assert "resuming with the run's recorded layout" in capsys.readouterr().out
     meta2, conf2 = _meta(tmp_path / "r")
@@ -145,12 +145,10 @@ def test_torch_mesh_auto_trains_records_and_resumes_without_replanning(tmp_path,
     assert dec["inputs"]["framework"] == "torch" and dec["pick"]["ds_verdict"] == "fits"
     assert conf["config"]["parallel"]["mesh"] == dec["parallel"]["mesh"] and meta["gbs"] == 8
 
-    import compare.plan
-
     def no_replan(*a, **k):
         raise AssertionError("a resumed --mesh auto run re-planned")
 
-    monkeypatch.setattr(compare.plan, "choose", no_replan)
+    monkeypatch.setattr(choice, "choose", no_replan)  # where auto_layout looks it up
     torch_train.main([*SMALL, "--steps", "4", "--out-dir", str(tmp_path), "--resume", str(tmp_path / "t")])
     assert "resuming with the run's recorded layout" in capsys.readouterr().out
     meta2, conf2 = _meta(tmp_path / "t")
@@ -196,7 +194,27 @@ def test_plan_single_mesh_at_a_gbs_derives_gas(tmp_path, capsys):
 
 def test_visible_devices_that_are_not_whole_nodes_plan_as_one_node():
     """One GPU under the h100-node description: the cluster's per-device figures, one node of one device."""
-    d = plan.choose(_cfg("small", **{"parallel.gbs": 8}), devices=1, cluster=plan.load_cluster("h100-node"),
+    d = plan.choose(_cfg("small", **{"parallel.gbs": 8}), devices=1, cluster=load_cluster("h100-node"),
                     framework="torch")
     assert d.pick.ngpu == 1 and d.pick.gbs == 8 and d.inputs["cluster"]["tiles_per_node"] == 1
     assert d.inputs["cluster"]["mem_gb"] == 80.0 and "for the 1 visible devices" in d.cluster_source
+
+
+def test_trainers_import_the_planner_only_for_mesh_auto():
+    """Importing a trainer loads no compare module (``auto_layout`` is imported inside the function that needs it);
+    importing the planner loads neither framework (the JAX probe and DeepSpeed's buckets import them lazily)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys, {mods}; print(sorted({{m.split('.')[0] for m in sys.modules if m.split('.')[0] in "
+            "{{'compare', 'jax', 'jax_impl', 'torch', 'torch_ref', 'deepspeed'}}}}))")
+    root = Path(__file__).resolve().parents[1]
+
+    def loaded(mods: str) -> str:
+        r = subprocess.run([sys.executable, "-c", code.format(mods=mods)], capture_output=True, text=True, cwd=root,
+                           check=True)
+        return r.stdout.strip()
+
+    assert loaded("jax_impl.train, torch_ref.train") == "['jax_impl', 'torch_ref']"
+    assert loaded("compare.plan") == "['compare']"
