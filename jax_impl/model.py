@@ -27,7 +27,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from configs import Config, ModelConfig
 from configs import rope as configs_rope
-from jax_impl.sharding import GRAD_SHARDED_AS, ZeroPlan, constrain, gather_weight
+from jax_impl.sharding import FROM_COPY, GRAD_SHARDED_AS, ZeroPlan, constrain, gather_weight
 
 # logical axis names of every parameter, by name (the model's whole sharding vocabulary)
 PARAM_AXES: dict[str, tuple[str, ...]] = {
@@ -64,8 +64,8 @@ def all_but_weights(prim: Any, *_, **params: Any) -> bool:
     too: it ignores its names.)"""
     if prim.name == "name":
         return params["name"] not in (WEIGHTS, "pipe_w")
-    if prim.name == "custom_vjp_call":  # the weight's gradient-sharding identity (sharding.gather_weight)
-        return _vjp_name(params) != GRAD_SHARDED_AS
+    if prim.name == "custom_vjp_call":  # the weight's gradient-sharding identity or compute-copy read (gather_weight)
+        return _vjp_name(params) not in (GRAD_SHARDED_AS, FROM_COPY)
     return prim.name not in ("sharding_constraint", "slice")
 
 
