@@ -241,11 +241,15 @@ class ZeroPlan:
         p = cfg.parallel
         everywhere = _axes(mesh, DP_AXES)
         inside = _axes(mesh, ("fsdp",))
-        states = inside if p.mics else everywhere
         # DeepSpeed's hpZ under mixed precision: only the bf16 copy stays inside the node; the fp32 master
         # joins the optimizer state over every device (not with pipeline stages, which read params directly)
         copy = (p.hpz and HPZ_COMPUTE_COPY and cfg.train.dtype != "fp32" and mesh.shape[PIPELINE_AXIS] == 1
                 and bool(inside))
+        if copy:
+            # fsdp-major: a device's fsdp block of the copy is then the blocks of the states held by its own
+            # `data` peers, and making the copy is one all-gather over `data` (data-major needed a permute first)
+            everywhere = _axes(mesh, ("fsdp", "data"))
+        states = inside if p.mics else everywhere
         return cls(
             mesh=mesh,
             params=(everywhere if copy else inside if (p.hpz or p.mics) else everywhere) if p.zero >= 3 else (),

@@ -176,12 +176,14 @@ class Trainer:
         """
         if self.copy_abstract is None:
             return None
-        def one(p, a):
+        def one(p, a, master_sh):
             c = (jax.lax.bitcast_convert_type(p.astype(COPY_DTYPE), COPY_BITS) if a.dtype == COPY_BITS
                  else p.astype(a.dtype))
+            # cast where the master lives, then gathered: left free, XLA gathered the fp32 master and cast after
+            c = jax.lax.with_sharding_constraint(c, master_sh)
             return jax.lax.with_sharding_constraint(c, a.sharding)
 
-        return jax.tree.map(one, params, self.copy_abstract)
+        return jax.tree.map(one, params, self.copy_abstract, self.param_sh)
 
     def model_params(self, params: dict, copy: dict | None) -> dict:
         """What the model reads: ``params`` themselves, or with a copy each weight as a ``Split`` (values from

@@ -427,7 +427,7 @@ def test_hpz_bf16_resume_continues_bit_identically(tmp_path, monkeypatch):
     from jax_impl import sharding
 
     full = run(tmp_path, "full", *HPZ_BF16, "--steps", "4", "--ckpt-every", "2")
-    assert full["params"]["layers"]["wq"].sharding.spec[1] == ("data", "fsdp")
+    assert full["params"]["layers"]["wq"].sharding.spec[1] == ("fsdp", "data")
     res = run(tmp_path, "res", *HPZ_BF16, "--steps", "4", "--resume", str(full["ckpt_dir"] / "2"))
     assert res["start_step"] == 2 and res["losses"] == full["losses"][2:]
     assert leaves_equal(res["params"], full["params"]) and leaves_equal(res["opt_state"], full["opt_state"])
@@ -438,5 +438,5 @@ def test_hpz_bf16_resume_continues_bit_identically(tmp_path, monkeypatch):
     monkeypatch.setattr(sharding, "HPZ_COMPUTE_COPY", True)
     tr = trainer("data=2,fsdp=4", **{"parallel.zero": 3, "parallel.hpz": True, "train.dtype": "bf16"})
     r = checkpoint.restore(old["ckpt_dir"], tr)
-    assert r.params["layers"]["wq"].sharding.spec[1] == ("data", "fsdp")
+    assert r.params["layers"]["wq"].sharding.spec[1] == ("fsdp", "data")
     assert leaves_equal(r.params, old["params"]) and leaves_equal(r.opt_state, old["opt_state"])

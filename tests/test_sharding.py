@@ -202,7 +202,7 @@ HPZ_BF16 = {"parallel.hpz": True, "train.dtype": "bf16"}
 
 def test_hpz_bf16_master_over_all_devices_compute_copy_inside_the_node():
     """hpZ with bf16 compute as DeepSpeed runs it: the fp32 master params sharded like the optimizer state
-    (data x fsdp), and the step's bf16 compute copy over fsdp only (bf16 as its uint16 bits; norm weights,
+    (fsdp x data), and the step's bf16 compute copy over fsdp only (bf16 as its uint16 bits; norm weights,
     applied in fp32, stay fp32). fp32 compute keeps the plain hpZ layout: params over fsdp, no copy."""
     import jax.numpy as jnp
 
@@ -211,14 +211,19 @@ def test_hpz_bf16_master_over_all_devices_compute_copy_inside_the_node():
     cfg = load_config("tiny", {**BASE, "parallel.mesh": "data=2,fsdp=4", "parallel.zero": 3, **HPZ_BF16})
     mesh = make_mesh(cfg.mesh_shape())
     tr = Trainer.build(cfg, mesh)
-    both = ("data", "fsdp")
-    assert (tr.plan.params, tr.plan.opt, tr.plan.compute) == (both, both, ("fsdp",))
+    both = ("fsdp", "data")  # fsdp-major: the copy is an all-gather over `data` of the master
+    assert (tr.plan.params, tr.plan.grads, tr.plan.opt, tr.plan.compute) == (both, both, both, ("fsdp",))
     assert tr.storage["layers"]["wq"].sharding.spec == P(None, both, None)
     assert tr.storage["layers"]["wq"].dtype == jnp.float32
     for name, c in tr.copy_abstract["layers"].items():
         assert c.sharding.spec == P(None, "fsdp", None) or c.sharding.spec == P(None, "fsdp"), (name, c.sharding)
         assert c.dtype == (jnp.float32 if name.endswith("norm") else COPY_BITS), (name, c.dtype)
     assert tr.copy_abstract["embed"].sharding.spec == P("fsdp", None)
+    # the copy is made by gathering bf16 bits over `data`: no fp32 all-gather, no permute before it
+    text = tr.compile_step().as_text()
+    stacks = re.findall(r"= (\w+)\[2,\d+,\d+\]\S* all-gather\(", text)  # whole (2-layer) weight stacks
+    assert stacks and set(stacks) == {"u16"}, stacks
+    assert "collective-permute(" not in text
 
     params, _ = tr.init_state()
     with activate(mesh):
