@@ -56,7 +56,7 @@ MBS_CHOICES = (1, 2)
 # DeepSpeed's documented defaults, used where the generated config leaves a key out (ZeRO-1/2).
 DS_DEFAULT_REDUCE_BUCKET = 5e8
 DS_DEFAULT_ALLGATHER_BUCKET = 5e8
-JAX_WORKER_VERSION = 2  # bump to invalidate cached compile results (and whenever the step's memory changes)
+JAX_WORKER_VERSION = 3  # bump to invalidate cached compile results (and whenever the step's memory changes)
 
 
 # =============================================================================== assumptions
