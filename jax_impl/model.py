@@ -375,7 +375,9 @@ def layers(opts: ModelOptions, stack: dict, x: jax.Array, *, start: jax.Array | 
     if start is None:
         # without remat every intermediate is still saved, but not the weights: the backward reads them from the
         # stored stack instead of a stacked copy the scan would keep (see all_but_weights)
-        if CARRY_BITS and opts.remat and opts.policy is None and x.dtype == jnp.bfloat16:
+        # not inside a pipeline stage (a shard_map over `pipeline`: its schedules save and replay layers themselves)
+        if (CARRY_BITS and opts.remat and opts.policy is None and x.dtype == jnp.bfloat16
+                and not jax.sharding.get_abstract_mesh().manual_axes):
             layer = partial(_layer_saving_bits, block_fn)
         else:
             layer = jax.checkpoint(block_fn, policy=opts.policy, prevent_cse=False)
