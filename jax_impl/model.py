@@ -27,7 +27,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from configs import Config, ModelConfig
 from configs import rope as configs_rope
-from jax_impl.sharding import GRAD_SHARDED_AS, ZeroPlan, constrain, gather_weight
+from jax_impl.sharding import FROM_COPY, GRAD_SHARDED_AS, ZeroPlan, constrain, gather_weight
 
 # logical axis names of every parameter, by name (the model's whole sharding vocabulary)
 PARAM_AXES: dict[str, tuple[str, ...]] = {
@@ -64,8 +64,8 @@ def all_but_weights(prim: Any, *_, **params: Any) -> bool:
     too: it ignores its names.)"""
     if prim.name == "name":
         return params["name"] not in (WEIGHTS, "pipe_w")
-    if prim.name == "custom_vjp_call":  # the weight's gradient-sharding identity (sharding.gather_weight)
-        return _vjp_name(params) != GRAD_SHARDED_AS
+    if prim.name == "custom_vjp_call":  # the weight's gradient-sharding identity or compute-copy read (gather_weight)
+        return _vjp_name(params) not in (GRAD_SHARDED_AS, FROM_COPY)
     return prim.name not in ("sharding_constraint", "slice")
 
 
@@ -375,7 +375,12 @@ def layers(opts: ModelOptions, stack: dict, x: jax.Array, *, start: jax.Array | 
     if start is None:
         # without remat every intermediate is still saved, but not the weights: the backward reads them from the
         # stored stack instead of a stacked copy the scan would keep (see all_but_weights)
-        layer = jax.checkpoint(block_fn, policy=opts.policy, prevent_cse=False)
+        # not inside a pipeline stage (a shard_map over `pipeline`: its schedules save and replay layers themselves)
+        if (CARRY_BITS and opts.remat and opts.policy is None and x.dtype == jnp.bfloat16
+                and not jax.sharding.get_abstract_mesh().manual_axes):
+            layer = partial(_layer_saving_bits, block_fn)
+        else:
+            layer = jax.checkpoint(block_fn, policy=opts.policy, prevent_cse=False)
         x, _ = jax.lax.scan(lambda carry, p: (layer(carry, p), None), x, stack, unroll=opts.unroll)
         return x
 
@@ -389,6 +394,32 @@ def layers(opts: ModelOptions, stack: dict, x: jax.Array, *, start: jax.Array | 
     layer_at = jax.checkpoint(layer_at, prevent_cse=False, policy=opts.policy)
     x, _ = jax.lax.scan(lambda c, j: (layer_at(c, stack, start + j), None), x, jnp.arange(count))
     return x
+
+
+CARRY_BITS = True
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _layer_saving_bits(fn: Callable, x: jax.Array, p: Any) -> jax.Array:
+    """``jax.checkpoint(fn)`` with nothing saved (full remat), but the layer input it keeps for the backward kept as
+    its uint16 bits. XLA:CPU's float-normalization-bf16 pass runs the backward loop's bf16 dynamic-slice of the
+    stacked inputs in fp32, through an fp32 convert of the whole stack hoisted out of the loop (70B, MBS 2:
+    f32[80,2,4096,8192], 20 GiB beside the 10 GiB of bf16); an integer stack is sliced as it is. The carry itself
+    stays bf16 (an integer carry would get no gradient)."""
+    return fn(x, p)
+
+
+def _layer_saving_bits_fwd(fn, x, p):
+    return fn(x, p), (jax.lax.bitcast_convert_type(x, jnp.uint16), p)
+
+
+def _layer_saving_bits_bwd(fn, res, ct):
+    bits, p = res
+    _, vjp = jax.vjp(fn, jax.lax.bitcast_convert_type(bits, jnp.bfloat16), p)
+    return vjp(ct)
+
+
+_layer_saving_bits.defvjp(_layer_saving_bits_fwd, _layer_saving_bits_bwd)
 
 
 def logits(opts: ModelOptions, x: jax.Array, final_norm: jax.Array, head: jax.Array, *,

@@ -7,7 +7,10 @@ optimizer state) also shard one dimension -- the most major after ``layers``, se
 
     ZeRO-0  nothing             ZeRO-2  + gradients
     ZeRO-1  optimizer state     ZeRO-3  + parameters
-    hpZ     ZeRO-3, but parameters only over ``fsdp`` (inside a node); states over data x fsdp
+    hpZ     ZeRO-3, but parameters only over ``fsdp`` (inside a node); states over data x fsdp.
+            With a bf16 compute dtype (DeepSpeed's hpZ): fp32 master params over data x fsdp like the
+            states, and a bf16 *compute copy* over ``fsdp`` that the forward/backward gather from
+            (``ZeroPlan.compute``, ``Split``)
     MiCS    ZeRO-3, every model state over ``fsdp`` only, replicated across ``data``
 
 JAX only accepts jit arguments whose sharded dimensions divide evenly, and no 70B dimension
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -63,6 +67,9 @@ ZERO_DIMS = ("embed", "norm")
 # gather_weight reduce-scatters each layer's weight gradient to the step's gradient sharding inside the
 # backward (docs/memory.md); False: the gradient keeps the weight's stored sharding until the step's end
 GRADS_PER_LAYER = True
+# hpZ with a compute dtype narrower than the stored fp32: the master params live over data x fsdp and the step
+# gathers its layers from a compute-dtype copy over fsdp (ZeroPlan.compute); False: fp32 params over fsdp
+HPZ_COMPUTE_COPY = True
 
 _ACTIVE: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("mesh", default=None)
 
@@ -138,7 +145,13 @@ def gather_weight(w: jax.Array, names: tuple[str, ...], shape: tuple[int, ...],
     (1, rows, cols) slice before dropping the layer axis, in a layout with the gathered axis major,
     and copied every gathered weight once more into the plain row-major layout the dots read.
     """
-    if plan is not None and _ACTIVE.get() is not None:
+    if isinstance(w, Split):
+        if plan is None or _ACTIVE.get() is None:  # no mesh: the copy's values, gradient to the master
+            w = _from_copy(w.copy, w.master, None, None)
+        else:
+            w = _from_copy(w.copy, w.master, (plan.spec(names, "compute", shape), logical_spec(names, plan.mesh)),
+                           plan.spec(names, "opt", shape))
+    elif plan is not None and _ACTIVE.get() is not None:
         if plan.opt and GRADS_PER_LAYER:
             # the gradient of this one layer's weight is reduce-scattered to the step's gradient sharding
             # (the optimizer state's) inside the backward, so the layer scan stacks 1/dp-sized gradients
@@ -170,26 +183,79 @@ _grad_sharded_as.defvjp(_grad_sharded_as_fwd, _grad_sharded_as_bwd)
 GRAD_SHARDED_AS = _grad_sharded_as.__name__  # its primitive's name (remat policies leave its output unsaved)
 
 
+# A bf16 compute copy is kept as its bit pattern (uint16): XLA:CPU's float-normalization-bf16 pass runs a bf16
+# dynamic-slice in fp32, and the layer scan's slice of the copy then read an fp32 convert of the whole stack,
+# hoisted out of the loop (70B hpZ, 8 nodes: +21.5 GiB of temp, docs/memory.md). Bits are sliced as they are.
+COPY_DTYPE, COPY_BITS = jnp.bfloat16, jnp.uint16
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Split:
+    """One weight as the model reads it under a compute copy: ``copy`` (compute dtype or its ``COPY_BITS``,
+    sharded inside the node) gives the values, ``master`` (fp32, sharded over every data-parallel device) takes
+    the gradient. A pytree, so the layer scan slices both stacks together."""
+
+    copy: jax.Array
+    master: jax.Array
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _from_copy(copy: jax.Array, master: jax.Array, specs: tuple[P, P] | None, grad_spec: P | None) -> jax.Array:
+    """``copy`` gathered to its compute layout (``specs``: stored, compute), *then* cast to the master's dtype:
+    the all-gather moves compute-dtype bytes. The cotangent, in the master's dtype as it is without a copy,
+    goes to ``master`` constrained to ``grad_spec`` (reduce-scattered over every data-parallel device inside
+    the backward, as ``_grad_sharded_as``); the copy is derived state and gets none."""
+    if specs is not None:
+        copy = _constrain_spec(_constrain_spec(copy, specs[0]), specs[1])
+    if copy.dtype == COPY_BITS:
+        copy = jax.lax.bitcast_convert_type(copy, COPY_DTYPE)
+    return copy.astype(master.dtype)
+
+
+def _from_copy_fwd(copy, master, specs, grad_spec):
+    return _from_copy(copy, master, specs, grad_spec), None
+
+
+def _from_copy_bwd(specs, grad_spec, _, ct):
+    return None, (ct if grad_spec is None else _constrain_spec(ct, grad_spec))
+
+
+_from_copy.defvjp(_from_copy_fwd, _from_copy_bwd)
+FROM_COPY = _from_copy.__name__
+
+
 @dataclass(frozen=True)
 class ZeroPlan:
-    """Which mesh axes the ZeRO dimensions of each stored tree are sharded over."""
+    """Which mesh axes the ZeRO dimensions of each stored tree are sharded over; ``compute``: those of the
+    compute-dtype copy the step gathers its weights from (hpZ with bf16 compute; () when there is none)."""
 
     mesh: Mesh | AbstractMesh
     params: tuple[str, ...]
     grads: tuple[str, ...]
     opt: tuple[str, ...]
+    compute: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, cfg: Config, mesh: Mesh) -> ZeroPlan:
         p = cfg.parallel
         everywhere = _axes(mesh, DP_AXES)
         inside = _axes(mesh, ("fsdp",))
+        # DeepSpeed's hpZ under mixed precision: only the bf16 copy stays inside the node; the fp32 master
+        # joins the optimizer state over every device (not with pipeline stages, which read params directly)
+        copy = (p.hpz and HPZ_COMPUTE_COPY and cfg.train.dtype != "fp32" and mesh.shape[PIPELINE_AXIS] == 1
+                and bool(inside))
+        if copy:
+            # fsdp-major: a device's fsdp block of the copy is then the blocks of the states held by its own
+            # `data` peers, and making the copy is one all-gather over `data` (data-major needed a permute first)
+            everywhere = _axes(mesh, ("fsdp", "data"))
         states = inside if p.mics else everywhere
         return cls(
             mesh=mesh,
-            params=(inside if (p.hpz or p.mics) else everywhere) if p.zero >= 3 else (),
+            params=(everywhere if copy else inside if (p.hpz or p.mics) else everywhere) if p.zero >= 3 else (),
             grads=states if p.zero >= 2 else (),
             opt=states if p.zero >= 1 else (),
+            compute=inside if copy else (),
         )
 
     def shards(self, axes: tuple[str, ...]) -> int:
@@ -197,7 +263,7 @@ class ZeroPlan:
 
     def pad_multiple(self) -> int:
         """Stored ZeRO dims are padded to a multiple of every tree's shard count."""
-        return math.lcm(*(self.shards(a) for a in (self.params, self.grads, self.opt)))
+        return math.lcm(*(self.shards(a) for a in (self.params, self.grads, self.opt, self.compute)))
 
     def zero_dim(self, names: tuple[str, ...], shape: tuple[int, ...]) -> int:
         """Which dimension of a stored parameter ZeRO shards.

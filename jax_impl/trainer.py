@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 from configs import Config, lr_at
 from jax_impl import devices, pipeline
 from jax_impl.model import PARAM_AXES, ModelOptions, cross_entropy, forward, init_params
-from jax_impl.sharding import ZeroPlan, activate, batch_sharding, replicated
+from jax_impl.sharding import COPY_BITS, COPY_DTYPE, Split, ZeroPlan, activate, batch_sharding, replicated
 
 
 def lr_schedule(cfg: Config) -> optax.Schedule:
@@ -101,6 +101,8 @@ class Trainer:
     tx: optax.GradientTransformation
     # how the model runs, built once: compute dtype, remat, ..., and the ZeRO plan its weights are gathered under
     model_opts: ModelOptions
+    # the compute copy (``plan.compute``; None without one): per parameter, its ShapeDtypeStruct with sharding
+    copy_abstract: dict | None = None
 
     @classmethod
     def build(cls, cfg: Config, mesh: Mesh) -> Trainer:
@@ -125,8 +127,19 @@ class Trainer:
             transform_non_params=lambda _: replicated(mesh))
         opt_abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                     opt_abstract, opt_sh)
+        opts = ModelOptions.from_config(cfg, plan)
+        copy_abstract = None
+        if plan.compute:
+            # norm weights stay fp32: the model applies them in fp32 (rms_norm); every other weight enters a
+            # compute-dtype matmul or embedding lookup, so casting it once here rounds it as the step would
+            # (a bf16 copy as its bits: sharding.COPY_BITS)
+            copy_abstract = jax.tree.map(
+                lambda n, s: jax.ShapeDtypeStruct(
+                    s.shape, s.dtype if "norm" in n else COPY_BITS if opts.dtype == COPY_DTYPE else opts.dtype,
+                    sharding=plan.sharding(n, "compute", s.shape)),
+                names, storage, is_leaf=lambda x: isinstance(x, tuple))
         return cls(cfg, mesh, plan, names, shapes, storage, param_sh, grad_sh, opt_sh, opt_leaf_sh, opt_abstract, tx,
-                   ModelOptions.from_config(cfg, plan))
+                   opts, copy_abstract)
 
     # ------------------------------------------------------------------ state
     @functools.cached_property
@@ -152,13 +165,41 @@ class Trainer:
         return jax.tree.map(lambda p, s: p[tuple(slice(0, n) for n in s)], params, self.shapes,
                             is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(i, int) for i in x))
 
+    # ------------------------------------------------------------------ compute copy
+    def compute_copy(self, params: dict) -> dict | None:
+        """The compute copy of the (master) ``params``: cast, then resharded to ``plan.compute`` -- one
+        compute-dtype all-gather over ``data`` per step. None without a copy (``plan.compute`` empty).
+
+        Derived from the master at the start of every step rather than carried between steps: the same
+        all-gather (the refresh after an update is the gather before the next step), checkpoints keep
+        (master, optimizer state) unchanged, and a restored or re-initialised master needs no rebuild step.
+        """
+        if self.copy_abstract is None:
+            return None
+        def one(p, a, master_sh):
+            c = (jax.lax.bitcast_convert_type(p.astype(COPY_DTYPE), COPY_BITS) if a.dtype == COPY_BITS
+                 else p.astype(a.dtype))
+            # cast where the master lives, then gathered: left free, XLA gathered the fp32 master and cast after
+            c = jax.lax.with_sharding_constraint(c, master_sh)
+            return jax.lax.with_sharding_constraint(c, a.sharding)
+
+        return jax.tree.map(one, params, self.copy_abstract, self.param_sh)
+
+    def model_params(self, params: dict, copy: dict | None) -> dict:
+        """What the model reads: ``params`` themselves, or with a copy each weight as a ``Split`` (values from
+        the copy, gradient to the master; ``sharding.gather_weight``)."""
+        if copy is None:
+            return params
+        return jax.tree.map(Split, jax.lax.stop_gradient(copy), params)
+
     # ------------------------------------------------------------------ step
     def loss_fn(self, params: dict, tokens: jax.Array, opts: ModelOptions | None = None) -> jax.Array:
         """Mean next-token loss of one microbatch tokens (batch, seq+1); ``opts``: the trainer's by default."""
         return cross_entropy(forward(opts or self.model_opts, params, tokens[:, :-1]), tokens[:, 1:])
 
     def _step(self, params: dict, opt_state: Any, batch: jax.Array, with_grads: bool = False, guard: bool = False):
-        grad_fn = jax.value_and_grad(self.loss_fn)
+        copy = self.compute_copy(params)  # once per step, outside the microbatch loop
+        grad_fn = jax.value_and_grad(lambda p, tokens: self.loss_fn(self.model_params(p, copy), tokens))
 
         # Gradients live only inside the step, so they are reduced straight into the sharding of the
         # optimizer state that consumes them: under ZeRO-1 a reduce-scatter instead of an all-reduce of
@@ -223,7 +264,8 @@ class Trainer:
         if pipeline.stages(self.mesh.shape) > 1:  # [pipeline] the same schedule; its gradients are dropped
             return pipeline.loss_and_grads(self.cfg, self.mesh, params, batch, self._eval_opts)[0]
         # the mean over the microbatches
-        return jnp.mean(jax.lax.map(partial(self.loss_fn, params, opts=self._eval_opts), batch))
+        mp = self.model_params(params, self.compute_copy(params))
+        return jnp.mean(jax.lax.map(partial(self.loss_fn, mp, opts=self._eval_opts), batch))
 
     @property
     def _eval_opts(self) -> ModelOptions:
@@ -264,4 +306,8 @@ class Trainer:
         grads = sum(per_dev(s.shape, s.dtype, sh) for s, sh in
                     zip(jax.tree.leaves(self.storage), jax.tree.leaves(self.grad_sh), strict=True))
         opt = sum(per_dev(s.shape, s.dtype, s.sharding) for s in jax.tree.leaves(self.opt_abstract))
-        return {"params": params, "grads": grads, "opt_state": opt}
+        out = {"params": params, "grads": grads, "opt_state": opt}
+        if self.copy_abstract is not None:  # derived in the step, not stored; live through forward and backward
+            out["compute_copy"] = sum(per_dev(s.shape, s.dtype, s.sharding)
+                                      for s in jax.tree.leaves(self.copy_abstract))
+        return out

@@ -260,3 +260,30 @@ def test_matmul_out_dtype_and_vjp():
                                atol=1e-2)
     ref = np.einsum("bsk,bsn->kn", np.asarray(x, np.float32), np.ones((3, 5, 8), np.float32))
     np.testing.assert_allclose(np.asarray(dw), ref, rtol=1e-6)
+
+
+def test_full_remat_keeps_bf16_layer_inputs_as_bits_same_numbers(tiny, monkeypatch):
+    """Full remat in bf16 keeps each layer's input for the backward as its uint16 bits (M.CARRY_BITS): the same
+    loss and gradients bit for bit, and less temp memory than the bf16 stack's size (XLA:CPU's bf16 normalization
+    made an fp32 copy of the whole stack)."""
+    cfg, _, tokens = tiny
+    scanned = dataclasses.replace(cfg.model, n_layers=10, hidden=128, ffn_hidden=256)  # > 8 layers: a lax.scan
+    params = M.init_params(scanned, 0)
+    tokens = jnp.tile(tokens, (4, 1))
+
+    def run(bits: bool):
+        monkeypatch.setattr(M, "CARRY_BITS", bits)
+
+        def loss(p):
+            return M.cross_entropy(M.forward(scanned, p, tokens[:, :-1], dtype=jnp.bfloat16, remat=True),
+                                   tokens[:, 1:])
+
+        f = jax.jit(jax.value_and_grad(loss))
+        return f(params), f.lower(params).compile().memory_analysis().temp_size_in_bytes
+
+    (l0, g0), temp0 = run(False)
+    (l1, g1), temp1 = run(True)
+    assert float(l1) == float(l0)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True))
+    stack = 10 * 8 * 32 * 128  # the saved layer inputs: (layers, batch, seq, hidden)
+    assert temp0 - temp1 >= 2 * stack  # the fp32 copy's peak share: more than the bf16 stack's bytes (70B: 10 GiB)

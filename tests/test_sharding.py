@@ -154,8 +154,15 @@ def test_70b_every_large_leaf_sharded_and_bytes_per_device(mesh_spec, extra):
     mesh = make_abstract_mesh(cfg.mesh_shape())
     n = mesh.size
     tr = Trainer.build(cfg, mesh)
-    # hpZ keeps params over the 12 tiles of a node; ZeRO-3 over all tiles. Padding costs < 1.6 %.
-    param_shards = 12 if cfg.parallel.hpz else n
+    # hpZ in bf16 keeps the fp32 master over all tiles (its bf16 compute copy over the 12 of a node); ZeRO-3 too.
+    # Padding costs < 1.6 %.
+    param_shards = n
+    if cfg.parallel.hpz:
+        assert cfg.train.dtype == "bf16"
+        for leaf in jax.tree.leaves(tr.copy_abstract):
+            if math.prod(leaf.shape) >= 1 << 20:
+                shard = leaf.sharding.shard_shape(leaf.shape)
+                assert math.prod(shard) * 12 == math.prod(leaf.shape), (leaf.shape, leaf.sharding.spec)
     for tree, shards in ((tr.storage, param_shards), (tr.opt_abstract, n)):
         for leaf in jax.tree.leaves(tree):
             if math.prod(leaf.shape) >= 1 << 20:
@@ -166,6 +173,8 @@ def test_70b_every_large_leaf_sharded_and_bytes_per_device(mesh_spec, extra):
     assert total / param_shards <= per_dev["params"] <= 1.016 * total / param_shards
     assert total / n <= per_dev["grads"] <= 1.016 * total / n
     assert 2 * total / n <= per_dev["opt_state"] <= 1.016 * 2 * total / n
+    if cfg.parallel.hpz:  # bf16, over a node's 12 tiles
+        assert total / 2 / 12 <= per_dev["compute_copy"] <= 1.016 * total / 2 / 12
 
 
 def test_hpz_layer_gradients_are_reduce_scattered_inside_the_backward(monkeypatch):
@@ -186,3 +195,79 @@ def test_hpz_layer_gradients_are_reduce_scattered_inside_the_backward(monkeypatc
     layer = sum(math.prod(s) for s in (
         (10, 128, 128), (10, 128, 64), (10, 128, 64), (10, 128, 128), (10, 128, 512), (10, 128, 512), (10, 512, 128)))
     assert temp(False) - temp(True) >= 0.9 * 4 * layer * (1 / 4 - 1 / 8)
+
+
+HPZ_BF16 = {"parallel.hpz": True, "train.dtype": "bf16"}
+
+
+def test_hpz_bf16_master_over_all_devices_compute_copy_inside_the_node():
+    """hpZ with bf16 compute as DeepSpeed runs it: the fp32 master params sharded like the optimizer state
+    (fsdp x data), and the step's bf16 compute copy over fsdp only (bf16 as its uint16 bits; norm weights,
+    applied in fp32, stay fp32). fp32 compute keeps the plain hpZ layout: params over fsdp, no copy."""
+    import jax.numpy as jnp
+
+    from jax_impl.sharding import COPY_BITS
+
+    cfg = load_config("tiny", {**BASE, "parallel.mesh": "data=2,fsdp=4", "parallel.zero": 3, **HPZ_BF16})
+    mesh = make_mesh(cfg.mesh_shape())
+    tr = Trainer.build(cfg, mesh)
+    both = ("fsdp", "data")  # fsdp-major: the copy is an all-gather over `data` of the master
+    assert (tr.plan.params, tr.plan.grads, tr.plan.opt, tr.plan.compute) == (both, both, both, ("fsdp",))
+    assert tr.storage["layers"]["wq"].sharding.spec == P(None, both, None)
+    assert tr.storage["layers"]["wq"].dtype == jnp.float32
+    for name, c in tr.copy_abstract["layers"].items():
+        assert c.sharding.spec == P(None, "fsdp", None) or c.sharding.spec == P(None, "fsdp"), (name, c.sharding)
+        assert c.dtype == (jnp.float32 if name.endswith("norm") else COPY_BITS), (name, c.dtype)
+    assert tr.copy_abstract["embed"].sharding.spec == P("fsdp", None)
+    # the copy is made by gathering bf16 bits over `data`: no fp32 all-gather, no permute before it
+    text = tr.compile_step().as_text()
+    stacks = re.findall(r"= (\w+)\[2,\d+,\d+\]\S* all-gather\(", text)  # whole (2-layer) weight stacks
+    assert stacks and set(stacks) == {"u16"}, stacks
+    assert "collective-permute(" not in text
+
+    params, _ = tr.init_state()
+    with activate(mesh):
+        copy = jax.jit(tr.compute_copy)(params)
+    for c, a in zip(jax.tree.leaves(copy), jax.tree.leaves(tr.copy_abstract), strict=True):
+        assert c.dtype == a.dtype and c.sharding.is_equivalent_to(a.sharding, c.ndim)
+    wq = jax.lax.bitcast_convert_type(copy["layers"]["wq"], jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(wq), np.asarray(params["layers"]["wq"].astype(jnp.bfloat16)))
+
+    fp32 = Trainer.build(load_config("tiny", {**BASE, "parallel.mesh": "data=2,fsdp=4", "parallel.zero": 3,
+                                              "parallel.hpz": True}), mesh)
+    assert fp32.copy_abstract is None and fp32.plan.params == ("fsdp",) and fp32.plan.compute == ()
+
+
+def test_hpz_bf16_step_takes_fewer_argument_bytes(monkeypatch):
+    """The compiled step's arguments hold the fp32 master over data x fsdp instead of over fsdp: the params'
+    share of them halves at data=2 (the copy is the step's own, derived from the master)."""
+    from jax_impl import sharding
+
+    cfg = load_config("tiny", {**BASE, "model.n_layers": 4, "model.hidden": 128, "model.ffn_hidden": 512,
+                               "parallel.mesh": "data=2,fsdp=4", "parallel.zero": 3, "parallel.mbs": 1, **HPZ_BF16})
+
+    def argument_bytes(copy: bool) -> int:
+        monkeypatch.setattr(sharding, "HPZ_COMPUTE_COPY", copy)
+        tr = Trainer.build(cfg, make_mesh(cfg.mesh_shape()))
+        assert (tr.copy_abstract is not None) == copy
+        return tr.compile_step().memory_analysis().argument_size_in_bytes
+
+    master = 4 * cfg.model.n_params()  # fp32, unpadded here (every dim divides by 8)
+    assert argument_bytes(False) - argument_bytes(True) >= 0.99 * master * (1 / 4 - 1 / 8)
+
+
+def test_hpz_bf16_compute_copy_keeps_the_numbers(monkeypatch):
+    """The compute copy changes where the bf16 weights come from, not their values, and the gradients still
+    reach the master in fp32: hpZ bf16 with the copy matches hpZ bf16 without it at the parity thresholds of
+    test_sharded_equals_single_device (bf16 sharded vs single device differs in the loss's 5th digit either
+    way: per-device batch sizes change XLA's bf16 fusions)."""
+    from jax_impl import sharding
+
+    out = run.__wrapped__("data=2,fsdp=4", 3, **HPZ_BF16)
+    monkeypatch.setattr(sharding, "HPZ_COMPUTE_COPY", False)
+    ref = run.__wrapped__("data=2,fsdp=4", 3, **HPZ_BF16)
+    assert out["trainer"].plan.compute == ("fsdp",) and ref["trainer"].plan.compute == ()
+    assert out["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+    assert_tree_close(out["grads"], ref["grads"], rtol=1e-5)
+    np.testing.assert_allclose(out["losses"], ref["losses"], rtol=1e-6)
+    assert_tree_close(out["params"], ref["params"], rtol=2e-4)
