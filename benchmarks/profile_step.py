@@ -105,9 +105,10 @@ def compiled_step(preset: str, overrides: dict, guard: bool = True, compiler_opt
     import jax
 
     from aurora_data import SyntheticSource, global_batch
-    from configs import hostmem, load_config
+    from configs import load_config
     from jax_impl.sharding import batch_sharding, make_mesh
     from jax_impl.trainer import Trainer
+    from runtime import hostmem
 
     cfg = load_config(preset, overrides)
     mesh = make_mesh(cfg.mesh_shape())
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from configs.hostmem import reexec_with_allocator
+    from runtime.hostmem import reexec_with_allocator
 
-    reexec_with_allocator()  # the trainers' host allocator (configs/hostmem.py)
+    reexec_with_allocator()  # the trainers' host allocator (runtime/hostmem.py)
     main()

@@ -34,7 +34,7 @@ from typing import Any
 
 from configs import Config, ConfigError, eval_due, lr_at, mesh_devices, valid_offset, valid_samples, validate_config
 from configs.cli import layout_label, resolve_config, trainer_parser
-from configs.rundir import (
+from runtime.rundir import (
     MetricsLog,
     RunDirBusy,
     lock_run_dir,
@@ -297,8 +297,8 @@ def mesh_auto(cfg: Config, args: argparse.Namespace, opts: RunOptions, multi_pro
     layout it recorded). Devices: ``--nodes`` x the cluster's tiles, else on CPU the preset's mesh size in fake
     devices, else the accelerators this process sees (whole nodes of ``--cluster``)."""
     from compare.plan import auto_layout  # here, not at import: jax_impl stays importable without compare
-    from configs.rundir import recorded_layout
     from jax_impl import devices
+    from runtime.rundir import recorded_layout
 
     run_dir = _resumed_run_dir(cfg, opts)
     recorded = recorded_layout(run_dir) if run_dir is not None else None
@@ -402,9 +402,9 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
     from tqdm import tqdm
 
     from aurora_data import DataError, build_source
-    from configs import hostmem
     from jax_impl import checkpoint, devices, distributed, resilience
     from jax_impl.sharding import activate, batch_sharding
+    from runtime import hostmem
     from weightmap import hf
 
     opts = opts or RunOptions()
@@ -651,7 +651,7 @@ def cli(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from configs.hostmem import reexec_with_allocator
+    from runtime.hostmem import reexec_with_allocator
 
-    reexec_with_allocator()  # the host allocator both trainers run under (configs/hostmem.py)
+    reexec_with_allocator()  # the host allocator both trainers run under (runtime/hostmem.py)
     cli()

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from configs import load_config
-from configs.rundir import read_metrics
 from jax_impl import checkpoint
 from jax_impl.sharding import make_mesh
 from jax_impl.train import main
 from jax_impl.trainer import Trainer
+from runtime.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", "--wandb", "disabled", "--quiet"]

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from configs import ConfigError, hostmem, lr_at
+from configs import ConfigError, lr_at
 from jax_impl import devices
 
 try:  # the in-process JAX run below needs 2 host devices; tests/conftest.py may already have made 8
@@ -19,6 +19,7 @@ try:  # the in-process JAX run below needs 2 host devices; tests/conftest.py may
 except Exception:
     pass
 
+from runtime import hostmem
 from torch_ref import train as torch_train
 from torch_ref.layouts import FSDP2_MICS, deepspeed_has_mics
 

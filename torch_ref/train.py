@@ -42,10 +42,10 @@ last save (rank 0 decides, all ranks agree); ``--resume RUN_DIR`` continues that
 its latest checkpoint (``engine.load_checkpoint``: module, ZeRO-partitioned optimizer state, engine
 step counters); the per-step losses then equal an uninterrupted run's bit for bit (fp32, CPU).
 ``--resume RUN_DIR/checkpoints/global_stepK`` continues from an older tag: a new branch, whose later
-tags and metrics rows are moved to ``abandoned-<time>`` names (configs/rundir.py, docs/checkpoints.md).
+tags and metrics rows are moved to ``abandoned-<time>`` names (runtime/rundir.py, docs/checkpoints.md).
 ``--resume auto`` (needs ``--name``): continue that run from its newest readable checkpoint (an
 unreadable newer tag is said and skipped), else start it afresh in its directory -- what a requeued or
-retried job wants. The run directory is locked (``configs.rundir.lock_run_dir``) by the launcher, or
+retried job wants. The run directory is locked (``runtime.rundir.lock_run_dir``) by the launcher, or
 by rank 0 under an external launcher, so a second run in it is refused.
 """
 
@@ -79,8 +79,10 @@ from configs import (
 )
 from configs.cli import resolve_config as resolve_cli
 from configs.cli import trainer_parser
-from configs.hostmem import allocator_env
-from configs.rundir import (
+from runtime import launcher_env
+from runtime.hostmem import allocator_env
+from runtime.procgroup import ProcessGroup
+from runtime.rundir import (
     MetricsLog,
     RunDirBusy,
     lock_run_dir,
@@ -93,8 +95,6 @@ from configs.rundir import (
     write_config,
     write_meta,
 )
-from runtime import launcher_env
-from runtime.procgroup import ProcessGroup
 from torch_ref.layouts import Layout, plan_layout
 
 RUN_DIR_ENV = "TORCH_REF_RUN_DIR"  # set by our launcher for its workers
@@ -151,7 +151,7 @@ def mesh_auto(cfg: Config, args: argparse.Namespace, ext: launcher_env.LaunchEnv
     model deciding (a resumed run: the layout it recorded). Ranks: ``--nodes`` x the cluster's tiles, else the
     launcher's world size, else the preset's mesh size."""
     from compare.plan import auto_layout  # here, not at import: torch_ref stays importable without compare
-    from configs.rundir import recorded_layout
+    from runtime.rundir import recorded_layout
 
     resume, _, _ = resolve_resume(cfg, args.resume)
     recorded = recorded_layout(Path(resume)) if resume else None
@@ -576,7 +576,7 @@ def launch(cfg: Config, layout: Layout, init: str = "jax", quiet: bool = False, 
     port = _free_port()
     threads = os.environ.get("OMP_NUM_THREADS") or "1"  # one per rank: more oversubscribes a shared 2-core box
     procs: list[subprocess.Popen] = []
-    base = allocator_env()  # workers start on the trainers' host allocator (configs/hostmem.py)
+    base = allocator_env()  # workers start on the trainers' host allocator (runtime/hostmem.py)
     for r in range(n):
         env = {**base, RUN_DIR_ENV: str(run_dir), "RANK": str(r), "LOCAL_RANK": str(r),
                "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
@@ -667,7 +667,7 @@ def run_worker(run_dir: Path | None, cfg: Config | None = None, init: str = "jax
 
 def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: Config | None, init: str,
             quiet: bool, ckpt: dict[str, Any]) -> dict[str, Any]:
-    from configs.hostmem import host_allocator, reuse_host_memory
+    from runtime.hostmem import host_allocator, reuse_host_memory
 
     reuse_host_memory()  # before torch starts threads: the same allocator settings as the JAX side
     import numpy as np
@@ -910,9 +910,9 @@ def build_runner(cfg: Config, layout: Layout, conf: dict[str, Any], src):
 
 
 if __name__ == "__main__":
-    from configs.hostmem import reexec_with_allocator
+    from runtime.hostmem import reexec_with_allocator
 
-    reexec_with_allocator()  # the host allocator both trainers run under (configs/hostmem.py)
+    reexec_with_allocator()  # the host allocator both trainers run under (runtime/hostmem.py)
     try:
         main()
     except SystemExit as e:  # a worker stopped by a signal (after saving) or by bad data: the same fast exit
