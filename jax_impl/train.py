@@ -198,7 +198,56 @@ def _planned_run_dir(cfg: Config, opts: RunOptions) -> Path:
     return run_dir_path(cfg, "jax")
 
 
+@dataclass
+class _Start:
+    """What ``main`` settled before JAX starts (``_start``)."""
+
+    cfg: Config
+    args: argparse.Namespace
+    opts: RunOptions
+    platform: str
+    decision: dict[str, Any] | None  # --mesh auto's layout decision
+    planned: Path | None  # the run directory process 0 locked
+    lock: Any  # its lock (process 0), or None
+    lock_error: str  # why process 0 could not lock it (a multi-process run exits 2 on every process)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    s = _start(argv)
+    import jax
+
+    from jax_impl.sharding import make_mesh
+
+    try:
+        validate_config(s.cfg, jax.device_count())
+        mesh = make_mesh(s.cfg.mesh_shape(jax.device_count()))
+    except ConfigError as e:
+        if s.lock is not None:
+            s.lock.abandon()
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+    from aurora_data import DataError
+    from jax_impl.trainer import Trainer
+
+    try:
+        trainer = Trainer.build(s.cfg, mesh)
+        if s.args.dry_run:
+            pre = ((s.decision or {}).get("pick") or {}).get("jax_memory") if s.platform == "cpu" else None
+            return dry_run(s.cfg, trainer, pre) | ({"layout_decision": s.decision} if s.decision else {})
+        return train(s.cfg, trainer, s.platform, quiet=s.args.quiet, opts=s.opts, run_dir=s.planned,
+                     lock_error=s.lock_error, layout_decision=s.decision)
+    except DataError as e:  # bad data (most are found before compiling; a token id past the vocabulary mid-run)
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        if s.lock is not None:
+            s.lock.release()
+
+
+def _start(argv: list[str] | None) -> _Start:
+    """Config, run-directory lock, ``jax.distributed`` and the platform, before JAX starts; bad input exits 2
+    (a peer that never joins: 69), giving the lock back."""
     from jax_impl import devices, distributed  # neither imports jax
 
     lock, lock_error = None, ""
@@ -247,36 +296,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if lock is not None:
             lock.abandon()
         raise SystemExit(distributed.JOIN_EXIT) from None
-
-    import jax
-
-    from jax_impl.sharding import make_mesh
-
-    try:
-        validate_config(cfg, jax.device_count())
-        mesh = make_mesh(cfg.mesh_shape(jax.device_count()))
-    except ConfigError as e:
-        if lock is not None:
-            lock.abandon()
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-    from aurora_data import DataError
-    from jax_impl.trainer import Trainer
-
-    try:
-        trainer = Trainer.build(cfg, mesh)
-        if args.dry_run:
-            pre = ((decision or {}).get("pick") or {}).get("jax_memory") if platform == "cpu" else None
-            return dry_run(cfg, trainer, pre) | ({"layout_decision": decision} if decision else {})
-        return train(cfg, trainer, platform, quiet=args.quiet, opts=opts, run_dir=planned, lock_error=lock_error,
-                     layout_decision=decision)
-    except DataError as e:  # bad data (most are found before compiling; a token id past the vocabulary mid-run)
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    finally:
-        if lock is not None:
-            lock.release()
+    return _Start(cfg, args, opts, platform, decision, planned, lock, lock_error)
 
 
 def _resumed_run_dir(cfg: Config, opts: RunOptions) -> Path | None:

@@ -10,6 +10,7 @@ import json
 import time
 
 import pytest
+from fault_runner import worker_command
 
 from configs import ConfigError, lr_at
 from jax_impl import devices
@@ -167,7 +168,7 @@ def test_reused_name_and_unusable_out_dir_are_exit_2_before_any_worker(tmp_path,
 
 
 def test_worker_crash_ends_the_run_with_its_traceback(tmp_path, monkeypatch):
-    monkeypatch.setenv(torch_train.FAULT_ENV, "rank=1,step=2")
+    monkeypatch.setattr(torch_train, "WORKER_COMMAND", worker_command("raise=1@2"))  # the workers run the fault
     monkeypatch.setenv("TORCH_REF_PG_TIMEOUT", "600")  # the siblings must be stopped by the launcher, not a timeout
     t = time.perf_counter()
     with pytest.raises(SystemExit) as e:
