@@ -99,9 +99,13 @@ def self_times(events: list[dict]) -> collections.Counter:
     return out
 
 
-def compiled_step(preset: str, overrides: dict, guard: bool = True, compiler_options: dict | None = None) -> dict:
+def compiled_step(preset: str, overrides: dict, guard: bool = True, compiler_options: dict | None = None,
+                  model_options: dict | None = None) -> dict:
     """The trainer's step for a config, AOT-compiled, with fresh state and one synthetic batch (shared with
-    ab_step.py and bench_train.py). ``compile_s`` is init + compile."""
+    ab_step.py and bench_train.py). ``compile_s`` is init + compile. ``model_options``: fields of the trainer's
+    ``ModelOptions`` to change (e.g. ``ticks_as_scan``), for code paths no config key selects."""
+    import dataclasses
+
     import jax
 
     from aurora_data import SyntheticSource, global_batch
@@ -113,6 +117,8 @@ def compiled_step(preset: str, overrides: dict, guard: bool = True, compiler_opt
     cfg = load_config(preset, overrides)
     mesh = make_mesh(cfg.mesh_shape())
     tr = Trainer.build(cfg, mesh)
+    if model_options:
+        tr = dataclasses.replace(tr, model_opts=dataclasses.replace(tr.model_opts, **model_options))
     t0 = time.perf_counter()
     params, opt = tr.init_state()
     step = tr.compile_step(guard=guard, compiler_options=compiler_options)
