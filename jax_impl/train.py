@@ -458,6 +458,8 @@ class JaxRun:
 def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOptions | None = None,
           run_dir: Path | None = None, lock_error: str = "", layout_decision: dict[str, Any] | None = None
           ) -> dict[str, Any]:
+    """Open the run directory, compile, init or restore, then ``runtime.loop.run`` with ``_hooks``; a stop
+    request ends the run (NonFiniteError, or SystemExit 128 + signal after the checkpoint)."""
     import jax
 
     from jax_impl import checkpoint
@@ -655,7 +657,7 @@ def _step(r: JaxRun, step: int) -> dict[str, Any]:
             "step_time_s": time.perf_counter() - t}
 
 
-def _hooks(r: JaxRun, ckpt) -> list:
+def _hooks(r: JaxRun, ckpt: Any) -> list[Any]:
     """The loop's hooks, in the order they act after each step (see runtime/loop.py)."""
     import jax
 
