@@ -14,12 +14,12 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: an unpinned torch (pulled by deepspeed) drags in a multi-GB CUDA build
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[torch,dev]'
-	# tcmalloc, the trainers' host allocator (configs/hostmem.py); best effort: without it, glibc's reuse policy
-	-@$(BIN)/python -c 'import sys; from configs.hostmem import tcmalloc_library; sys.exit(tcmalloc_library() is None)' \
+	# tcmalloc, the trainers' host allocator (runtime/hostmem.py); best effort: without it, glibc's reuse policy
+	-@$(BIN)/python -c 'import sys; from runtime.hostmem import tcmalloc_library; sys.exit(tcmalloc_library() is None)' \
 	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	       && { apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1 \
 	            || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libtcmalloc-minimal4 >/dev/null 2>&1; }; } \
-	       || echo 'note: libtcmalloc-minimal4 not installed (needs root and apt-get); trainers use glibc malloc (configs/hostmem.py)'; }
+	       || echo 'note: libtcmalloc-minimal4 not installed (needs root and apt-get); trainers use glibc malloc (runtime/hostmem.py)'; }
 	touch $(STAMP)
 
 demo: $(STAMP)

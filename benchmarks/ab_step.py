@@ -158,11 +158,6 @@ def lever(name: str, value: str) -> Iterator[None]:
 
         with mock.patch.object(model, "rope_tables", traced):
             yield
-    elif name == "ticks" and value == "scan":
-        from jax_impl.pipeline import gpipe
-
-        with mock.patch.object(gpipe, "TICKS_AS_SCAN", True):
-            yield
     else:
         raise SystemExit(f"unknown lever {name}={value}; known: zero_dim=embed, step_grads=stored, "
                          "cpu_options=none, guard=select, attn_vjp=autodiff, clip=optax, attn_layout=seq, norm=optax, "
@@ -172,11 +167,13 @@ def lever(name: str, value: str) -> Iterator[None]:
 def build(preset: str, base: dict, variant: str, guard: bool) -> dict:
     from profile_step import compiled_step
 
-    overrides, levers, xla = dict(base), [], {}
+    overrides, levers, xla, model_options = dict(base), [], {}, {}
     for item in filter(None, variant.split(",")):
         key, _, value = item.partition("=")
         if key.startswith("xla:"):
             xla[key[len("xla:"):]] = {"true": True, "false": False}.get(value, value)
+        elif key == "lever:ticks" and value == "scan":  # an option of the model, passed to the build
+            model_options["ticks_as_scan"] = True
         elif key.startswith("lever:"):
             levers.append((key[len("lever:"):], value))
         else:
@@ -184,7 +181,7 @@ def build(preset: str, base: dict, variant: str, guard: bool) -> dict:
     with contextlib.ExitStack() as stack:
         for name, value in levers:
             stack.enter_context(lever(name, value))
-        c = compiled_step(preset, overrides, guard, xla or None)
+        c = compiled_step(preset, overrides, guard, xla or None, model_options or None)
     return {"step": c["step"], "state": [c["params"], c["opt"]], "batch": c["batch"], "compile_s": c["compile_s"],
             "temp_mib": c["step"].memory_analysis().temp_size_in_bytes / 2**20, "times": [], "losses": []}
 
@@ -232,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from configs.hostmem import reexec_with_allocator
+    from runtime.hostmem import reexec_with_allocator
 
-    reexec_with_allocator()  # the trainers' host allocator (configs/hostmem.py)
+    reexec_with_allocator()  # the trainers' host allocator (runtime/hostmem.py)
     main()

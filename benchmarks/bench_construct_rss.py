@@ -50,8 +50,8 @@ def worker(mode: str, layers: int, init: str) -> dict:
     import torch
 
     from configs import load_config
-    from configs.hostmem import reuse_host_memory
     from runtime import launcher_env
+    from runtime.hostmem import reuse_host_memory
     from torch_ref import build
     from torch_ref.ds_config import installed_ds_config
     from torch_ref.weights import TorchInit
@@ -104,8 +104,8 @@ def _free_port() -> int:
 def run(mode: str, ranks: int, layers: int, init: str) -> list[dict]:
     import tempfile
 
-    from configs.hostmem import allocator_env
     from runtime import procgroup
+    from runtime.hostmem import allocator_env
 
     port, env0 = _free_port(), allocator_env()
     envs = [{**env0, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1",

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from configs.hostmem import reexec_with_allocator
+    from runtime.hostmem import reexec_with_allocator
 
-    reexec_with_allocator()  # the trainers' host allocator (configs/hostmem.py)
+    reexec_with_allocator()  # the trainers' host allocator (runtime/hostmem.py)
     main()

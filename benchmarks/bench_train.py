@@ -9,7 +9,7 @@ formula, all devices together) and that figure as a fraction of the measured mat
 timed right after every training step, so both figures see the same machine load; the ratio is of
 their medians.
 
-The script re-executes itself once on the trainers' host allocator (configs/hostmem.py: tcmalloc where
+The script re-executes itself once on the trainers' host allocator (runtime/hostmem.py: tcmalloc where
 installed). Under glibc's reuse policy (the fallback) the heap grows by one XLA temp buffer (68-128 MiB) on
 many of the first ~10 steps and, with 8 devices, on one step in 3-9 after that, every new page faulting in
 (docs/performance.md, "The host allocator"); under tcmalloc RSS is flat from the first step. ``--warmup`` (default 12)
@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=12, help="untimed steps first (the heap's growth, see above)")
     args = ap.parse_args(argv)
-    from configs.hostmem import host_allocator
     from jax_impl import devices
+    from runtime.hostmem import host_allocator
 
     devices.configure("cpu", args.devices)  # + host buffer reuse, as jax_impl.train
 
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from configs.hostmem import reexec_with_allocator
+    from runtime.hostmem import reexec_with_allocator
 
-    reexec_with_allocator()  # the trainers' host allocator (configs/hostmem.py)
+    reexec_with_allocator()  # the trainers' host allocator (runtime/hostmem.py)
     main()

@@ -209,7 +209,7 @@ def attempt(trainer: str, cmd: list[str], run: Path, log: Path, fault: str | Non
 
 def campaign(trainer: str, mode: str, kills: int, steps: int, every: int, seed: int, work: Path,
              reference: list[dict[str, Any]], timeout_s: float = 600.0) -> Result:
-    from configs.rundir import read_metrics
+    from runtime.rundir import read_metrics
 
     rng = random.Random(f"{seed}-{trainer}-{mode}")
     res = Result(trainer, mode, steps, every)
@@ -280,7 +280,7 @@ def campaign(trainer: str, mode: str, kills: int, steps: int, every: int, seed: 
 
 
 def reference_run(trainer: str, steps: int, every: int, work: Path) -> list[dict[str, Any]]:
-    from configs.rundir import read_metrics
+    from runtime.rundir import read_metrics
 
     cmd = command(trainer, work, f"{trainer}-reference", steps, every, [])
     subprocess.run(cmd, cwd=ROOT, env=env_for(trainer), check=True, stdout=subprocess.DEVNULL,

@@ -99,19 +99,26 @@ def self_times(events: list[dict]) -> collections.Counter:
     return out
 
 
-def compiled_step(preset: str, overrides: dict, guard: bool = True, compiler_options: dict | None = None) -> dict:
+def compiled_step(preset: str, overrides: dict, guard: bool = True, compiler_options: dict | None = None,
+                  model_options: dict | None = None) -> dict:
     """The trainer's step for a config, AOT-compiled, with fresh state and one synthetic batch (shared with
-    ab_step.py and bench_train.py). ``compile_s`` is init + compile."""
+    ab_step.py and bench_train.py). ``compile_s`` is init + compile. ``model_options``: fields of the trainer's
+    ``ModelOptions`` to change (e.g. ``ticks_as_scan``), for code paths no config key selects."""
+    import dataclasses
+
     import jax
 
     from aurora_data import SyntheticSource, global_batch
-    from configs import hostmem, load_config
+    from configs import load_config
     from jax_impl.sharding import batch_sharding, make_mesh
     from jax_impl.trainer import Trainer
+    from runtime import hostmem
 
     cfg = load_config(preset, overrides)
     mesh = make_mesh(cfg.mesh_shape())
     tr = Trainer.build(cfg, mesh)
+    if model_options:
+        tr = dataclasses.replace(tr, model_opts=dataclasses.replace(tr.model_opts, **model_options))
     t0 = time.perf_counter()
     params, opt = tr.init_state()
     step = tr.compile_step(guard=guard, compiler_options=compiler_options)
@@ -197,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from configs.hostmem import reexec_with_allocator
+    from runtime.hostmem import reexec_with_allocator
 
-    reexec_with_allocator()  # the trainers' host allocator (configs/hostmem.py)
+    reexec_with_allocator()  # the trainers' host allocator (runtime/hostmem.py)
     main()

@@ -3,7 +3,7 @@
     python -m compare.plot RUN_DIR                     # -> RUN_DIR/loss.png
     python -m compare.plot RUN_A RUN_B ... [--out F]   # runs overlaid -> F (default ./loss.png)
 
-Both trainers write the same metrics schema (configs/rundir.py), so JAX and DeepSpeed runs overlay.
+Both trainers write the same metrics schema (runtime/rundir.py), so JAX and DeepSpeed runs overlay.
 The trainers call ``write_run_plot`` after their last step; a failure there is a warning, never a
 failed run.
 """
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from configs import rundir
+from runtime import rundir
 
 PLOT_NAME = "loss.png"
 

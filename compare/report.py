@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from configs import Config, ConfigError, config_from_dict, load_config
-from configs.hostmem import allocator_env, child_allocator
-from configs.rundir import host_cpu, read_metrics
 from runtime import procgroup
+from runtime.hostmem import allocator_env, child_allocator
+from runtime.rundir import host_cpu, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMEWORKS = {"jax": "jax_impl.train", "torch": "torch_ref.train"}
@@ -584,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     results: dict[str, Any] = {"preset": args.preset, "steps": args.steps, "dtypes": dtypes, "layouts": {},
-                               "host": f"{host_cpu()}; host allocator {child_allocator()} (configs/hostmem.py)"}
+                               "host": f"{host_cpu()}; host allocator {child_allocator()} (runtime/hostmem.py)"}
     for name in names:
         for dtype in dtypes:
             key = f"{name}/{dtype}"

@@ -331,7 +331,7 @@ def restore_newest_readable(directory: str | Path, trainer) -> Restored:
 def set_aside_after(directory: str | Path, step: int) -> Path | None:
     """Resuming from ``step`` starts a new branch: the old branch's finished steps after it are moved (renames,
     nothing deleted) into ``<directory>/abandoned-<time>/``, so the new branch can save those step numbers."""
-    from configs.rundir import set_aside
+    from runtime.rundir import set_aside
 
     return set_aside(Path(directory), [str(s) for s in steps_in(directory) if s > step])
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from configs import ConfigError
-from configs.hostmem import reuse_host_memory
+from runtime.hostmem import reuse_host_memory
 
 PLATFORM_NAMES = {"cpu": "cpu", "gpu": "cuda", "xpu": "oneapi"}  # ours -> JAX's platform name
 ONEAPI_ENTRY_POINT = "xla_oneapi"  # registered by the jax-oneapi-pjrt wheel
@@ -276,7 +276,7 @@ def configure(platform: str, n_devices: int | None) -> str:
         return platform
     jax.config.update("jax_platforms", PLATFORM_NAMES[platform])
     if platform == "cpu":
-        reuse_host_memory()  # XLA:CPU's per-step buffers stay mapped (configs.hostmem)
+        reuse_host_memory()  # XLA:CPU's per-step buffers stay mapped (runtime.hostmem)
     if platform == "cpu" and n_devices:
         # never lower a count someone already asked for (e.g. a test session's 8 devices)
         jax.config.update("jax_num_cpu_devices", max(n_devices, jax.config.jax_num_cpu_devices))

@@ -108,6 +108,9 @@ class ModelOptions:
     sequence_parallel: bool = False
     # how the parameters are stored (ZeRO): gather_weight brings each to its compute layout; None: as computed
     plan: ZeroPlan | None = None
+    # GPipe: a model whose ticks would be unrolled as Python steps runs them as a lax.scan instead (the earlier
+    # schedule, kept for benchmarks/ab_step.py's lever:ticks=scan); never set from a config
+    ticks_as_scan: bool = False
 
     @classmethod
     def from_config(cls, cfg: Config, plan: ZeroPlan | None = None) -> ModelOptions:

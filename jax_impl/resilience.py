@@ -1,4 +1,4 @@
-"""Failure handling for long runs: non-finite guard, step watchdog, preemption signals, test fault hooks.
+"""Failure handling for long runs: non-finite guard, step watchdog, preemption signals.
 
 - ``compile_guarded``: the trainer's step (``guard=True``), but a step whose loss or gradient norm is not finite leaves
   params and optimizer state unchanged (inside the same jit, buffers still donated). The loop then
@@ -12,9 +12,10 @@
 - ``StopSignal``: SIGTERM/SIGINT (a scheduler's preemption, Ctrl-C) set a flag the loop reads at the
   end of a step: it saves a checkpoint and exits 128+signal. In a multi-process run the flag is
   OR-reduced over processes every step, so all of them stop at the same step.
-- ``FAULT_ENV`` (tests): ``"nan_param=layers.wq@3,stall=20@4,sigterm@5,bad_batch@6"`` plants an inf
-  in a weight before step 3, sleeps 20 s inside step 4, sends SIGTERM to itself after step 5, and puts
-  an out-of-vocabulary token (a NaN embedding) into step 6's batch.
+- ``WatchdogHook``: the watchdog as a hook of the training loop (``runtime.loop``).
+
+Faults for tests (a planted inf, a stalled step, a signal, a bad batch) are hooks the tests install
+(``runtime.loop.install``; tests/fault_runner.py for a trainer run as a process).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ import jax
 import jax.numpy as jnp
 
 from jax_impl.checkpoint import path_name
+from runtime.loop import BaseHook
 
-FAULT_ENV = "AURORA_TEST_FAULT"
 WATCHDOG_EXIT = 75  # EX_TEMPFAIL: "try again" for a requeueing job script
 
 
@@ -133,6 +134,20 @@ class Watchdog:
         os._exit(self.exit_code)  # the main thread may be blocked in C++: nothing else would end it
 
 
+class WatchdogHook(BaseHook):
+    """Times each step of the training loop with ``watchdog`` (``enabled``: False leaves it idle)."""
+
+    def __init__(self, watchdog: Watchdog, enabled: bool = True) -> None:
+        self.watchdog, self.enabled = watchdog, enabled
+
+    def before_step(self, step: int) -> None:
+        if self.enabled:
+            self.watchdog.start(step)
+
+    def after_step(self, step: int, metrics: dict[str, Any]) -> None:
+        self.watchdog.done(metrics["step_time_s"])
+
+
 # ----------------------------------------------------------------------------- signals
 class StopSignal:
     """SIGTERM/SIGINT -> a flag the train loop reads between steps (handlers restored on exit)."""
@@ -169,38 +184,3 @@ class StopSignal:
 
         got = multihost_utils.process_allgather(np.int32(self.signum or 0))
         return int(np.max(got)) or None
-
-
-# ----------------------------------------------------------------------------- test hooks
-def parse_faults(spec: str | None = None) -> dict[str, Any]:
-    """``FAULT_ENV`` -> {"nan_param": (name, step), "stall": (seconds, step), "sigterm": step, "bad_batch": step}."""
-    spec = os.environ.get(FAULT_ENV, "") if spec is None else spec
-    out: dict[str, Any] = {}
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        what, _, at = part.partition("@")
-        key, _, val = what.partition("=")
-        if key == "nan_param":
-            out[key] = (val, int(at))
-        elif key == "stall":
-            out[key] = (float(val), int(at))
-        elif key in ("sigterm", "bad_batch"):
-            out[key] = int(at)
-        else:
-            raise ValueError(f"{FAULT_ENV}: unknown fault {part!r} (nan_param=NAME@STEP, stall=SECONDS@STEP, "
-                             "sigterm@STEP, bad_batch@STEP)")
-    return out
-
-
-def plant_inf(params: dict, name: str) -> dict:
-    """``params`` with one element of parameter ``name`` (``layers.wq``) set to +inf."""
-    keys = name.split(".")
-    leaf = params
-    for k in keys:
-        leaf = leaf[k]
-    bad = leaf.at[(0,) * leaf.ndim].set(jnp.inf)
-    out = dict(params)
-    if len(keys) == 1:
-        out[keys[0]] = bad
-    else:
-        out[keys[0]] = {**params[keys[0]], keys[1]: bad}
-    return out

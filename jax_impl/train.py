@@ -22,19 +22,22 @@ own shards of the batch, and only process 0 writes the run directory.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import math
 import os
 import resource
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from configs import Config, ConfigError, eval_due, lr_at, mesh_devices, valid_offset, valid_samples, validate_config
 from configs.cli import layout_label, resolve_config, trainer_parser
-from configs.rundir import (
+from runtime.loop import BaseHook, Stop
+from runtime.rundir import (
     MetricsLog,
     RunDirBusy,
     lock_run_dir,
@@ -124,6 +127,7 @@ class RunOptions:
                               "kept; a large number keeps them all)")
 
 
+NONFINITE_EXIT = 3  # a rerun from the last checkpoint would repeat the failure
 RUN_DIR_ERROR = "\0error:"  # broadcast by process 0 instead of the run directory when it cannot open one
 
 
@@ -194,7 +198,56 @@ def _planned_run_dir(cfg: Config, opts: RunOptions) -> Path:
     return run_dir_path(cfg, "jax")
 
 
+@dataclass
+class _Start:
+    """What ``main`` settled before JAX starts (``_start``)."""
+
+    cfg: Config
+    args: argparse.Namespace
+    opts: RunOptions
+    platform: str
+    decision: dict[str, Any] | None  # --mesh auto's layout decision
+    planned: Path | None  # the run directory process 0 locked
+    lock: Any  # its lock (process 0), or None
+    lock_error: str  # why process 0 could not lock it (a multi-process run exits 2 on every process)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    s = _start(argv)
+    import jax
+
+    from jax_impl.sharding import make_mesh
+
+    try:
+        validate_config(s.cfg, jax.device_count())
+        mesh = make_mesh(s.cfg.mesh_shape(jax.device_count()))
+    except ConfigError as e:
+        if s.lock is not None:
+            s.lock.abandon()
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+    from aurora_data import DataError
+    from jax_impl.trainer import Trainer
+
+    try:
+        trainer = Trainer.build(s.cfg, mesh)
+        if s.args.dry_run:
+            pre = ((s.decision or {}).get("pick") or {}).get("jax_memory") if s.platform == "cpu" else None
+            return dry_run(s.cfg, trainer, pre) | ({"layout_decision": s.decision} if s.decision else {})
+        return train(s.cfg, trainer, s.platform, quiet=s.args.quiet, opts=s.opts, run_dir=s.planned,
+                     lock_error=s.lock_error, layout_decision=s.decision)
+    except DataError as e:  # bad data (most are found before compiling; a token id past the vocabulary mid-run)
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        if s.lock is not None:
+            s.lock.release()
+
+
+def _start(argv: list[str] | None) -> _Start:
+    """Config, run-directory lock, ``jax.distributed`` and the platform, before JAX starts; bad input exits 2
+    (a peer that never joins: 69), giving the lock back."""
     from jax_impl import devices, distributed  # neither imports jax
 
     lock, lock_error = None, ""
@@ -243,36 +296,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if lock is not None:
             lock.abandon()
         raise SystemExit(distributed.JOIN_EXIT) from None
-
-    import jax
-
-    from jax_impl.sharding import make_mesh
-
-    try:
-        validate_config(cfg, jax.device_count())
-        mesh = make_mesh(cfg.mesh_shape(jax.device_count()))
-    except ConfigError as e:
-        if lock is not None:
-            lock.abandon()
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-    from aurora_data import DataError
-    from jax_impl.trainer import Trainer
-
-    try:
-        trainer = Trainer.build(cfg, mesh)
-        if args.dry_run:
-            pre = ((decision or {}).get("pick") or {}).get("jax_memory") if platform == "cpu" else None
-            return dry_run(cfg, trainer, pre) | ({"layout_decision": decision} if decision else {})
-        return train(cfg, trainer, platform, quiet=args.quiet, opts=opts, run_dir=planned, lock_error=lock_error,
-                     layout_decision=decision)
-    except DataError as e:  # bad data (most are found before compiling; a token id past the vocabulary mid-run)
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    finally:
-        if lock is not None:
-            lock.release()
+    return _Start(cfg, args, opts, platform, decision, planned, lock, lock_error)
 
 
 def _resumed_run_dir(cfg: Config, opts: RunOptions) -> Path | None:
@@ -297,8 +321,8 @@ def mesh_auto(cfg: Config, args: argparse.Namespace, opts: RunOptions, multi_pro
     layout it recorded). Devices: ``--nodes`` x the cluster's tiles, else on CPU the preset's mesh size in fake
     devices, else the accelerators this process sees (whole nodes of ``--cluster``)."""
     from compare.plan import auto_layout  # here, not at import: jax_impl stays importable without compare
-    from configs.rundir import recorded_layout
     from jax_impl import devices
+    from runtime.rundir import recorded_layout
 
     run_dir = _resumed_run_dir(cfg, opts)
     recorded = recorded_layout(run_dir) if run_dir is not None else None
@@ -395,52 +419,112 @@ def _check_resume_steps(cfg: Config, resume_from: Path) -> None:
                           "add), or resume an older step with --resume <run>/checkpoints/<step>")
 
 
+@dataclass
+class JaxRun:
+    """One run's state, built by ``train``'s setup functions and shared with the loop's hooks (``ctx``)."""
+
+    cfg: Config
+    trainer: Any
+    opts: RunOptions
+    quiet: bool
+    lead: bool  # process 0: the only one writing the run directory and the metrics
+    gbs: int
+    dp: int
+    source: Any = None
+    valid: Any = None
+    run_dir: Path = Path()
+    in_place: bool = False  # continuing an existing run directory
+    ckpt_dir: Path = Path()
+    resume_from: Path | None = None
+    params: Any = None
+    opt_state: Any = None
+    batch: Any = None  # the current step's global batch (a fault hook may replace it)
+    compiled: Any = None
+    start_step: int = 0
+    consumed0: int = 0
+    restored_meta: dict[str, Any] | None = None
+    restore_s: float | None = None
+    compile_s: float = 0.0
+    finite: bool = True  # the last step's loss and gradient norm were finite
+    wall_due: bool = False  # process 0's clock says a wall-clock checkpoint is due (agreed by all)
+    losses: list[float] = field(default_factory=list)
+    skipped: int = 0
+
+    def consumed(self, step: int) -> int:
+        """Samples consumed before step ``step`` (1-based)."""
+        return self.consumed0 + (step - 1 - self.start_step) * self.gbs
+
+
 def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOptions | None = None,
           run_dir: Path | None = None, lock_error: str = "", layout_decision: dict[str, Any] | None = None
           ) -> dict[str, Any]:
+    """Open the run directory, compile, init or restore, then ``runtime.loop.run`` with ``_hooks``; a stop
+    request ends the run (NonFiniteError, or SystemExit 128 + signal after the checkpoint)."""
     import jax
-    from tqdm import tqdm
 
-    from aurora_data import DataError, build_source
-    from configs import hostmem
-    from jax_impl import checkpoint, devices, distributed, resilience
-    from jax_impl.sharding import activate, batch_sharding
-    from weightmap import hf
+    from jax_impl import checkpoint
+    from runtime import loop
 
     opts = opts or RunOptions()
     mesh, p = trainer.mesh, cfg.parallel
-    dp, n_dev = mesh.shape["data"] * mesh.shape["fsdp"], mesh.size
-    gbs, seq = p.mbs * p.gas * dp, cfg.data.seq_len
-    flops_per_sample = cfg.model.flops_per_sample(seq)
-    lead = jax.process_index() == 0  # only process 0 writes the run directory and the metrics
-    faults = resilience.parse_faults()
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    r = JaxRun(cfg, trainer, opts, quiet, lead=jax.process_index() == 0, gbs=p.mbs * p.gas * dp, dp=dp)
+    _open_run(r, run_dir, lock_error)
+    t0 = time.perf_counter()
+    _init_state(r)
+    r.compile_s = time.perf_counter() - t0
+    if r.lead:
+        _write_meta(r, platform, layout_decision)
+    print(f"init + compile {r.compile_s:.1f}s")
+    ckpt = checkpoint.Checkpointer(r.ckpt_dir, every=opts.ckpt_every, keep=opts.ckpt_keep)
+    end = loop.run(r.start_step, cfg.train.steps, functools.partial(_step, r), _hooks(r, ckpt), ctx=r)
+    if end.stop is not None:
+        if end.stop.code == NONFINITE_EXIT:
+            raise NonFiniteError(end.stop.reason)
+        print(end.stop.reason, file=sys.stderr, flush=True)
+        raise SystemExit(end.stop.code)
+    if r.losses:
+        print(f"done: loss {r.losses[0]:.4f} -> {r.losses[-1]:.4f}; metrics in {r.run_dir / 'metrics.jsonl'}"
+              + (f"; {r.skipped} non-finite steps skipped" if r.skipped else ""))
+        if r.lead and not quiet:
+            from compare.plot import write_run_plot  # loss.png; a failure there only warns
 
-    # every process reads its data first (bad data is a message, before any directory is made); process 0 then
-    # opens the run directory and tells the others where, or why not: every process then exits 2, instead of
-    # the others waiting in a collective for a process 0 that is gone
-    error, planned, run_dir, in_place = lock_error, run_dir, Path(), False
+            write_run_plot(r.run_dir)
+    return {"run_dir": r.run_dir, "losses": r.losses, "compile_s": r.compile_s, "params": r.params,
+            "opt_state": r.opt_state, "start_step": r.start_step, "skipped": r.skipped, "ckpt_dir": r.ckpt_dir,
+            "ckpt_save_blocked_s": list(ckpt.save_s), "restore_s": r.restore_s}
+
+
+def _open_run(r: JaxRun, planned: Path | None, lock_error: str) -> None:
+    """Read the data (every process), open the run directory (process 0) and agree on it or on an error (exit 2
+    everywhere, instead of the others waiting in a collective for a process 0 that is gone)."""
+    from aurora_data import DataError, build_source
+    from jax_impl import checkpoint, distributed
+
+    cfg, opts = r.cfg, r.opts
+    error = lock_error
     try:
         if opts.resume not in (None, "auto") and opts.init_from:
             raise ConfigError("--resume PATH and --init-from exclude each other: --resume continues a run (its "
                               "optimizer state and step), --init-from starts a new one from the weights "
                               "(with --resume auto, --init-from applies only while the run has no checkpoint)")
-        source = build_source(cfg, num_samples=cfg.train.steps * gbs)
-        valid = (build_source(cfg, num_samples=valid_samples(cfg, gbs), split="valid") if cfg.train.eval_interval
-                 else None)
-        resume_from = _resume_source(cfg, opts)
-        if lead and not error:
+        r.source = build_source(cfg, num_samples=cfg.train.steps * r.gbs)
+        r.valid = (build_source(cfg, num_samples=valid_samples(cfg, r.gbs), split="valid")
+                   if cfg.train.eval_interval else None)
+        r.resume_from = _resume_source(cfg, opts)
+        if r.lead and not error:
             if opts.ckpt_dir:  # found unusable only at the first save, after compiling, otherwise
                 check_writable_dir(Path(opts.ckpt_dir), "--ckpt-dir")
-            if resume_from is not None:
-                _check_resume_steps(cfg, resume_from)
-            run_dir, in_place = _open_run_dir(cfg, resume_from, fresh_in_place=opts.resume == "auto",
-                                              planned=planned)
+            if r.resume_from is not None:
+                _check_resume_steps(cfg, r.resume_from)
+            r.run_dir, r.in_place = _open_run_dir(cfg, r.resume_from, fresh_in_place=opts.resume == "auto",
+                                                  planned=planned)
     except (ConfigError, checkpoint.CheckpointError, DataError, FileExistsError, OSError) as e:
         # an OSError with an errno is the file system's (--out-dir a file, not writable, ...)
         error = (f"--out-dir {cfg.train.out_dir}: cannot make the run directory there ({e}); pick a writable "
                  "directory" if isinstance(e, OSError) and e.errno is not None else str(e) or type(e).__name__)
     own_error = error
-    shared = distributed.broadcast_str(RUN_DIR_ERROR + error if error else str(run_dir))
+    shared = distributed.broadcast_str(RUN_DIR_ERROR + error if error else str(r.run_dir))
     if shared.startswith(RUN_DIR_ERROR):
         error = shared[len(RUN_DIR_ERROR):]
     if distributed.max_over_processes(int(bool(own_error))):  # a process other than 0 may have failed alone
@@ -450,195 +534,301 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
             print("error: another process could not read its data or open the run directory (see its message)",
                   file=sys.stderr)
         raise SystemExit(2)
-    run_dir = Path(shared)
-    ckpt_dir = Path(opts.ckpt_dir) if opts.ckpt_dir else run_dir / "checkpoints"
-    print(f"run {run_dir} | {cfg.model.name} {cfg.model.n_params():,} params | mesh {dict(mesh.shape)} "
-          f"ZeRO-{p.zero} | gbs {gbs} = mbs {p.mbs} x gas {p.gas} x dp {dp} | seq {seq} | {cfg.train.dtype}"
+    r.run_dir = Path(shared)
+    r.ckpt_dir = Path(opts.ckpt_dir) if opts.ckpt_dir else r.run_dir / "checkpoints"
+    _print_run_line(r)
+
+
+def _print_run_line(r: JaxRun) -> None:
+    import jax
+
+    cfg, mesh, p = r.cfg, r.trainer.mesh, r.cfg.parallel
+    print(f"run {r.run_dir} | {cfg.model.name} {cfg.model.n_params():,} params | mesh {dict(mesh.shape)} "
+          f"ZeRO-{p.zero} | gbs {r.gbs} = mbs {p.mbs} x gas {p.gas} x dp {r.dp} | seq {cfg.data.seq_len} | "
+          f"{cfg.train.dtype}"
           + (f" | process {jax.process_index()}/{jax.process_count()}" if jax.process_count() > 1 else ""))
 
-    t0 = time.perf_counter()
+
+def _init_state(r: JaxRun) -> None:
+    """Compile the step, then restore, load or initialise the state; process 0 then writes config.json."""
+    from jax_impl import resilience
+    from runtime import hostmem
+
     # compiled on abstract arrays before any state exists: the compiler's working memory is freed (and given
     # back) before params and optimizer state are allocated, so the process's peak is the larger of the two,
     # not their sum (docs/performance.md, "Peak host memory")
-    compiled = resilience.compile_guarded(trainer)
+    r.compiled = resilience.compile_guarded(r.trainer)
     hostmem.release_host_memory()
-    start_step, consumed0, restored_meta, restore_s = 0, 0, None, None
-    if resume_from is not None:
-        try:
-            r = (checkpoint.restore_newest_readable(resume_from, trainer) if opts.resume == "auto"
-                 else checkpoint.restore(resume_from, trainer))
-            if not r.meta["params_only"] and r.step > cfg.train.steps:
-                raise checkpoint.CheckpointError(
-                    f"--steps {cfg.train.steps}, but checkpoint step {r.step} is already past it: give --steps >= "
-                    f"{r.step} (the run's total)")
-        except checkpoint.CheckpointError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
-        params, opt_state, restored_meta, restore_s = r.params, r.opt_state, r.meta, r.seconds
-        if opt_state is None:  # a params-only (imported) checkpoint: fresh optimizer state, step 0
-            with activate(mesh):
-                opt_state = jax.jit(trainer.tx.init, out_shardings=trainer.opt_sh)(params)
-        else:
-            start_step, consumed0 = r.step, r.meta["consumed_samples"]
-        print(f"resumed from {resume_from} step {r.step} (consumed samples {consumed0}) in {restore_s:.2f}s")
-        if lead:
-            # a new branch from step k: the old branch's later checkpoints and rows are moved aside, not deleted
-            moved = checkpoint.set_aside_after(ckpt_dir, start_step) if restored_meta is not None else None
-            aside = truncate_metrics(run_dir, start_step) if in_place else None
-            if moved or aside:
-                print(f"resumed at step {start_step}: the previous branch's later "
-                      + " and ".join(([f"checkpoints are in {moved}"] if moved else [])
-                                     + ([f"metrics rows are in {aside}"] if aside else [])))
-    elif opts.init_from:
-        try:
-            params, what = checkpoint.load_init(opts.init_from, trainer)
-        except (checkpoint.CheckpointError, hf.HFError) as e:
-            print(f"error: --init-from {opts.init_from}: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
-        with activate(mesh):
-            opt_state = jax.jit(trainer.tx.init, out_shardings=trainer.opt_sh)(params)
-        print(f"initial weights from {what}")
+    if r.resume_from is not None:
+        _restore(r)
+    elif r.opts.init_from:
+        _load_init(r)
     else:
-        params, opt_state = trainer.init_state()
-    if lead:  # after the resume checks: a refused resume leaves config.json as it was
-        write_config(run_dir, cfg)
-    compile_s = time.perf_counter() - t0
-    if lead:
-        write_meta(run_dir, {
-            "framework": "jax", "jax": jax.__version__, "platform": platform, "devices": n_dev,
-            "platform_stack": devices.stack_info(platform),
-            "host_allocator": hostmem.host_allocator(),
-            "processes": jax.process_count(),
-            "device_kind": jax.devices()[0].device_kind, "mesh": dict(mesh.shape), "layout": layout_label(cfg),
-            "zero": p.zero, "dtype": cfg.train.dtype, "gbs": gbs, "compile_s": compile_s,
-            "compiled_memory": compiled_memory(compiled), "data": getattr(source, "meta", None),
-            "init_from": opts.init_from, "layout_decision": layout_decision,
-            "resumed_from": None if restored_meta is None else {
-                "path": str(resume_from), "step": restored_meta["step"], "mesh": restored_meta["mesh"],
-                "restore_s": restore_s},
-        })
-    print(f"init + compile {compile_s:.1f}s")
-    ckpt = checkpoint.Checkpointer(ckpt_dir, every=opts.ckpt_every, keep=opts.ckpt_keep)
-    log = MetricsLog(run_dir, cfg, "jax") if lead else None
-    losses: list[float] = []
-    skipped, in_a_row = 0, 0
-    last_saved = start_step if restored_meta is not None else -1
-    step = start_step
+        r.params, r.opt_state = r.trainer.init_state()
+    if r.lead:  # after the resume checks: a refused resume leaves config.json as it was
+        write_config(r.run_dir, r.cfg)
+
+
+def _fresh_opt_state(r: JaxRun) -> Any:
+    import jax
+
+    from jax_impl.sharding import activate
+
+    with activate(r.trainer.mesh):
+        return jax.jit(r.trainer.tx.init, out_shardings=r.trainer.opt_sh)(r.params)
+
+
+def _restore(r: JaxRun) -> None:
+    """``--resume``: the checkpoint's state (a params-only one: fresh optimizer state at step 0); continuing in
+    place from an older step moves the old branch's later checkpoints and rows aside."""
+    from jax_impl import checkpoint
+
+    cfg, trainer = r.cfg, r.trainer
+    try:
+        c = (checkpoint.restore_newest_readable(r.resume_from, trainer) if r.opts.resume == "auto"
+             else checkpoint.restore(r.resume_from, trainer))
+        if not c.meta["params_only"] and c.step > cfg.train.steps:
+            raise checkpoint.CheckpointError(
+                f"--steps {cfg.train.steps}, but checkpoint step {c.step} is already past it: give --steps >= "
+                f"{c.step} (the run's total)")
+    except checkpoint.CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    r.params, r.opt_state, r.restored_meta, r.restore_s = c.params, c.opt_state, c.meta, c.seconds
+    if r.opt_state is None:  # a params-only (imported) checkpoint: fresh optimizer state, step 0
+        r.opt_state = _fresh_opt_state(r)
+    else:
+        r.start_step, r.consumed0 = c.step, c.meta["consumed_samples"]
+    print(f"resumed from {r.resume_from} step {c.step} (consumed samples {r.consumed0}) in {r.restore_s:.2f}s")
+    if r.lead:
+        # a new branch from step k: the old branch's later checkpoints and rows are moved aside, not deleted
+        moved = checkpoint.set_aside_after(r.ckpt_dir, r.start_step) if r.restored_meta is not None else None
+        aside = truncate_metrics(r.run_dir, r.start_step) if r.in_place else None
+        if moved or aside:
+            print(f"resumed at step {r.start_step}: the previous branch's later "
+                  + " and ".join(([f"checkpoints are in {moved}"] if moved else [])
+                                 + ([f"metrics rows are in {aside}"] if aside else [])))
+
+
+def _load_init(r: JaxRun) -> None:
+    """``--init-from``: a new run from these weights, with fresh optimizer state."""
+    from jax_impl import checkpoint
+    from weightmap import hf
+
+    try:
+        r.params, what = checkpoint.load_init(r.opts.init_from, r.trainer)
+    except (checkpoint.CheckpointError, hf.HFError) as e:
+        print(f"error: --init-from {r.opts.init_from}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    r.opt_state = _fresh_opt_state(r)
+    print(f"initial weights from {what}")
+
+
+def _write_meta(r: JaxRun, platform: str, layout_decision: dict[str, Any] | None) -> None:
+    import jax
+
+    from jax_impl import devices
+    from runtime import hostmem
+
+    cfg, mesh = r.cfg, r.trainer.mesh
+    write_meta(r.run_dir, {
+        "framework": "jax", "jax": jax.__version__, "platform": platform, "devices": mesh.size,
+        "platform_stack": devices.stack_info(platform),
+        "host_allocator": hostmem.host_allocator(),
+        "processes": jax.process_count(),
+        "device_kind": jax.devices()[0].device_kind, "mesh": dict(mesh.shape), "layout": layout_label(cfg),
+        "zero": cfg.parallel.zero, "dtype": cfg.train.dtype, "gbs": r.gbs, "compile_s": r.compile_s,
+        "compiled_memory": compiled_memory(r.compiled), "data": getattr(r.source, "meta", None),
+        "init_from": r.opts.init_from, "layout_decision": layout_decision,
+        "resumed_from": None if r.restored_meta is None else {
+            "path": str(r.resume_from), "step": r.restored_meta["step"], "mesh": r.restored_meta["mesh"],
+            "restore_s": r.restore_s},
+    })
+
+
+# ----------------------------------------------------------------------------- the loop: one step and its hooks
+def _step(r: JaxRun, step: int) -> dict[str, Any]:
+    """One optimizer step (the batch is read by the ``_BatchHook``): its loss, gradient norm and time."""
+    t = time.perf_counter()
+    r.params, r.opt_state, metrics = r.compiled(r.params, r.opt_state, r.batch)
+    loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])  # waits for the step
+    r.finite = bool(metrics["finite"])
+    return {"step": step, "loss": loss, "lr": lr_at(r.cfg, step - 1), "grad_norm": gnorm,
+            "step_time_s": time.perf_counter() - t}
+
+
+def _hooks(r: JaxRun, ckpt: Any) -> list[Any]:
+    """The loop's hooks, in the order they act after each step (see runtime/loop.py)."""
+    import jax
+
+    from jax_impl import distributed, resilience
+    from jax_impl.sharding import activate, batch_sharding
+    from runtime import loop
+
+    cfg, opts, mesh, p = r.cfg, r.opts, r.trainer.mesh, r.cfg.parallel
     watchdog = resilience.Watchdog(opts.watchdog_factor, opts.watchdog_min_s, opts.watchdog_first_s or math.inf,
-                                   report=run_dir / f"watchdog.{jax.process_index()}.txt")
-    watchdog.first_step = start_step + 1
-
-    last_save_t = time.monotonic()
-
-    def save(at: int, consumed: int) -> None:
-        nonlocal last_saved, last_save_t
-        if at != last_saved:
-            dt = ckpt.save(at, params, opt_state, checkpoint.checkpoint_meta(cfg, trainer, at, consumed))
-            last_saved, last_save_t = at, time.monotonic()
-            if lead and not quiet:
-                print(f"checkpoint step {at} -> {ckpt_dir} (train loop blocked {dt:.2f}s; written in the background)")
+                                   report=r.run_dir / f"watchdog.{jax.process_index()}.txt")
+    watchdog.first_step = r.start_step + 1
+    stop = resilience.StopSignal()
+    saver = _Saver(r, ckpt)
 
     def evaluate(at: int) -> float:
         """Validation loss after step ``at``: the mean over ``eval_iters`` global batches of the valid split."""
-        first = valid_offset(cfg, at, gbs)
+        first = valid_offset(cfg, at, r.gbs)
         total = 0.0
         for i in range(cfg.train.eval_iters):
-            vb = distributed.local_batch(valid, batch_sharding(mesh), first + i * gbs, p.mbs, p.gas, dp)
-            total += float(trainer.eval_step(params, vb))
+            vb = distributed.local_batch(r.valid, batch_sharding(mesh), first + i * r.gbs, p.mbs, p.gas, r.dp)
+            total += float(r.trainer.eval_step(r.params, vb))
         return total / cfg.train.eval_iters
 
-    bar = tqdm(range(start_step, cfg.train.steps), desc="train", unit="step", disable=quiet, leave=False)
-    consumed = consumed0
-    with activate(mesh), resilience.StopSignal() as stop, watchdog:
-        for step in bar:
-            consumed = consumed0 + (step - start_step) * gbs
-            batch = distributed.local_batch(source, batch_sharding(mesh), consumed, p.mbs, p.gas, dp)
-            if faults.get("bad_batch") == step + 1:  # test hook: a corrupt sample (token id >= vocab -> NaN)
-                batch = jax.device_put(batch.at[0, 0, 0].set(cfg.model.padded_vocab + 7), batch_sharding(mesh))
-            if faults.get("nan_param", (None, -1))[1] == step + 1:
-                params = jax.device_put(resilience.plant_inf(params, faults["nan_param"][0]), trainer.param_sh)
-            t = time.perf_counter()
-            if opts.watchdog_first_s:
-                watchdog.start(step + 1)
-            if faults.get("stall", (0, -1))[1] == step + 1:
-                time.sleep(faults["stall"][0])  # test hook: a step that hangs (e.g. a lost peer)
-            params, opt_state, metrics = compiled(params, opt_state, batch)
-            loss, gnorm = float(metrics["loss"]), float(metrics["grad_norm"])  # waits for the step
-            finite = bool(metrics["finite"])
-            dt = time.perf_counter() - t
-            watchdog.done(dt)
-            losses.append(loss)
-            sps = gbs / dt
-            # a wall-clock checkpoint is due when process 0's clock says so; the decision rides in the same
-            # collective as the peak RSS, so every process saves at the same step without an extra one
-            wall_due = int(lead and opts.ckpt_every_s > 0 and time.monotonic() - last_save_t >= opts.ckpt_every_s)
-            peak_kib, wall_due = distributed.max_over_processes(
-                [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, wall_due])
-            row = {
-                "step": step + 1, "loss": loss, "lr": lr_at(cfg, step), "grad_norm": gnorm, "step_time_s": dt,
-                "samples_per_s": sps, "tokens_per_s_per_device": sps * seq / n_dev,
-                "tflops_per_device": sps * flops_per_sample / n_dev / 1e12, "consumed_samples": consumed + gbs,
-                "peak_mem_bytes": peak_kib * 1024,  # KiB; the largest process's
-            }
-            if valid is not None and eval_due(cfg, step + 1):
-                row["val_loss"] = evaluate(step + 1)
-                row["val_ppl"] = math.exp(row["val_loss"]) if row["val_loss"] < 700 else None
-            if log is not None:
-                log.write(row)
-            if not finite:
-                # the guard kept the pre-step state, so the bad tensor can still be found
-                try:
-                    diag = resilience.diagnose_nonfinite(trainer, params, batch)
-                except Exception as e:  # the diagnosis must not hide the failure itself
-                    diag = {"param": f"(diagnosis failed: {e})", "grad": None}
-                msg = (f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {step + 1} "
-                       f"(loss {loss}, grad norm {gnorm}): first non-finite parameter: {diag['param'] or 'none'}; "
-                       f"first non-finite gradient: {diag['grad'] or 'none'}")
-                skipped, in_a_row = skipped + 1, in_a_row + 1
-                if opts.on_nonfinite == "stop" or in_a_row > opts.max_skips:
-                    if log is not None:
-                        log.close()
-                    ckpt.close()
-                    why = "" if opts.on_nonfinite == "stop" else f" ({in_a_row} steps in a row, over --max-skips)"
-                    raise NonFiniteError(f"{msg}{why}; the update was not applied. run {run_dir}")
-                print(f"warning: {msg}; step skipped (params and optimizer state unchanged)", file=sys.stderr)
-            else:
-                in_a_row = 0
-            if ckpt.due(step + 1) or wall_due:
-                save(step + 1, consumed + gbs)
-            if lead and ((step + 1) % cfg.train.log_every == 0 or step == 0 or "val_loss" in row):
-                val = f"val {row['val_loss']:.4f} | " if "val_loss" in row else ""
-                msg = (f"step {step + 1:>5} | loss {loss:.4f} | {val}lr {row['lr']:.3e} | gnorm {gnorm:.3f} | "
-                       f"{dt * 1e3:.0f} ms | {sps:.2f} samples/s | {row['tokens_per_s_per_device']:.0f} tok/s/dev | "
-                       f"{row['tflops_per_device']:.4f} TFLOPS/dev")
-                (bar.write if not quiet else print)(msg)
-            if faults.get("sigterm") == step + 1:
-                os.kill(os.getpid(), signal.SIGTERM)  # test hook: a scheduler's preemption
-            sig = stop.agreed()
-            if sig is not None:
-                save(step + 1, consumed + gbs)
-                ckpt.close()
-                if log is not None:
-                    log.close()
-                print(f"stopped by {signal.Signals(sig).name} after step {step + 1}; checkpoint in {ckpt_dir}; "
-                      f"continue with --resume {run_dir}", file=sys.stderr, flush=True)
-                raise SystemExit(128 + sig)
-    if (opts.ckpt_every > 0 or opts.ckpt_every_s > 0) and cfg.train.steps > start_step:
-        save(cfg.train.steps, consumed + gbs)
-    ckpt.close()
-    if log is not None:
-        log.close()
-    bar.close()
-    if losses:
-        print(f"done: loss {losses[0]:.4f} -> {losses[-1]:.4f}; metrics in {run_dir / 'metrics.jsonl'}"
-              + (f"; {skipped} non-finite steps skipped" if skipped else ""))
-        if lead and not quiet:
-            from compare.plot import write_run_plot  # loss.png; a failure there only warns
+    hooks: list[Any] = [
+        _ContextHook(activate(mesh), stop, watchdog), _BatchHook(r),
+        resilience.WatchdogHook(watchdog, enabled=bool(opts.watchdog_first_s)), _StatsHook(r, saver),
+        loop.EvalHook(lambda n: r.valid is not None and eval_due(cfg, n), evaluate),
+    ]
+    if r.lead:
+        hooks.append(loop.MetricsLogHook(MetricsLog(r.run_dir, cfg, "jax")))
+    bar = _progress_bar(r)
+    hooks += [
+        _NonFiniteHook(r),
+        loop.CheckpointHook(lambda n: ckpt.due(n) or r.wall_due, saver.save, ckpt.close,
+                            final=opts.ckpt_every > 0 or opts.ckpt_every_s > 0),
+        loop.ProgressHook(functools.partial(_progress_line, r), bar.write if not r.quiet else print, bar.close,
+                          advance=bar.update),
+        *loop.installed_hooks("jax"),
+        loop.SignalHook(stop.agreed, lambda n, sig: (
+            f"stopped by {signal.Signals(sig).name} after step {n}; checkpoint in {r.ckpt_dir}; continue with "
+            f"--resume {r.run_dir}")),
+    ]
+    return hooks
 
-            write_run_plot(run_dir)
-    return {"run_dir": run_dir, "losses": losses, "compile_s": compile_s, "params": params, "opt_state": opt_state,
-            "start_step": start_step, "skipped": skipped, "ckpt_dir": ckpt_dir,
-            "ckpt_save_blocked_s": list(ckpt.save_s), "restore_s": restore_s}
+
+def _progress_bar(r: JaxRun):
+    from tqdm import tqdm
+
+    return tqdm(total=r.cfg.train.steps - r.start_step, desc="train", unit="step", disable=r.quiet, leave=False)
+
+
+def _progress_line(r: JaxRun, step: int, row: dict[str, Any]) -> str | None:
+    """Process 0's line every ``log_every`` steps, at the first step and with an evaluation."""
+    if not r.lead or not (step % r.cfg.train.log_every == 0 or step == 1 or "val_loss" in row):
+        return None
+    val = f"val {row['val_loss']:.4f} | " if "val_loss" in row else ""
+    return (f"step {step:>5} | loss {row['loss']:.4f} | {val}lr {row['lr']:.3e} | gnorm {row['grad_norm']:.3f} | "
+            f"{row['step_time_s'] * 1e3:.0f} ms | {row['samples_per_s']:.2f} samples/s | "
+            f"{row['tokens_per_s_per_device']:.0f} tok/s/dev | {row['tflops_per_device']:.4f} TFLOPS/dev")
+
+
+class _Saver:
+    """Saves the state after a step once (a step already saved is skipped) and notes when, for the wall clock."""
+
+    def __init__(self, r: JaxRun, ckpt) -> None:
+        self.r, self.ckpt = r, ckpt
+        self.last_saved = r.start_step if r.restored_meta is not None else -1
+        self.last_save_t = time.monotonic()
+
+    def save(self, at: int) -> None:
+        from jax_impl import checkpoint
+
+        r = self.r
+        if at == self.last_saved:
+            return
+        dt = self.ckpt.save(at, r.params, r.opt_state,
+                            checkpoint.checkpoint_meta(r.cfg, r.trainer, at, r.consumed(at) + r.gbs))
+        self.last_saved, self.last_save_t = at, time.monotonic()
+        if r.lead and not r.quiet:
+            print(f"checkpoint step {at} -> {r.ckpt_dir} (train loop blocked {dt:.2f}s; written in the "
+                  "background)")
+
+
+class _ContextHook(BaseHook):
+    """Enters the loop's context managers (mesh, signal handlers, watchdog thread) for the steps' duration."""
+
+    def __init__(self, *contexts: Any) -> None:
+        self.contexts = contexts
+        self.stack = contextlib.ExitStack()
+
+    def on_start(self, ctx: Any) -> None:
+        for c in self.contexts:
+            self.stack.enter_context(c)
+
+    def on_end(self, end: Any) -> None:
+        self.stack.close()
+
+
+class _BatchHook(BaseHook):
+    """Reads the step's global batch (this process's shards) before the step; a later hook may replace it."""
+
+    def __init__(self, r: JaxRun) -> None:
+        self.r = r
+
+    def before_step(self, step: int) -> None:
+        from jax_impl import distributed
+        from jax_impl.sharding import batch_sharding
+
+        r, p = self.r, self.r.cfg.parallel
+        r.batch = distributed.local_batch(r.source, batch_sharding(r.trainer.mesh), r.consumed(step), p.mbs, p.gas,
+                                          r.dp)
+
+
+
+
+class _StatsHook(BaseHook):
+    """The row's throughput and memory columns; the peak RSS (the largest process's) and process 0's wall-clock
+    checkpoint decision ride in one collective, so every process saves at the same step without another."""
+
+    def __init__(self, r: JaxRun, saver: _Saver) -> None:
+        self.r, self.saver = r, saver
+        self.flops_per_sample = r.cfg.model.flops_per_sample(r.cfg.data.seq_len)
+
+    def after_step(self, step: int, row: dict[str, Any]) -> None:
+        from jax_impl import distributed
+
+        r, n_dev = self.r, self.r.trainer.mesh.size
+        r.losses.append(row["loss"])
+        sps = r.gbs / row["step_time_s"]
+        every_s = r.opts.ckpt_every_s
+        wall_due = int(r.lead and every_s > 0 and time.monotonic() - self.saver.last_save_t >= every_s)
+        peak_kib, wall_due = distributed.max_over_processes(
+            [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, wall_due])
+        r.wall_due = bool(wall_due)
+        row.update(samples_per_s=sps, tokens_per_s_per_device=sps * r.cfg.data.seq_len / n_dev,
+                   tflops_per_device=sps * self.flops_per_sample / n_dev / 1e12,
+                   consumed_samples=r.consumed(step) + r.gbs, peak_mem_bytes=peak_kib * 1024)  # KiB: the largest
+        return None
+
+
+
+class _NonFiniteHook(BaseHook):
+    """A step whose loss or gradient norm is not finite (the guard kept the pre-step state, so the bad tensor
+    can still be found): stop, naming it (exit 3), or with ``--on-nonfinite skip`` warn and go on, up to
+    ``--max-skips`` in a row."""
+
+    def __init__(self, r: JaxRun) -> None:
+        self.r, self.in_a_row = r, 0
+
+    def after_step(self, step: int, row: dict[str, Any]) -> Any:
+        from jax_impl import resilience
+
+        r, opts = self.r, self.r.opts
+        if r.finite:
+            self.in_a_row = 0
+            return None
+        try:
+            diag = resilience.diagnose_nonfinite(r.trainer, r.params, r.batch)
+        except Exception as e:  # the diagnosis must not hide the failure itself
+            diag = {"param": f"(diagnosis failed: {e})", "grad": None}
+        loss, gnorm = row["loss"], row["grad_norm"]
+        msg = (f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {step} "
+               f"(loss {loss}, grad norm {gnorm}): first non-finite parameter: {diag['param'] or 'none'}; "
+               f"first non-finite gradient: {diag['grad'] or 'none'}")
+        r.skipped, self.in_a_row = r.skipped + 1, self.in_a_row + 1
+        if opts.on_nonfinite == "stop" or self.in_a_row > opts.max_skips:
+            why = "" if opts.on_nonfinite == "stop" else f" ({self.in_a_row} steps in a row, over --max-skips)"
+            return Stop(f"{msg}{why}; the update was not applied. run {r.run_dir}", code=NONFINITE_EXIT)
+        print(f"warning: {msg}; step skipped (params and optimizer state unchanged)", file=sys.stderr)
+        return None
+
 
 
 def cli(argv: list[str] | None = None) -> None:
@@ -647,11 +837,11 @@ def cli(argv: list[str] | None = None) -> None:
         main(argv)
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(3) from None
+        raise SystemExit(NONFINITE_EXIT) from None
 
 
 if __name__ == "__main__":
-    from configs.hostmem import reexec_with_allocator
+    from runtime.hostmem import reexec_with_allocator
 
-    reexec_with_allocator()  # the host allocator both trainers run under (configs/hostmem.py)
+    reexec_with_allocator()  # the host allocator both trainers run under (runtime/hostmem.py)
     cli()

@@ -18,8 +18,8 @@ import pytest
 from _pbs import JAX_70B, TORCH_70B, fake_pbs, write_script
 
 from configs import ConfigError
-from configs.rundir import read_metrics
 from runtime import procgroup
+from runtime.rundir import read_metrics
 from scripts.aurora import alcf, launch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -343,7 +343,7 @@ def test_jax_process0_run_dir_error_stops_every_process(tmp_path):
 def test_a_locked_run_directory_stops_every_rank(tmp_path, trainer):
     """Under an external launcher, process/rank 0 finds the run directory locked by a live run: every rank exits 2
     naming the holder (none waits for a peer that is gone)."""
-    from configs.rundir import lock_run_dir
+    from runtime.rundir import lock_run_dir
 
     lock = lock_run_dir(tmp_path / "held")  # this test process is the live holder
     try:

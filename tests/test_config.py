@@ -6,7 +6,7 @@ import math
 import pytest
 
 from configs import ConfigError, config_from_dict, load_config, lr_at, parse_mesh, parse_overrides
-from configs.rundir import read_metrics
+from runtime.rundir import read_metrics
 
 
 def study_count(V, h, L, n_h, n_kv, ffn):

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from configs import load_config
-from configs.rundir import write_config
 from jax_impl import init_weights
 from jax_impl.model import init_params
+from runtime.rundir import write_config
 from weightmap import jaxtorch
 from weightmap.npz import load_npz, npz_members, save_npz
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fault_runner import faults
 
 from aurora_data import BlendedGPTDataset, IndexedDatasetBuilder, build_source, global_batch
 from aurora_data.gpt import GPTDataset, train_valid_test_split
@@ -95,15 +96,13 @@ def test_pipeline_val_loss_equals_single_device(tmp_path):
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-6)
 
 
-def test_resumed_run_evaluates_the_same_batches(tmp_path, monkeypatch):
+def test_resumed_run_evaluates_the_same_batches(tmp_path):
     args = [*TINY, "--steps", "6", "--train.eval_interval=2", "--train.eval_iters=1", "--out-dir", str(tmp_path),
             "--mesh", "fsdp=2"]
     full = jax_train.main([*args, "--name", "full"])
-    monkeypatch.setenv("AURORA_TEST_FAULT", "sigterm@3")  # preempted after step 3: saves, exits 128 + 15
-    with pytest.raises(SystemExit) as stop:
+    with faults("sigterm@3"), pytest.raises(SystemExit) as stop:  # preempted after step 3: saves, exits 128 + 15
         jax_train.main([*args, "--name", "cut"])
     assert stop.value.code == 143
-    monkeypatch.delenv("AURORA_TEST_FAULT")
     jax_train.main([*args, "--name", "cut", "--resume", "auto"])
     want = [r["val_loss"] for r in _rows(full["run_dir"])]
     got = [r["val_loss"] for r in _rows(tmp_path / "cut")]

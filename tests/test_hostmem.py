@@ -1,4 +1,4 @@
-"""configs.hostmem: the host allocator both trainers run under (tcmalloc by default, glibc's reuse policy
+"""runtime.hostmem: the host allocator both trainers run under (tcmalloc by default, glibc's reuse policy
 otherwise): freed host buffers are reused, neither page-faulted in again nor left behind by a growing heap."""
 
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from configs import hostmem
+from runtime import hostmem
 
 ROOT = Path(__file__).resolve().parents[1]
 LINUX = sys.platform.startswith("linux")
@@ -23,7 +23,7 @@ needs_tcmalloc = pytest.mark.skipif(TCMALLOC is None, reason="libtcmalloc-minima
 # ones and allocate it again. Prints the minor page faults and RSS growth over the steady part.
 PROBE = """
 import ctypes, json, resource, sys, threading
-from configs import hostmem
+from runtime import hostmem
 applied = hostmem.reuse_host_memory() if sys.argv[1] == "reuse" else False
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
@@ -149,7 +149,7 @@ def test_jax_train_runs_on_the_policy_allocator_and_records_it(tmp_path, policy)
 
 @pytest.mark.skipif(not LINUX, reason="LD_PRELOAD is Linux-only")
 def test_reexec_preloads_once_and_never_loops(tmp_path):
-    code = "from configs import hostmem; hostmem.reexec_with_allocator(); print('ran', hostmem.host_allocator())"
+    code = "from runtime import hostmem; hostmem.reexec_with_allocator(); print('ran', hostmem.host_allocator())"
     env = _clean_env()
     env.update(PYTHONPATH=str(ROOT), AURORA_HOST_MALLOC="tcmalloc")
     broken = tmp_path / "libtcmalloc_minimal.so.4"

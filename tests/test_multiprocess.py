@@ -16,11 +16,11 @@ import pytest
 from aurora_data import global_batch
 from aurora_data.source import SyntheticSource
 from configs import ConfigError
-from configs.rundir import read_metrics
 from jax_impl import checkpoint, distributed
 from jax_impl.sharding import batch_sharding, make_mesh
 from jax_impl.train import main
 from runtime import procgroup
+from runtime.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", "--wandb", "disabled", "--quiet"]

@@ -132,6 +132,38 @@ def test_gpipe_fill_and_drain_ticks_skip_idle_stages(stages):
     assert _conds_running_layers(jaxpr.jaxpr, cfg.model.ffn_hidden) == 2 * 2 * (stages - 1)
 
 
+def _count(jaxpr, primitive: str) -> int:
+    """How many equations of ``primitive`` ``jaxpr`` holds, at any depth."""
+    return sum((e.primitive.name == primitive) + sum(_count(sub, primitive)
+                                                      for sub in jax.extend.core.jaxprs_in_params(e.params))
+               for e in jaxpr.eqns)
+
+
+def test_gpipe_ticks_as_scan_option_equals_unrolled_ticks(reference):
+    """``ModelOptions.ticks_as_scan`` (benchmarks/ab_step.py's lever:ticks=scan, passed as an option) runs the
+    ticks as a lax.scan -- a different program -- with the same loss and gradients."""
+    import dataclasses
+
+    cfg = load_config("tiny", {**BASE, "parallel.mesh": "pipeline=2"})
+    mesh = make_mesh(cfg.mesh_shape())
+    tr = Trainer.build(cfg, mesh)
+    params, _ = tr.init_state()
+    scan = dataclasses.replace(tr.model_opts, ticks_as_scan=True)
+
+    def matmuls(opts) -> int:
+        with activate(mesh):
+            jx = jax.make_jaxpr(lambda p, b: pipeline.loss_and_grads(cfg, mesh, p, b, opts))(params, reference[2])
+        return _count(jx.jaxpr, "dot_general")
+
+    # the m + p - 1 = 5 ticks traced once (a scan body) instead of one copy each
+    assert matmuls(scan) * 3 < matmuls(tr.model_opts)
+    with activate(mesh):
+        b = jax.device_put(reference[2], batch_sharding(mesh))
+        loss, grads = jax.jit(lambda p, b: pipeline.loss_and_grads(cfg, mesh, p, b, scan))(params, b)
+    assert float(loss) == pytest.approx(reference[0], rel=1e-5)
+    assert_tree_close(tr.logical_params(grads), reference[1], rtol=1e-5)
+
+
 @pytest.mark.parametrize("remat", [False, True])
 def test_stage_residuals_hold_no_copy_of_the_weights(remat):
     """What a schedule keeps between a stage's forward and its backward (1F1B's ring, a skippable fill/drain

@@ -7,9 +7,9 @@ import shutil
 import pytest
 
 from compare import report
-from configs import hostmem
-from configs.rundir import METRIC_KEYS, host_cpu, write_config, write_meta
 from jax_impl.train import main as jax_main
+from runtime import hostmem
+from runtime.rundir import METRIC_KEYS, host_cpu, write_config, write_meta
 
 
 def make_run(runs_dir, layout: str, dtype: str, fw: str, losses, steps=None, repeat=1, step_s=None, **cfg_over):
@@ -223,7 +223,7 @@ def test_execute_starts_ranks_as_a_launcher_would_and_drops_the_callers_launcher
     cfg = report.run_config("tiny", report.LAYOUTS["pp2-zero1"], "fp32", 3, tmp_path, "jax")
     report.execute("jax", cfg, tmp_path / "one.log", 10)
     assert "PMI_RANK" not in started[0] and "SLURM_NTASKS" not in started[0]
-    assert started[0]["LD_PRELOAD"] == str(lib)  # the trainers start on the host allocator (configs/hostmem.py)
+    assert started[0]["LD_PRELOAD"] == str(lib)  # the trainers start on the host allocator (runtime/hostmem.py)
     started.clear()
     report.execute("jax", cfg, tmp_path / "two.log", 10, processes=2)
     assert [(e["PMI_RANK"], e["PMI_SIZE"]) for e in started] == [("0", "2"), ("1", "2")]

@@ -12,21 +12,21 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from fault_runner import RUNNER, faults, parse_faults, plant_inf
 
 from configs import load_config
-from configs.rundir import read_metrics
 from jax_impl import resilience
 from jax_impl.sharding import make_mesh
 from jax_impl.train import NonFiniteError, main
 from jax_impl.trainer import Trainer
+from runtime.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", "--wandb", "disabled", "--quiet", "--mesh", "fsdp=8"]
 
 
-def test_planted_inf_weight_stops_naming_step_and_parameter(tmp_path, monkeypatch):
-    monkeypatch.setenv(resilience.FAULT_ENV, "nan_param=layers.w_up@3")
-    with pytest.raises(NonFiniteError) as e:
+def test_planted_inf_weight_stops_naming_step_and_parameter(tmp_path):
+    with faults("nan_param=layers.w_up@3"), pytest.raises(NonFiniteError) as e:
         main([*TINY, "--steps", "5", "--out-dir", str(tmp_path), "--name", "nan"])
     msg = str(e.value)
     assert "non-finite loss at step 3" in msg
@@ -37,9 +37,9 @@ def test_planted_inf_weight_stops_naming_step_and_parameter(tmp_path, monkeypatc
     assert '"loss": "NaN"' in last or '"loss": "Infinity"' in last, last  # strict JSON, no bare NaN
 
 
-def test_bad_batch_is_skipped_and_training_goes_on(tmp_path, monkeypatch):
-    monkeypatch.setenv(resilience.FAULT_ENV, "bad_batch@2")
-    out = main([*TINY, "--steps", "4", "--out-dir", str(tmp_path), "--name", "skip", "--on-nonfinite", "skip"])
+def test_bad_batch_is_skipped_and_training_goes_on(tmp_path):
+    with faults("bad_batch@2"):
+        out = main([*TINY, "--steps", "4", "--out-dir", str(tmp_path), "--name", "skip", "--on-nonfinite", "skip"])
     assert out["skipped"] == 1
     losses = out["losses"]
     assert not np.isfinite(losses[1]) and all(np.isfinite(losses[i]) for i in (0, 2, 3))
@@ -51,7 +51,7 @@ def test_guard_keeps_state_bitwise_and_names_first_bad_gradient():
     cfg = load_config("tiny", {"parallel.mesh": "fsdp=8"})
     tr = Trainer.build(cfg, make_mesh(cfg.mesh_shape(8)))
     params, opt = tr.init_state()
-    params = jax.device_put(resilience.plant_inf(params, "final_norm"), tr.param_sh)
+    params = jax.device_put(plant_inf(params, "final_norm"), tr.param_sh)
     before = jax.tree.map(np.asarray, (params, opt))
     batch = jax.device_put(np.zeros((1, 16, 33), np.int32), tr.batch_abstract().sharding)
     step = resilience.compile_guarded(tr)
@@ -89,19 +89,20 @@ def test_watchdog_fires_with_all_stacks(tmp_path, monkeypatch):
 
 
 def test_fault_spec_parsing():
-    assert resilience.parse_faults("nan_param=layers.wq@3, stall=2.5@4,sigterm@5,bad_batch@6") == {
-        "nan_param": ("layers.wq", 3), "stall": (2.5, 4), "sigterm": 5, "bad_batch": 6}
+    assert parse_faults("nan_param=layers.wq@3, stall=2.5@4,sigterm@5,bad_batch@6,raise=1@2") == {
+        "nan_param": ("layers.wq", 3), "stall": (2.5, 4), "sigterm": 5, "bad_batch": 6, "raise": (1, 2)}
     with pytest.raises(ValueError, match="unknown fault"):
-        resilience.parse_faults("explode@3")
+        parse_faults("explode@3")
 
 
 @pytest.mark.slow
 def test_watchdog_ends_a_stalled_training_process(tmp_path):
     """A step that never returns (planted sleep) ends the process with code 75 and every thread's stack."""
-    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, resilience.FAULT_ENV: "stall=600@5"}
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     t = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "jax_impl.train", *TINY, "--steps", "8", "--out-dir", str(tmp_path),
-                        "--name", "stall", "--watchdog-factor", "5", "--watchdog-min-s", "3"],
+    r = subprocess.run([sys.executable, str(RUNNER), "stall=600@5", "jax", *TINY, "--steps", "8",
+                        "--out-dir", str(tmp_path), "--name", "stall", "--watchdog-factor", "5",
+                        "--watchdog-min-s", "3"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == resilience.WATCHDOG_EXIT, r.stderr[-3000:]
     assert time.monotonic() - t < 300
@@ -114,9 +115,10 @@ def test_watchdog_ends_a_stalled_training_process(tmp_path):
 
 @pytest.mark.slow
 def test_nonfinite_exit_code_from_the_command_line(tmp_path):
-    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, resilience.FAULT_ENV: "nan_param=embed@2"}
-    r = subprocess.run([sys.executable, "-m", "jax_impl.train", *TINY, "--steps", "3", "--out-dir", str(tmp_path),
-                        "--name", "n"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    r = subprocess.run([sys.executable, str(RUNNER), "nan_param=embed@2", "jax", *TINY, "--steps", "3",
+                        "--out-dir", str(tmp_path), "--name", "n"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 3, r.stderr[-3000:]
     assert "error: non-finite loss at step 2" in r.stderr and "first non-finite parameter: embed" in r.stderr
     assert "Traceback" not in r.stderr

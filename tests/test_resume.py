@@ -15,13 +15,14 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from fault_runner import faults
 
 from configs import load_config
-from configs.rundir import read_metrics
 from jax_impl import checkpoint
 from jax_impl.sharding import make_mesh
 from jax_impl.train import main
 from jax_impl.trainer import Trainer
+from runtime.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", "--wandb", "disabled", "--quiet"]
@@ -153,14 +154,12 @@ def test_params_only_checkpoint_starts_a_run(base, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_then_exits_and_resume_finishes(tmp_path, monkeypatch):
-    monkeypatch.setenv("AURORA_TEST_FAULT", "sigterm@2")
-    with pytest.raises(SystemExit) as e:
+def test_sigterm_saves_then_exits_and_resume_finishes(tmp_path):
+    with faults("sigterm@2"), pytest.raises(SystemExit) as e:
         run(tmp_path, "pre", "--mesh", "fsdp=8", "--steps", "4")
     assert e.value.code == 128 + signal.SIGTERM
     ck = tmp_path / "pre" / "checkpoints"
     assert checkpoint.steps_in(ck) == [2]
-    monkeypatch.delenv("AURORA_TEST_FAULT")
     res = run(tmp_path, "pre", "--mesh", "fsdp=8", "--steps", "4", "--resume", "auto")
     assert res["start_step"] == 2 and len(res["losses"]) == 2
     assert [r["step"] for r in read_metrics(tmp_path / "pre")] == [1, 2, 3, 4]

@@ -1,4 +1,4 @@
-"""configs/rundir.py, the run directory both trainers share: the lock, strict-JSON metrics, torn lines, set-aside."""
+"""runtime/rundir.py, the run directory both trainers share: the lock, strict-JSON metrics, torn lines, set-aside."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from configs import load_config
-from configs.rundir import (
+from runtime.rundir import (
     LOCK_FILE,
     MetricsLog,
     RunDirBusy,
@@ -74,7 +74,7 @@ def test_set_aside_moves_without_deleting(tmp_path):
 
 
 def _hold_lock(run_dir: Path) -> subprocess.Popen:
-    code = ("import sys, time; from configs.rundir import lock_run_dir; lock_run_dir(__import__('pathlib').Path("
+    code = ("import sys, time; from runtime.rundir import lock_run_dir; lock_run_dir(__import__('pathlib').Path("
             f"{str(run_dir)!r})); print('held', flush=True); time.sleep(600)")
     p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert p.stdout is not None and p.stdout.readline().strip() == "held"

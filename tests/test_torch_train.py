@@ -10,8 +10,9 @@ import json
 import time
 
 import pytest
+from fault_runner import worker_command
 
-from configs import ConfigError, hostmem, lr_at
+from configs import ConfigError, lr_at
 from jax_impl import devices
 
 try:  # the in-process JAX run below needs 2 host devices; tests/conftest.py may already have made 8
@@ -19,6 +20,7 @@ try:  # the in-process JAX run below needs 2 host devices; tests/conftest.py may
 except Exception:
     pass
 
+from runtime import hostmem
 from torch_ref import train as torch_train
 from torch_ref.layouts import FSDP2_MICS, deepspeed_has_mics
 
@@ -166,7 +168,7 @@ def test_reused_name_and_unusable_out_dir_are_exit_2_before_any_worker(tmp_path,
 
 
 def test_worker_crash_ends_the_run_with_its_traceback(tmp_path, monkeypatch):
-    monkeypatch.setenv(torch_train.FAULT_ENV, "rank=1,step=2")
+    monkeypatch.setattr(torch_train, "WORKER_COMMAND", worker_command("raise=1@2"))  # the workers run the fault
     monkeypatch.setenv("TORCH_REF_PG_TIMEOUT", "600")  # the siblings must be stopped by the launcher, not a timeout
     t = time.perf_counter()
     with pytest.raises(SystemExit) as e:

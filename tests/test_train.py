@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from configs import load_config
-from configs.rundir import METRIC_KEYS, read_metrics
 from jax_impl.train import main
+from runtime.rundir import METRIC_KEYS, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 

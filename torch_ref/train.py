@@ -43,16 +43,17 @@ last save (rank 0 decides, all ranks agree); ``--resume RUN_DIR`` continues that
 its latest checkpoint (``engine.load_checkpoint``: module, ZeRO-partitioned optimizer state, engine
 step counters); the per-step losses then equal an uninterrupted run's bit for bit (fp32, CPU).
 ``--resume RUN_DIR/checkpoints/global_stepK`` continues from an older tag: a new branch, whose later
-tags and metrics rows are moved to ``abandoned-<time>`` names (configs/rundir.py, docs/checkpoints.md).
+tags and metrics rows are moved to ``abandoned-<time>`` names (runtime/rundir.py, docs/checkpoints.md).
 ``--resume auto`` (needs ``--name``): continue that run from its newest readable checkpoint (an
 unreadable newer tag is said and skipped), else start it afresh in its directory -- what a requeued or
-retried job wants. The run directory is locked (``configs.rundir.lock_run_dir``) by the launcher, or
+retried job wants. The run directory is locked (``runtime.rundir.lock_run_dir``) by the launcher, or
 by rank 0 under an external launcher, so a second run in it is refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import math
@@ -66,6 +67,7 @@ import sys
 import time
 import traceback
 import zipfile
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -83,8 +85,11 @@ from configs import (
 )
 from configs.cli import resolve_config as resolve_cli
 from configs.cli import trainer_parser
-from configs.hostmem import allocator_env
-from configs.rundir import (
+from runtime import launcher_env
+from runtime.hostmem import allocator_env
+from runtime.loop import BaseHook, Stop
+from runtime.procgroup import ProcessGroup
+from runtime.rundir import (
     MetricsLog,
     RunDirBusy,
     lock_run_dir,
@@ -97,13 +102,14 @@ from configs.rundir import (
     write_config,
     write_meta,
 )
-from runtime import launcher_env
-from runtime.procgroup import ProcessGroup
 from torch_ref.layouts import Layout, plan_layout
 
 RUN_DIR_ENV = "TORCH_REF_RUN_DIR"  # set by our launcher for its workers
 DATA_ERROR = "DataError: "  # a rank*.err that starts so holds a bad-data message, not a traceback
-FAULT_ENV = "TORCH_REF_FAULT"  # test hook: "rank=R,step=S" makes rank R raise at step S
+NONFINITE_EXIT = 3  # as jax_impl.train: a rerun from the last checkpoint would repeat the failure
+# how the launcher starts a worker (None: ``python -m torch_ref.train`` with this interpreter); tests run the
+# workers through tests/fault_runner.py this way
+WORKER_COMMAND: list[str] | None = None
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # the own launcher's sanity limits: a rank per 1/4 core still trains on the tiny preset (data=2,fsdp=2 on 2
 # cores is the test suite's widest); 0.5 GiB is a DeepSpeed CPU rank's floor before any model state
@@ -157,7 +163,7 @@ def mesh_auto(cfg: Config, args: argparse.Namespace, ext: launcher_env.LaunchEnv
     model deciding (a resumed run: the layout it recorded). Ranks: ``--nodes`` x the cluster's tiles, else the
     launcher's world size, else the preset's mesh size."""
     from compare.plan import auto_layout  # here, not at import: torch_ref stays importable without compare
-    from configs.rundir import recorded_layout
+    from runtime.rundir import recorded_layout
 
     resume, _, _ = resolve_resume(cfg, args.resume)
     recorded = recorded_layout(Path(resume)) if resume else None
@@ -391,65 +397,89 @@ def _free_port() -> int:
 
 
 # ----------------------------------------------------------------------------- entry point
+@dataclass
+class _Launch:
+    """What ``main`` checked before anything starts (``_check_launch``)."""
+
+    ext: launcher_env.LaunchEnv | None
+    cfg: Config
+    args: argparse.Namespace
+    layout: Layout
+    platform: str
+    decision: dict[str, Any] | None  # --mesh auto's layout decision
+    resume: str | None
+    fresh_in_place: bool
+    tag: str | None
+    init: str
+
+
+def _check_launch(argv: list[str] | None) -> _Launch:
+    """The config, layout, platform and resume/init options, checked before any worker or directory exists
+    (ConfigError names the value and the fix)."""
+    ext = external_rank_env()
+    cfg, args = resolve_config(argv)
+    jax_only = [f"--{k[8:].replace('_', '-')}" for k, v in vars(args).items() if k.startswith("jaxonly_") and v]
+    if jax_only:
+        raise ConfigError(f"{', '.join(jax_only)}: only jax_impl.train has these (torch_ref: --ckpt-every, "
+                          "--ckpt-every-s, --resume)")
+    check_run_options(args)
+    decision = None
+    if args.mesh == "auto":  # before the layout check, the run directory and any worker
+        cfg, decision = mesh_auto(cfg, args, ext)
+    layout = plan_layout(cfg, ext.world_size if ext else None)
+    if args.dry_run:
+        platform = cfg.train.platform
+    else:
+        platform, _ = select_platform(cfg.train.platform)  # refuses a missing accelerator before any worker
+    if ext is None and not args.dry_run and not args.oversubscribe:
+        check_local_ranks(layout.world_size, cfg.parallel.mesh)
+    resume, fresh_in_place, tag = resolve_resume(cfg, args.resume)
+    if args.init_from and args.resume not in (None, "auto"):
+        raise ConfigError("--resume RUN_DIR and --init-from exclude each other: --resume continues a run, "
+                          "--init-from starts a new one from the weights")
+    if args.init_from and not Path(args.init_from).exists():
+        raise ConfigError(f"--init-from {args.init_from}: no such checkpoint or directory")
+    init = "file" if args.init_from and not resume else args.init
+    if init == "jax" and (why := jax_init_unavailable()):
+        raise ConfigError(f"--init jax (the default) computes the JAX run's initial weights with "
+                          f"`python -m jax_impl.init_weights`, but {why}; pass --init torch (torch's own draw), "
+                          "or --init-from with weights written where JAX is installed (an .npz from "
+                          "`python -m jax_impl.init_weights RUN_DIR/config.json OUT.npz`, a checkpoint, or a "
+                          "Hugging Face directory)")
+    wants_ckpt = args.ckpt_every or args.ckpt_every_s or resume
+    if wants_ckpt and not layout.engine.startswith("deepspeed"):
+        raise ConfigError(f"checkpoints are implemented for the DeepSpeed engines; layout {layout.label} runs "
+                          f"{layout.engine}: drop --ckpt-every/--ckpt-every-s/--resume for it")
+    if tag is not None and (tag_step(tag) or 0) > cfg.train.steps:
+        raise ConfigError(f"--steps {cfg.train.steps}, but the checkpoint to resume ({resume}/checkpoints/{tag}) "
+                          f"is already at step {tag_step(tag)}: give --steps >= {tag_step(tag)} (the run's "
+                          "total, not the steps to add), or resume an older tag with --resume "
+                          f"{resume}/checkpoints/{TAG_PREFIX}<K>")
+    return _Launch(ext, cfg, args, layout, platform, decision, resume, fresh_in_place, tag, init)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     default_extensions_dir()
     if os.environ.get(RUN_DIR_ENV):  # a worker our launcher started: everything comes from the run dir
         _stop_with_launcher()
         return run_worker(Path(os.environ[RUN_DIR_ENV]))
     try:
-        ext = external_rank_env()
-        cfg, args = resolve_config(argv)
-        jax_only = [f"--{k[8:].replace('_', '-')}" for k, v in vars(args).items() if k.startswith("jaxonly_") and v]
-        if jax_only:
-            raise ConfigError(f"{', '.join(jax_only)}: only jax_impl.train has these (torch_ref: --ckpt-every, "
-                              "--ckpt-every-s, --resume)")
-        check_run_options(args)
-        decision = None
-        if args.mesh == "auto":  # before the layout check, the run directory and any worker
-            cfg, decision = mesh_auto(cfg, args, ext)
-        layout = plan_layout(cfg, ext.world_size if ext else None)
-        if args.dry_run:
-            platform = cfg.train.platform
-        else:
-            platform, _ = select_platform(cfg.train.platform)  # refuses a missing accelerator before any worker
-        if ext is None and not args.dry_run and not args.oversubscribe:
-            check_local_ranks(layout.world_size, cfg.parallel.mesh)
-        resume, fresh_in_place, tag = resolve_resume(cfg, args.resume)
-        if args.init_from and args.resume not in (None, "auto"):
-            raise ConfigError("--resume RUN_DIR and --init-from exclude each other: --resume continues a run, "
-                              "--init-from starts a new one from the weights")
-        if args.init_from and not Path(args.init_from).exists():
-            raise ConfigError(f"--init-from {args.init_from}: no such checkpoint or directory")
-        init = "file" if args.init_from and not resume else args.init
-        if init == "jax" and (why := jax_init_unavailable()):
-            raise ConfigError(f"--init jax (the default) computes the JAX run's initial weights with "
-                              f"`python -m jax_impl.init_weights`, but {why}; pass --init torch (torch's own draw), "
-                              "or --init-from with weights written where JAX is installed (an .npz from "
-                              "`python -m jax_impl.init_weights RUN_DIR/config.json OUT.npz`, a checkpoint, or a "
-                              "Hugging Face directory)")
-        wants_ckpt = args.ckpt_every or args.ckpt_every_s or resume
-        if wants_ckpt and not layout.engine.startswith("deepspeed"):
-            raise ConfigError(f"checkpoints are implemented for the DeepSpeed engines; layout {layout.label} runs "
-                              f"{layout.engine}: drop --ckpt-every/--ckpt-every-s/--resume for it")
-        if tag is not None and (tag_step(tag) or 0) > cfg.train.steps:
-            raise ConfigError(f"--steps {cfg.train.steps}, but the checkpoint to resume ({resume}/checkpoints/{tag}) "
-                              f"is already at step {tag_step(tag)}: give --steps >= {tag_step(tag)} (the run's "
-                              "total, not the steps to add), or resume an older tag with --resume "
-                              f"{resume}/checkpoints/{TAG_PREFIX}<K>")
+        s = _check_launch(argv)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    cfg, args, layout, init = s.cfg, s.args, s.layout, s.init
     if args.dry_run:
         from torch_ref.ds_config import installed_ds_config
 
         print(f"layout {layout.label}: {layout.description}; {layout.world_size} ranks, mesh {layout.mesh}")
         print(json.dumps(installed_ds_config(cfg), indent=2))
         return {"layout": layout, "ds_config": installed_ds_config(cfg)}
-    ckpt = {"ckpt_every": args.ckpt_every or 0, "ckpt_every_s": args.ckpt_every_s or 0.0, "resume": resume,
-            "resume_tag": tag, "fresh_in_place": fresh_in_place, "platform": platform,
+    ckpt = {"ckpt_every": args.ckpt_every or 0, "ckpt_every_s": args.ckpt_every_s or 0.0, "resume": s.resume,
+            "resume_tag": s.tag, "fresh_in_place": s.fresh_in_place, "platform": s.platform,
             "init_from": str(Path(args.init_from).resolve()) if init == "file" else None,
-            "layout_decision": decision}
-    if ext is not None:
+            "layout_decision": s.decision}
+    if s.ext is not None:
         try:
             return run_worker(None, cfg=cfg, init=init, quiet=args.quiet, ckpt=ckpt)
         except (RunDirError, DataError) as e:  # a configuration or data problem: no retry will help
@@ -457,17 +487,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit(2) from None
         except FloatingPointError as e:  # exit 3 as jax_impl.train: a rerun from the last checkpoint repeats it
             print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(3) from None
-    try:
-        # read the data here, once, before any worker starts: bad data is a message (and the index maps the
-        # workers then load are built by one process, not raced for by all)
-        gbs = cfg.parallel.mbs * cfg.parallel.gas * layout.dp
-        build_source(cfg, num_samples=cfg.train.steps * gbs)
-        if cfg.train.eval_interval:
-            build_source(cfg, num_samples=valid_samples(cfg, gbs), split="valid")
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+            raise SystemExit(NONFINITE_EXIT) from None
+    _check_data(cfg, layout)
     planned = planned_run_dir(cfg, ckpt)
     try:
         lock = lock_run_dir(planned)  # one run per directory, before any work
@@ -482,6 +503,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(2) from None
     finally:
         lock.release()
+
+
+def _check_data(cfg: Config, layout: Layout) -> None:
+    """Read the data here, once, before any worker starts: bad data is a message (exit 2), and the index maps the
+    workers then load are built by one process, not raced for by all."""
+    try:
+        gbs = cfg.parallel.mbs * cfg.parallel.gas * layout.dp
+        build_source(cfg, num_samples=cfg.train.steps * gbs)
+        if cfg.train.eval_interval:
+            build_source(cfg, num_samples=valid_samples(cfg, gbs), split="valid")
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _branch_at(run_dir: Path, tag: str) -> None:
@@ -622,13 +656,14 @@ def launch(cfg: Config, layout: Layout, init: str = "jax", quiet: bool = False, 
     port = _free_port()
     threads = os.environ.get("OMP_NUM_THREADS") or "1"  # one per rank: more oversubscribes a shared 2-core box
     procs: list[subprocess.Popen] = []
-    base = allocator_env()  # workers start on the trainers' host allocator (configs/hostmem.py)
+    base = allocator_env()  # workers start on the trainers' host allocator (runtime/hostmem.py)
     for r in range(n):
         env = {**base, RUN_DIR_ENV: str(run_dir), "RANK": str(r), "LOCAL_RANK": str(r),
                "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "OMP_NUM_THREADS": threads, "PYTHONPATH": os.pathsep.join(
                    filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
-        procs.append(subprocess.Popen([sys.executable, "-m", "torch_ref.train"], env=env, cwd=os.getcwd()))
+        cmd = WORKER_COMMAND or [sys.executable, "-m", "torch_ref.train"]
+        procs.append(subprocess.Popen(cmd, env=env, cwd=os.getcwd()))
     group = ProcessGroup(procs)
     # SIGTERM/SIGINT go on to every rank, each saves, and this returns only when all have exited
     group.wait(stop_grace_s=float(os.environ.get("TORCH_REF_STOP_GRACE_S", 5.0)))
@@ -711,12 +746,80 @@ def run_worker(run_dir: Path | None, cfg: Config | None = None, init: str = "jax
         raise
 
 
+@dataclass
+class TorchRun:
+    """One rank's run, built by ``_worker``'s setup functions and shared with the loop's hooks (``ctx``)."""
+
+    rank: int
+    world: int
+    local_rank: int
+    cfg: Config
+    init: str
+    quiet: bool
+    ckpt: dict[str, Any]
+    stop: Any = None  # the _StopFlag
+    t_start: float = 0.0
+    layout: Any = None
+    platform: str = "cpu"
+    backend: str | None = None
+    dev: Any = None
+    dist_init_s: float = 0.0
+    lock: Any = None  # rank 0's run-directory lock under an external launcher
+    run_dir: Path = Path()
+    runner: Any = None
+    engine: Any = None  # the DeepSpeed engine (None for FSDP2)
+    param_bytes: int = 0
+    engine_init_s: float = 0.0
+    init_s: float = 0.0
+    gbs: int = 0
+    source: Any = None
+    valid: Any = None
+    ckpt_dir: Path = Path()
+    every: int = 0
+    every_s: float = 0.0
+    start_step: int = 0
+    consumed0: int = 0
+    losses: list[float] = field(default_factory=list)
+    last_save_t: float = 0.0
+    wall_due: bool = False  # rank 0's clock says a wall-clock checkpoint is due (agreed by all ranks)
+    stop_sig: int = 0  # a SIGTERM/SIGINT seen by any rank (agreed by all)
+
+    def consumed(self, step: int) -> int:
+        """Samples consumed before step ``step`` (1-based)."""
+        return self.consumed0 + (step - 1 - self.start_step) * self.gbs
+
+
 def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: Config | None, init: str,
             quiet: bool, ckpt: dict[str, Any]) -> dict[str, Any]:
-    from configs.hostmem import host_allocator, reuse_host_memory
+    from runtime import loop
+
+    r = _start_worker(run_dir, rank, world, local_rank, cfg, init, quiet, ckpt)
+    _init_distributed(r)
+    if run_dir is None:  # external launcher: rank 0 prepares the run directory, the others learn its path
+        _agree_run_dir(r)
+    else:
+        r.run_dir = run_dir
+    _build_engine(r)
+    _prepare_steps(r)
+    if r.rank == 0:
+        _report_start(r)
+    log = MetricsLog(r.run_dir, r.cfg, "torch") if r.rank == 0 else None
+    r.last_save_t = time.monotonic()
+    if os.environ.get("TORCH_REF_PEAK_FROM_STEPS") == "1":
+        # peak RSS of the training steps only, without the engine's construction transients
+        # (benchmarks/ds_memory_check.py); Linux resets the high-water mark that ru_maxrss reads
+        Path("/proc/self/clear_refs").write_text("5")
+    end = loop.run(r.start_step, r.cfg.train.steps, functools.partial(_train_step, r), _worker_hooks(r, log),
+                   ctx=r)
+    return _end_worker(r, end)
+
+
+def _start_worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: Config | None, init: str,
+                  quiet: bool, ckpt: dict[str, Any]) -> TorchRun:
+    """Allocator, threads, signal flag; our launcher's workers read the config and options from the run dir."""
+    from runtime.hostmem import reuse_host_memory
 
     reuse_host_memory()  # before torch starts threads: the same allocator settings as the JAX side
-    import numpy as np
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))
@@ -729,191 +832,267 @@ def _worker(run_dir: Path | None, rank: int, world: int, local_rank: int, cfg: C
         ckpt = {k: launch_opts.get(k) for k in ("ckpt_every", "ckpt_every_s", "resume", "resume_tag",
                                                  "fresh_in_place", "platform", "layout_decision")}
     assert cfg is not None
-    layout = plan_layout(cfg, world)
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank)})
+    return TorchRun(rank, world, local_rank, cfg, init, quiet, ckpt, stop=stop, t_start=t_start,
+                    layout=plan_layout(cfg, world))
+
+
+def _init_distributed(r: TorchRun) -> None:
+    """The rank's environment, platform and device, then the process group (DeepSpeed's init_distributed)."""
+    os.environ.update({"RANK": str(r.rank), "WORLD_SIZE": str(r.world), "LOCAL_RANK": str(r.local_rank)})
     # under mpiexec nobody sets MASTER_ADDR: rank 0's host is the first of $PBS_NODEFILE / the SLURM node list
     os.environ.setdefault("MASTER_ADDR", launcher_env.coordinator_host() or "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
-    platform, backend = select_platform(ckpt.get("platform") or cfg.train.platform)  # before deepspeed's import
-    bind_device(platform, local_rank)
+    r.platform, backend = select_platform(r.ckpt.get("platform") or r.cfg.train.platform)  # before deepspeed
+    bind_device(r.platform, r.local_rank)
 
     import deepspeed
-    import torch.distributed as dist
+    import torch
     from deepspeed.accelerator import get_accelerator
 
     acc = get_accelerator()
-    backend = backend or acc.communication_backend_name()  # gloo on CPU, xccl on xpu, nccl on CUDA
-    dev = torch.device(acc.current_device_name()) if platform != "cpu" else torch.device("cpu")
+    r.backend = backend or acc.communication_backend_name()  # gloo on CPU, xccl on xpu, nccl on CUDA
+    r.dev = torch.device(acc.current_device_name()) if r.platform != "cpu" else torch.device("cpu")
     timeout = timedelta(seconds=float(os.environ.get("TORCH_REF_PG_TIMEOUT", 300)))
     t = time.perf_counter()
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False,
-                               rank=rank, world_size=world)
-    dist_init_s = time.perf_counter() - t
+    deepspeed.init_distributed(dist_backend=r.backend, auto_mpi_discovery=False, timeout=timeout, verbose=False,
+                               rank=r.rank, world_size=r.world)
+    r.dist_init_s = time.perf_counter() - t
 
-    lock = None
-    if run_dir is None:  # external launcher: rank 0 prepares the run directory, the others learn its path
-        box: list[Any] = [None]  # or why rank 0 could not: every rank then stops, none waits out the PG timeout
-        if rank == 0:
-            try:
-                planned = planned_run_dir(cfg, ckpt)
-                lock = lock_run_dir(planned)  # held by rank 0 for the run's life
-                box = [{"run_dir": str(prepare_run_dir(cfg, layout, init, quiet, ckpt, planned))}]
-            except (OSError, ConfigError, RunDirBusy) as e:
-                box = [{"error": f"{type(e).__name__}: {e}"}]
-        dist.broadcast_object_list(box, src=0)
-        if "error" in box[0]:
-            dist.destroy_process_group()
-            raise RunDirError(f"rank 0 could not prepare the run directory: {box[0]['error']}")
-        run_dir = Path(box[0]["run_dir"])
 
-    from aurora_data import build_source, global_batch, rank_slice
+def _agree_run_dir(r: TorchRun) -> None:
+    """Rank 0 locks and prepares the run directory and tells the others where, or why it could not: every rank
+    then stops, none waits out the process-group timeout."""
+    import torch.distributed as dist
+
+    box: list[Any] = [None]
+    if r.rank == 0:
+        try:
+            planned = planned_run_dir(r.cfg, r.ckpt)
+            r.lock = lock_run_dir(planned)  # held by rank 0 for the run's life
+            box = [{"run_dir": str(prepare_run_dir(r.cfg, r.layout, r.init, r.quiet, r.ckpt, planned))}]
+        except (OSError, ConfigError, RunDirBusy) as e:
+            box = [{"error": f"{type(e).__name__}: {e}"}]
+    dist.broadcast_object_list(box, src=0)
+    if "error" in box[0]:
+        dist.destroy_process_group()
+        raise RunDirError(f"rank 0 could not prepare the run directory: {box[0]['error']}")
+    r.run_dir = Path(box[0]["run_dir"])
+
+
+def _build_engine(r: TorchRun) -> None:
+    """The layout's engine with the run directory's DeepSpeed config; each engine builds its own model and holds
+    only its share (torch_ref.build); the initial weights are read or drawn one parameter shard at a time."""
     from torch_ref.build import local_param_bytes
     from torch_ref.ds_config import installed_ds_config
     from torch_ref.weights import weight_source
 
     t = time.perf_counter()
-    ds_json = run_dir / "ds_config.json"  # the config DeepSpeed gets is the one in the run directory
-    conf = json.loads(ds_json.read_text()) if ds_json.exists() else installed_ds_config(cfg)
-    # each engine builds its own model and holds only its share (torch_ref.build); the initial
-    # weights are read or drawn one parameter shard at a time
-    runner = build_runner(cfg, layout, conf, weight_source(cfg.model, init, cfg.train.seed, run_dir))
-    param_bytes = local_param_bytes(runner.model)
-    engine_init_s = time.perf_counter() - t
-    init_s = time.perf_counter() - t_start
+    ds_json = r.run_dir / "ds_config.json"  # the config DeepSpeed gets is the one in the run directory
+    conf = json.loads(ds_json.read_text()) if ds_json.exists() else installed_ds_config(r.cfg)
+    r.runner = build_runner(r.cfg, r.layout, conf, weight_source(r.cfg.model, r.init, r.cfg.train.seed, r.run_dir))
+    r.param_bytes = local_param_bytes(r.runner.model)
+    r.engine_init_s = time.perf_counter() - t
+    r.init_s = time.perf_counter() - r.t_start
+    r.engine = getattr(r.runner, "engine", None)
 
-    p, seq = cfg.parallel, cfg.data.seq_len
-    gbs = p.mbs * p.gas * layout.dp
-    flops_per_sample = cfg.model.flops_per_sample(seq)
-    source = build_source(cfg, num_samples=cfg.train.steps * gbs)
-    valid = build_source(cfg, num_samples=valid_samples(cfg, gbs), split="valid") if cfg.train.eval_interval else None
-    dp_rank = layout.dp_rank(rank)
 
-    def rank_tokens(src, first: int) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(
-            rank_slice(global_batch(src, first, p.mbs, p.gas, layout.dp), dp_rank, p.mbs))).long().to(dev)
+def _prepare_steps(r: TorchRun) -> None:
+    """Data sources, checkpoint options and, with ``--resume``, the engine's checkpoint (step, samples)."""
+    from aurora_data import build_source
 
-    def evaluate(at: int) -> float:
-        """Validation loss after step ``at``: mean over ``eval_iters`` global batches of the valid split."""
-        first = valid_offset(cfg, at, gbs)
-        total = sum(float(runner.eval_loss(rank_tokens(valid, first + i * gbs))) for i in range(cfg.train.eval_iters))
-        v = torch.tensor([total / cfg.train.eval_iters], dtype=torch.float64, device=dev)
-        dist.all_reduce(v)  # as the training loss: the mean over ranks is the global batches' loss
-        return float(v.cpu()[0]) / world
-
-    ckpt_dir, every = run_dir / "checkpoints", int(ckpt.get("ckpt_every") or 0)
-    every_s = float(ckpt.get("ckpt_every_s") or 0.0)
-    engine = getattr(runner, "engine", None)
-    if (every or every_s or ckpt.get("resume")) and engine is None:
-        raise RuntimeError(f"checkpoints are implemented for the DeepSpeed engines; layout {layout.label} runs "
-                           f"{layout.engine}")
-    start_step, consumed0 = 0, 0
-    if ckpt.get("resume"):
+    cfg, p = r.cfg, r.cfg.parallel
+    r.gbs = p.mbs * p.gas * r.layout.dp
+    r.source = build_source(cfg, num_samples=cfg.train.steps * r.gbs)
+    r.valid = (build_source(cfg, num_samples=valid_samples(cfg, r.gbs), split="valid") if cfg.train.eval_interval
+               else None)
+    r.ckpt_dir, r.every = r.run_dir / "checkpoints", int(r.ckpt.get("ckpt_every") or 0)
+    r.every_s = float(r.ckpt.get("ckpt_every_s") or 0.0)
+    if (r.every or r.every_s or r.ckpt.get("resume")) and r.engine is None:
+        raise RuntimeError(f"checkpoints are implemented for the DeepSpeed engines; layout {r.layout.label} runs "
+                           f"{r.layout.engine}")
+    if r.ckpt.get("resume"):
         t = time.perf_counter()
-        path, client = engine.load_checkpoint(str(ckpt_dir), tag=ckpt.get("resume_tag"))
+        path, client = r.engine.load_checkpoint(str(r.ckpt_dir), tag=r.ckpt.get("resume_tag"))
         if path is None:
-            raise RuntimeError(f"DeepSpeed found no checkpoint in {ckpt_dir}")
-        start_step, consumed0 = int(client["step"]), int(client["consumed_samples"])
-        if rank == 0:
-            print(f"resumed from {path} (step {start_step}, consumed samples {consumed0}) in "
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {r.ckpt_dir}")
+        r.start_step, r.consumed0 = int(client["step"]), int(client["consumed_samples"])
+        if r.rank == 0:
+            print(f"resumed from {path} (step {r.start_step}, consumed samples {r.consumed0}) in "
                   f"{time.perf_counter() - t:.2f}s", flush=True)
-    fault = _parse_fault(os.environ.get(FAULT_ENV, ""))
-    if rank == 0:
-        print(f"run {run_dir} | {cfg.model.name} {cfg.model.n_params():,} params | {layout.label}: "
-              f"{layout.description} | {world} ranks x {torch.get_num_threads()} threads | gbs {gbs} = mbs {p.mbs} "
-              f"x gas {p.gas} x dp {layout.dp} | seq {seq} | {cfg.train.dtype} | init {init}")
-        print(f"init: process group {dist_init_s:.1f}s (DeepSpeed init_distributed, incl. its shm op), "
-              f"engine {engine_init_s:.1f}s (deepspeed.initialize / FSDP2), total {init_s:.1f}s", flush=True)
-        write_meta(run_dir, {
-            "framework": "torch", "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-            "platform": platform, "accelerator": acc.device_name(), "backend": backend, "world_size": world,
-            "devices": world,
-            "mesh": layout.mesh, "layout": layout.label, "layout_impl": layout.description, "engine": layout.engine,
-            "zero": p.zero, "dtype": cfg.train.dtype, "gbs": gbs, "init": init, "param_bytes_rank0": param_bytes,
-            "threads_per_rank":
-            torch.get_num_threads(), "host_allocator": host_allocator(), "dist_init_s": dist_init_s,
-            "engine_init_s": engine_init_s, "init_s": init_s, "data": getattr(source, "meta", None),
-            "layout_decision": ckpt.get("layout_decision"),
-        })
-    log = MetricsLog(run_dir, cfg, "torch") if rank == 0 else None
-    losses: list[float] = []
-    last_save_t = time.monotonic()
-    if os.environ.get("TORCH_REF_PEAK_FROM_STEPS") == "1":
-        # peak RSS of the training steps only, without the engine's construction transients
-        # (benchmarks/ds_memory_check.py); Linux resets the high-water mark that ru_maxrss reads
-        Path("/proc/self/clear_refs").write_text("5")
-    for step in range(start_step, cfg.train.steps):
-        consumed = consumed0 + (step - start_step) * gbs
-        tokens = rank_tokens(source, consumed)
-        lr = runner.set_lr(lr_at(cfg, step))
-        if fault == (rank, step + 1):
-            raise RuntimeError(f"injected fault ({FAULT_ENV}) on rank {rank} at step {step + 1}")
-        t = time.perf_counter()
-        local_loss, gnorm = runner.step(tokens)
-        # a wall-clock checkpoint is due when rank 0's clock says so; the flag rides in the peak-RSS max, so all
-        # ranks agree without another collective
-        wall_due = float(rank == 0 and every_s > 0 and time.monotonic() - last_save_t >= every_s)
-        # a stop signal seen by any rank rides in the same max: every rank stops after the same step
-        stats = torch.tensor([float(local_loss), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0,
-                              wall_due, float(stop.signum or 0)], dtype=torch.float64, device=dev)
-        peak = stats[1:].clone()
-        dist.all_reduce(stats[:1])  # every rank's loss covers as many tokens: the mean is the global-batch loss
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        stats, peak = stats.cpu(), peak.cpu()
-        dt = time.perf_counter() - t
-        loss = float(stats[0]) / world
-        losses.append(loss)
-        val = evaluate(step + 1) if valid is not None and eval_due(cfg, step + 1) else None
-        if log is not None:
-            sps = gbs / dt
-            row = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": gnorm, "step_time_s": dt,
-                   "samples_per_s": sps, "tokens_per_s_per_device": sps * seq / world,
-                   "tflops_per_device": sps * flops_per_sample / world / 1e12, "consumed_samples": consumed + gbs,
-                   "peak_mem_bytes": int(peak[0])}
-            if val is not None:
-                row.update(val_loss=val, val_ppl=math.exp(val) if val < 700 else None)
-            log.write(row)
-            if not quiet or step in (0, cfg.train.steps - 1) or val is not None:
-                vs = f" | val {val:.6f}" if val is not None else ""
-                print(f"step {step + 1:>5} | loss {loss:.6f}{vs} | lr {lr:.3e} | gnorm {gnorm:.4f} | "
-                      f"{dt * 1e3:.0f} ms | {sps:.2f} samples/s | {row['tokens_per_s_per_device']:.0f} tok/s/dev | "
-                      f"{row['tflops_per_device']:.5f} TFLOPS/dev | peak {peak[0] / 2**20:.0f} MiB", flush=True)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss} at step {step + 1}; run {run_dir}")
-        stop_sig = int(peak[2])
-        if ((every and (step + 1) % every == 0) or peak[1] > 0 or (stop_sig and engine is not None)
-                or ((every or every_s) and step + 1 == cfg.train.steps)):
-            t = time.perf_counter()  # every rank writes its own ZeRO partition; rank 0 then updates `latest`
-            engine.save_checkpoint(str(ckpt_dir), tag=f"global_step{step + 1}",
-                                   client_state={"step": step + 1, "consumed_samples": consumed + gbs})
-            last_save_t = time.monotonic()
-            if rank == 0 and not quiet:
-                print(f"checkpoint step {step + 1} -> {ckpt_dir} ({time.perf_counter() - t:.2f}s)", flush=True)
-        if stop_sig:
-            if log is not None:
-                log.close()
-                saved = (f"checkpoint in {ckpt_dir}; continue with --resume {run_dir}" if engine is not None else
-                         f"no checkpoint (layout {layout.label} runs {layout.engine})")
-                print(f"stopped by {signal.Signals(stop_sig).name} after step {step + 1}; {saved}", file=sys.stderr,
-                      flush=True)
-            dist.barrier()
-            dist.destroy_process_group()
-            raise SystemExit(128 + stop_sig)
-    if log is not None:
-        log.close()
-        (run_dir / "result.json").write_text(json.dumps({
-            "layout": layout.label, "layout_impl": layout.description, "world_size": world,
-            "dist_init_s": dist_init_s, "engine_init_s": engine_init_s, "init_s": init_s}) + "\n")
-        print(f"done: loss {losses[0]:.4f} -> {losses[-1]:.4f}; metrics in {run_dir / 'metrics.jsonl'}" if losses
-              else f"done: the checkpoint was already at step {cfg.train.steps}; nothing to train")
-        if not quiet and losses:
+
+
+def _report_start(r: TorchRun) -> None:
+    """Rank 0: the run's line, the init times and meta.json."""
+    import deepspeed
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    from runtime.hostmem import host_allocator
+
+    cfg, p, layout = r.cfg, r.cfg.parallel, r.layout
+    print(f"run {r.run_dir} | {cfg.model.name} {cfg.model.n_params():,} params | {layout.label}: "
+          f"{layout.description} | {r.world} ranks x {torch.get_num_threads()} threads | gbs {r.gbs} = mbs {p.mbs} "
+          f"x gas {p.gas} x dp {layout.dp} | seq {cfg.data.seq_len} | {cfg.train.dtype} | init {r.init}")
+    print(f"init: process group {r.dist_init_s:.1f}s (DeepSpeed init_distributed, incl. its shm op), "
+          f"engine {r.engine_init_s:.1f}s (deepspeed.initialize / FSDP2), total {r.init_s:.1f}s", flush=True)
+    write_meta(r.run_dir, {
+        "framework": "torch", "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+        "platform": r.platform, "accelerator": get_accelerator().device_name(), "backend": r.backend,
+        "world_size": r.world, "devices": r.world,
+        "mesh": layout.mesh, "layout": layout.label, "layout_impl": layout.description, "engine": layout.engine,
+        "zero": p.zero, "dtype": cfg.train.dtype, "gbs": r.gbs, "init": r.init, "param_bytes_rank0": r.param_bytes,
+        "threads_per_rank":
+        torch.get_num_threads(), "host_allocator": host_allocator(), "dist_init_s": r.dist_init_s,
+        "engine_init_s": r.engine_init_s, "init_s": r.init_s, "data": getattr(r.source, "meta", None),
+        "layout_decision": r.ckpt.get("layout_decision"),
+    })
+
+
+# ----------------------------------------------------------------------------- the loop: one step and its hooks
+def _rank_tokens(r: TorchRun, src: Any, first: int) -> Any:
+    """This rank's microbatches of the global batch starting at sample ``first``."""
+    import numpy as np
+    import torch
+
+    from aurora_data import global_batch, rank_slice
+
+    p = r.cfg.parallel
+    return torch.from_numpy(np.ascontiguousarray(rank_slice(
+        global_batch(src, first, p.mbs, p.gas, r.layout.dp), r.layout.dp_rank(r.rank), p.mbs))).long().to(r.dev)
+
+
+def _train_step(r: TorchRun, step: int) -> dict[str, Any]:
+    """One optimizer step and its metrics row; the loss (mean over ranks), the peak RSS, rank 0's wall-clock
+    checkpoint decision and any rank's stop signal are agreed in two all-reduces."""
+    import torch
+    import torch.distributed as dist
+
+    consumed = r.consumed(step)
+    tokens = _rank_tokens(r, r.source, consumed)
+    lr = r.runner.set_lr(lr_at(r.cfg, step - 1))
+    t = time.perf_counter()
+    local_loss, gnorm = r.runner.step(tokens)
+    wall_due = float(r.rank == 0 and r.every_s > 0 and time.monotonic() - r.last_save_t >= r.every_s)
+    stats = torch.tensor([float(local_loss), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0,
+                          wall_due, float(r.stop.signum or 0)], dtype=torch.float64, device=r.dev)
+    peak = stats[1:].clone()
+    dist.all_reduce(stats[:1])  # every rank's loss covers as many tokens: the mean is the global-batch loss
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    stats, peak = stats.cpu(), peak.cpu()
+    dt = time.perf_counter() - t
+    loss = float(stats[0]) / r.world
+    r.losses.append(loss)
+    r.wall_due, r.stop_sig = bool(peak[1] > 0), int(peak[2])
+    sps, seq = r.gbs / dt, r.cfg.data.seq_len
+    return {"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm, "step_time_s": dt, "samples_per_s": sps,
+            "tokens_per_s_per_device": sps * seq / r.world,
+            "tflops_per_device": sps * r.cfg.model.flops_per_sample(seq) / r.world / 1e12,
+            "consumed_samples": consumed + r.gbs, "peak_mem_bytes": int(peak[0])}
+
+
+def _evaluate(r: TorchRun, at: int) -> float:
+    """Validation loss after step ``at``: mean over ``eval_iters`` global batches of the valid split."""
+    import torch
+    import torch.distributed as dist
+
+    cfg = r.cfg
+    first = valid_offset(cfg, at, r.gbs)
+    total = sum(float(r.runner.eval_loss(_rank_tokens(r, r.valid, first + i * r.gbs)))
+                for i in range(cfg.train.eval_iters))
+    v = torch.tensor([total / cfg.train.eval_iters], dtype=torch.float64, device=r.dev)
+    dist.all_reduce(v)  # as the training loss: the mean over ranks is the global batches' loss
+    return float(v.cpu()[0]) / r.world
+
+
+def _progress_line(r: TorchRun, step: int, row: dict[str, Any]) -> str | None:
+    """Every step's line (``--quiet``: the first, the last and those with an evaluation)."""
+    val = row.get("val_loss")
+    if r.quiet and step not in (1, r.cfg.train.steps) and val is None:
+        return None
+    vs = f" | val {val:.6f}" if val is not None else ""
+    return (f"step {step:>5} | loss {row['loss']:.6f}{vs} | lr {row['lr']:.3e} | gnorm {row['grad_norm']:.4f} | "
+            f"{row['step_time_s'] * 1e3:.0f} ms | {row['samples_per_s']:.2f} samples/s | "
+            f"{row['tokens_per_s_per_device']:.0f} tok/s/dev | {row['tflops_per_device']:.5f} TFLOPS/dev | "
+            f"peak {row['peak_mem_bytes'] / 2**20:.0f} MiB")
+
+
+class _FiniteHook(BaseHook):
+    """A non-finite loss ends the run (exit 3, as jax_impl.train's default)."""
+
+    def __init__(self, r: TorchRun) -> None:
+        self.r = r
+
+    def after_step(self, step: int, row: dict[str, Any]) -> Stop | None:
+        loss = row["loss"]
+        if math.isfinite(loss):
+            return None
+        return Stop(f"loss became {loss} at step {step}; run {self.r.run_dir}", code=NONFINITE_EXIT)
+
+
+def _save(r: TorchRun, step: int) -> None:
+    """Every rank writes its own ZeRO partition; rank 0 then updates ``latest``."""
+    t = time.perf_counter()
+    r.engine.save_checkpoint(str(r.ckpt_dir), tag=f"global_step{step}",
+                             client_state={"step": step, "consumed_samples": r.consumed(step) + r.gbs})
+    r.last_save_t = time.monotonic()
+    if r.rank == 0 and not r.quiet:
+        print(f"checkpoint step {step} -> {r.ckpt_dir} ({time.perf_counter() - t:.2f}s)", flush=True)
+
+
+def _worker_hooks(r: TorchRun, log: Any) -> list[Any]:
+    """The loop's hooks, in the order they act after each step (see runtime/loop.py)."""
+    from runtime import loop
+
+    steps = r.cfg.train.steps
+
+    def due(step: int) -> bool:  # the interval, the wall clock, a stop signal, and the last step
+        return bool((r.every and step % r.every == 0) or r.wall_due or (r.stop_sig and r.engine is not None)
+                    or ((r.every or r.every_s) and step == steps))
+
+    def stopped(step: int, sig: int) -> str:
+        saved = (f"checkpoint in {r.ckpt_dir}; continue with --resume {r.run_dir}" if r.engine is not None else
+                 f"no checkpoint (layout {r.layout.label} runs {r.layout.engine})")
+        return f"stopped by {signal.Signals(sig).name} after step {step}; {saved}"
+
+    hooks: list[Any] = [loop.EvalHook(lambda n: r.valid is not None and eval_due(r.cfg, n),
+                                      functools.partial(_evaluate, r))]
+    if log is not None:  # rank 0
+        hooks += [loop.MetricsLogHook(log),
+                  loop.ProgressHook(functools.partial(_progress_line, r), functools.partial(print, flush=True))]
+    return [*hooks, _FiniteHook(r), loop.CheckpointHook(due, functools.partial(_save, r)),
+            *loop.installed_hooks("torch"),
+            loop.SignalHook(lambda: r.stop_sig, stopped, checkpoint=False)]  # saved by the CheckpointHook
+
+
+def _end_worker(r: TorchRun, end: Any) -> dict[str, Any]:
+    """After the loop: a stop (exit 3 for a non-finite loss, else 128 + signal) or rank 0's result.json, final
+    line and loss.png; then the process group ends."""
+    import torch.distributed as dist
+
+    if end.stop is not None and end.stop.code == NONFINITE_EXIT:
+        raise FloatingPointError(end.stop.reason)
+    if end.stop is not None:
+        if r.rank == 0:
+            print(end.stop.reason, file=sys.stderr, flush=True)
+        dist.barrier()
+        dist.destroy_process_group()
+        raise SystemExit(end.stop.code)
+    if r.rank == 0:
+        (r.run_dir / "result.json").write_text(json.dumps({
+            "layout": r.layout.label, "layout_impl": r.layout.description, "world_size": r.world,
+            "dist_init_s": r.dist_init_s, "engine_init_s": r.engine_init_s, "init_s": r.init_s}) + "\n")
+        print(f"done: loss {r.losses[0]:.4f} -> {r.losses[-1]:.4f}; metrics in {r.run_dir / 'metrics.jsonl'}"
+              if r.losses else f"done: the checkpoint was already at step {r.cfg.train.steps}; nothing to train")
+        if not r.quiet and r.losses:
             from compare.plot import write_run_plot  # loss.png; a failure there only warns
 
-            write_run_plot(run_dir)
+            write_run_plot(r.run_dir)
     dist.barrier()
     dist.destroy_process_group()
-    if lock is not None:
-        lock.release()
-    return {"run_dir": run_dir, "losses": losses, "dist_init_s": dist_init_s, "engine_init_s": engine_init_s}
+    if r.lock is not None:
+        r.lock.release()
+    return {"run_dir": r.run_dir, "losses": r.losses, "dist_init_s": r.dist_init_s,
+            "engine_init_s": r.engine_init_s}
 
 
 class _StopFlag:
@@ -933,13 +1112,6 @@ class RunDirError(RuntimeError):
     """Rank 0 could not prepare the run directory (every rank raises it)."""
 
 
-def _parse_fault(spec: str) -> tuple[int, int] | None:
-    if not spec:
-        return None
-    kv = dict(part.split("=", 1) for part in spec.split(","))
-    return int(kv["rank"]), int(kv["step"])
-
-
 def build_runner(cfg: Config, layout: Layout, conf: dict[str, Any], src):
     """The layout's engine; it builds its own (partitioned) model from the initial-weight source SRC."""
     from torch_ref import engines
@@ -955,12 +1127,13 @@ def build_runner(cfg: Config, layout: Layout, conf: dict[str, Any], src):
     return engines.DeepSpeedRunner(cfg, src, conf)
 
 
-if __name__ == "__main__":
-    from configs.hostmem import reexec_with_allocator
+def cli(argv: list[str] | None = None) -> None:
+    """``python -m torch_ref.train``: main(), and a worker of our own launcher ends without interpreter teardown."""
+    from runtime.hostmem import reexec_with_allocator
 
-    reexec_with_allocator()  # the host allocator both trainers run under (configs/hostmem.py)
+    reexec_with_allocator()  # the host allocator both trainers run under (runtime/hostmem.py)
     try:
-        main()
+        main(argv)
     except SystemExit as e:  # a worker stopped by a signal (after saving) or by bad data: the same fast exit
         if os.environ.get(RUN_DIR_ENV) and isinstance(e.code, int):
             sys.stdout.flush()
@@ -973,3 +1146,7 @@ if __name__ == "__main__":
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+if __name__ == "__main__":
+    cli()

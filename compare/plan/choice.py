@@ -281,7 +281,7 @@ def auto_layout(cfg: Config, *, framework: str, nodes: int | None = None, cluste
                 ) -> tuple[Config, dict[str, Any], list[str]]:
     """``--mesh auto`` for a trainer: (cfg with the chosen layout, the record for meta.json, lines to print).
 
-    ``recorded`` (a resumed run's ``configs.rundir.recorded_layout``): its layout is reused, nothing re-planned."""
+    ``recorded`` (a resumed run's ``runtime.rundir.recorded_layout``): its layout is reused, nothing re-planned."""
     if recorded is not None:
         was = recorded["parallel"].get("gbs")
         if cfg.parallel.gbs and was and cfg.parallel.gbs != was:

@@ -8,7 +8,7 @@ columns. Every stage stores the embedding and head (``report_placement``). The s
 functions (``model.embed``, ``model.layers``, ``model.head_loss``) under the trainer's ``ModelOptions``.
 
     common.py        stage plumbing: checks, the stage's layers and vjp, sends between stages, the head split
-    gpipe.py         GPipe: ``jax.grad`` of a tick loop (``TICKS_AS_SCAN``: the benchmark lever)
+    gpipe.py         GPipe: ``jax.grad`` of a tick loop (``ModelOptions.ticks_as_scan``: the benchmark lever)
     one_f_one_b.py   1F1B: written out with ``jax.vjp`` and a ring of ``p`` residual slots
 
 Schedules, memory and the measurements behind each choice: docs/pipeline.md and docs/performance.md.

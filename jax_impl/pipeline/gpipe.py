@@ -13,8 +13,6 @@ from jax_impl import model
 from jax_impl.model import ModelOptions
 from jax_impl.pipeline.common import PIPE, SplitHead, StageVjp, embed, outer_weights, run_if, shift, stage_fn, varying
 
-TICKS_AS_SCAN = False  # benchmarks/ab_step.py lever:ticks=scan: unrolled ticks as an unrolled lax.scan (traced t)
-
 
 def schedule(cfg: Config, opts: ModelOptions, p: int, params: dict, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(surrogate, mean loss) over the microbatches; differentiate the surrogate for the GPipe backward.
@@ -60,7 +58,7 @@ def schedule(cfg: Config, opts: ModelOptions, p: int, params: dict, tokens: jax.
     # Python loop: no loop-carried residual stacks (-10 % step time, -8 to -15 % XLA temp on the bench
     # preset, pp2 GAS 4), and each tick knows statically which chunk it runs and whether the head does
     ticks, n_layers = m * v + p - 1, cfg.model.n_layers
-    unrolled = cfg.parallel.layer_unroll(n_layers) == n_layers and ticks <= 16 and not TICKS_AS_SCAN
+    unrolled = cfg.parallel.layer_unroll(n_layers) == n_layers and ticks <= 16 and not opts.ticks_as_scan
     # v > 1: params["layers"] is the list of this stage's v chunks (common.chunks); a traced tick indexes them stacked
     chunks = params["layers"] if v > 1 else [params["layers"]]
     lc = jax.tree.leaves(chunks[0])[0].shape[0]  # layers per chunk

@@ -51,7 +51,7 @@ def policy(env: Mapping[str, str] | None = None) -> str:
     value = (os.environ if env is None else env).get(POLICY_ENV, "tcmalloc").strip().lower() or "tcmalloc"
     if value not in POLICIES:
         raise ValueError(f"{POLICY_ENV}={value!r} is not a host allocator policy; use one of {', '.join(POLICIES)} "
-                         "(configs/hostmem.py)")
+                         "(runtime/hostmem.py)")
     return value
 
 
