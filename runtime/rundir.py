@@ -80,10 +80,7 @@ class RunDirLock:
         except OSError:
             os.close(self._fd)
             self._fd = None
-            try:
-                holder = json.loads(self.path.read_text() or "{}")
-            except (OSError, json.JSONDecodeError):
-                holder = {}
+            holder = self._holder()
             who = (f"pid {holder.get('pid')} on host {holder.get('host')}, since {holder.get('since')}"
                    if holder.get("pid") else "a process that did not record its pid")
             raise RunDirBusy(f"run directory {run_dir} is in use by another run ({who}); wait for it to end, "
@@ -91,6 +88,19 @@ class RunDirLock:
         os.ftruncate(self._fd, 0)
         os.write(self._fd, json.dumps({"pid": os.getpid(), "host": platform.node(),
                                        "since": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode())
+
+    def _holder(self, wait_s: float = 2.0) -> dict:
+        """The holder's record. A holder that has just taken the lock writes it a moment later: wait for it briefly
+        rather than name no one."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                holder = json.loads(self.path.read_text() or "{}")
+            except (OSError, json.JSONDecodeError):  # empty, or caught between truncate and write
+                holder = {}
+            if holder.get("pid") or time.monotonic() >= deadline:
+                return holder
+            time.sleep(0.05)
 
     def release(self) -> None:
         if self._fd is not None:
