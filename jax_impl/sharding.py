@@ -7,6 +7,8 @@ optimizer state) also shard one dimension -- the most major after ``layers``, se
 
     ZeRO-0  nothing             ZeRO-2  + gradients
     ZeRO-1  optimizer state     ZeRO-3  + parameters
+            With a bf16 compute dtype (DeepSpeed's bf16 ZeRO-1/2): fp32 master params over data x fsdp
+            like the states, and a bf16 compute copy replicated over them (``ZeroPlan.copy``, ``Split``)
     hpZ     ZeRO-3, but parameters only over ``fsdp`` (inside a node); states over data x fsdp.
             With a bf16 compute dtype (DeepSpeed's hpZ): fp32 master params over data x fsdp like the
             states, and a bf16 *compute copy* over ``fsdp`` that the forward/backward gather from
@@ -70,6 +72,9 @@ GRADS_PER_LAYER = True
 # hpZ with a compute dtype narrower than the stored fp32: the master params live over data x fsdp and the step
 # gathers its layers from a compute-dtype copy over fsdp (ZeroPlan.compute); False: fp32 params over fsdp
 HPZ_COMPUTE_COPY = True
+# ZeRO-1/2 with a narrower compute dtype: the fp32 master params live over data x fsdp with the optimizer state
+# and the step reads a compute-dtype copy replicated over them; False: fp32 params replicated
+ZERO_COMPUTE_COPY = True
 
 _ACTIVE: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("mesh", default=None)
 
@@ -227,14 +232,16 @@ FROM_COPY = _from_copy.__name__
 
 @dataclass(frozen=True)
 class ZeroPlan:
-    """Which mesh axes the ZeRO dimensions of each stored tree are sharded over; ``compute``: those of the
-    compute-dtype copy the step gathers its weights from (hpZ with bf16 compute; () when there is none)."""
+    """Which mesh axes the ZeRO dimensions of each stored tree are sharded over; ``copy``: the step reads its
+    weights from a compute-dtype copy of the (master) params, whose ZeRO axes are ``compute`` (hpZ: ``fsdp``;
+    ZeRO-1/2: none, the copy is replicated over the data-parallel axes)."""
 
     mesh: Mesh | AbstractMesh
     params: tuple[str, ...]
     grads: tuple[str, ...]
     opt: tuple[str, ...]
     compute: tuple[str, ...] = ()
+    copy: bool = False
 
     @classmethod
     def from_config(cls, cfg: Config, mesh: Mesh) -> ZeroPlan:
@@ -243,19 +250,23 @@ class ZeroPlan:
         inside = _axes(mesh, ("fsdp",))
         # DeepSpeed's hpZ under mixed precision: only the bf16 copy stays inside the node; the fp32 master
         # joins the optimizer state over every device (not with pipeline stages, which read params directly)
-        copy = (p.hpz and HPZ_COMPUTE_COPY and cfg.train.dtype != "fp32" and mesh.shape[PIPELINE_AXIS] == 1
-                and bool(inside))
+        narrow = cfg.train.dtype != "fp32" and mesh.shape[PIPELINE_AXIS] == 1
+        copy = p.hpz and HPZ_COMPUTE_COPY and narrow and bool(inside)
         if copy:
             # fsdp-major: a device's fsdp block of the copy is then the blocks of the states held by its own
             # `data` peers, and making the copy is one all-gather over `data` (data-major needed a permute first)
             everywhere = _axes(mesh, ("fsdp", "data"))
         states = inside if p.mics else everywhere
+        # DeepSpeed's bf16 ZeRO-1/2: bf16 params replicated, the fp32 master partitioned with the optimizer state
+        zero_copy = p.zero in (1, 2) and ZERO_COMPUTE_COPY and narrow and bool(states)
+        params = (everywhere if copy else inside if (p.hpz or p.mics) else everywhere) if p.zero >= 3 else ()
         return cls(
             mesh=mesh,
-            params=(everywhere if copy else inside if (p.hpz or p.mics) else everywhere) if p.zero >= 3 else (),
+            params=states if zero_copy else params,
             grads=states if p.zero >= 2 else (),
             opt=states if p.zero >= 1 else (),
             compute=inside if copy else (),
+            copy=copy or zero_copy,
         )
 
     def shards(self, axes: tuple[str, ...]) -> int:

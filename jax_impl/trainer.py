@@ -101,7 +101,7 @@ class Trainer:
     tx: optax.GradientTransformation
     # how the model runs, built once: compute dtype, remat, ..., and the ZeRO plan its weights are gathered under
     model_opts: ModelOptions
-    # the compute copy (``plan.compute``; None without one): per parameter, its ShapeDtypeStruct with sharding
+    # the compute copy (``plan.copy``; None without one): per parameter, its ShapeDtypeStruct with sharding
     copy_abstract: dict | None = None
 
     @classmethod
@@ -129,7 +129,7 @@ class Trainer:
                                     opt_abstract, opt_sh)
         opts = ModelOptions.from_config(cfg, plan)
         copy_abstract = None
-        if plan.compute:
+        if plan.copy:
             # norm weights stay fp32: the model applies them in fp32 (rms_norm); every other weight enters a
             # compute-dtype matmul or embedding lookup, so casting it once here rounds it as the step would
             # (a bf16 copy as its bits: sharding.COPY_BITS)
@@ -168,7 +168,8 @@ class Trainer:
     # ------------------------------------------------------------------ compute copy
     def compute_copy(self, params: dict) -> dict | None:
         """The compute copy of the (master) ``params``: cast, then resharded to ``plan.compute`` -- one
-        compute-dtype all-gather over ``data`` per step. None without a copy (``plan.compute`` empty).
+        compute-dtype all-gather over ``data`` (ZeRO-1/2: over every data-parallel axis) per step. None without
+        a copy (``plan.copy`` false).
 
         Derived from the master at the start of every step rather than carried between steps: the same
         all-gather (the refresh after an update is the gather before the next step), checkpoints keep

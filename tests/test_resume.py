@@ -416,26 +416,34 @@ def test_torch_resume_at_the_last_step_finishes_at_once(tmp_path, capfd):
     assert again["losses"] == first["losses"] and "nothing to train" in capfd.readouterr().out
 
 
-HPZ_BF16 = ["--mesh", "data=2,fsdp=4", "--zero", "3", "--parallel.hpz=true", "--dtype", "bf16"]
+# (CLI flags, the switch of its copy, overrides, the master's ZeRO-dim spec with -> without the copy)
+COPY_CASES = {
+    "hpz": (["--mesh", "data=2,fsdp=4", "--zero", "3", "--parallel.hpz=true", "--dtype", "bf16"],
+            "HPZ_COMPUTE_COPY", {"parallel.zero": 3, "parallel.hpz": True}, (("fsdp", "data"), "fsdp")),
+    "zero2": (["--mesh", "data=2,fsdp=4", "--zero", "2", "--dtype", "bf16"],
+              "ZERO_COMPUTE_COPY", {"parallel.zero": 2}, (("data", "fsdp"), None)),
+}
 
 
-def test_hpz_bf16_resume_continues_bit_identically(tmp_path, monkeypatch):
-    """hpZ in bf16 checkpoints the fp32 master and the optimizer state only (the compute copy is derived in each
-    step): a resume continues bit for bit. A checkpoint from the layout without the copy (fp32 params over
-    fsdp) restores into the master's sharding with the same values."""
+@pytest.mark.parametrize("case", list(COPY_CASES))
+def test_bf16_compute_copy_resume_continues_bit_identically(tmp_path, monkeypatch, case):
+    """hpZ / ZeRO-2 in bf16 checkpoint the fp32 master and the optimizer state only (the compute copy is derived
+    in each step): a resume continues bit for bit. A checkpoint from the layout without the copy (fp32 params
+    over fsdp / replicated) restores into the master's sharding with the same values."""
     from jax_impl import sharding
 
-    full = run(tmp_path, "full", *HPZ_BF16, "--steps", "4", "--ckpt-every", "2")
-    assert full["params"]["layers"]["wq"].sharding.spec[1] == ("fsdp", "data")
-    res = run(tmp_path, "res", *HPZ_BF16, "--steps", "4", "--resume", str(full["ckpt_dir"] / "2"))
+    flags, switch, over, (spec, spec_without) = COPY_CASES[case]
+    full = run(tmp_path, "full", *flags, "--steps", "4", "--ckpt-every", "2")
+    assert full["params"]["layers"]["wq"].sharding.spec[1] == spec
+    res = run(tmp_path, "res", *flags, "--steps", "4", "--resume", str(full["ckpt_dir"] / "2"))
     assert res["start_step"] == 2 and res["losses"] == full["losses"][2:]
     assert leaves_equal(res["params"], full["params"]) and leaves_equal(res["opt_state"], full["opt_state"])
 
-    monkeypatch.setattr(sharding, "HPZ_COMPUTE_COPY", False)
-    old = run(tmp_path, "old", *HPZ_BF16, "--steps", "2", "--ckpt-every", "2")
-    assert old["params"]["layers"]["wq"].sharding.spec[1] == "fsdp"
-    monkeypatch.setattr(sharding, "HPZ_COMPUTE_COPY", True)
-    tr = trainer("data=2,fsdp=4", **{"parallel.zero": 3, "parallel.hpz": True, "train.dtype": "bf16"})
+    monkeypatch.setattr(sharding, switch, False)
+    old = run(tmp_path, "old", *flags, "--steps", "2", "--ckpt-every", "2")
+    assert old["params"]["layers"]["wq"].sharding.spec[1] == spec_without
+    monkeypatch.setattr(sharding, switch, True)
+    tr = trainer("data=2,fsdp=4", **over, **{"train.dtype": "bf16"})
     r = checkpoint.restore(old["ckpt_dir"], tr)
-    assert r.params["layers"]["wq"].sharding.spec[1] == ("fsdp", "data")
+    assert r.params["layers"]["wq"].sharding.spec[1] == spec
     assert leaves_equal(r.params, old["params"]) and leaves_equal(r.opt_state, old["opt_state"])

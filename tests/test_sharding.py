@@ -238,35 +238,89 @@ def test_hpz_bf16_master_over_all_devices_compute_copy_inside_the_node():
     assert fp32.copy_abstract is None and fp32.plan.params == ("fsdp",) and fp32.plan.compute == ()
 
 
-def test_hpz_bf16_step_takes_fewer_argument_bytes(monkeypatch):
-    """The compiled step's arguments hold the fp32 master over data x fsdp instead of over fsdp: the params'
-    share of them halves at data=2 (the copy is the step's own, derived from the master)."""
+@pytest.mark.parametrize("zero", [1, 2])
+def test_zero12_bf16_master_sharded_like_the_states_compute_copy_replicated(zero):
+    """ZeRO-1/2 with bf16 compute as DeepSpeed runs it: the fp32 master params sharded like the optimizer state
+    (data x fsdp), the step's bf16 copy with the params' plain sharding (replicated over data x fsdp, tensor
+    blocks kept). fp32 compute and pipeline stages keep the plain layout: fp32 params replicated, no copy."""
+    import jax.numpy as jnp
+
+    from jax_impl.sharding import COPY_BITS
+
+    over = {**BASE, "parallel.mesh": "data=2,fsdp=2,tensor=2", "parallel.zero": zero}
+    cfg = load_config("tiny", {**over, "train.dtype": "bf16"})
+    mesh = make_mesh(cfg.mesh_shape())
+    tr = Trainer.build(cfg, mesh)
+    states = ("data", "fsdp")
+    assert tr.plan.copy and (tr.plan.params, tr.plan.opt, tr.plan.compute) == (states, states, ())
+    assert tr.plan.grads == (states if zero == 2 else ())
+    for name, s in tr.storage["layers"].items():
+        assert s.dtype == jnp.float32
+        assert s.sharding.spec == tr.opt_leaf_sh["layers"][name].spec, name
+    assert tr.storage["layers"]["wq"].sharding.spec == P(None, states, "tensor")
+    plain = Trainer.build(load_config("tiny", over), mesh)  # fp32: the params' sharding the copy keeps
+    for name, c in tr.copy_abstract["layers"].items():
+        assert c.sharding.spec == plain.param_sh["layers"][name].spec, name
+        assert c.dtype == (jnp.float32 if name.endswith("norm") else COPY_BITS), (name, c.dtype)
+    assert tr.copy_abstract["layers"]["wq"].sharding.spec == P(None, None, "tensor")
+
+    params, _ = tr.init_state()
+    with activate(mesh):
+        copy = jax.jit(tr.compute_copy)(params)
+    for c, a in zip(jax.tree.leaves(copy), jax.tree.leaves(tr.copy_abstract), strict=True):
+        assert c.dtype == a.dtype and c.sharding.is_equivalent_to(a.sharding, c.ndim)
+    wq = jax.lax.bitcast_convert_type(copy["layers"]["wq"], jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(wq), np.asarray(params["layers"]["wq"].astype(jnp.bfloat16)))
+
+    assert plain.copy_abstract is None and not plain.plan.copy and plain.plan.params == ()
+    pp = load_config("tiny", {**BASE, "parallel.mesh": "pipeline=2,data=2,fsdp=2", "parallel.zero": 1,
+                              "parallel.gas": 2, "train.dtype": "bf16"})
+    staged = Trainer.build(pp, make_mesh(pp.mesh_shape()))
+    assert staged.copy_abstract is None and staged.plan.params == ()
+
+
+# (overrides, the switch of its copy, the fp32 params' share per device without -> with the copy)
+COPY_CASES = {"hpz": ({"parallel.zero": 3, **HPZ_BF16}, "HPZ_COMPUTE_COPY", (1 / 4, 1 / 8)),
+              "zero2": ({"parallel.zero": 2, "train.dtype": "bf16"}, "ZERO_COMPUTE_COPY", (1, 1 / 8)),
+              "zero1": ({"parallel.zero": 1, "train.dtype": "bf16"}, "ZERO_COMPUTE_COPY", (1, 1 / 8))}
+
+
+@pytest.mark.parametrize("case", list(COPY_CASES))
+def test_bf16_compute_copy_step_takes_fewer_argument_bytes(monkeypatch, case):
+    """The compiled step's arguments hold the fp32 master over data x fsdp instead of over fsdp (hpZ) or
+    replicated (ZeRO-1/2): the params' share of them drops by the difference (the copy is the step's own,
+    derived from the master)."""
     from jax_impl import sharding
 
+    over, switch, (without, with_copy) = COPY_CASES[case]
     cfg = load_config("tiny", {**BASE, "model.n_layers": 4, "model.hidden": 128, "model.ffn_hidden": 512,
-                               "parallel.mesh": "data=2,fsdp=4", "parallel.zero": 3, "parallel.mbs": 1, **HPZ_BF16})
+                               "parallel.mesh": "data=2,fsdp=4", "parallel.mbs": 1, **over})
 
     def argument_bytes(copy: bool) -> int:
-        monkeypatch.setattr(sharding, "HPZ_COMPUTE_COPY", copy)
+        monkeypatch.setattr(sharding, switch, copy)
         tr = Trainer.build(cfg, make_mesh(cfg.mesh_shape()))
-        assert (tr.copy_abstract is not None) == copy
+        assert (tr.copy_abstract is not None) == copy == tr.plan.copy
         return tr.compile_step().memory_analysis().argument_size_in_bytes
 
     master = 4 * cfg.model.n_params()  # fp32, unpadded here (every dim divides by 8)
-    assert argument_bytes(False) - argument_bytes(True) >= 0.99 * master * (1 / 4 - 1 / 8)
+    assert argument_bytes(False) - argument_bytes(True) >= 0.99 * master * (without - with_copy)
 
 
-def test_hpz_bf16_compute_copy_keeps_the_numbers(monkeypatch):
+@pytest.mark.parametrize("case", ["hpz", "zero2"])
+def test_bf16_compute_copy_keeps_the_numbers(monkeypatch, case):
     """The compute copy changes where the bf16 weights come from, not their values, and the gradients still
-    reach the master in fp32: hpZ bf16 with the copy matches hpZ bf16 without it at the parity thresholds of
+    reach the master in fp32: hpZ / ZeRO-2 bf16 with the copy match them without it at the parity thresholds of
     test_sharded_equals_single_device (bf16 sharded vs single device differs in the loss's 5th digit either
     way: per-device batch sizes change XLA's bf16 fusions)."""
     from jax_impl import sharding
 
-    out = run.__wrapped__("data=2,fsdp=4", 3, **HPZ_BF16)
-    monkeypatch.setattr(sharding, "HPZ_COMPUTE_COPY", False)
-    ref = run.__wrapped__("data=2,fsdp=4", 3, **HPZ_BF16)
-    assert out["trainer"].plan.compute == ("fsdp",) and ref["trainer"].plan.compute == ()
+    over, switch, _ = COPY_CASES[case]
+    over = {k: v for k, v in over.items() if k != "parallel.zero"}
+    zero = COPY_CASES[case][0]["parallel.zero"]
+    out = run.__wrapped__("data=2,fsdp=4", zero, **over)
+    monkeypatch.setattr(sharding, switch, False)
+    ref = run.__wrapped__("data=2,fsdp=4", zero, **over)
+    assert out["trainer"].plan.copy and not ref["trainer"].plan.copy
     assert out["loss"] == pytest.approx(ref["loss"], rel=1e-6)
     assert_tree_close(out["grads"], ref["grads"], rtol=1e-5)
     np.testing.assert_allclose(out["losses"], ref["losses"], rtol=1e-6)
