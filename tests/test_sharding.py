@@ -5,6 +5,7 @@ import math
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from _util import assert_tree_close
@@ -200,11 +201,22 @@ def test_hpz_layer_gradients_are_reduce_scattered_inside_the_backward(monkeypatc
 HPZ_BF16 = {"parallel.hpz": True, "train.dtype": "bf16"}
 
 
+def _check_copy_values(tr: Trainer, mesh) -> None:
+    """The compute copy made from freshly initialised params has the planned dtypes and shardings, and its
+    values are the master's rounded to bf16."""
+    params, _ = tr.init_state()
+    with activate(mesh):
+        copy = jax.jit(tr.compute_copy)(params)
+    for c, a in zip(jax.tree.leaves(copy), jax.tree.leaves(tr.copy_abstract), strict=True):
+        assert c.dtype == a.dtype and c.sharding.is_equivalent_to(a.sharding, c.ndim)
+    wq = jax.lax.bitcast_convert_type(copy["layers"]["wq"], jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(wq), np.asarray(params["layers"]["wq"].astype(jnp.bfloat16)))
+
+
 def test_hpz_bf16_master_over_all_devices_compute_copy_inside_the_node():
     """hpZ with bf16 compute as DeepSpeed runs it: the fp32 master params sharded like the optimizer state
     (fsdp x data), and the step's bf16 compute copy over fsdp only (bf16 as its uint16 bits; norm weights,
     applied in fp32, stay fp32). fp32 compute keeps the plain hpZ layout: params over fsdp, no copy."""
-    import jax.numpy as jnp
 
     from jax_impl.sharding import COPY_BITS
 
@@ -225,13 +237,7 @@ def test_hpz_bf16_master_over_all_devices_compute_copy_inside_the_node():
     assert stacks and set(stacks) == {"u16"}, stacks
     assert "collective-permute(" not in text
 
-    params, _ = tr.init_state()
-    with activate(mesh):
-        copy = jax.jit(tr.compute_copy)(params)
-    for c, a in zip(jax.tree.leaves(copy), jax.tree.leaves(tr.copy_abstract), strict=True):
-        assert c.dtype == a.dtype and c.sharding.is_equivalent_to(a.sharding, c.ndim)
-    wq = jax.lax.bitcast_convert_type(copy["layers"]["wq"], jnp.bfloat16)
-    np.testing.assert_array_equal(np.asarray(wq), np.asarray(params["layers"]["wq"].astype(jnp.bfloat16)))
+    _check_copy_values(tr, mesh)
 
     fp32 = Trainer.build(load_config("tiny", {**BASE, "parallel.mesh": "data=2,fsdp=4", "parallel.zero": 3,
                                               "parallel.hpz": True}), mesh)
@@ -243,7 +249,6 @@ def test_zero12_bf16_master_sharded_like_the_states_compute_copy_replicated(zero
     """ZeRO-1/2 with bf16 compute as DeepSpeed runs it: the fp32 master params sharded like the optimizer state
     (data x fsdp), the step's bf16 copy with the params' plain sharding (replicated over data x fsdp, tensor
     blocks kept). fp32 compute and pipeline stages keep the plain layout: fp32 params replicated, no copy."""
-    import jax.numpy as jnp
 
     from jax_impl.sharding import COPY_BITS
 
@@ -264,13 +269,7 @@ def test_zero12_bf16_master_sharded_like_the_states_compute_copy_replicated(zero
         assert c.dtype == (jnp.float32 if name.endswith("norm") else COPY_BITS), (name, c.dtype)
     assert tr.copy_abstract["layers"]["wq"].sharding.spec == P(None, None, "tensor")
 
-    params, _ = tr.init_state()
-    with activate(mesh):
-        copy = jax.jit(tr.compute_copy)(params)
-    for c, a in zip(jax.tree.leaves(copy), jax.tree.leaves(tr.copy_abstract), strict=True):
-        assert c.dtype == a.dtype and c.sharding.is_equivalent_to(a.sharding, c.ndim)
-    wq = jax.lax.bitcast_convert_type(copy["layers"]["wq"], jnp.bfloat16)
-    np.testing.assert_array_equal(np.asarray(wq), np.asarray(params["layers"]["wq"].astype(jnp.bfloat16)))
+    _check_copy_values(tr, mesh)
 
     assert plain.copy_abstract is None and not plain.plan.copy and plain.plan.params == ()
     pp = load_config("tiny", {**BASE, "parallel.mesh": "pipeline=2,data=2,fsdp=2", "parallel.zero": 1,
