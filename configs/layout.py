@@ -10,6 +10,7 @@ axis name (``tests/test_layout.py`` parses the sources for a mesh dict indexed b
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from collections.abc import Iterable, Mapping
@@ -20,6 +21,8 @@ from configs.schema import MESH_AXES, ConfigError, parse_mesh
 
 if TYPE_CHECKING:
     from configs.schema import Config
+
+_AXIS_SET = frozenset(MESH_AXES)
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,9 @@ class Layout:
 
     def __post_init__(self) -> None:
         for axis, size in zip(MESH_AXES, self.sizes, strict=True):
-            if not isinstance(size, numbers.Integral) or isinstance(size, bool) or size < 1:
+            # the exact-int test first: the planner builds hundreds of thousands of these (ABC checks are slow)
+            ok = size.__class__ is int or (isinstance(size, numbers.Integral) and not isinstance(size, bool))
+            if not ok or size < 1:
                 raise ConfigError(f"mesh axis {axis}={size!r} must be an integer >= 1; give every axis a size")
 
     # ------------------------------------------------------------------ construction
@@ -64,7 +69,7 @@ class Layout:
     @property
     def sizes(self) -> tuple[int, ...]:
         """Per-axis sizes in ``MESH_AXES`` order (the JAX mesh's device-grid shape)."""
-        return tuple(getattr(self, a) for a in MESH_AXES)
+        return (self.pipeline, self.data, self.fsdp, self.tensor)
 
     def mesh_shape(self) -> dict[str, int]:
         """``{axis: size}`` in ``MESH_AXES`` order: the JAX mesh constructor's input and ``meta.json``'s ``mesh``."""
@@ -96,11 +101,8 @@ class Layout:
 
     # ------------------------------------------------------------------ ranks
     def _strides(self) -> tuple[int, ...]:
-        out, s = [], 1
-        for n in reversed(self.sizes):  # tensor innermost
-            out.append(s)
-            s *= n
-        return tuple(reversed(out))
+        t = self.tensor  # tensor innermost
+        return (self.data * self.fsdp * t, self.fsdp * t, t, 1)
 
     def _check_rank(self, rank: int) -> None:
         if not 0 <= rank < self.world:
@@ -133,18 +135,24 @@ class Layout:
         """The rank's pipeline stage."""
         return self.coords(rank)["pipeline"]
 
-    def group(self, axes: Iterable[str], rank: int = 0) -> list[int]:
-        """The ranks that share every coordinate with ``rank`` but those along ``axes`` (a collective's members)."""
+    def group(self, axes: Iterable[str], rank: int = 0) -> tuple[int, ...]:
+        """The ranks that share every coordinate with ``rank`` but those along ``axes`` (a collective's members),
+        ascending."""
         axes = tuple(axes)
-        unknown = sorted(set(axes) - set(MESH_AXES))
-        if unknown:
-            raise ConfigError(f"unknown mesh axes {unknown}; axes are {', '.join(MESH_AXES)}")
-        ranks = [rank]
-        for a, s, n in zip(MESH_AXES, self._strides(), self.sizes, strict=True):
-            if a in axes:
-                base = [r - (r // s % n) * s for r in ranks]
-                ranks = [r + i * s for r in base for i in range(n)]
-        return sorted(ranks)
+        if not set(axes) <= _AXIS_SET:
+            raise ConfigError(f"unknown mesh axes {sorted(set(axes) - _AXIS_SET)}; axes are {', '.join(MESH_AXES)}")
+        self._check_rank(rank)
+        return _group(self.sizes, self._strides(), axes, rank)
 
     def replace(self, **changes: int | bool) -> Layout:
         return dataclasses.replace(self, **changes)
+
+
+@functools.lru_cache(maxsize=4096)  # the planner asks for the same few groups hundreds of thousands of times
+def _group(sizes: tuple[int, ...], strides: tuple[int, ...], axes: tuple[str, ...], rank: int) -> tuple[int, ...]:
+    ranks = [rank]
+    for a, s, n in zip(MESH_AXES, strides, sizes, strict=True):
+        if a in axes and n > 1:
+            base = rank - (rank // s % n) * s  # ``rank`` with its coordinate along ``a`` set to 0
+            ranks = [r - rank + base + i * s for r in ranks for i in range(n)]
+    return tuple(sorted(ranks))

@@ -100,8 +100,8 @@ def test_report_layouts_label_as_both_trainers_write_them(tmp_path):
 
 def test_group_members_differ_only_along_its_axes():
     lay = Layout(pipeline=2, data=2, fsdp=3, tensor=2)
-    assert lay.group(("data", "fsdp")) == [0, 2, 4, 6, 8, 10]
-    assert lay.group(("tensor",), rank=5) == [4, 5]
+    assert lay.group(("data", "fsdp")) == (0, 2, 4, 6, 8, 10)
+    assert lay.group(("tensor",), rank=5) == (4, 5)
     for rank in range(lay.world):
         for axes in (("tensor",), ("data", "fsdp"), ("pipeline",), ("fsdp",)):
             members = lay.group(axes, rank)

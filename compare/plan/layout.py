@@ -32,11 +32,15 @@ class Layout:
     schedule: str = "1f1b"  # pipeline schedule: 1f1b (DeepSpeed's TrainSchedule) | gpipe (JAX's other choice)
     jax_remat_policy: str = ""  # JAX only: this remat policy instead of the one jax_config derives from remat
 
-    @functools.cached_property
+    def __post_init__(self) -> None:
+        # built once per layout (not a field: equality and replace() stay the planner's fields)
+        object.__setattr__(self, "_shape", _mesh_layout(self.pp, self.data, self.fsdp, self.tp, self.zero,
+                                                        self.hpz, self.mics))
+
+    @property
     def shape(self) -> MeshLayout:
         """The mesh and ZeRO settings as the trainers read them: sizes, rank map, dp."""
-        return MeshLayout(pipeline=self.pp, data=self.data, fsdp=self.fsdp, tensor=self.tp, zero=self.zero,
-                          hpz=self.hpz, mics=self.mics)
+        return self._shape  # type: ignore[attr-defined]
 
     @classmethod
     def on(cls, family: str, shape: MeshLayout, **choices: object) -> Layout:
@@ -103,6 +107,11 @@ class Layout:
         compiles, and what ``apply`` hands a ``--mesh auto`` trainer."""
         cfg = self.config(model, seq)
         return dataclasses.replace(cfg, parallel=self.jax_parallel(cfg.parallel))
+
+
+@functools.lru_cache(maxsize=4096)  # the planner builds hundreds of thousands of layouts over a few meshes
+def _mesh_layout(pp: int, data: int, fsdp: int, tp: int, zero: int, hpz: bool, mics: bool) -> MeshLayout:
+    return MeshLayout(pipeline=pp, data=data, fsdp=fsdp, tensor=tp, zero=zero, hpz=hpz, mics=mics)
 
 
 _CONFIGS: dict[str, Config] = {}  # run configs planned under a name (a preset with the user's overrides)
