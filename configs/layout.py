@@ -39,7 +39,7 @@ class Layout:
 
     def __post_init__(self) -> None:
         for axis, size in zip(MESH_AXES, self.sizes, strict=True):
-            # the exact-int test first: the planner builds hundreds of thousands of these (ABC checks are slow)
+            # an exact int first: the ABC check is slow and layouts are built in the planner's inner loops
             ok = size.__class__ is int or (isinstance(size, numbers.Integral) and not isinstance(size, bool))
             if not ok or size < 1:
                 raise ConfigError(f"mesh axis {axis}={size!r} must be an integer >= 1; give every axis a size")
