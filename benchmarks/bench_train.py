@@ -53,13 +53,13 @@ def bench_layout(preset: str, mesh_spec: str, dtype: str, steps: int, warmup: in
     from profile_step import compiled_step
 
     from aurora_data import SyntheticSource, global_batch
-    from jax_impl.sharding import batch_sharding
+    from jax_impl.sharding import batch_sharding, dp_size
 
     c = compiled_step(preset, {"parallel.mesh": mesh_spec, "train.dtype": dtype, "train.steps": steps + warmup},
                       guard=False)
     cfg, mesh, step, params, opt, compile_s = c["cfg"], c["mesh"], c["step"], c["params"], c["opt"], c["compile_s"]
     p, seq = cfg.parallel, cfg.data.seq_len
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    dp = dp_size(mesh)
     gbs = p.mbs * p.gas * dp
     src = SyntheticSource(cfg.model.vocab_size, seq)
     times, rates = [], []

@@ -110,7 +110,7 @@ def compiled_step(preset: str, overrides: dict, guard: bool = True, compiler_opt
 
     from aurora_data import SyntheticSource, global_batch
     from configs import load_config
-    from jax_impl.sharding import batch_sharding, make_mesh
+    from jax_impl.sharding import batch_sharding, dp_size, make_mesh
     from jax_impl.trainer import Trainer
     from runtime import hostmem
 
@@ -125,7 +125,7 @@ def compiled_step(preset: str, overrides: dict, guard: bool = True, compiler_opt
     compile_s = time.perf_counter() - t0
     hostmem.release_host_memory()
     p = cfg.parallel
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    dp = dp_size(mesh)
     src = SyntheticSource(cfg.model.vocab_size, cfg.data.seq_len)
     batch = jax.device_put(global_batch(src, 0, p.mbs, p.gas, dp), batch_sharding(mesh))
     return {"step": step, "params": params, "opt": opt, "batch": batch, "compile_s": compile_s, "devices": mesh.size,

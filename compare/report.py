@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from configs import Config, ConfigError, config_from_dict, load_config
+from configs import Config, ConfigError, Layout, config_from_dict, load_config
 from runtime import procgroup
 from runtime.hostmem import allocator_env, child_allocator
 from runtime.rundir import host_cpu, read_metrics
@@ -68,6 +68,12 @@ class LayoutSpec:
 
     def overrides(self) -> dict[str, Any]:
         return {"parallel.mesh": self.mesh, "parallel.zero": self.zero, **self.extra}
+
+    @property
+    def layout(self) -> Layout:
+        """Its mesh sizes and ZeRO settings; ``layout.label`` is what both trainers write to meta.json."""
+        return Layout.from_spec(self.mesh, zero=self.zero, hpz=bool(self.extra.get("parallel.hpz", False)),
+                                mics=bool(self.extra.get("parallel.mics", False)))
 
 
 # The study's layouts, scaled to 2-4 ranks of this 2-core machine.

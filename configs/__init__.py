@@ -1,5 +1,6 @@
 """Framework-neutral configuration shared by jax_impl and torch_ref."""
 
+from configs.layout import Layout
 from configs.schema import (
     MESH_AXES,
     Config,
@@ -29,6 +30,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "Layout",
     "ModelConfig",
     "OptimConfig",
     "ParallelConfig",

@@ -61,10 +61,4 @@ def resolve_config(ap: argparse.ArgumentParser, argv: list[str] | None, validate
 
 def layout_label(cfg: Config) -> str:
     """``pp2+zero1+tp2``-style name of a config's layout, the same in both frameworks' metadata."""
-    p, m = cfg.parallel, cfg.mesh_shape()
-    name = f"zero{p.zero}" + ("+hpz" if p.hpz else "") + ("+mics" if p.mics else "")
-    if m["tensor"] > 1:
-        name += f"+tp{m['tensor']}"
-    if m["pipeline"] > 1:
-        name = f"pp{m['pipeline']}+" + name
-    return name
+    return cfg.layout().label

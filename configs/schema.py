@@ -17,7 +17,10 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from configs.layout import Layout
 
 PRESET_DIR = Path(__file__).parent / "presets"
 MESH_AXES = ("pipeline", "data", "fsdp", "tensor")
@@ -205,9 +208,14 @@ class Config:
     def mesh_shape(self, n_devices: int | None = None) -> dict[str, int]:
         return parse_mesh(self.parallel.mesh, n_devices)
 
+    def layout(self, n_devices: int | None = None) -> Layout:
+        """The parallel layout (mesh sizes, ZeRO, hpZ/MiCS, label); a ``-1`` axis takes the rest of ``n_devices``."""
+        from configs.layout import Layout  # configs.layout imports this module
+
+        return Layout.from_config(self, n_devices)
+
     def dp_size(self, n_devices: int | None = None) -> int:
-        m = self.mesh_shape(n_devices)
-        return m["data"] * m["fsdp"]
+        return self.layout(n_devices).dp
 
     def global_batch(self, n_devices: int | None = None) -> int:
         return self.parallel.mbs * self.parallel.gas * self.dp_size(n_devices)
@@ -530,7 +538,7 @@ def validate_config(cfg: Config, n_devices: int | None = None) -> None:
         if getattr(p, key) < 1:
             raise ConfigError(f"parallel.{key}={getattr(p, key)} must be >= 1")
     if p.gbs:
-        dp = mesh["data"] * mesh["fsdp"]
+        dp = cfg.dp_size(n_devices)
         if p.gbs != p.mbs * p.gas * dp:
             raise ConfigError(
                 f"parallel.gbs={p.gbs} != mbs*gas*dp = {p.mbs}*{p.gas}*{dp} = {p.mbs * p.gas * dp}; "

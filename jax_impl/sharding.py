@@ -37,7 +37,7 @@ import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from configs import MESH_AXES, Config, ConfigError
+from configs import MESH_AXES, Config, ConfigError, Layout
 
 DP_AXES = ("data", "fsdp")
 PIPELINE_AXIS = "pipeline"  # [pipeline] the axis jax_impl.pipeline runs its stages over
@@ -95,6 +95,11 @@ def make_mesh(shape: dict[str, int], devices: list | None = None) -> Mesh:
 def make_abstract_mesh(shape: dict[str, int]) -> AbstractMesh:
     """A device-free mesh of the same shape: enough to plan shardings for 96 tiles on a laptop."""
     return AbstractMesh(tuple(shape[a] for a in MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def dp_size(mesh: Mesh | AbstractMesh) -> int:
+    """Data-parallel size of a mesh: the devices that split a global batch (``configs.Layout.dp`` of its shape)."""
+    return Layout.from_shape(dict(mesh.shape)).dp
 
 
 @contextlib.contextmanager

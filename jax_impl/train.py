@@ -463,11 +463,11 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
     import jax
 
     from jax_impl import checkpoint
+    from jax_impl.sharding import dp_size
     from runtime import loop
 
     opts = opts or RunOptions()
-    mesh, p = trainer.mesh, cfg.parallel
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    p, dp = cfg.parallel, dp_size(trainer.mesh)
     r = JaxRun(cfg, trainer, opts, quiet, lead=jax.process_index() == 0, gbs=p.mbs * p.gas * dp, dp=dp)
     _open_run(r, run_dir, lock_error)
     t0 = time.perf_counter()

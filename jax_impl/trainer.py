@@ -21,7 +21,16 @@ from jax.sharding import Mesh, NamedSharding
 from configs import Config, lr_at
 from jax_impl import devices, pipeline
 from jax_impl.model import PARAM_AXES, ModelOptions, cross_entropy, forward, init_params
-from jax_impl.sharding import COPY_BITS, COPY_DTYPE, Split, ZeroPlan, activate, batch_sharding, replicated
+from jax_impl.sharding import (
+    COPY_BITS,
+    COPY_DTYPE,
+    Split,
+    ZeroPlan,
+    activate,
+    batch_sharding,
+    dp_size,
+    replicated,
+)
 
 
 def lr_schedule(cfg: Config) -> optax.Schedule:
@@ -281,7 +290,7 @@ class Trainer:
 
     def batch_abstract(self) -> jax.ShapeDtypeStruct:
         p = self.cfg.parallel
-        dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        dp = dp_size(self.mesh)
         return jax.ShapeDtypeStruct((p.gas, dp * p.mbs, self.cfg.data.seq_len + 1), jnp.int32,
                                     sharding=batch_sharding(self.mesh))
 

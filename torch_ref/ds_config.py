@@ -30,10 +30,9 @@ from configs import Config
 
 def ds_config(cfg: Config, *, mics_keys: bool = True, flops_profiler: bool = False) -> dict[str, Any]:
     """DeepSpeed config dict for ``cfg`` (mesh, ZeRO stage, hpZ/MiCS, mbs/gas, dtype, clip); a pure function."""
-    p, mesh = cfg.parallel, cfg.mesh_shape()
-    dp = mesh["data"] * mesh["fsdp"]
+    p, lay = cfg.parallel, cfg.layout()
     conf: dict[str, Any] = {
-        "train_batch_size": p.mbs * p.gas * dp,
+        "train_batch_size": p.mbs * p.gas * lay.dp,
         "train_micro_batch_size_per_gpu": p.mbs,
         "gradient_clipping": cfg.optim.clip,
         "steps_per_print": 1,
@@ -61,9 +60,9 @@ def ds_config(cfg: Config, *, mics_keys: bool = True, flops_profiler: bool = Fal
             zero = {"stage": 3, "reduce_scatter": False, "mics_hierarchical_params_gather": True,
                     **{k: v for k, v in zero.items() if k not in ("stage", "reduce_scatter")}}
         if p.hpz:
-            zero["zero_hpz_partition_size"] = mesh["fsdp"]
+            zero["zero_hpz_partition_size"] = lay.fsdp
         if p.mics and mics_keys:
-            zero["mics_shard_size"] = mesh["fsdp"]
+            zero["mics_shard_size"] = lay.fsdp
     else:
         zero = {"stage": p.zero}
     conf["zero_optimization"] = zero
@@ -75,7 +74,7 @@ def ds_config(cfg: Config, *, mics_keys: bool = True, flops_profiler: bool = Fal
     else:
         conf["communication_data_type"] = "fp32"
     if p.zero in (1, 2):
-        if mesh["pipeline"] > 1:
+        if lay.pipeline > 1:
             conf["data_types"] = {"grad_accum_dtype": "fp32"}
             conf["comms_logger"] = {"enabled": True, "verbose": False, "prof_all": True, "debug": False}
         else:

@@ -103,7 +103,7 @@ class PipelineRunner(Runner):
         from deepspeed.pipe import PipelineModule
         from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 
-        topo = PipeDataParallelTopology(num_pp=layout.mesh["pipeline"], num_dp=layout.dp)
+        topo = PipeDataParallelTopology(num_pp=layout.shape.pipeline, num_dp=layout.dp)
         # LayerSpecs: each stage builds (and fills) only its own layers. "type:Block" balances the
         # transformer blocks; the embed/head layers stay at the ends
         pipe = PipelineModule(layers=build.pipeline_specs(cfg.model, src, _device()), loss_fn=cross_entropy,
@@ -164,7 +164,7 @@ class TensorParallelRunner(DeepSpeedRunner):
     def __init__(self, cfg: Config, src: WeightSource, conf: dict[str, Any], layout: Layout):
         from deepspeed.utils import groups
 
-        tp = layout.mesh["tensor"]
+        tp = layout.shape.tensor
         # DeepSpeed's own (data, tensor) groups, tensor innermost as our mesh; passing them as the mpu
         # makes DeepSpeed count the data-parallel world as world / tp (batch size, gradient averaging)
         groups._init_tp_mesh_device(tensor_model_parallel_size=tp)
@@ -204,7 +204,7 @@ class FSDP2MicsRunner(Runner):
         # bf16: fp32 sharded master parameters, bf16 compute copies, fp32 gradient reduction (as DeepSpeed bf16)
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if cfg.train.dtype == "bf16" else MixedPrecisionPolicy())
-        mesh = init_device_mesh(get_accelerator().device_name(), (layout.mesh["data"], layout.mesh["fsdp"]),
+        mesh = init_device_mesh(get_accelerator().device_name(), (layout.shape.data, layout.shape.fsdp),
                                 mesh_dim_names=("replicate", "shard"))
         # fully_shard on the meta model, then only the local shards materialised and filled
         model = build.fsdp2_model(cfg.model, src, mesh, mp, _device())

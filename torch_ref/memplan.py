@@ -80,7 +80,7 @@ def build_rank_model(cfg: Config, layout: Layout, rank: int) -> tuple[Any, str]:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
-        mesh = init_device_mesh("cpu", (layout.mesh["data"], layout.mesh["fsdp"]),
+        mesh = init_device_mesh("cpu", (layout.shape.data, layout.shape.fsdp),
                                 mesh_dim_names=("replicate", "shard"))
         return build.fsdp2_model(m, None, mesh, MixedPrecisionPolicy(), "meta"), "FSDP2 fully_shard, local shards"
     if layout.engine == "deepspeed-mics" or (layout.engine == "deepspeed" and p.zero == 3):  # (no TP under ZeRO-3)
@@ -88,16 +88,16 @@ def build_rank_model(cfg: Config, layout: Layout, rank: int) -> tuple[Any, str]:
                                   device="cpu", remote_device="meta")
         return model, "deepspeed.zero.Init partitions (remote_device=meta)"
     if layout.engine == "deepspeed-pipe":
-        stage = layout.coords(rank)["pipeline"]
-        bounds = build.stage_bounds(m, layout.mesh["pipeline"])
+        stage = layout.shape.stage(rank)
+        bounds = build.stage_bounds(m, layout.shape.pipeline)
         lo, hi = bounds[stage], bounds[stage + 1]
         specs = build.pipeline_specs(m, None, "meta")[lo:hi]
         return (torch.nn.ModuleList(spec.build() for spec in specs),
-                f"pipeline stage {stage} of {layout.mesh['pipeline']}: layers {lo}..{hi - 1} of "
+                f"pipeline stage {stage} of {layout.shape.pipeline}: layers {lo}..{hi - 1} of "
                 f"[embed, {m.n_layers} blocks, head] (DeepSpeed's type:Block cut)")
     model = Llama(m, device="meta")
-    if layout.mesh["tensor"] > 1:
-        tp = layout.mesh["tensor"]
+    if layout.shape.tensor > 1:
+        tp = layout.shape.tensor
         with torch.no_grad():
             for name, prm in model.named_parameters():
                 key = name.rsplit(".", 2)[-2]

@@ -1122,7 +1122,7 @@ def build_runner(cfg: Config, layout: Layout, conf: dict[str, Any], src):
         return engines.FSDP2MicsRunner(cfg, src, layout)
     if layout.engine == "deepspeed-mics":
         return engines.DeepSpeedMicsRunner(cfg, src, conf)
-    if layout.mesh["tensor"] > 1:
+    if layout.shape.tensor > 1:
         return engines.TensorParallelRunner(cfg, src, conf, layout)
     return engines.DeepSpeedRunner(cfg, src, conf)
 

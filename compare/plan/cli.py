@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -119,17 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _single_layouts(args: argparse.Namespace, nodes: int, cluster: Cluster) -> list[Layout]:
-    from configs import parse_mesh
+    from configs import Layout as MeshLayout
 
-    shape = parse_mesh(args.mesh, nodes * cluster.tiles_per_node)
-    n = math.prod(shape.values())
+    shape = MeshLayout.from_spec(args.mesh, nodes * cluster.tiles_per_node)
+    n = shape.world
     if n != nodes * cluster.tiles_per_node:
         raise ConfigError(f"mesh {args.mesh!r} needs {n} tiles but {nodes} nodes x {cluster.tiles_per_node} tiles "
                           f"= {nodes * cluster.tiles_per_node}; change --nodes or the mesh so they match")
-    zero = args.zero if args.zero is not None else (1 if shape["pipeline"] > 1 else 3)
-    base = Layout("--mesh", pp=shape["pipeline"], data=shape["data"], fsdp=shape["fsdp"], tp=shape["tensor"],
-                  zero=zero, hpz=args.hpz, mics=args.mics, mbs=args.mbs, remat=not args.no_remat,
-                  schedule=args.schedule)
+    zero = args.zero if args.zero is not None else (1 if shape.pipeline > 1 else 3)
+    base = Layout.on("--mesh", shape.replace(zero=zero, hpz=args.hpz, mics=args.mics), mbs=args.mbs,
+                     remat=not args.no_remat, schedule=args.schedule)
     if args.gbs and not args.gas:  # the batch is given: the GAS that makes it, if there is one
         per = args.mbs * base.dp
         if args.gbs % per:

@@ -10,11 +10,13 @@ from dataclasses import dataclass
 from compare.plan.assumptions import SEQ
 from compare.reference import Row
 from configs import Config, ParallelConfig, load_config
+from configs import Layout as MeshLayout
 
 
 @dataclass(frozen=True)
 class Layout:
-    """One parallel layout on the mesh (pipeline, data, fsdp, tensor), tensor innermost."""
+    """One parallel layout on the mesh (pipeline, data, fsdp, tensor), tensor innermost, with what the planner
+    chooses beside it (family, batch split, remat, schedule); the mesh facts are ``shape``'s (``configs.Layout``)."""
 
     family: str
     pp: int = 1
@@ -30,13 +32,29 @@ class Layout:
     schedule: str = "1f1b"  # pipeline schedule: 1f1b (DeepSpeed's TrainSchedule) | gpipe (JAX's other choice)
     jax_remat_policy: str = ""  # JAX only: this remat policy instead of the one jax_config derives from remat
 
+    def __post_init__(self) -> None:
+        # built once per layout (not a field: equality and replace() stay the planner's fields)
+        object.__setattr__(self, "_shape", _mesh_layout(self.pp, self.data, self.fsdp, self.tp, self.zero,
+                                                        self.hpz, self.mics))
+
+    @property
+    def shape(self) -> MeshLayout:
+        """The mesh and ZeRO settings as the trainers read them: sizes, rank map, dp."""
+        return self._shape  # type: ignore[attr-defined]
+
+    @classmethod
+    def on(cls, family: str, shape: MeshLayout, **choices: object) -> Layout:
+        """The planner's layout of ``shape`` (``choices``: mbs, gas, remat, schedule, ...)."""
+        return cls(family, pp=shape.pipeline, data=shape.data, fsdp=shape.fsdp, tp=shape.tensor, zero=shape.zero,
+                   hpz=shape.hpz, mics=shape.mics, **choices)  # type: ignore[arg-type]
+
     @property
     def dp(self) -> int:
-        return self.data * self.fsdp
+        return self.shape.dp
 
     @property
     def ngpu(self) -> int:
-        return self.pp * self.dp * self.tp
+        return self.shape.world
 
     @property
     def gbs(self) -> int:
@@ -44,9 +62,7 @@ class Layout:
 
     @property
     def mesh(self) -> str:
-        parts = [f"{k}={v}" for k, v in (("pipeline", self.pp), ("data", self.data), ("fsdp", self.fsdp),
-                                          ("tensor", self.tp)) if v > 1]
-        return ",".join(parts) or "data=1"
+        return self.shape.spec
 
     @property
     def label(self) -> str:
@@ -91,6 +107,11 @@ class Layout:
         compiles, and what ``apply`` hands a ``--mesh auto`` trainer."""
         cfg = self.config(model, seq)
         return dataclasses.replace(cfg, parallel=self.jax_parallel(cfg.parallel))
+
+
+@functools.lru_cache(maxsize=4096)  # the planner builds hundreds of thousands of layouts over a few meshes
+def _mesh_layout(pp: int, data: int, fsdp: int, tp: int, zero: int, hpz: bool, mics: bool) -> MeshLayout:
+    return MeshLayout(pipeline=pp, data=data, fsdp=fsdp, tensor=tp, zero=zero, hpz=hpz, mics=mics)
 
 
 _CONFIGS: dict[str, Config] = {}  # run configs planned under a name (a preset with the user's overrides)

@@ -26,16 +26,8 @@ class Group:
 
 
 def group_of(layout: Layout, axes: tuple[str, ...], cluster: Cluster) -> Group:
-    """The group of rank 0 along ``axes`` (ranks laid out pipeline, data, fsdp, tensor; tensor innermost)."""
-    sizes = {"pipeline": layout.pp, "data": layout.data, "fsdp": layout.fsdp, "tensor": layout.tp}
-    order = ("pipeline", "data", "fsdp", "tensor")
-    strides, s = {}, 1
-    for a in reversed(order):
-        strides[a] = s
-        s *= sizes[a]
-    ranks = [0]
-    for a in axes:
-        ranks = [r + i * strides[a] for r in ranks for i in range(sizes[a])]
+    """The group of rank 0 along ``axes`` (the trainers' rank map: ``configs.Layout.group``)."""
+    ranks = layout.shape.group(axes)
     nodes = {r // cluster.tiles_per_node for r in ranks}
     pkgs = {r // cluster.tiles_per_gpu for r in ranks}
     k = len(nodes)

@@ -23,7 +23,7 @@ import jax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from configs import Config
+from configs import Config, Layout
 from jax_impl.model import ModelOptions
 from jax_impl.pipeline import gpipe, one_f_one_b
 from jax_impl.pipeline.common import OUTER, PIPE, check, chunks, stages
@@ -66,7 +66,7 @@ def loss_and_grads(cfg: Config, mesh: Mesh, params: dict, batch: jax.Array,
 
 def report_placement(cfg: Config, mesh_shape: Any) -> dict[str, int]:
     """Parameter counts per device of the stage's layers and of the embedding/head copy every stage keeps."""
-    m, p, tp = cfg.model, stages(mesh_shape), int(dict(mesh_shape).get("tensor", 1))
+    m, p, tp = cfg.model, stages(mesh_shape), Layout.from_shape(dict(mesh_shape)).tensor
     layer_params = (m.n_params() - 2 * m.padded_vocab * m.hidden - m.hidden) // m.n_layers
     return {"layers_per_stage": m.n_layers // p, "stage_layer_params": m.n_layers // p * layer_params // tp,
             "embed_head_params": 2 * m.padded_vocab * m.hidden // tp + m.hidden}

@@ -124,8 +124,7 @@ def make_job(args: argparse.Namespace, extra: list[str], argv: list[str] | None 
     cfg = load_config(args.preset, overrides)
     n_tiles = args.nodes * TILES_PER_NODE
     validate_config(cfg, n_tiles)  # the layout's errors now, not after hours in the queue
-    mesh = cfg.mesh_shape(n_tiles)
-    n_mesh = mesh["pipeline"] * mesh["data"] * mesh["fsdp"] * mesh["tensor"]
+    n_mesh = cfg.layout(n_tiles).world
     if n_mesh != n_tiles:
         raise ConfigError(f"--mesh {args.mesh} uses {n_mesh} tiles but {args.nodes} nodes have {n_tiles}; "
                           f"make the mesh's product {n_tiles} (one axis may be -1)")
