@@ -1,14 +1,20 @@
 """Framework-neutral configuration shared by jax_impl and torch_ref."""
 
 from configs.schema import (
+    KEY_ALIASES,
     MESH_AXES,
+    RUN_OPTION_SECTIONS,
+    CheckpointConfig,
     Config,
     ConfigError,
     DataConfig,
+    JaxConfig,
     ModelConfig,
+    NonfiniteConfig,
     OptimConfig,
     ParallelConfig,
     TrainConfig,
+    WatchdogConfig,
     apply_overrides,
     config_from_dict,
     eval_due,
@@ -25,14 +31,20 @@ from configs.schema import (
 )
 
 __all__ = [
+    "KEY_ALIASES",
     "MESH_AXES",
+    "RUN_OPTION_SECTIONS",
+    "CheckpointConfig",
     "Config",
     "ConfigError",
     "DataConfig",
+    "JaxConfig",
     "ModelConfig",
+    "NonfiniteConfig",
     "OptimConfig",
     "ParallelConfig",
     "TrainConfig",
+    "WatchdogConfig",
     "apply_overrides",
     "config_from_dict",
     "eval_due",
