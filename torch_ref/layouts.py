@@ -53,7 +53,7 @@ class Layout:
 def plan_layout(cfg: Config, world_size: int | None = None, validate: bool = True) -> Layout:
     """Check the layout against what torch_ref/DeepSpeed can run; ConfigError names the value and the fix.
 
-    torch_ref's backend check: with ``validate`` it also runs ``validate_config`` (every section's checks) after
+    torch_ref's backend check: with ``validate`` it also runs ``validate_config`` (every section's checks) among
     its own DeepSpeed-specific ones, so a start validates once; a worker re-planning a checked config passes
     ``validate=False``."""
     p = cfg.parallel
