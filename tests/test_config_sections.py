@@ -164,7 +164,9 @@ def test_torch_refuses_what_it_does_not_honour(tmp_path, capsys, argv, said):
 def test_torch_runs_a_config_that_tunes_jax_knobs(capsys):
     out = torch_train.main([*TINY, "--mesh", "data=1", "--dry-run", "--jax.attn_chunk=8", "--parallel.scan_unroll=2",
                             "--jax.sequence_parallel=true", "--ckpt-every", "2", "--ckpt-keep", "2"])
-    assert out["layout"].world_size == 1
+    assert out["layout"].world_size == 1 and "activation checkpointing" not in capsys.readouterr().err
+    torch_train.main([*TINY, "--mesh", "data=1", "--dry-run", "--parallel.remat=true"])  # accepted, and said
+    assert "parallel.remat=true: torch_ref has no activation checkpointing" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- one validation per start

@@ -151,8 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
 # worker starts; the [jax] section is never read (performance knobs of jax_impl that leave the arithmetic as is).
 SUPPORTED = {
     "parallel": ("mesh", "zero", "hpz", "mics", "mbs", "gas", "gbs",
-                 # accepted, not applied: torch_ref has no activation checkpointing (its memory is the no-remat
-                 # one), and DeepSpeed's PipelineEngine runs its own 1F1B schedule; the planner sets both
+                 # accepted, not applied: torch_ref has no activation checkpointing (its memory is the no-remat one;
+                 # remat=true prints a note), and DeepSpeed's PipelineEngine runs its own 1F1B schedule; the planner
+                 # sets both
                  "remat", "pipeline_schedule"),
     "checkpoint": ("every", "every_s"),
     "nonfinite": ("action",),  # "stop" only: a non-finite loss ends the run (exit 3)
@@ -451,6 +452,9 @@ def _check_launch(argv: list[str] | None) -> _Launch:
     if args.mesh == "auto":  # before the layout check, the run directory and any worker
         cfg, decision = mesh_auto(cfg, args, ext)
     layout = plan_layout(cfg, ext.world_size if ext else None)
+    if cfg.parallel.remat and (ext is None or ext.rank == 0):  # accepted (presets, the planner), said, not applied
+        print("note: parallel.remat=true: torch_ref has no activation checkpointing; every activation is kept",
+              file=sys.stderr)
     if args.dry_run:
         platform = cfg.train.platform
     else:
