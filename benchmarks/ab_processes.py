@@ -1,7 +1,7 @@
 """A/B of two source trees on the multi-process pipeline step: each stage in its own process, over gloo.
 
     python benchmarks/ab_processes.py --a /tmp/before --b .                  # pp2 fp32, head last, 3 rounds
-    python benchmarks/ab_processes.py --a /tmp/before --b . --dtype bf16 --set parallel.pipeline_repeats=2
+    python benchmarks/ab_processes.py --a /tmp/before --b . --dtype bf16 --set jax.pipeline_repeats=2
 
 ``benchmarks/ab_step.py`` compares variants inside one process; a pipeline whose stages run as separate
 processes (how ``compare.report`` runs ``pp2-zero1``) needs separate processes per variant. Each round runs
@@ -28,7 +28,7 @@ from configs import load_config
 def run_variant(tree: Path, name: str, args: argparse.Namespace, out: Path) -> tuple[float, float, float]:
     """Median step ms, last loss and peak RSS MiB (the largest process's) of one multi-process run of ``tree``."""
     cfg = load_config(args.preset, {
-        "parallel.mesh": args.mesh, "parallel.zero": 1, "parallel.gas": args.gas, "parallel.pipeline_head": "last",
+        "parallel.mesh": args.mesh, "parallel.zero": 1, "parallel.gas": args.gas, "jax.pipeline_head": "last",
         **dict(kv.split("=", 1) for kv in args.set), "train.dtype": args.dtype, "train.steps": args.steps,
         "train.wandb": "disabled", "train.out_dir": str(out), "train.name": name})
     report.execute("jax", cfg, out / f"{name}.log", args.timeout, args.processes, root=tree)

@@ -1,12 +1,12 @@
 """One-GPU bf16 training throughput, JAX vs PyTorch (eager and torch.compile), as MFU.
 
-    python benchmarks/bench_gpu.py [--preset gpu-1b] [--steps 10] [--set parallel.matmul_out=fp32] [--out r.json]
+    python benchmarks/bench_gpu.py [--preset gpu-1b] [--steps 10] [--set jax.matmul_out=fp32] [--out r.json]
 
 Same model (``gpu-1b``: ~1.0B parameters), batch and optimizer (AdamW with clipping, fp32 master
 weights, bf16 compute) on both sides. Reports, per framework, the median step time after warm-up,
 model TFLOP/s (Megatron-LM formula, no recompute term) and that figure as a fraction of (a) the
 card's dense bf16 peak and (b) a bf16 matmul measured in the same process. JAX uses cuDNN's fused
-attention (``parallel.attn_impl=cudnn``), torch ``F.scaled_dot_product_attention``. Each section
+attention (``jax.attn_impl=cudnn``), torch ``F.scaled_dot_product_attention``. Each section
 is independent: one that fails prints its error and the others still run.
 """
 
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--only", default="jax,torch,torch.compile")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="config override, e.g. parallel.matmul_out=fp32 (repeatable)")
+                    help="config override, e.g. jax.matmul_out=fp32 (repeatable)")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
 

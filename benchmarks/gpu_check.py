@@ -31,7 +31,7 @@ def jax_run(attn_impl: str, batch: np.ndarray) -> dict:
     from jax_impl.sharding import batch_sharding, make_mesh
     from jax_impl.trainer import Trainer
 
-    cfg = load_config("gpu-1b", {**OVER, "parallel.attn_impl": attn_impl})
+    cfg = load_config("gpu-1b", {**OVER, "jax.attn_impl": attn_impl})
     mesh = make_mesh(cfg.mesh_shape(1), jax.devices()[:1])
     tr = Trainer.build(cfg, mesh)
     params, opt = tr.init_state()
@@ -59,7 +59,7 @@ def torch_run(init: dict, batch: np.ndarray) -> dict:
     from torch_ref.convert import jax_to_torch
     from torch_ref.model import Llama
 
-    cfg = load_config("gpu-1b", {**OVER, "parallel.attn_impl": "xla"})
+    cfg = load_config("gpu-1b", {**OVER, "jax.attn_impl": "xla"})
     model = Llama(cfg.model)
     model.load_state_dict(jax_to_torch(init))
     model = model.cuda()

@@ -24,10 +24,10 @@ HERE = Path(__file__).resolve().parent
 # name -> (bench_gpu section, config overrides, extra XLA flags)
 VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "jax": ("jax", [], ""),
-    "jax:mm=fp32": ("jax", ["parallel.matmul_out=fp32"], ""),
+    "jax:mm=fp32": ("jax", ["jax.matmul_out=fp32"], ""),
     "torch": ("torch", [], ""),
     "torch.compile": ("torch.compile", [], ""),
-    "jax:scan": ("jax", ["parallel.scan_unroll=1"], ""),
+    "jax:scan": ("jax", ["jax.scan_unroll=1"], ""),
     "jax:no-triton-gemm": ("jax", [], "--xla_gpu_enable_triton_gemm=false"),
 }
 

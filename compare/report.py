@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from configs import Config, ConfigError, Layout, config_from_dict, load_config
+from configs import RUN_OPTION_SECTIONS, Config, ConfigError, Layout, config_from_dict, load_config
 from runtime import procgroup
 from runtime.hostmem import allocator_env, child_allocator
 from runtime.rundir import host_cpu, read_metrics
@@ -90,11 +90,11 @@ LAYOUTS = {spec.name: spec for spec in (
     # XLA's intra-op thread pool (memory-bound ops 2-3x slower per call; the step 0-15 % slower in alternating
     # runs, docs/performance.md, "Pipeline + ZeRO-1 on CPU"); the head on the last stage, as DeepSpeed's,
     # because with the split head every collective of the step ran 0.3-1 s over gloo (7.5-8.5 s per step, not 1)
-    LayoutSpec("pp2-zero1", "pipeline=2,data=1", 1, {"parallel.gas": 4, "parallel.pipeline_head": "last"},
+    LayoutSpec("pp2-zero1", "pipeline=2,data=1", 1, {"parallel.gas": 4, "jax.pipeline_head": "last"},
                "Pipeline + ZeRO-1, GAS 4; JAX: 2 processes (a stage each), head on the last stage",
                jax_processes=2),
-    LayoutSpec("pp2v2-zero1", "pipeline=2,data=1", 1, {"parallel.gas": 4, "parallel.pipeline_repeats": 2,
-                                                       "parallel.pipeline_head": "last"},
+    LayoutSpec("pp2v2-zero1", "pipeline=2,data=1", 1, {"parallel.gas": 4, "jax.pipeline_repeats": 2,
+                                                       "jax.pipeline_head": "last"},
                "the same; JAX: circular schedule, 2 rounds of 1 layer per stage (DeepSpeed: its 1F1B, unchanged)",
                default=False, jax_processes=2),
 )}
@@ -121,8 +121,14 @@ def run_config(preset: str, layout: LayoutSpec, dtype: str, steps: int, runs_dir
 
 
 def comparable(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The config without the keys that only say where a run lives."""
-    out = json.loads(json.dumps(cfg))
+    """The config without the keys that only say where a run lives, nor the run options (checkpoints, watchdog,
+    non-finite handling: they change no number); a config.json written before a key moved reads as today's."""
+    try:
+        out = config_from_dict(cfg).to_dict()  # old key spellings mapped, sections it lacks at their defaults
+    except ConfigError:
+        out = json.loads(json.dumps(cfg))
+    for section in RUN_OPTION_SECTIONS:
+        out.pop(section, None)
     for key in RUN_LOCAL_KEYS:
         section, name = key.split(".")
         out.get(section, {}).pop(name, None)
@@ -196,7 +202,7 @@ def trainer_argv(framework: str, cfg: Config) -> list[str]:
             "--steps", str(cfg.train.steps), "--dtype", cfg.train.dtype, "--wandb", "disabled",
             "--out-dir", cfg.train.out_dir, "--name", cfg.train.name]
     given = {"parallel": {"mesh", "zero", "gas", "mbs"}, "train": {"steps", "dtype", "wandb", "out_dir", "name"}}
-    for section in ("model", "parallel", "optim", "data", "train"):
+    for section in ("model", "parallel", "optim", "data", "train", "jax"):
         mine, base = getattr(cfg, section), getattr(preset, section)
         for f in fields(mine):
             value = getattr(mine, f.name)

@@ -2,14 +2,20 @@
 
 from configs.layout import Layout
 from configs.schema import (
+    KEY_ALIASES,
     MESH_AXES,
+    RUN_OPTION_SECTIONS,
+    CheckpointConfig,
     Config,
     ConfigError,
     DataConfig,
+    JaxConfig,
     ModelConfig,
+    NonfiniteConfig,
     OptimConfig,
     ParallelConfig,
     TrainConfig,
+    WatchdogConfig,
     apply_overrides,
     config_from_dict,
     eval_due,
@@ -26,15 +32,21 @@ from configs.schema import (
 )
 
 __all__ = [
+    "KEY_ALIASES",
     "MESH_AXES",
+    "RUN_OPTION_SECTIONS",
+    "CheckpointConfig",
     "Config",
     "ConfigError",
     "DataConfig",
+    "JaxConfig",
     "Layout",
     "ModelConfig",
+    "NonfiniteConfig",
     "OptimConfig",
     "ParallelConfig",
     "TrainConfig",
+    "WatchdogConfig",
     "apply_overrides",
     "config_from_dict",
     "eval_due",

@@ -11,6 +11,10 @@ SHORTHANDS = {  # flag -> config key
     "mesh": "parallel.mesh", "zero": "parallel.zero", "mbs": "parallel.mbs", "gas": "parallel.gas",
     "steps": "train.steps", "dtype": "train.dtype", "platform": "train.platform", "wandb": "train.wandb",
     "name": "train.name", "out_dir": "train.out_dir", "seed": "train.seed",
+    # run options (configs.schema.RUN_OPTION_SECTIONS); a trainer refuses the keys it does not honour
+    "ckpt_every": "checkpoint.every", "ckpt_every_s": "checkpoint.every_s", "ckpt_keep": "checkpoint.keep",
+    "ckpt_dir": "checkpoint.dir", "on_nonfinite": "nonfinite.action", "max_skips": "nonfinite.max_skips",
+    "watchdog_factor": "watchdog.factor", "watchdog_min_s": "watchdog.min_s", "watchdog_first_s": "watchdog.first_s",
 }
 
 
@@ -34,6 +38,28 @@ def trainer_parser(prog: str, doc: str | None, platform_help: str = "auto: an in
     ap.add_argument("--name", help="run name (directory under --out-dir)")
     ap.add_argument("--out-dir", dest="out_dir")
     ap.add_argument("--seed", type=int)
+    # shorthands of the run-option keys (--checkpoint.every=N etc. set the same keys); the old spellings
+    # --ckpt.every and --train.ckpt_* are config-key aliases (configs.schema.KEY_ALIASES)
+    ck = ap.add_argument_group("checkpoints: [checkpoint] every, every_s, keep, dir")
+    ck.add_argument("--ckpt-every", dest="ckpt_every", type=int,
+                    help="save every N steps and at the last step (default 0: only on SIGTERM/SIGINT)")
+    ck.add_argument("--ckpt-every-s", dest="ckpt_every_s", type=float,
+                    help="also save when this many seconds passed since the last save (decided by process 0, "
+                         "agreed by all) and at the last step; default 0: off")
+    ck.add_argument("--ckpt-keep", dest="ckpt_keep", type=int, help="finished checkpoints kept (default 2)")
+    ck.add_argument("--ckpt-dir", dest="ckpt_dir",
+                    help="default <run dir>/checkpoints; must be shared by all processes")
+    rs = ap.add_argument_group("failure handling: [nonfinite] action, max_skips; [watchdog] factor, min_s, first_s")
+    rs.add_argument("--on-nonfinite", choices=("stop", "skip"),
+                    help="non-finite loss or gradient norm: stop (exit 3, default) or skip the step's update")
+    rs.add_argument("--max-skips", type=int, help="with skip: stop after this many in a row (default 10)")
+    rs.add_argument("--watchdog-factor", type=float,
+                    help="a step longer than this x the median step ends the run (exit 75) with all stacks "
+                         "(default 10)")
+    rs.add_argument("--watchdog-min-s", type=float, help="never fire before this many seconds (default 120)")
+    rs.add_argument("--watchdog-first-s", type=float,
+                    help="limit for the first steps (compilation, first collectives; default 3600); 0 disables "
+                         "the watchdog")
     return ap
 
 

@@ -111,27 +111,35 @@ class ParallelConfig:
     zero: int = 3
     hpz: bool = False  # ZeRO-3 + hpZ: params over `fsdp` (inside a node), states over data x fsdp
     mics: bool = False  # ZeRO-3 MiCS: all model states over `fsdp` only, replicated across `data`
-    # JAX, tensor > 1: activations between blocks split over `tensor` along the sequence (Megatron-style)
-    sequence_parallel: bool = False
     mbs: int = 1  # micro batch (samples) per data-parallel rank
     gas: int = 1  # gradient accumulation steps (microbatches per step)
     gbs: int = 0  # 0 -> mbs * gas * dp; otherwise must equal it
     remat: bool = False  # activation checkpointing per layer
     remat_policy: str = "full"  # full | save_dots | save_attn_out | save_matmuls (no matmul recomputed) | save_mlp
     pipeline_schedule: str = "gpipe"  # gpipe | 1f1b (pipeline axis > 1)
-    # JAX GPipe: final norm + head + loss of the microbatch leaving the last stage computed by every stage on
+
+
+@dataclass
+class JaxConfig:
+    """jax_impl's performance knobs: they change how a step is computed, never its arithmetic, so torch_ref does
+    not read this section (a preset that tunes them still runs there). Old spellings ``parallel.<key>`` are
+    aliases (KEY_ALIASES)."""
+
+    # tensor > 1: activations between blocks split over `tensor` along the sequence (Megatron-style)
+    sequence_parallel: bool = False
+    # GPipe: final norm + head + loss of the microbatch leaving the last stage computed by every stage on
     # its 1/p of the vocabulary (split) or by the last stage alone (last); 1F1B always uses the last stage
     pipeline_head: str = "split"
-    # JAX GPipe: chunks of layers per stage visited in turn (circular / interleaved schedule): stage s runs the
+    # GPipe: chunks of layers per stage visited in turn (circular / interleaved schedule): stage s runs the
     # logical stages s, s+p, ... of L/(p*repeats) layers each, so a microbatch goes round the stages `repeats`
     # times and the bubble shrinks from (p-1)/(m+p-1) to (p-1)/(m*repeats+p-1) of the work (needs gas >= pipeline)
     pipeline_repeats: int = 1
-    attn_chunk: int = 1024  # JAX: queries per attention block when seq > this (0 = never chunk)
-    attn_impl: str = "xla"  # JAX attention: xla (any device) | cudnn (fused flash attention, NVIDIA GPU, bf16)
-    # JAX: the layer projections' output dtype. fp32 (bf16-in/fp32-out dots: fast on XLA:CPU) | compute
+    attn_chunk: int = 1024  # queries per attention block when seq > this (0 = never chunk)
+    attn_impl: str = "xla"  # attention: xla (any device) | cudnn (fused flash attention, NVIDIA GPU, bf16)
+    # the layer projections' output dtype. fp32 (bf16-in/fp32-out dots: fast on XLA:CPU) | compute
     # (the compute dtype, fp32-accumulated: half the activation bytes; for GPUs). Same numbers in fp32.
     matmul_out: str = "fp32"
-    scan_unroll: int = 0  # JAX: layers per iteration of the layer scan; 0 = auto (see layer_unroll)
+    scan_unroll: int = 0  # layers per iteration of the layer scan; 0 = auto (see layer_unroll)
 
     def layer_unroll(self, n_layers: int) -> int:
         """Layers per scan iteration. Auto unrolls models of <= 8 layers fully: XLA:CPU then needs no
@@ -186,6 +194,41 @@ class TrainConfig:
     eval_iters: int = 10
 
 
+# ---- run options: how a run is kept alive and saved, never what it computes. A resume may change them, and
+# they are left out of the config hash and of every "same run" comparison (RUN_OPTION_SECTIONS).
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # save every N steps and at the last step (0: only on SIGTERM/SIGINT and with every_s)
+    every_s: float = 0.0  # also save when this many seconds passed since the last save, and at the last step
+    keep: int = 2  # finished checkpoints kept
+    dir: str = ""  # "" -> <run dir>/checkpoints; must be shared by all processes
+
+
+@dataclass
+class NonfiniteConfig:
+    action: str = "stop"  # a non-finite loss or gradient norm: stop (exit 3) | skip (the step's update)
+    max_skips: int = 10  # with skip: stop after this many in a row
+
+
+@dataclass
+class WatchdogConfig:
+    factor: float = 10.0  # a step longer than this x the median step ends the run (exit 75) with all stacks
+    min_s: float = 120.0  # never fire before this many seconds
+    first_s: float = 3600.0  # limit for the first steps (compilation, first collectives); 0 disables the watchdog
+
+
+RUN_OPTION_SECTIONS = ("checkpoint", "nonfinite", "watchdog")
+
+# Old spellings of moved keys, the one place they are mapped: TOML presets, --section.key overrides and the
+# config.json of run directories written before the move all pass through apply_overrides.
+KEY_ALIASES = {
+    **{f"parallel.{k}": f"jax.{k}" for k in ("sequence_parallel", "pipeline_head", "pipeline_repeats",
+                                             "attn_chunk", "attn_impl", "matmul_out", "scan_unroll")},
+    "train.ckpt_every": "checkpoint.every", "train.ckpt_every_s": "checkpoint.every_s",
+    "train.ckpt_keep": "checkpoint.keep", "train.ckpt_dir": "checkpoint.dir", "ckpt.every": "checkpoint.every",
+}
+
+
 @dataclass
 class Config:
     preset: str = "tiny"
@@ -194,15 +237,20 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    jax: JaxConfig = field(default_factory=JaxConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    nonfinite: NonfiniteConfig = field(default_factory=NonfiniteConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def hash(self, sections: tuple[str, ...] | None = None) -> str:
-        """Stable short hash of the resolved config (or of some sections of it)."""
+        """Stable short hash of the resolved config (or of some sections of it); the run options
+        (RUN_OPTION_SECTIONS) are not part of the whole-config hash."""
         d = self.to_dict()
-        if sections is not None:
-            d = {k: d[k] for k in sections}
+        sections = sections or tuple(k for k in d if k not in RUN_OPTION_SECTIONS)
+        d = {k: d[k] for k in sections}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def mesh_shape(self, n_devices: int | None = None) -> dict[str, int]:
@@ -347,8 +395,10 @@ def _section_types(obj: Any) -> dict[str, Any]:
 
 
 def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str = "override") -> Config:
-    """Set dotted keys (``model.n_layers``) on ``cfg`` in place, with type checks."""
+    """Set dotted keys (``model.n_layers``; an old spelling in KEY_ALIASES sets its new key) on ``cfg`` in place,
+    with type checks."""
     for key, value in overrides.items():
+        key = KEY_ALIASES.get(key, key)
         parts = key.split(".")
         target: Any = cfg
         for i, part in enumerate(parts):
@@ -434,13 +484,27 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def validate_config(cfg: Config, n_devices: int | None = None) -> None:
-    """Check a config before anything is allocated or compiled."""
-    m, p = cfg.model, cfg.parallel
-    if cfg.train.eval_interval < 0:
-        raise ConfigError(f"train.eval_interval={cfg.train.eval_interval} must be >= 0 (0: no validation loss)")
-    if cfg.train.eval_interval > 0 and cfg.train.eval_iters < 1:
-        raise ConfigError(f"train.eval_iters={cfg.train.eval_iters} must be >= 1 when train.eval_interval > 0 "
-                          "(batches per evaluation); or set train.eval_interval=0")
+    """Check a config before anything is allocated or compiled: every section's checks (SECTION_CHECKS).
+
+    A mesh with a -1 axis and no ``n_devices`` cannot be sized yet: the checks that need the axis sizes
+    (parallel, jax) are then left to ``check_layout(cfg, n_devices)`` once the device count is known."""
+    mesh = None if n_devices is None and "-1" in cfg.parallel.mesh else parse_mesh(cfg.parallel.mesh, n_devices)
+    if mesh is None:
+        parse_mesh(cfg.parallel.mesh.replace("-1", "1"))  # the string's own errors now
+    for section, check in SECTION_CHECKS.items():
+        if mesh is not None or section not in LAYOUT_SECTIONS:
+            check(cfg, mesh)
+
+
+def check_layout(cfg: Config, n_devices: int | None) -> None:
+    """The checks of the sections that need the mesh's sizes (parallel, jax)."""
+    mesh = parse_mesh(cfg.parallel.mesh, n_devices)
+    for section in LAYOUT_SECTIONS:
+        SECTION_CHECKS[section](cfg, mesh)
+
+
+def check_model(cfg: Config, mesh: dict[str, int] | None = None) -> None:
+    m = cfg.model
     for key in ("vocab_size", "hidden", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_pad_to"):
         if getattr(m, key) < 1:
             raise ConfigError(f"model.{key}={getattr(m, key)} must be >= 1")
@@ -456,7 +520,11 @@ def validate_config(cfg: Config, n_devices: int | None = None) -> None:
         )
     if m.dim_head % 2:
         raise ConfigError(f"head dim {m.dim_head} must be even for rotary embeddings")
-    mesh = parse_mesh(p.mesh, n_devices)
+
+
+def check_parallel(cfg: Config, mesh: dict[str, int]) -> None:
+    """The layout against the model: tensor divisibility, ZeRO options, pipeline stages, batch sizes."""
+    m, p = cfg.model, cfg.parallel
     tp = mesh["tensor"]
     for key, val in (("n_heads", m.n_heads), ("n_kv_heads", m.n_kv_heads), ("ffn_hidden", m.ffn_hidden)):
         if val % tp:
@@ -481,69 +549,84 @@ def validate_config(cfg: Config, n_devices: int | None = None) -> None:
             "use a mesh like data=8,fsdp=12 (fsdp = tiles per node)"
         )
     if mesh["pipeline"] > 1:
-        if m.n_layers % mesh["pipeline"]:
-            divisors = [d for d in range(1, m.n_layers + 1) if m.n_layers % d == 0]
-            raise ConfigError(
-                f"model.n_layers={m.n_layers} does not split into pipeline={mesh['pipeline']} equal stages; "
-                f"pick pipeline from {divisors}"
-            )
-        if p.zero > 1:
-            raise ConfigError(
-                f"pipeline parallelism runs with ZeRO 0 or 1 (as DeepSpeed's PipelineModule); got --zero {p.zero}: "
-                "use --zero 1"
-            )
-        pr = p.pipeline_repeats
-        if pr < 1:
-            raise ConfigError(f"parallel.pipeline_repeats={pr} must be >= 1 (1 = plain GPipe)")
-        if pr > 1:
-            if p.pipeline_schedule != "gpipe":
-                raise ConfigError(f"parallel.pipeline_repeats={pr} runs with parallel.pipeline_schedule=gpipe only; "
-                                  "set parallel.pipeline_repeats=1 for 1f1b")
-            if m.n_layers % (mesh["pipeline"] * pr):
-                ok = [r for r in range(1, m.n_layers // mesh["pipeline"] + 1)
-                      if m.n_layers % (mesh["pipeline"] * r) == 0]
-                raise ConfigError(
-                    f"parallel.pipeline_repeats={pr}: model.n_layers={m.n_layers} does not split into "
-                    f"pipeline x repeats = {mesh['pipeline'] * pr} equal chunks; pick repeats from {ok}"
-                )
-            if p.gas < mesh["pipeline"]:
-                raise ConfigError(
-                    f"parallel.pipeline_repeats={pr} sends each microbatch round the stages again, which needs "
-                    f"gas >= pipeline: gas={p.gas} < pipeline={mesh['pipeline']}; set --gas {mesh['pipeline']} "
-                    "or more, or parallel.pipeline_repeats=1"
-                )
-        split = mesh["pipeline"] * tp
-        if p.pipeline_schedule == "gpipe" and p.pipeline_head == "split" and m.padded_vocab % split:
-            raise ConfigError(
-                f"parallel.pipeline_head='split' gives each of the {mesh['pipeline']} stages 1/{mesh['pipeline']} of "
-                f"the vocabulary, but padded vocab {m.padded_vocab} is not divisible by pipeline x tensor = {split}; "
-                "use parallel.pipeline_head=last or pad the vocabulary (model.vocab_pad_to)"
-            )
-        if p.pipeline_schedule == "1f1b" and p.gas < mesh["pipeline"]:
-            raise ConfigError(
-                f"parallel.pipeline_schedule='1f1b' needs at least one microbatch per stage in flight: "
-                f"gas={p.gas} < pipeline={mesh['pipeline']}; set --gas {mesh['pipeline']} or more "
-                "(gas >= 2 x stages to beat GPipe's memory), or use parallel.pipeline_schedule=gpipe"
-            )
+        check_pipeline(cfg, mesh)
     _choice("parallel.remat_policy", p.remat_policy, ("full", "save_dots", "save_attn_out", "save_matmuls", "save_mlp"))
     _choice("parallel.pipeline_schedule", p.pipeline_schedule, ("gpipe", "1f1b"))
-    _choice("parallel.pipeline_head", p.pipeline_head, ("split", "last"))
-    _choice("parallel.attn_impl", p.attn_impl, ("xla", "cudnn"))
-    _choice("parallel.matmul_out", p.matmul_out, ("fp32", "compute"))
-    if p.attn_impl == "cudnn" and cfg.train.dtype != "bf16":
-        raise ConfigError("parallel.attn_impl=cudnn runs in bf16 only; add --dtype bf16 or use attn_impl=xla")
-    if p.scan_unroll < 0:
-        raise ConfigError(f"parallel.scan_unroll={p.scan_unroll} must be >= 0 (0 = auto)")
     for key in ("mbs", "gas"):
         if getattr(p, key) < 1:
             raise ConfigError(f"parallel.{key}={getattr(p, key)} must be >= 1")
     if p.gbs:
-        dp = cfg.dp_size(n_devices)
+        from configs.layout import Layout  # configs.layout imports this module
+
+        dp = Layout.from_shape(mesh).dp
         if p.gbs != p.mbs * p.gas * dp:
             raise ConfigError(
                 f"parallel.gbs={p.gbs} != mbs*gas*dp = {p.mbs}*{p.gas}*{dp} = {p.mbs * p.gas * dp}; "
                 "set gbs=0 to derive it, or change mbs/gas/the data-parallel axes"
             )
+
+
+def check_pipeline(cfg: Config, mesh: dict[str, int]) -> None:
+    """A pipeline axis > 1: equal stages, ZeRO 0/1, the schedule's needs (jax_impl's pipeline also calls this)."""
+    m, p, j = cfg.model, cfg.parallel, cfg.jax
+    if m.n_layers % mesh["pipeline"]:
+        divisors = [d for d in range(1, m.n_layers + 1) if m.n_layers % d == 0]
+        raise ConfigError(
+            f"model.n_layers={m.n_layers} does not split into pipeline={mesh['pipeline']} equal stages; "
+            f"pick pipeline from {divisors}"
+        )
+    if p.zero > 1:
+        raise ConfigError(
+            f"pipeline parallelism runs with ZeRO 0 or 1 (as DeepSpeed's PipelineModule); got --zero {p.zero}: "
+            "use --zero 1"
+        )
+    pr = j.pipeline_repeats
+    if pr < 1:
+        raise ConfigError(f"jax.pipeline_repeats={pr} must be >= 1 (1 = plain GPipe)")
+    if pr > 1:
+        if p.pipeline_schedule != "gpipe":
+            raise ConfigError(f"jax.pipeline_repeats={pr} runs with parallel.pipeline_schedule=gpipe only; "
+                              "set jax.pipeline_repeats=1 for 1f1b")
+        if m.n_layers % (mesh["pipeline"] * pr):
+            ok = [r for r in range(1, m.n_layers // mesh["pipeline"] + 1)
+                  if m.n_layers % (mesh["pipeline"] * r) == 0]
+            raise ConfigError(
+                f"jax.pipeline_repeats={pr}: model.n_layers={m.n_layers} does not split into "
+                f"pipeline x repeats = {mesh['pipeline'] * pr} equal chunks; pick repeats from {ok}"
+            )
+        if p.gas < mesh["pipeline"]:
+            raise ConfigError(
+                f"jax.pipeline_repeats={pr} sends each microbatch round the stages again, which needs "
+                f"gas >= pipeline: gas={p.gas} < pipeline={mesh['pipeline']}; set --gas {mesh['pipeline']} "
+                "or more, or jax.pipeline_repeats=1"
+            )
+    split = mesh["pipeline"] * mesh["tensor"]
+    if p.pipeline_schedule == "gpipe" and j.pipeline_head == "split" and m.padded_vocab % split:
+        raise ConfigError(
+            f"jax.pipeline_head='split' gives each of the {mesh['pipeline']} stages 1/{mesh['pipeline']} of "
+            f"the vocabulary, but padded vocab {m.padded_vocab} is not divisible by pipeline x tensor = {split}; "
+            "use jax.pipeline_head=last or pad the vocabulary (model.vocab_pad_to)"
+        )
+    if p.pipeline_schedule == "1f1b" and p.gas < mesh["pipeline"]:
+        raise ConfigError(
+            f"parallel.pipeline_schedule='1f1b' needs at least one microbatch per stage in flight: "
+            f"gas={p.gas} < pipeline={mesh['pipeline']}; set --gas {mesh['pipeline']} or more "
+            "(gas >= 2 x stages to beat GPipe's memory), or use parallel.pipeline_schedule=gpipe"
+        )
+
+
+def check_jax(cfg: Config, mesh: dict[str, int]) -> None:
+    j = cfg.jax
+    _choice("jax.pipeline_head", j.pipeline_head, ("split", "last"))
+    _choice("jax.attn_impl", j.attn_impl, ("xla", "cudnn"))
+    _choice("jax.matmul_out", j.matmul_out, ("fp32", "compute"))
+    if j.attn_impl == "cudnn" and cfg.train.dtype != "bf16":
+        raise ConfigError("jax.attn_impl=cudnn runs in bf16 only; add --dtype bf16 or use attn_impl=xla")
+    if j.scan_unroll < 0:
+        raise ConfigError(f"jax.scan_unroll={j.scan_unroll} must be >= 0 (0 = auto)")
+
+
+def check_optim(cfg: Config, mesh: dict[str, int] | None = None) -> None:
     o = cfg.optim
     _choice("optim.schedule", o.schedule, ("cosine", "constant"))
     for f in dataclasses.fields(o):  # nan passes every comparison below; inf makes every update nan
@@ -554,6 +637,9 @@ def validate_config(cfg: Config, n_devices: int | None = None) -> None:
         raise ConfigError(f"optim.warmup_frac={o.warmup_frac} must be in [0, 1)")
     if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
         raise ConfigError(f"optim.lr={o.lr}, optim.min_lr={o.min_lr}: need 0 <= min_lr <= lr and lr > 0")
+
+
+def check_data(cfg: Config, mesh: dict[str, int] | None = None) -> None:
     _choice("data.source", cfg.data.source, ("synthetic", "indexed"))
     if cfg.data.source == "synthetic" and cfg.data.file_list:
         # refused rather than switched to indexed: the preset chose synthetic data, and a run must not change
@@ -571,12 +657,51 @@ def validate_config(cfg: Config, n_devices: int | None = None) -> None:
                           "e.g. '990,10,0'")
     if cfg.data.seq_len < 2:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be >= 2")
+
+
+def check_train(cfg: Config, mesh: dict[str, int] | None = None) -> None:
     t = cfg.train
+    if t.eval_interval < 0:
+        raise ConfigError(f"train.eval_interval={t.eval_interval} must be >= 0 (0: no validation loss)")
+    if t.eval_interval > 0 and t.eval_iters < 1:
+        raise ConfigError(f"train.eval_iters={t.eval_iters} must be >= 1 when train.eval_interval > 0 "
+                          "(batches per evaluation); or set train.eval_interval=0")
     _choice("train.dtype", t.dtype, ("fp32", "bf16"))
     _choice("train.wandb", t.wandb, ("online", "offline", "disabled"))
     _choice("train.platform", t.platform, PLATFORMS)
     if t.steps < 1:
         raise ConfigError(f"train.steps={t.steps} must be >= 1")
+
+
+def check_run_options(cfg: Config, mesh: dict[str, int] | None = None) -> None:
+    """checkpoint, nonfinite, watchdog: values that would silently mean something else. Each message names the
+    command-line flag and the config key, since either may have set it."""
+    c, n, w = cfg.checkpoint, cfg.nonfinite, cfg.watchdog
+    if c.every < 0:
+        raise ConfigError(f"--ckpt-every {c.every}: must be >= 0 (N: save every N steps; 0: only on SIGTERM/SIGINT "
+                          "and with --ckpt-every-s; config key checkpoint.every)")
+    if c.every_s < 0 or not math.isfinite(c.every_s):
+        raise ConfigError(f"--ckpt-every-s {c.every_s}: must be a finite number >= 0 (0: off; config key "
+                          "checkpoint.every_s)")
+    if c.keep < 1:
+        raise ConfigError(f"--ckpt-keep {c.keep}: must be >= 1 (how many finished checkpoints are kept; a large "
+                          "number keeps them all; config key checkpoint.keep)")
+    _choice("nonfinite.action", n.action, ("stop", "skip"))
+    if n.max_skips < 0:
+        raise ConfigError(f"--max-skips {n.max_skips}: must be >= 0 (steps skipped in a row before the run "
+                          "stops; config key nonfinite.max_skips)")
+    for key in ("factor", "min_s", "first_s"):
+        flag = "--watchdog-" + key.replace("_", "-")
+        value = getattr(w, key)
+        if value < 0 or math.isnan(value):
+            raise ConfigError(f"{flag} {value:g}: must be >= 0 (seconds or a factor; config key watchdog.{key})")
+
+
+# every section's checks, in the order their errors are reported; those of LAYOUT_SECTIONS need the mesh's sizes
+SECTION_CHECKS: dict[str, Any] = {
+    "train": check_train, "model": check_model, "parallel": check_parallel, "jax": check_jax,
+    "optim": check_optim, "data": check_data, "checkpoint": check_run_options}
+LAYOUT_SECTIONS = ("parallel", "jax")
 
 
 # ----------------------------------------------------------------------------- CLI helpers

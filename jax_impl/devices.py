@@ -40,7 +40,7 @@ CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_
 
 # Features of the JAX path the oneapi plugin lacks or that are CUDA-only: refused on xpu with these words.
 XPU_UNSUPPORTED = {
-    ("parallel.attn_impl", "cudnn"): "cuDNN fused attention is NVIDIA-only; use parallel.attn_impl=xla on xpu",
+    ("jax.attn_impl", "cudnn"): "cuDNN fused attention is NVIDIA-only; use jax.attn_impl=xla on xpu",
 }
 
 

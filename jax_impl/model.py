@@ -114,10 +114,10 @@ class ModelOptions:
 
     @classmethod
     def from_config(cls, cfg: Config, plan: ZeroPlan | None = None) -> ModelOptions:
-        p, m = cfg.parallel, cfg.model
+        p, j, m = cfg.parallel, cfg.jax, cfg.model
         return cls(m, dtype=DTYPES[cfg.train.dtype], remat=p.remat, remat_policy=p.remat_policy,
-                   attn_chunk=p.attn_chunk, attn_impl=p.attn_impl, unroll=p.layer_unroll(m.n_layers),
-                   matmul_out=p.matmul_out, sequence_parallel=p.sequence_parallel, plan=plan)
+                   attn_chunk=j.attn_chunk, attn_impl=j.attn_impl, unroll=j.layer_unroll(m.n_layers),
+                   matmul_out=j.matmul_out, sequence_parallel=j.sequence_parallel, plan=plan)
 
     def gather(self, w: jax.Array, names: tuple[str, ...], shape: tuple[int, ...]) -> jax.Array:
         """A stored weight in compute layout and logical shape (``sharding.gather_weight`` under ``plan``)."""

@@ -46,7 +46,7 @@ PIPELINE_AXIS = "pipeline"  # [pipeline] the axis jax_impl.pipeline runs its sta
 RULES: dict[str, tuple[str, ...]] = {
     "batch": DP_AXES,
     "seq": (),
-    # Megatron-style sequence parallelism (parallel.sequence_parallel, see `logical_spec`): the activations
+    # Megatron-style sequence parallelism (jax.sequence_parallel, see `logical_spec`): the activations
     # between the blocks (residual stream, norms) split over `tensor` along the sequence; gathered before
     # qkv / mlp-in, reduce-scattered after out / mlp-out. Off: whole sequences, as "seq".
     "act_seq": ("tensor",),

@@ -36,6 +36,7 @@ from typing import Any
 
 from configs import Config, ConfigError, eval_due, lr_at, mesh_devices, valid_offset, valid_samples, validate_config
 from configs.cli import layout_label, resolve_config, trainer_parser
+from configs.schema import check_layout
 from runtime.loop import BaseHook, Stop
 from runtime.rundir import (
     MetricsLog,
@@ -55,16 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dry-run", action="store_true",
                     help="allocate nothing: parameter count, bytes per device, AOT-compiled memory analysis")
     ap.add_argument("--quiet", action="store_true", help="no progress bar, no loss.png")
-    ck = ap.add_argument_group("checkpoints (orbax; proposed config keys train.ckpt_every/ckpt_keep/ckpt_dir)")
-    ck.add_argument("--ckpt-every", "--ckpt.every", "--train.ckpt_every", dest="ckpt_every", type=int, default=0,
-                    help="save every N steps and at the last step (0: only on SIGTERM/SIGINT)")
-    ck.add_argument("--ckpt-every-s", "--train.ckpt_every_s", dest="ckpt_every_s", type=float, default=0.0,
-                    help="also save when this many seconds passed since the last save (decided by process 0, "
-                         "agreed by all) and at the last step; 0: off")
-    ck.add_argument("--ckpt-keep", "--train.ckpt_keep", dest="ckpt_keep", type=int, default=2,
-                    help="finished checkpoints kept (default 2)")
-    ck.add_argument("--ckpt-dir", "--train.ckpt_dir", dest="ckpt_dir",
-                    help="default <run dir>/checkpoints; must be shared by all processes")
+    # --ckpt-every, --on-nonfinite, --watchdog-* ... (configs.cli) set the [checkpoint], [nonfinite] and
+    # [watchdog] config keys; --resume and --init-from are actions on this start, not run options
+    ck = ap.add_argument_group("resume / initial weights")
     ck.add_argument("--resume", metavar="PATH|auto",
                     help="a run directory, its checkpoints/ or one checkpoints/<step>; continues in that run "
                          "directory unless --name is given. An older step starts a new branch: the later "
@@ -76,15 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
                          "this project (any run's, or one made by `python -m jax_impl.checkpoint import`) or a "
                          "Hugging Face Llama directory (config.json + *.safetensors); with --resume auto only "
                          "until the run has a checkpoint of its own")
-    rs = ap.add_argument_group("failure handling")
-    rs.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop",
-                    help="non-finite loss or gradient norm: stop (exit 3, default) or skip the step's update")
-    rs.add_argument("--max-skips", type=int, default=10, help="with skip: stop after this many in a row")
-    rs.add_argument("--watchdog-factor", type=float, default=10.0,
-                    help="a step longer than this x the median step ends the run (exit 75) with all stacks")
-    rs.add_argument("--watchdog-min-s", type=float, default=120.0, help="never fire before this many seconds")
-    rs.add_argument("--watchdog-first-s", type=float, default=3600.0,
-                    help="limit for the first steps (compilation, first collectives); 0 disables the watchdog")
     mp = ap.add_argument_group("multi-process (else from mpiexec/PALS, SLURM or RANK/WORLD_SIZE variables)")
     mp.add_argument("--coordinator", help="HOST:PORT of process 0's coordination service")
     mp.add_argument("--num-processes", type=int)
@@ -97,34 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 @dataclass
 class RunOptions:
-    """The resilience flags of one run (see build_parser)."""
+    """This start's actions (``--resume``, ``--init-from``); the run options proper are the config's
+    [checkpoint], [nonfinite] and [watchdog] sections."""
 
-    ckpt_every: int = 0
-    ckpt_every_s: float = 0.0
-    ckpt_keep: int = 2
-    ckpt_dir: str | None = None
     resume: str | None = None
     init_from: str | None = None
-    on_nonfinite: str = "stop"
-    max_skips: int = 10
-    watchdog_factor: float = 10.0
-    watchdog_min_s: float = 120.0
-    watchdog_first_s: float = 3600.0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RunOptions:
-        return cls(**{k: getattr(args, k) for k in cls.__dataclass_fields__})
-
-    def check(self) -> None:
-        """Refuse values that would silently mean something else (ConfigError names the value and the fix)."""
-        if self.ckpt_every < 0:
-            raise ConfigError(f"--ckpt-every {self.ckpt_every}: must be >= 0 (N: save every N steps; 0: only on "
-                              "SIGTERM/SIGINT and with --ckpt-every-s)")
-        if self.ckpt_every_s < 0 or not math.isfinite(self.ckpt_every_s):
-            raise ConfigError(f"--ckpt-every-s {self.ckpt_every_s}: must be a finite number >= 0 (0: off)")
-        if self.ckpt_keep < 1:
-            raise ConfigError(f"--ckpt-keep {self.ckpt_keep}: must be >= 1 (how many finished checkpoints are "
-                              "kept; a large number keeps them all)")
+        return cls(resume=args.resume, init_from=args.init_from)
 
 
 NONFINITE_EXIT = 3  # a rerun from the last checkpoint would repeat the failure
@@ -219,8 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from jax_impl.sharding import make_mesh
 
     try:
-        validate_config(s.cfg, jax.device_count())
-        mesh = make_mesh(s.cfg.mesh_shape(jax.device_count()))
+        mesh = make_mesh(backend_check(s.cfg, jax.device_count()))
     except ConfigError as e:
         if s.lock is not None:
             s.lock.abandon()
@@ -245,6 +210,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             s.lock.release()
 
 
+def backend_check(cfg: Config, n_devices: int) -> dict[str, int]:
+    """The JAX backend's check, once the device count is known: the mesh's sizes (a -1 axis resolved; the layout
+    checks that ``validate_config`` could not run without them run now). ``make_mesh`` then checks the count."""
+    if "-1" in cfg.parallel.mesh:
+        check_layout(cfg, n_devices)
+    return cfg.mesh_shape(n_devices)
+
+
 def _start(argv: list[str] | None) -> _Start:
     """Config, run-directory lock, ``jax.distributed`` and the platform, before JAX starts; bad input exits 2
     (a peer that never joins: 69), giving the lock back."""
@@ -252,9 +225,9 @@ def _start(argv: list[str] | None) -> _Start:
 
     lock, lock_error = None, ""
     try:
-        cfg, args = resolve_config(build_parser(), argv)
+        # validated once, below: after --mesh auto has set the layout, before the run directory is locked
+        cfg, args = resolve_config(build_parser(), argv, validate=False)
         opts = RunOptions.from_args(args)
-        opts.check()
         from jax_impl import checkpoint
 
         dist = distributed.detect(coordinator=args.coordinator, num_processes=args.num_processes,
@@ -262,6 +235,7 @@ def _start(argv: list[str] | None) -> _Start:
         decision = None
         if args.mesh == "auto":  # the layout is decided before the run directory, devices or anything else
             cfg, decision = mesh_auto(cfg, args, opts, multi_process=dist is not None)
+        validate_config(cfg, mesh_devices(cfg.parallel.mesh))  # a -1 axis: its sizes in backend_check
         planned = None
         if not args.dry_run and (dist is None or dist.process_id == 0):
             # one run per directory, decided before anything is compiled; process 0 holds the lock. With peers,
@@ -345,7 +319,6 @@ def mesh_auto(cfg: Config, args: argparse.Namespace, opts: RunOptions, multi_pro
     cfg, rec, lines = auto_layout(cfg, framework="jax", nodes=args.nodes, cluster=cluster, devices=n,
                                   recorded=recorded)
     print("\n".join(lines), flush=True)
-    validate_config(cfg)
     return cfg, rec
 
 
@@ -359,7 +332,8 @@ def _resume_source(cfg: Config, opts: RunOptions) -> Path | None:
         return Path(opts.resume)
     if not cfg.train.name:
         raise ConfigError("--resume auto needs --name (the run to continue)")
-    ck = Path(opts.ckpt_dir) if opts.ckpt_dir else Path(cfg.train.out_dir) / cfg.train.name / "checkpoints"
+    ck = (Path(cfg.checkpoint.dir) if cfg.checkpoint.dir
+          else Path(cfg.train.out_dir) / cfg.train.name / "checkpoints")
     return ck if checkpoint.steps_in(ck) else None
 
 
@@ -476,7 +450,7 @@ def train(cfg: Config, trainer, platform: str, quiet: bool = False, opts: RunOpt
     if r.lead:
         _write_meta(r, platform, layout_decision)
     print(f"init + compile {r.compile_s:.1f}s")
-    ckpt = checkpoint.Checkpointer(r.ckpt_dir, every=opts.ckpt_every, keep=opts.ckpt_keep)
+    ckpt = checkpoint.Checkpointer(r.ckpt_dir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep)
     end = loop.run(r.start_step, cfg.train.steps, functools.partial(_step, r), _hooks(r, ckpt), ctx=r)
     if end.stop is not None:
         if end.stop.code == NONFINITE_EXIT:
@@ -513,8 +487,8 @@ def _open_run(r: JaxRun, planned: Path | None, lock_error: str) -> None:
                    if cfg.train.eval_interval else None)
         r.resume_from = _resume_source(cfg, opts)
         if r.lead and not error:
-            if opts.ckpt_dir:  # found unusable only at the first save, after compiling, otherwise
-                check_writable_dir(Path(opts.ckpt_dir), "--ckpt-dir")
+            if cfg.checkpoint.dir:  # found unusable only at the first save, after compiling, otherwise
+                check_writable_dir(Path(cfg.checkpoint.dir), "--ckpt-dir")
             if r.resume_from is not None:
                 _check_resume_steps(cfg, r.resume_from)
             r.run_dir, r.in_place = _open_run_dir(cfg, r.resume_from, fresh_in_place=opts.resume == "auto",
@@ -535,7 +509,7 @@ def _open_run(r: JaxRun, planned: Path | None, lock_error: str) -> None:
                   file=sys.stderr)
         raise SystemExit(2)
     r.run_dir = Path(shared)
-    r.ckpt_dir = Path(opts.ckpt_dir) if opts.ckpt_dir else r.run_dir / "checkpoints"
+    r.ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else r.run_dir / "checkpoints"
     _print_run_line(r)
 
 
@@ -665,8 +639,8 @@ def _hooks(r: JaxRun, ckpt: Any) -> list[Any]:
     from jax_impl.sharding import activate, batch_sharding
     from runtime import loop
 
-    cfg, opts, mesh, p = r.cfg, r.opts, r.trainer.mesh, r.cfg.parallel
-    watchdog = resilience.Watchdog(opts.watchdog_factor, opts.watchdog_min_s, opts.watchdog_first_s or math.inf,
+    cfg, mesh, p, wd = r.cfg, r.trainer.mesh, r.cfg.parallel, r.cfg.watchdog
+    watchdog = resilience.Watchdog(wd.factor, wd.min_s, wd.first_s or math.inf,
                                    report=r.run_dir / f"watchdog.{jax.process_index()}.txt")
     watchdog.first_step = r.start_step + 1
     stop = resilience.StopSignal()
@@ -683,7 +657,7 @@ def _hooks(r: JaxRun, ckpt: Any) -> list[Any]:
 
     hooks: list[Any] = [
         _ContextHook(activate(mesh), stop, watchdog), _BatchHook(r),
-        resilience.WatchdogHook(watchdog, enabled=bool(opts.watchdog_first_s)), _StatsHook(r, saver),
+        resilience.WatchdogHook(watchdog, enabled=bool(wd.first_s)), _StatsHook(r, saver),
         loop.EvalHook(lambda n: r.valid is not None and eval_due(cfg, n), evaluate),
     ]
     if r.lead:
@@ -692,7 +666,7 @@ def _hooks(r: JaxRun, ckpt: Any) -> list[Any]:
     hooks += [
         _NonFiniteHook(r),
         loop.CheckpointHook(lambda n: ckpt.due(n) or r.wall_due, saver.save, ckpt.close,
-                            final=opts.ckpt_every > 0 or opts.ckpt_every_s > 0),
+                            final=cfg.checkpoint.every > 0 or cfg.checkpoint.every_s > 0),
         loop.ProgressHook(functools.partial(_progress_line, r), bar.write if not r.quiet else print, bar.close,
                           advance=bar.update),
         *loop.installed_hooks("jax"),
@@ -787,7 +761,7 @@ class _StatsHook(BaseHook):
         r, n_dev = self.r, self.r.trainer.mesh.size
         r.losses.append(row["loss"])
         sps = r.gbs / row["step_time_s"]
-        every_s = r.opts.ckpt_every_s
+        every_s = r.cfg.checkpoint.every_s
         wall_due = int(r.lead and every_s > 0 and time.monotonic() - self.saver.last_save_t >= every_s)
         peak_kib, wall_due = distributed.max_over_processes(
             [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, wall_due])
@@ -810,7 +784,7 @@ class _NonFiniteHook(BaseHook):
     def after_step(self, step: int, row: dict[str, Any]) -> Any:
         from jax_impl import resilience
 
-        r, opts = self.r, self.r.opts
+        r, nf = self.r, self.r.cfg.nonfinite
         if r.finite:
             self.in_a_row = 0
             return None
@@ -823,8 +797,8 @@ class _NonFiniteHook(BaseHook):
                f"(loss {loss}, grad norm {gnorm}): first non-finite parameter: {diag['param'] or 'none'}; "
                f"first non-finite gradient: {diag['grad'] or 'none'}")
         r.skipped, self.in_a_row = r.skipped + 1, self.in_a_row + 1
-        if opts.on_nonfinite == "stop" or self.in_a_row > opts.max_skips:
-            why = "" if opts.on_nonfinite == "stop" else f" ({self.in_a_row} steps in a row, over --max-skips)"
+        if nf.action == "stop" or self.in_a_row > nf.max_skips:
+            why = "" if nf.action == "stop" else f" ({self.in_a_row} steps in a row, over --max-skips)"
             return Stop(f"{msg}{why}; the update was not applied. run {r.run_dir}", code=NONFINITE_EXIT)
         print(f"warning: {msg}; step skipped (params and optimizer state unchanged)", file=sys.stderr)
         return None

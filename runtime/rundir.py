@@ -35,7 +35,9 @@ METRIC_KEYS = (
     "step", "loss", "lr", "grad_norm", "step_time_s", "samples_per_s", "tokens_per_s_per_device",
     "tflops_per_device", "consumed_samples", "peak_mem_bytes", "val_loss", "val_ppl",
 )
-CONFIG_SECTIONS = ("model", "parallel", "optim", "data", "train")
+# hashed one by one in config.json; the run options (checkpoint, nonfinite, watchdog) are recorded there but hashed
+# nowhere, since a resume may change them
+CONFIG_SECTIONS = ("model", "parallel", "optim", "data", "train", "jax")
 LOCK_FILE = "run.lock"
 NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}  # strict-JSON spellings
 

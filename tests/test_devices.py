@@ -68,9 +68,9 @@ def test_auto_without_accelerator_plugins_is_cpu(monkeypatch):
 
 
 def test_cudnn_attention_refused_on_xpu():
-    cfg = load_config("tiny", {"parallel.attn_impl": "cudnn", "train.dtype": "bf16"})
+    cfg = load_config("tiny", {"jax.attn_impl": "cudnn", "train.dtype": "bf16"})
     devices.check_config(cfg, "cpu")
-    with pytest.raises(ConfigError, match=re.escape("parallel.attn_impl=cudnn on --platform xpu: cuDNN fused "
+    with pytest.raises(ConfigError, match=re.escape("jax.attn_impl=cudnn on --platform xpu: cuDNN fused "
                                                     "attention is NVIDIA-only")):
         devices.check_config(cfg, "xpu")
 

@@ -222,7 +222,7 @@ def test_bf16_tracks_fp32_and_every_dot_accumulates_in_fp32(tiny):
 
 
 def test_matmul_out_compute_is_fp32_accumulated_bf16_and_exact_in_fp32(tiny):
-    """parallel.matmul_out=compute: projections write the compute dtype (half the bytes on a GPU). In fp32 it
+    """jax.matmul_out=compute: projections write the compute dtype (half the bytes on a GPU). In fp32 it
     is the same program's numbers; in bf16 its dots are bf16-out, the weight gradients and loss stay fp32."""
     cfg, params, tokens = tiny
     l0, g0 = _loss_and_grads(cfg, params, tokens)

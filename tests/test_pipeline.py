@@ -81,7 +81,7 @@ def test_pipeline_data_tensor_equals_single_device(reference, schedule, head):
     ref_loss, ref_grads, batch = reference
     cfg = load_config("tiny", {**BASE, "parallel.mesh": "pipeline=2,data=2,tensor=2", "parallel.zero": 1,
                                "parallel.pipeline_schedule": schedule, "parallel.remat": schedule == "1f1b",
-                               "parallel.pipeline_head": head})
+                               "jax.pipeline_head": head})
     loss, grads, _ = _pipelined(cfg, batch)
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     assert_tree_close(grads, ref_grads, rtol=1e-5)
@@ -89,17 +89,17 @@ def test_pipeline_data_tensor_equals_single_device(reference, schedule, head):
 
 @pytest.mark.parametrize("over", [
     {"parallel.mesh": "pipeline=2"},  # unrolled ticks: each tick's chunk is static, a select where stages straddle
-    pytest.param({"parallel.mesh": "pipeline=2", "parallel.scan_unroll": 1},  # lax.scan ticks: chunk indexed per layer
+    pytest.param({"parallel.mesh": "pipeline=2", "jax.scan_unroll": 1},  # lax.scan ticks: chunk indexed per layer
                  marks=pytest.mark.slow),
-    pytest.param({"parallel.mesh": "pipeline=2", "parallel.scan_unroll": 1, "parallel.remat": True},
+    pytest.param({"parallel.mesh": "pipeline=2", "jax.scan_unroll": 1, "parallel.remat": True},
                  marks=pytest.mark.slow),
-    pytest.param({"parallel.mesh": "pipeline=2", "parallel.pipeline_head": "last"}, marks=pytest.mark.slow),
+    pytest.param({"parallel.mesh": "pipeline=2", "jax.pipeline_head": "last"}, marks=pytest.mark.slow),
     pytest.param({"parallel.mesh": "pipeline=2,data=2,tensor=2", "parallel.zero": 1}, marks=pytest.mark.slow)],
     ids=["unrolled", "scanned", "scanned-remat", "head-last", "data-tensor"])
 def test_circular_pipeline_equals_single_device(reference, over):
     """pipeline_repeats=2: 4 layers on 2 stages in 4 chunks of 1; stage 0 runs layers 0 and 2, stage 1 layers 1, 3."""
     ref_loss, ref_grads, batch = reference
-    loss, grads, _ = _pipelined(load_config("tiny", {**BASE, "parallel.pipeline_repeats": 2, **over}), batch)
+    loss, grads, _ = _pipelined(load_config("tiny", {**BASE, "jax.pipeline_repeats": 2, **over}), batch)
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     assert_tree_close(grads, ref_grads, rtol=1e-5)  # in stored layer order
 
@@ -194,7 +194,7 @@ def test_circular_pipeline_with_gas_equal_to_stages():
     with activate(tr1.mesh):
         ref_loss, ref_grads = jax.jit(jax.value_and_grad(lambda p: (tr1.loss_fn(p, batch[0])
                                                                     + tr1.loss_fn(p, batch[1])) / 2))(params)
-    cfg = load_config("tiny", {**over, "parallel.mesh": "pipeline=2", "parallel.pipeline_repeats": 4})
+    cfg = load_config("tiny", {**over, "parallel.mesh": "pipeline=2", "jax.pipeline_repeats": 4})
     loss, grads, _ = _pipelined(cfg, batch)
     assert loss == pytest.approx(float(ref_loss), rel=1e-5)
     assert_tree_close(grads, ref_grads, rtol=1e-5)
@@ -276,24 +276,24 @@ def test_bad_pipeline_configs_raise_before_compile():
     pipeline.check(cfg_for(4, **{"model.n_layers": 4, "parallel.gas": 2, "parallel.zero": 1}),
                    {"pipeline": 4})  # GPipe runs any GAS (with a bubble of (p-1)/(m+p-1))
     with pytest.raises(ConfigError, match=r"padded vocab 258 is not divisible by pipeline x tensor = 4; use "
-                       r"parallel.pipeline_head=last"):
+                       r"jax.pipeline_head=last"):
         pipeline.check(cfg_for(4, **{"model.n_layers": 4, "model.vocab_size": 258, "model.vocab_pad_to": 2,
                                      "parallel.zero": 1}), {"pipeline": 4})
     pipeline.check(cfg_for(4, **{"model.n_layers": 4, "model.vocab_size": 258, "model.vocab_pad_to": 2,
-                                 "parallel.zero": 1, "parallel.pipeline_head": "last"}), {"pipeline": 4})
+                                 "parallel.zero": 1, "jax.pipeline_head": "last"}), {"pipeline": 4})
     with pytest.raises(ConfigError, match=r"pipeline_repeats=3: model.n_layers=4 does not split into pipeline x "
                        r"repeats = 6 equal chunks; pick repeats from \[1, 2\]"):
         pipeline.check(cfg_for(2, **{"model.n_layers": 4, "parallel.zero": 1, "parallel.gas": 4,
-                                     "parallel.pipeline_repeats": 3}), {"pipeline": 2})
-    with pytest.raises(ConfigError, match=r"gas=1 < pipeline=2; set --gas 2 or more, or parallel.pipeline_repeats=1"):
-        pipeline.check(cfg_for(2, **{"model.n_layers": 4, "parallel.zero": 1, "parallel.pipeline_repeats": 2}),
+                                     "jax.pipeline_repeats": 3}), {"pipeline": 2})
+    with pytest.raises(ConfigError, match=r"gas=1 < pipeline=2; set --gas 2 or more, or jax.pipeline_repeats=1"):
+        pipeline.check(cfg_for(2, **{"model.n_layers": 4, "parallel.zero": 1, "jax.pipeline_repeats": 2}),
                        {"pipeline": 2})
     with pytest.raises(ConfigError, match=r"pipeline_repeats=2 runs with parallel.pipeline_schedule=gpipe only"):
         pipeline.check(cfg_for(2, **{"model.n_layers": 4, "parallel.zero": 1, "parallel.gas": 4,
-                                     "parallel.pipeline_repeats": 2, "parallel.pipeline_schedule": "1f1b"}),
+                                     "jax.pipeline_repeats": 2, "parallel.pipeline_schedule": "1f1b"}),
                        {"pipeline": 2})
     with pytest.raises(ConfigError, match=r"pipeline_repeats=0 must be >= 1"):
-        pipeline.check(cfg_for(2, **{"model.n_layers": 4, "parallel.zero": 1, "parallel.pipeline_repeats": 0}),
+        pipeline.check(cfg_for(2, **{"model.n_layers": 4, "parallel.zero": 1, "jax.pipeline_repeats": 0}),
                        {"pipeline": 2})
     with pytest.raises(ConfigError, match="ZeRO 0 or 1"):
         pipeline.check(cfg_for(2, **{"model.n_layers": 4, "parallel.zero": 3}), {"pipeline": 2})

@@ -98,9 +98,9 @@ def test_default_layouts_are_the_studys_and_the_circular_pipeline_runs_by_name()
     default = report.build_parser().parse_args([]).layouts.split(",")
     assert default == ["zero1", "zero2", "zero3", "zero3-hpz", "mics", "tp2", "tp2-zero2", "pp2-zero1"]
     circ = report.LAYOUTS["pp2v2-zero1"].overrides()
-    assert circ["parallel.pipeline_repeats"] == 2 and circ["parallel.mesh"] == report.LAYOUTS["pp2-zero1"].mesh
+    assert circ["jax.pipeline_repeats"] == 2 and circ["parallel.mesh"] == report.LAYOUTS["pp2-zero1"].mesh
     cfg = report.run_config("bench", report.LAYOUTS["pp2v2-zero1"], "fp32", 3, "runs", "torch")  # 4 layers
-    assert cfg.parallel.pipeline_repeats == 2  # both sides load it; only the JAX trainer has the schedule
+    assert cfg.jax.pipeline_repeats == 2  # both sides load it; only the JAX trainer has the schedule
 
 
 def test_no_run_on_a_missing_runs_directory_is_exit_2(tmp_path, capsys):
@@ -162,7 +162,7 @@ def test_repeats_alternate_pairs_and_report_the_median_pair_ratio(tmp_path, caps
 def test_trainer_argv_carries_every_parallel_setting_of_the_layout():
     cfg = report.run_config("bench", report.LAYOUTS["pp2v2-zero1"], "fp32", 3, "runs", "jax")
     argv = report.trainer_argv("jax", cfg)
-    assert "--parallel.pipeline_repeats=2" in argv and "--parallel.pipeline_head=last" in argv
+    assert "--jax.pipeline_repeats=2" in argv and "--jax.pipeline_head=last" in argv
     assert argv[argv.index("--mesh") + 1] == "pipeline=2,data=1" and argv[argv.index("--gas") + 1] == "4"
     hpz = report.run_config("tiny", report.LAYOUTS["zero3-hpz"], "fp32", 3, "runs", "torch")
     assert "--parallel.hpz=true" in report.trainer_argv("torch", hpz)
@@ -174,10 +174,10 @@ def test_a_run_that_ignored_a_layout_setting_is_refused(tmp_path, monkeypatch):
     # a trainer that dropped a setting of the layout (an earlier report dropped pipeline_repeats: its
     # "circular" pp2v2 runs were v = 1)
     def fake_execute(fw, cfg, log, timeout_s, processes=1):
-        make_run(tmp_path, "pp2-zero1", "fp32", fw, losses(3), **{"parallel.pipeline_head": "split"})
+        make_run(tmp_path, "pp2-zero1", "fp32", fw, losses(3), **{"jax.pipeline_head": "split"})
 
     monkeypatch.setattr(report, "execute", fake_execute)
-    with pytest.raises(report.ReportError, match=r"ran another config than the layout's: parallel\.pipeline_head"):
+    with pytest.raises(report.ReportError, match=r"ran another config than the layout's: jax\.pipeline_head"):
         report.compare_layout("tiny", report.LAYOUTS["pp2-zero1"], "fp32", 3, tmp_path, True, 60, print)
 
 

@@ -53,7 +53,7 @@ CASES = [
     ("fsdp=8", 3, {}),
     ("data=2,fsdp=2,tensor=2", 3, {}),
     ("data=2,fsdp=2,tensor=2", 1, {}),
-    ("data=2,fsdp=2,tensor=2", 3, {"parallel.sequence_parallel": True}),
+    ("data=2,fsdp=2,tensor=2", 3, {"jax.sequence_parallel": True}),
     ("tensor=4", 0, {}),
     ("data=8", 0, {}),
     ("data=8", 1, {}),

@@ -56,8 +56,12 @@ class Layout:
         return self.shape.dp_rank(rank)
 
 
-def plan_layout(cfg: Config, world_size: int | None = None) -> Layout:
-    """Check the layout against what torch_ref/DeepSpeed can run; ConfigError names the value and the fix."""
+def plan_layout(cfg: Config, world_size: int | None = None, validate: bool = True) -> Layout:
+    """Check the layout against what torch_ref/DeepSpeed can run; ConfigError names the value and the fix.
+
+    torch_ref's backend check: with ``validate`` it also runs ``validate_config`` (every section's checks) among
+    its own DeepSpeed-specific ones, so a start validates once; a worker re-planning a checked config passes
+    ``validate=False``."""
     p = cfg.parallel
     if "-1" in p.mesh and world_size is None:
         raise ConfigError(
@@ -68,7 +72,8 @@ def plan_layout(cfg: Config, world_size: int | None = None) -> Layout:
         raise ConfigError(
             f"--zero {p.zero} with pipeline={lay.pipeline}: DeepSpeed's PipelineEngine supports only ZeRO-0/1 "
             "(it refuses ZeRO-2/3); use --zero 1 or drop the pipeline axis")
-    validate_config(cfg, world_size)
+    if validate:
+        validate_config(cfg, world_size)
     n = lay.world
     if world_size is not None and world_size != n:
         raise ConfigError(

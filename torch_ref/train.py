@@ -135,21 +135,53 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--oversubscribe", action="store_true",
                     help=f"start the local ranks even when they are over {RANKS_PER_CORE} per core or their "
                          f"memory floor ({RANK_FLOOR_BYTES / 2**30:.1f} GiB each) exceeds this machine's memory")
-    ap.add_argument("--ckpt-every", "--ckpt.every", "--train.ckpt_every", dest="ckpt_every", type=int, default=0,
-                    help="DeepSpeed engine.save_checkpoint every N steps into <run dir>/checkpoints (0: never)")
-    ap.add_argument("--ckpt-every-s", "--train.ckpt_every_s", dest="ckpt_every_s", type=float, default=0.0,
-                    help="also save when this many seconds passed since the last save (rank 0 decides, all ranks "
-                         "agree) and at the last step; 0: off")
     ap.add_argument("--resume", metavar="RUN_DIR|auto",
                     help="continue this run directory from its latest DeepSpeed checkpoint (engine.load_checkpoint); "
                          "auto: this --name's run if it has a checkpoint, else start it fresh in that directory")
-    # jax_impl.train's resilience flags, accepted so both CLIs take the same command lines; refused if set
+    # jax_impl.train's multi-process launch flags, accepted so both CLIs take the same command lines; refused if
+    # set (the run-option flags, --ckpt-keep, --on-nonfinite, --watchdog-*, ..., set config keys: check_supported)
     jax_only = ap.add_argument_group("jax_impl.train only (refused here)")
-    for flags in (("--ckpt-keep", "--train.ckpt_keep"), ("--ckpt-dir", "--train.ckpt_dir"), ("--on-nonfinite",),
-                  ("--max-skips",), ("--watchdog-factor",), ("--watchdog-min-s",), ("--watchdog-first-s",),
-                  ("--coordinator",), ("--num-processes",), ("--process-id",), ("--init-timeout-s",)):
-        jax_only.add_argument(*flags, dest="jaxonly_" + flags[0][2:].replace("-", "_"), help="JAX only")
+    for flag in ("--coordinator", "--num-processes", "--process-id", "--init-timeout-s"):
+        jax_only.add_argument(flag, dest="jaxonly_" + flag[2:].replace("-", "_"), help="JAX only")
     return ap
+
+
+# What torch_ref does with each config key outside the sections it reads in full (model, optim, data, train):
+# the keys below are honoured; UNSUPPORTED ones are refused at a non-default value (check_supported), before any
+# worker starts; the [jax] section is never read (performance knobs of jax_impl that leave the arithmetic as is).
+SUPPORTED = {
+    "parallel": ("mesh", "zero", "hpz", "mics", "mbs", "gas", "gbs",
+                 # accepted, not applied: torch_ref has no activation checkpointing (its memory is the no-remat one;
+                 # remat=true prints a note), and DeepSpeed's PipelineEngine runs its own 1F1B schedule; the planner
+                 # sets both
+                 "remat", "pipeline_schedule"),
+    "checkpoint": ("every", "every_s"),
+    "nonfinite": ("action",),  # "stop" only: a non-finite loss ends the run (exit 3)
+}
+UNSUPPORTED = {  # key -> what torch_ref does instead
+    "parallel.remat_policy": "has no activation checkpointing, so no policy",
+    "checkpoint.keep": "keeps every DeepSpeed checkpoint tag",
+    "checkpoint.dir": "saves into <run dir>/checkpoints",
+    "nonfinite.action": "stops at a non-finite loss (action 'stop')",
+    "nonfinite.max_skips": "never skips a step",
+    "watchdog.factor": "has no step watchdog",
+    "watchdog.min_s": "has no step watchdog",
+    "watchdog.first_s": "has no step watchdog",
+}
+
+
+def check_supported(cfg: Config) -> None:
+    """Refuse a non-default value of a key torch_ref does not honour (ConfigError naming key, value and fix)."""
+    from configs.cli import SHORTHANDS
+
+    default, flags = Config(), {key: f"--{flag.replace('_', '-')}" for flag, key in SHORTHANDS.items()}
+    for key, instead in UNSUPPORTED.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value != getattr(getattr(default, section), name):
+            flag = f" ({flags[key]})" if key in flags else ""
+            raise ConfigError(f"{key}={value!r}{flag} is jax_impl.train only; torch_ref {instead}: drop it "
+                              "(or run jax_impl.train)")
 
 
 def resolve_config(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
@@ -343,13 +375,6 @@ def planned_run_dir(cfg: Config, ckpt: dict[str, Any]) -> Path:
     return Path(ckpt["resume"]) if ckpt.get("resume") else run_dir_path(cfg, "torch")
 
 
-def check_run_options(args: argparse.Namespace) -> None:
-    if args.ckpt_every is not None and args.ckpt_every < 0:
-        raise ConfigError(f"--ckpt-every {args.ckpt_every}: must be >= 0 (N: save every N steps; 0: never)")
-    if args.ckpt_every_s is not None and (args.ckpt_every_s < 0 or not math.isfinite(args.ckpt_every_s)):
-        raise ConfigError(f"--ckpt-every-s {args.ckpt_every_s}: must be a finite number >= 0 (0: off)")
-
-
 def default_extensions_dir() -> None:
     """Cache DeepSpeed's CPU shm op (compiled on first init_distributed, ~30 s) inside the running venv.
 
@@ -420,13 +445,16 @@ def _check_launch(argv: list[str] | None) -> _Launch:
     cfg, args = resolve_config(argv)
     jax_only = [f"--{k[8:].replace('_', '-')}" for k, v in vars(args).items() if k.startswith("jaxonly_") and v]
     if jax_only:
-        raise ConfigError(f"{', '.join(jax_only)}: only jax_impl.train has these (torch_ref: --ckpt-every, "
-                          "--ckpt-every-s, --resume)")
-    check_run_options(args)
+        raise ConfigError(f"{', '.join(jax_only)}: jax_impl.train only (torch_ref takes its ranks from the "
+                          "launcher's environment); drop them")
+    check_supported(cfg)
     decision = None
     if args.mesh == "auto":  # before the layout check, the run directory and any worker
         cfg, decision = mesh_auto(cfg, args, ext)
     layout = plan_layout(cfg, ext.world_size if ext else None)
+    if cfg.parallel.remat and (ext is None or ext.rank == 0):  # accepted (presets, the planner), said, not applied
+        print("note: parallel.remat=true: torch_ref has no activation checkpointing; every activation is kept",
+              file=sys.stderr)
     if args.dry_run:
         platform = cfg.train.platform
     else:
@@ -446,7 +474,7 @@ def _check_launch(argv: list[str] | None) -> _Launch:
                           "or --init-from with weights written where JAX is installed (an .npz from "
                           "`python -m jax_impl.init_weights RUN_DIR/config.json OUT.npz`, a checkpoint, or a "
                           "Hugging Face directory)")
-    wants_ckpt = args.ckpt_every or args.ckpt_every_s or resume
+    wants_ckpt = cfg.checkpoint.every or cfg.checkpoint.every_s or resume
     if wants_ckpt and not layout.engine.startswith("deepspeed"):
         raise ConfigError(f"checkpoints are implemented for the DeepSpeed engines; layout {layout.label} runs "
                           f"{layout.engine}: drop --ckpt-every/--ckpt-every-s/--resume for it")
@@ -475,7 +503,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"layout {layout.label}: {layout.description}; {layout.world_size} ranks, mesh {layout.mesh}")
         print(json.dumps(installed_ds_config(cfg), indent=2))
         return {"layout": layout, "ds_config": installed_ds_config(cfg)}
-    ckpt = {"ckpt_every": args.ckpt_every or 0, "ckpt_every_s": args.ckpt_every_s or 0.0, "resume": s.resume,
+    ckpt = {"ckpt_every": cfg.checkpoint.every, "ckpt_every_s": cfg.checkpoint.every_s, "resume": s.resume,
             "resume_tag": s.tag, "fresh_in_place": s.fresh_in_place, "platform": s.platform,
             "init_from": str(Path(args.init_from).resolve()) if init == "file" else None,
             "layout_decision": s.decision}
@@ -833,7 +861,7 @@ def _start_worker(run_dir: Path | None, rank: int, world: int, local_rank: int, 
                                                  "fresh_in_place", "platform", "layout_decision")}
     assert cfg is not None
     return TorchRun(rank, world, local_rank, cfg, init, quiet, ckpt, stop=stop, t_start=t_start,
-                    layout=plan_layout(cfg, world))
+                    layout=plan_layout(cfg, world, validate=False))  # validated by the launcher (_check_launch)
 
 
 def _init_distributed(r: TorchRun) -> None:

@@ -48,7 +48,7 @@ def loss_and_grads(cfg: Config, mesh: Mesh, params: dict, batch: jax.Array,
     check(cfg, mesh.shape)
     specs = _specs(params)
     if cfg.parallel.pipeline_schedule == "gpipe":
-        v = cfg.parallel.pipeline_repeats
+        v = cfg.jax.pipeline_repeats
         if v > 1:  # the layers as v chunks (circular schedule), each sharded over the stages
             specs = dict(specs, layers=[specs["layers"]] * v)
         staged = jax.shard_map(partial(gpipe.schedule, cfg, opts, p), mesh=mesh, in_specs=(specs, P()),

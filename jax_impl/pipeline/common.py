@@ -11,7 +11,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from configs import Config, validate_config
+from configs import Config, parse_mesh
+from configs.schema import check_pipeline
 from jax_impl import model
 from jax_impl.model import PARAM_AXES, ModelOptions
 from jax_impl.sharding import PIPELINE_AXIS
@@ -27,11 +28,11 @@ def stages(mesh_shape: Any) -> int:
 def check(cfg: Config, mesh_shape: Any) -> None:
     """Pipeline config errors (stages, ZeRO stage, 1F1B's GAS) before anything is traced or compiled.
 
-    The checks live in ``configs.validate_config``, which the CLIs run first; ``Trainer.build`` calls
-    this so that programmatic users get the same messages.
+    The checks live in ``configs.schema.check_pipeline`` (part of ``validate_config``, which the CLIs run once);
+    ``Trainer.build`` calls this so that programmatic users get the same messages.
     """
     if stages(mesh_shape) > 1:
-        validate_config(cfg, math.prod(mesh_shape[a] for a in mesh_shape))
+        check_pipeline(cfg, parse_mesh(cfg.parallel.mesh, math.prod(mesh_shape[a] for a in mesh_shape)))
 
 
 def stage_fn(opts: ModelOptions) -> Callable[..., jax.Array]:

@@ -32,14 +32,14 @@ def schedule(cfg: Config, opts: ModelOptions, p: int, params: dict, tokens: jax.
     # (the transpose of this cast), and model.matmul's custom vjp sees matching types
     params = {"layers": params["layers"], **outer_weights(opts, params)}
     m = tokens.shape[0]
-    v = cfg.parallel.pipeline_repeats
+    v = cfg.jax.pipeline_repeats
     s = jax.lax.axis_index(PIPE)
     run = stage_fn(opts)
     stage = StageVjp(run)
     inputs, labels = tokens[:, :, :-1], tokens[:, :, 1:]  # (gas, batch, seq)
     act = jax.eval_shape(partial(embed, opts), params["embed"], inputs[0])
     norm_w, head_w = jax.lax.stop_gradient(params["final_norm"]), jax.lax.stop_gradient(params["head"])
-    split = cfg.parallel.pipeline_head == "split"
+    split = cfg.jax.pipeline_head == "split"
     if split:  # this stage's vocabulary columns s, s+p, ... (a strided slice keeps a tensor-sharded vocab local)
         V = head_w.shape[-1]
         head_w = jax.lax.dynamic_index_in_dim(head_w.reshape(-1, V // p, p), s, axis=2, keepdims=False)
@@ -54,11 +54,11 @@ def schedule(cfg: Config, opts: ModelOptions, p: int, params: dict, tokens: jax.
     else:
         head_grad = jax.value_and_grad(lambda y, n, h, lab: model.head_loss(opts, y, n, h, lab) / m, argnums=(0, 1, 2))
     f32 = jnp.float32
-    # a model small enough to unroll its layers (ParallelConfig.layer_unroll) unrolls its ticks too, as a
+    # a model small enough to unroll its layers (JaxConfig.layer_unroll) unrolls its ticks too, as a
     # Python loop: no loop-carried residual stacks (-10 % step time, -8 to -15 % XLA temp on the bench
     # preset, pp2 GAS 4), and each tick knows statically which chunk it runs and whether the head does
     ticks, n_layers = m * v + p - 1, cfg.model.n_layers
-    unrolled = cfg.parallel.layer_unroll(n_layers) == n_layers and ticks <= 16 and not opts.ticks_as_scan
+    unrolled = cfg.jax.layer_unroll(n_layers) == n_layers and ticks <= 16 and not opts.ticks_as_scan
     # v > 1: params["layers"] is the list of this stage's v chunks (common.chunks); a traced tick indexes them stacked
     chunks = params["layers"] if v > 1 else [params["layers"]]
     lc = jax.tree.leaves(chunks[0])[0].shape[0]  # layers per chunk
