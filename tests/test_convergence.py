@@ -30,11 +30,16 @@ def test_bf16_gap_is_judged_against_each_trainers_seed_spread():
     by_seed = {0: {"jax": c([2.0, 1.00]), "torch": c([2.0, 1.01])},
                1: {"jax": c([2.0, 1.10]), "torch": c([2.0, 1.12])}}
     s = conv.bf16_summary(by_seed)
-    assert s["gap_last10pct"] == pytest.approx(0.01)
     assert s["seed_spread_last10pct"] == {"jax": pytest.approx(0.10), "torch": pytest.approx(0.11)}
+    assert s["gap_by_seed"] == {0: pytest.approx(0.01), 1: pytest.approx(0.02)}
+    assert s["gap_last10pct"] == pytest.approx(0.015)  # the mean over the seeds both trainers ran
     assert s["gap_inside_spread"] is True
     by_seed[0]["torch"] = c([2.0, 1.5])
     assert conv.bf16_summary(by_seed)["gap_inside_spread"] is False
+    del by_seed[1]["torch"]  # DeepSpeed at one seed: the gap is that seed's, judged against JAX's spread
+    s = conv.bf16_summary(by_seed)
+    assert s["gap_seeds"] == [0] and s["gap_last10pct"] == pytest.approx(0.5)
+    assert s["seed_spread_last10pct"]["torch"] is None and s["gap_inside_spread"] is False
 
 
 @pytest.mark.slow
