@@ -503,8 +503,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"layout {layout.label}: {layout.description}; {layout.world_size} ranks, mesh {layout.mesh}")
         print(json.dumps(installed_ds_config(cfg), indent=2))
         return {"layout": layout, "ds_config": installed_ds_config(cfg)}
-    ckpt = {"ckpt_every": cfg.checkpoint.every, "ckpt_every_s": cfg.checkpoint.every_s, "resume": s.resume,
-            "resume_tag": s.tag, "fresh_in_place": s.fresh_in_place, "platform": s.platform,
+    ckpt = {"resume": s.resume, "resume_tag": s.tag, "fresh_in_place": s.fresh_in_place, "platform": s.platform,
             "init_from": str(Path(args.init_from).resolve()) if init == "file" else None,
             "layout_decision": s.decision}
     if s.ext is not None:
@@ -857,8 +856,8 @@ def _start_worker(run_dir: Path | None, rank: int, world: int, local_rank: int, 
         cfg = config_from_dict(json.loads((run_dir / "config.json").read_text())["config"])
         launch_opts = json.loads((run_dir / "launch.json").read_text())
         init, quiet = launch_opts["init"], launch_opts["quiet"]
-        ckpt = {k: launch_opts.get(k) for k in ("ckpt_every", "ckpt_every_s", "resume", "resume_tag",
-                                                 "fresh_in_place", "platform", "layout_decision")}
+        ckpt = {k: launch_opts.get(k) for k in ("resume", "resume_tag", "fresh_in_place", "platform",
+                                                 "layout_decision")}
     assert cfg is not None
     return TorchRun(rank, world, local_rank, cfg, init, quiet, ckpt, stop=stop, t_start=t_start,
                     layout=plan_layout(cfg, world, validate=False))  # validated by the launcher (_check_launch)
@@ -933,8 +932,8 @@ def _prepare_steps(r: TorchRun) -> None:
     r.source = build_source(cfg, num_samples=cfg.train.steps * r.gbs)
     r.valid = (build_source(cfg, num_samples=valid_samples(cfg, r.gbs), split="valid") if cfg.train.eval_interval
                else None)
-    r.ckpt_dir, r.every = r.run_dir / "checkpoints", int(r.ckpt.get("ckpt_every") or 0)
-    r.every_s = float(r.ckpt.get("ckpt_every_s") or 0.0)
+    # the [checkpoint] section of config.json, which the launcher rewrites on a resume (it is not hashed)
+    r.ckpt_dir, r.every, r.every_s = r.run_dir / "checkpoints", cfg.checkpoint.every, cfg.checkpoint.every_s
     if (r.every or r.every_s or r.ckpt.get("resume")) and r.engine is None:
         raise RuntimeError(f"checkpoints are implemented for the DeepSpeed engines; layout {r.layout.label} runs "
                            f"{r.layout.engine}")
