@@ -18,6 +18,11 @@ Two memory figures per tile:
   subprocess per layout, cached as JSON by config hash. It is the *CPU* compiler's buffer assignment,
   not the Intel GPU compiler's; JAX keeps fp32 params (bf16 compute), unlike DeepSpeed's bf16 params.
 
+A layout DeepSpeed does not run (ZeRO-3 with tensor > 1: DeepSpeed runs tensor parallelism under ZeRO-1/2 only)
+has no DeepSpeed figure: it is listed, unranked ("–"), after the ranked layouts of its GBS, and its memory verdict
+is JAX's compiled peak once ``--jax`` compiles it. The JSON output lists it under "jax_only"; every layout there
+carries "runs_on" (deepspeed, torch_ref, jax).
+
 Step time = compute (FLOPs incl. recompute / (peak x eta)) + collectives (sized per layout, costed on
 the link they cross) not hidden by overlap, with the pipeline's (m + p - 1) schedule, + per-step collectives
 (ZeRO-3's partition exchange falls as 1/DP). ``Assumptions.FITTED`` are fitted to the reference CSV (least
@@ -212,7 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
              + ", ".join(f"{k}={getattr(a, k):.3f}" for k in Assumptions.FITTED)] + ([impossible] if impossible else [])
     if jax_rows:
         notes.append(jax_only_note(jax_rows))
-    _print_rich(title, PLAN_HEAD, rows[:(40 if grouped else 25) + len(jax_rows)], notes)
+    shown_n = 40 if grouped else 25  # the terminal's share; the Markdown and JSON hold every row
+    _print_rich(title, PLAN_HEAD, plan_rows(ok[:shown_n], per_gbs=grouped, jax_only=jax_rows[:shown_n]), notes)
     if unc_rows:
         _print_rich("uncertain: the memory verdict is within the model's error (not picks)",
                     rej_head, unc_rows[:30])

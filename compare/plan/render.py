@@ -77,8 +77,8 @@ def _jax_margin(p: Planned) -> str:
 def jax_only_note(rows: Sequence[Planned]) -> str:
     """What the "–" rows are: layouts DeepSpeed does not run, and why not."""
     why = sorted({p.ds_refusal for p in rows})
-    return ("–: a layout DeepSpeed does not run (" + "; ".join(why) + "): JAX only, with no DeepSpeed memory "
-            "figure; not ranked, after the ranked rows of its GBS; its memory verdict is JAX's compiled peak (--jax)")
+    return ("–: JAX only, DeepSpeed does not run it: " + "; ".join(why) + ". No DeepSpeed memory figure, not "
+            "ranked: listed after the ranked rows of its GBS, its memory verdict is JAX's compiled peak (--jax)")
 
 
 def _md_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
