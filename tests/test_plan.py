@@ -403,3 +403,102 @@ def test_validate_ranking_check_on_the_reference_groups(tmp_path, capsys):
     assert plan.main(["--validate", "--out", str(tmp_path)]) == 0
     assert "groups in the same order" in capsys.readouterr().out
     assert "### Ranking at a fixed global batch" in (tmp_path / "validation.md").read_text()
+
+
+# ----------------------------------------------------------------------------- which framework's figures rank a layout
+@pytest.mark.parametrize(("shape", "dtype", "deepspeed", "torch_ref"), [
+    (dict(pipeline=2, data=2, zero=2), "bf16", "PipelineEngine supports only ZeRO-0/1", "PipelineEngine"),
+    (dict(data=2, tensor=2, zero=3), "bf16", "tensor=2 runs under DeepSpeed ZeRO-1/2", "ZeRO-1/2"),
+    (dict(data=2, fsdp=2, tensor=2, zero=3, mics=True), "bf16", "runs under DeepSpeed ZeRO-1/2", "ZeRO-1/2"),
+    (dict(data=2, tensor=2, zero=2), "bf16", "", ""),
+    (dict(pipeline=2, data=2, tensor=2, zero=1), "bf16", "", "not implemented in torch_ref"),
+    (dict(data=2, zero=0), "bf16", "--dtype bf16 with --zero 0", "--dtype bf16 with --zero 0"),
+    (dict(data=2, zero=0), "fp32", "", ""),
+    (dict(data=2, fsdp=4, zero=3, hpz=True), "bf16", "", ""),
+])
+def test_deepspeed_check_is_the_engines_rules(shape, dtype, deepspeed, torch_ref):
+    """DeepSpeed refuses pipeline + ZeRO-2/3 and tensor + ZeRO-3 (ZeRO-0 too under bf16); it runs TP + ZeRO-2
+    and PP x TP (Megatron-DeepSpeed, as the study did), which torch_ref alone does not."""
+    from configs import Layout as MeshLayout
+    from torch_ref.layouts import deepspeed_refusal, torch_ref_refusal
+
+    lay = MeshLayout(**shape)
+    ds, tr = deepspeed_refusal(lay, dtype), torch_ref_refusal(lay, dtype)
+    assert (deepspeed in ds) if deepspeed else ds == ""
+    assert (torch_ref in tr) if torch_ref else tr == ""
+
+
+@pytest.mark.parametrize(("over", "msg"), [
+    ({"parallel.mesh": "pipeline=2,tensor=2", "parallel.zero": 1, "parallel.gas": 4},
+     "tensor=2 with pipeline=2 is not implemented in torch_ref; use one of the two"),
+    ({"parallel.mesh": "data=1,tensor=2", "parallel.zero": 3},
+     r"tensor=2 runs under DeepSpeed ZeRO-1/2 \(as the study's TP=6 \+ ZeRO-2\); got --zero 3"),
+    ({"parallel.mesh": "pipeline=2", "parallel.zero": 2, "parallel.gas": 4},
+     "--zero 2 with pipeline=2: DeepSpeed's PipelineEngine supports only ZeRO-0/1"),
+])
+def test_torch_ref_plan_layout_refuses_with_the_same_messages(over, msg):
+    from configs import load_config
+    from torch_ref.layouts import plan_layout
+
+    with pytest.raises(ConfigError, match=msg):
+        plan_layout(load_config("tiny", over, validate=False))
+
+
+def test_jax_only_layouts_get_no_deepspeed_figure():
+    """ZeRO-3 with tensor > 1 runs in JAX only: no DeepSpeed memory, no verdict, not a fit until JAX compiles it."""
+    planned = [p for p in plan.plan("llama2-70b", 8, load_cluster("aurora"), _fitted(), gbs=48) if not p.structural]
+    jax_only = [p for p in planned if p.layout.tp > 1 and p.layout.zero == 3]
+    assert jax_only and all(p.runs_on == ("jax",) and p.memory is None and p.unprobed for p in jax_only)
+    assert not any(p.fits or p.uncertain or p.reason for p in jax_only)
+    assert all("runs under DeepSpeed ZeRO-1/2" in p.ds_refusal for p in jax_only)
+    pp_tp = [p for p in planned if p.layout.pp > 1 and p.layout.tp > 1]
+    assert pp_tp and all(p.runs_on == ("deepspeed", "jax") and p.memory is not None for p in pp_tp)
+    rest = [p for p in planned if p.layout.tp == 1 or p.layout.zero == 2]
+    assert rest and all(p.runs_on == ("deepspeed", "torch_ref", "jax") and p.memory for p in rest)
+    ok, rejected = plan.best_per_mesh(planned)
+    assert not any(p.jax_only for p in ok + rejected)  # neither a fit nor a rejection
+    best = plan.best_per_gbs(planned)
+    assert best and not any(p.jax_only for p in best)
+
+
+def test_plan_lists_jax_only_layouts_after_the_ranked_ones(tmp_path):
+    import json
+
+    assert plan.main(["--model", "llama2-70b", "--nodes", "8", "--gbs", "48", "--out", str(tmp_path)]) == 0
+    out = json.loads((tmp_path / "plan_llama2-70b_8n_aurora_gbs48.json").read_text())
+    assert out["ranked"] and all("deepspeed" in r["runs_on"] and r["ds_mem_gb"] for r in out["ranked"])
+    assert not any("tensor=" in r["layout"] and "ZeRO-3" in r["layout"] for r in out["ranked"])
+    assert out["jax_only"] and all(
+        r["runs_on"] == ["jax"] and r["ds_mem_gb"] is None and r["memory_verdict"] == "not probed (--jax)"
+        and r["ds_memory"].startswith("not run by DeepSpeed: tensor=") for r in out["jax_only"])
+    rows = [ln.split(" | ") for ln in (tmp_path / "plan_llama2-70b_8n_aurora_gbs48.md").read_text().split(
+        "\n## ")[0].splitlines()[4:] if ln.startswith("| ")]
+    jax_rows = [r for r in rows if "(JAX)" in r[1] and "tensor=" in r[2]]
+    assert jax_rows and all(r[0] == "| –" and r[5] == "–" and r[7] == "not probed (--jax)" for r in jax_rows)
+    assert rows.index(jax_rows[0]) == len(rows) - len(jax_rows)  # after every ranked row
+    assert all(r[0] != "| –" and r[5] != "–" for r in rows[:-len(jax_rows)])
+
+
+def test_plan_jax_judges_jax_only_layouts(tmp_path, monkeypatch, capsys):
+    """With --jax a JAX-only layout's verdict is its compiled peak: within the usable memory it stays listed with
+    JAX's margin; over it, it is rejected as JAX OOM (fake compile results: no compile runs)."""
+    import json
+
+    from compare.plan import cli
+
+    def fake(model, lay, seq, **_):
+        peak = 20e9 if lay.tp == 2 else 500e9
+        return {"ok": True, "peak_bytes": peak, "memory": {"argument": peak / 2, "temp": peak / 2}}
+
+    monkeypatch.setattr(cli, "jax_memory", fake)
+    assert plan.main(["--model", "llama2-70b", "--nodes", "8", "--gbs", "48", "--jax", "--jax-top", "30",
+                      "--out", str(tmp_path)]) == 0
+    out = json.loads((tmp_path / "plan_llama2-70b_8n_aurora_gbs48.json").read_text())
+    kept = {r["layout"]: r for r in out["jax_only"]}
+    assert kept and all("tensor=2" in k for k in kept)
+    assert all(r["memory_verdict"].startswith("JAX compiled peak 20.0 GB: fits") for r in kept.values())
+    oom = [r for r in out["rejected"] if r["runs_on"] == ["jax"]]
+    assert oom and all("tensor=4" in r["layout"] and r["reason"].startswith("OOM (JAX compiled peak): 500.0 GB")
+                       for r in oom)
+    md = (tmp_path / "plan_llama2-70b_8n_aurora_gbs48.md").read_text()
+    assert "(±2.0) JAX" in md  # JAX's margin, JAX's error (10 % of the peak)

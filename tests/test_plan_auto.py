@@ -69,6 +69,62 @@ def test_host_description_is_named():
     assert d.pick.ngpu == 8 and d.pick.gbs == 16
 
 
+def _fake_jax(peak, calls: list | None = None):
+    """A stand-in for ``jax_memory``: ``peak(layout)`` bytes, no compile."""
+    def fake(model, lay, seq, cache=None, **_):
+        if calls is not None:
+            calls.append(lay)
+        b = float(peak(lay))
+        return {"ok": True, "peak_bytes": b, "memory": {"argument": b / 2, "temp": b / 2}, "cached": False}
+    return fake
+
+
+def _all_oom(model, lay, cluster, a, seq=4096):
+    return plan.MemoryEstimate(stage=lay.zero, terms=[plan.Term("everything", 1e15)], usable=cluster.usable_bytes)
+
+
+def test_choose_jax_probes_layouts_deepspeed_does_not_run(monkeypatch):
+    """The DeepSpeed model prunes only the layouts DeepSpeed runs: with it calling everything OOM, the JAX-only
+    ones (ZeRO-3 x tensor) still reach the probe, fastest first, and JAX's peak picks one."""
+    from compare.plan import rank
+
+    calls: list = []
+    monkeypatch.setattr(rank, "ds_memory", _all_oom)
+    monkeypatch.setattr(choice, "jax_memory", _fake_jax(lambda lay: 20e9, calls))
+    d = plan.choose(_cfg("llama2-70b", **{"parallel.gbs": 48}), nodes=8, framework="jax")
+    assert calls and all(lay.zero == 3 and lay.tp > 1 for lay in calls)  # nothing DeepSpeed runs: pruned
+    assert d.pick.zero == 3 and d.pick.tp > 1 and d.pick in calls
+    info = d.to_dict()["pick"]
+    assert info["ds_mem_gb"] is None and info["ds_verdict"].startswith("not run by DeepSpeed: tensor=")
+    assert info["runs_on"] == ["jax"] and info["jax_verdict"] == "fits" and info["memory"] == "JAX fits"
+    assert "DeepSpeed does not run" in d.why
+    assert d.pick.label in "\n".join(d.lines())
+
+
+def test_choose_torch_and_jax_without_jax_only_layouts(monkeypatch):
+    """torch: never a layout torch_ref refuses; jax: a layout DeepSpeed runs keeps its DeepSpeed figure beside
+    JAX's."""
+    monkeypatch.setattr(choice, "jax_memory", _fake_jax(lambda lay: 20e9))
+    d = plan.choose(_cfg("llama2-70b", **{"parallel.gbs": 96}), nodes=8, framework="jax")
+    assert d.pick_info["ds_mem_gb"] and "deepspeed" in d.pick_info["runs_on"]
+    t = plan.choose(_cfg("llama2-70b", **{"parallel.gbs": 48}), nodes=8, framework="torch")
+    assert all("torch_ref" in c["runs_on"] for c in t.candidates)
+
+
+def test_nothing_fits_hints_cite_no_deepspeed_figure_for_jax_only_layouts(monkeypatch):
+    """Nothing fits (the DeepSpeed model and JAX both say OOM): the hint is the DeepSpeed model's, so it counts
+    only layouts DeepSpeed runs; a JAX-only layout, with no DeepSpeed figure, is never the GBS it names."""
+    from compare.plan import rank
+
+    monkeypatch.setattr(rank, "ds_memory", _all_oom)
+    calls: list = []
+    monkeypatch.setattr(choice, "jax_memory", _fake_jax(lambda lay: 1e15, calls))
+    with pytest.raises(plan.NothingFits) as e:
+        plan.choose(_cfg("small", **{"parallel.gbs": 16}), devices=8, framework="jax")
+    assert calls and all(lay.tp > 1 and lay.zero == 3 for lay in calls)
+    assert "JAX OOM" in str(e.value) and "no global batch fits there" in str(e.value)
+
+
 # ----------------------------------------------------------------------------- --mesh auto in the trainers
 SMALL = ["--preset", "small", "--mesh", "auto", "--parallel.gbs=8", "--model.n_layers=2", "--data.seq_len=32",
          "--wandb", "disabled", "--quiet"]
@@ -107,9 +163,12 @@ def test_jax_mesh_auto_trains_records_and_resumes_without_replanning(tmp_path, m
     assert meta2["layout_decision"]["reused_on_resume"] and meta2["layout_decision"]["pick"] == dec["pick"]
 
 
-def test_jax_mesh_auto_nothing_fits_exits_before_allocating(capsys):
+def test_jax_mesh_auto_nothing_fits_exits_before_allocating(capsys, monkeypatch):
     from jax_impl import train as jax_train
 
+    # the layouts DeepSpeed does not run (ZeRO-3 x tensor) reach the JAX probe: a 70B on one node is far over
+    # (about 70 to 270 GB per tile when compiled), so a fake OOM result spares nine compiles
+    monkeypatch.setattr(choice, "jax_memory", _fake_jax(lambda lay: 500e9))
     with pytest.raises(SystemExit) as e:
         jax_train.main(["--preset", "llama2-70b", "--nodes", "1", "--mesh", "auto", "--parallel.gbs=96",
                         "--dry-run"])

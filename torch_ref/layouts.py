@@ -56,6 +56,35 @@ class Layout:
         return self.shape.dp_rank(rank)
 
 
+def deepspeed_refusal(layout: MeshLayout, dtype: str = "bf16") -> str:
+    """'' if DeepSpeed's engines run ``layout`` at ``dtype``, else why not (the message names the fix).
+
+    The engines' own rules, whoever drives them: the PipelineEngine takes ZeRO-0/1 only, bf16 keeps fp32 master
+    weights only under ZeRO, and tensor parallelism (AutoTP, Megatron-DeepSpeed) runs under ZeRO-1/2. Pipeline x
+    tensor passes here (Megatron-DeepSpeed runs it, as the study did); torch_ref's own limits are
+    ``plan_layout``'s."""
+    if layout.pipeline > 1 and layout.zero > 1:
+        return (f"--zero {layout.zero} with pipeline={layout.pipeline}: DeepSpeed's PipelineEngine supports only "
+                "ZeRO-0/1 (it refuses ZeRO-2/3); use --zero 1 or drop the pipeline axis")
+    if dtype == "bf16" and layout.zero == 0:
+        return ("--dtype bf16 with --zero 0: DeepSpeed keeps fp32 master weights for bf16 only under ZeRO (or a "
+                "pipeline); use --zero 1")
+    if layout.tensor > 1 and layout.zero not in (1, 2):
+        return (f"tensor={layout.tensor} runs under DeepSpeed ZeRO-1/2 (as the study's TP=6 + ZeRO-2); "
+                f"got --zero {layout.zero}: use --zero 1 or --zero 2")
+    return ""
+
+
+def torch_ref_refusal(layout: MeshLayout, dtype: str = "bf16") -> str:
+    """'' if torch_ref runs ``layout`` at ``dtype``: DeepSpeed's rules, then what torch_ref itself lacks."""
+    if why := deepspeed_refusal(layout, dtype):
+        return why
+    if layout.tensor > 1 and layout.pipeline > 1:
+        return (f"tensor={layout.tensor} with pipeline={layout.pipeline} is not implemented in torch_ref; use one of "
+                "the two")
+    return ""
+
+
 def plan_layout(cfg: Config, world_size: int | None = None, validate: bool = True) -> Layout:
     """Check the layout against what torch_ref/DeepSpeed can run; ConfigError names the value and the fix.
 
@@ -68,10 +97,8 @@ def plan_layout(cfg: Config, world_size: int | None = None, validate: bool = Tru
             f"mesh {p.mesh!r} has a -1 axis, but the torch launcher starts exactly the ranks the mesh names; "
             "give every axis a size (e.g. --mesh data=2)")
     lay = cfg.layout(world_size)
-    if lay.pipeline > 1 and p.zero > 1:
-        raise ConfigError(
-            f"--zero {p.zero} with pipeline={lay.pipeline}: DeepSpeed's PipelineEngine supports only ZeRO-0/1 "
-            "(it refuses ZeRO-2/3); use --zero 1 or drop the pipeline axis")
+    if why := deepspeed_refusal(lay, cfg.train.dtype):  # the engine's rules speak before validate_config's
+        raise ConfigError(why)
     if validate:
         validate_config(cfg, world_size)
     n = lay.world
@@ -79,17 +106,8 @@ def plan_layout(cfg: Config, world_size: int | None = None, validate: bool = Tru
         raise ConfigError(
             f"world size {world_size} (from the launcher's environment) does not match mesh {p.mesh!r}, which needs "
             f"{n} ranks; launch {n} ranks or change --mesh so its axes multiply to {world_size}")
-    if cfg.train.dtype == "bf16" and p.zero == 0:
-        raise ConfigError(
-            "--dtype bf16 with --zero 0: DeepSpeed keeps fp32 master weights for bf16 only under ZeRO (or a "
-            "pipeline); use --zero 1")
-    if lay.tensor > 1:
-        if lay.pipeline > 1:
-            raise ConfigError(f"tensor={lay.tensor} with pipeline={lay.pipeline} is not implemented in "
-                              "torch_ref; use one of the two")
-        if p.zero not in (1, 2):
-            raise ConfigError(f"tensor={lay.tensor} runs under DeepSpeed ZeRO-1/2 (as the study's TP=6 + ZeRO-2); "
-                              f"got --zero {p.zero}: use --zero 1 or --zero 2")
+    if why := torch_ref_refusal(lay, cfg.train.dtype):  # what torch_ref lacks beyond DeepSpeed's rules
+        raise ConfigError(why)
     if p.mics:
         if deepspeed_has_mics():
             return Layout(lay, "deepspeed-mics", DEEPSPEED_MICS)

@@ -80,29 +80,23 @@ class Decision:
 
 
 def _info(p: Planned, jax_verdict: dict[str, Any] | None = None) -> dict[str, Any]:
-    assert p.memory is not None and p.step is not None
+    assert p.step is not None and (p.memory is not None or jax_verdict is not None)
     d: dict[str, Any] = {"layout": p.layout.label, "variant": p.layout.variant, "family": p.layout.family,
-                         "gbs": p.layout.gbs, "sps": round(p.step.sps, 6),
-                         "ds_mem_gb": round(p.memory.total / GB, 3), "ds_margin_gb": round(p.memory.margin / GB, 3),
-                         "ds_err_gb": round(p.memory.err / GB, 3),
-                         "ds_verdict": "uncertain" if p.memory.uncertain else "fits" if p.memory.fits else "OOM"}
+                         "gbs": p.layout.gbs, "sps": round(p.step.sps, 6)}
+    if p.memory is not None:
+        d |= {"ds_mem_gb": round(p.memory.total / GB, 3), "ds_margin_gb": round(p.memory.margin / GB, 3),
+              "ds_err_gb": round(p.memory.err / GB, 3),
+              "ds_verdict": "uncertain" if p.memory.uncertain else "fits" if p.memory.fits else "OOM"}
+    else:  # no DeepSpeed figure for a layout DeepSpeed does not run
+        d |= {"ds_mem_gb": None, "ds_margin_gb": None, "ds_err_gb": None,
+              "ds_verdict": f"not run by DeepSpeed: {p.ds_refusal}"}
+    d["runs_on"] = list(p.runs_on)
     if jax_verdict is not None:
         d |= jax_verdict
         d["margin_gb"], d["memory"] = jax_verdict["jax_margin_gb"], "JAX " + jax_verdict["jax_verdict"]
     else:
         d["margin_gb"], d["memory"] = d["ds_margin_gb"], f"DeepSpeed model {d['ds_verdict']}, ±{d['ds_err_gb']} GB"
     return d
-
-
-def _jax_verdict(res: dict[str, Any], usable: float, err: float) -> dict[str, Any]:
-    if not res.get("ok"):
-        return {"jax_verdict": "not compiled", "jax_reason": str(res.get("reason", "?"))[:200],
-                "jax_margin_gb": float("nan")}
-    peak = float(res["peak_bytes"])
-    margin, e = usable - peak, err * peak
-    verdict = "uncertain" if abs(margin) <= e else "fits" if margin > 0 else "OOM"
-    return {"jax_verdict": verdict, "jax_peak_gb": round(peak / GB, 3), "jax_margin_gb": round(margin / GB, 3),
-            "jax_err_gb": round(e / GB, 3), "jax_cached": bool(res.get("cached")), "jax_memory": res["memory"]}
 
 
 def _torch_refusal(cfg: Config, lay: Layout) -> str:
@@ -130,7 +124,10 @@ def _ranked(planned: Sequence[Planned]) -> list[Planned]:
 
 def _nothing_fits(cfg: Config, model: str, nodes: int | None, cluster: Cluster, a: Assumptions, framework: str,
                   gbs: int, seq: int, why: str) -> NothingFits:
-    """The error for a job nothing fits: the smallest node count that fits (a cluster job), else the largest GBS."""
+    """The error for a job nothing fits: the smallest node count that fits (a cluster job), else the largest GBS.
+
+    Both hints are the DeepSpeed model's, so they count only layouts DeepSpeed runs (a JAX-only layout has no
+    DeepSpeed figure: ``Planned.fits`` is False until JAX compiles it)."""
     def any_fit(n: int, g: int | None) -> bool:
         try:
             ps = plan(model, n, cluster, a, seq, gbs=g)
@@ -152,6 +149,107 @@ def _nothing_fits(cfg: Config, model: str, nodes: int | None, cluster: Cluster, 
     return NothingFits(f"{head}{where} ({why}); {hint}")
 
 
+def _where(a: Assumptions, nodes: int | None, cluster: Cluster | None, devices: int | None
+           ) -> tuple[Cluster, int | None, Assumptions, str]:
+    """(cluster, nodes, assumptions, description of the planning source) for a job on ``nodes`` nodes, or on the
+    ``devices`` this process sees (of ``cluster``, else of this host)."""
+    if nodes is not None:
+        if nodes < 1:
+            raise ConfigError(f"--nodes {nodes} must be >= 1")
+        cluster = cluster or load_cluster("aurora")
+        fit = calibrate(cluster=cluster, a=a, loo=False)
+        a = dataclasses.replace(a, **fit.params)
+        return cluster, nodes, a, (f"cluster description '{cluster.name}' ({cluster.describe()}), step-time model "
+                                   "fitted to the study")
+    if not devices:
+        raise ConfigError("--mesh auto without --nodes needs the number of devices this process sees")
+    if cluster is not None:
+        if devices % cluster.tiles_per_node:  # fewer or other than whole nodes: the visible devices as one node
+            cluster = dataclasses.replace(cluster, name=f"{cluster.name}-{devices}dev", tiles_per_node=devices,
+                                          tiles_per_gpu=math.gcd(devices, cluster.tiles_per_gpu))
+        return cluster, devices // cluster.tiles_per_node, a, (
+            f"cluster description '{cluster.name}' for the {devices} visible devices ({cluster.describe()}), "
+            "step-time model not fitted")
+    cluster = host_cluster(devices)
+    a.runtime_gb = 1.0 / cluster.tiles_per_node  # one process's runtime shared by its fake devices
+    return cluster, None, a, (f"a description of this host ({cluster.describe()}; assumed figures, not measured), "
+                              "not a cluster model")
+
+
+def _pick_torch(ranked: list[Planned], gbs: int) -> tuple[list[dict[str, Any]], str, list[tuple[Planned, dict]]]:
+    """(candidates weighed, why, [(pick, info), (runner-up, info)]) by the DeepSpeed model's verdicts."""
+    infos = [_info(p) for p in ranked]
+    run_i = next((i for i in range(1, len(ranked)) if ranked[i].layout.label != ranked[0].layout.label), None)
+    n_clear = sum(not p.uncertain for p in ranked)
+    faster_unsure = [p for p in ranked if p.uncertain and p.step.sps > ranked[0].step.sps]  # type: ignore
+    why = (f"fastest predicted of the {n_clear} layouts at GBS {gbs} that the DeepSpeed model says clearly fit"
+           + (" (none clearly fits: the pick is within the model's error)" if ranked[0].uncertain else "")
+           + (f"; {len(faster_unsure)} faster ones are within the model's error and not picked, fastest "
+              f"{faster_unsure[0].layout.label} ({faster_unsure[0].layout.variant})" if faster_unsure else ""))
+    return infos[:20], why, [(ranked[i], infos[i]) for i in (0, run_i) if i is not None]
+
+
+def _jax_order(planned: Sequence[Planned]) -> list[Planned]:
+    """What the JAX probe may compile, by predicted speed: the layouts DeepSpeed runs that its model does not call
+    OOM, and those DeepSpeed does not run (no DeepSpeed figure to prune them)."""
+    out = _ranked(planned)
+    seen = {(p.layout.label, p.layout.variant) for p in out}
+    for p in planned:
+        if p.unprobed and (p.layout.label, p.layout.variant) not in seen:  # a mesh can belong to two families
+            seen.add((p.layout.label, p.layout.variant))
+            out.append(p)
+    return sorted(out, key=lambda p: (-p.step.sps, p.layout.label, p.layout.variant))  # type: ignore
+
+
+def _probe(order: list[Planned], model: str, seq: int, cache: Path | None, top: int, rounds: int, usable: float,
+           err: float) -> dict[int, dict[str, Any]]:
+    """JAX's verdict of ``order``'s layouts, ``top`` compiled at a time (first the best variant of each mesh not
+    tried, then the rest by speed), until one fits or ``rounds`` batches: {index in order: verdict}."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    done: dict[int, dict[str, Any]] = {}
+    for _ in range(rounds):
+        todo: list[int] = []
+        labels = {order[i].layout.label for i in done}
+        for i, p in enumerate(order):
+            if i not in done and p.layout.label not in labels and len(todo) < top:
+                todo.append(i)
+                labels.add(p.layout.label)
+        for i in range(len(order)):
+            if len(todo) < top and i not in done and i not in todo:
+                todo.append(i)
+        if not todo:
+            break
+        with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1))) as ex:
+            results = list(ex.map(lambda i: jax_memory(model, order[i].layout, seq, cache=cache), todo))
+        for i, res in zip(todo, results, strict=True):
+            done[i] = order[i].judge_jax(res, usable, err)
+        if any(v["jax_verdict"] == "fits" for v in done.values()):
+            break
+    return done
+
+
+def _pick_jax(order: list[Planned], done: dict[int, dict[str, Any]]
+              ) -> tuple[list[dict[str, Any]], str, list[tuple[Planned, dict]]]:
+    """(candidates weighed, why, [(pick, info), (runner-up, info)]) by JAX's compiled peaks; [] if none fits."""
+    considered = [_info(order[i], done[i]) for i in sorted(done)]
+    clear = sorted(i for i, v in done.items() if v["jax_verdict"] == "fits")
+    unsure = sorted(i for i, v in done.items() if v["jax_verdict"] == "uncertain")
+    best = clear + unsure  # order is by speed: a clear fit always before one within the error
+    if not best:
+        why = "; ".join(f"{order[i].layout.label}: JAX {v['jax_verdict']}" + (
+            f" by {-v['jax_margin_gb']:.1f} GB" if v["jax_verdict"] == "OOM" else "") for i, v in done.items())
+        return considered, why or "the DeepSpeed model rejects every layout DeepSpeed runs", []
+    n_jax = sum(p.jax_only for p in order)
+    of = (f"{len(order)} the DeepSpeed model did not reject" if not n_jax else
+          f"{len(order)}: {len(order) - n_jax} the DeepSpeed model did not reject, {n_jax} DeepSpeed does not run")
+    faster = [f"{order[i].layout.label} (JAX {done[i]['jax_verdict']})" for i in sorted(done) if i < best[0]]
+    why = (f"fastest predicted of the {len(done)} compiled (of {of}) whose JAX compiled peak fits"
+           + (" (none clearly fits: the pick is within the error)" if not clear else "")
+           + (f"; faster but not a clear fit: {', '.join(faster)}" if faster else ""))
+    return considered, why, [(order[i], _info(order[i], done[i])) for i in best[:2]]
+
+
 def choose(cfg: Config, *, nodes: int | None = None, cluster: Cluster | None = None, framework: str = "jax",
            devices: int | None = None, top: int = 3, rounds: int = 3, assumptions: Assumptions | None = None,
            cache: Path | None = None) -> Decision:
@@ -159,42 +257,19 @@ def choose(cfg: Config, *, nodes: int | None = None, cluster: Cluster | None = N
 
     ``nodes`` + ``cluster``: a job on that many nodes (the step-time model fitted to the study's runs).
     Otherwise ``devices`` of this host (``host_cluster``, assumed figures) or of ``cluster``. The memory verdict
-    comes from the framework that will run: torch -> the DeepSpeed model; jax -> the DeepSpeed model prunes what
-    it calls OOM, then the ``top`` fastest are AOT-compiled (parallel processes, cached by config hash) and XLA's
-    peak decides, up to ``rounds`` batches. A verdict within its model's error is never picked over a clear fit.
-    Deterministic for the same inputs. Raises ConfigError (NothingFits when no layout fits)."""
+    comes from the framework that will run: torch -> the DeepSpeed model, among the layouts torch_ref runs;
+    jax -> the DeepSpeed model prunes what it calls OOM among the layouts DeepSpeed runs (those it does not run
+    are not pruned), then the ``top`` fastest are AOT-compiled (parallel processes, cached by config hash) and
+    XLA's peak decides, up to ``rounds`` batches. A verdict within its model's error is never picked over a clear
+    fit. Deterministic for the same inputs. Raises ConfigError (NothingFits when no layout fits)."""
     if framework not in ("jax", "torch"):
         raise ConfigError(f"framework {framework!r}: use 'jax' or 'torch'")
     gbs, seq = cfg.parallel.gbs, cfg.data.seq_len
     if gbs < 1:
         raise ConfigError(f"--mesh auto needs the global batch: parallel.gbs={gbs}; set --parallel.gbs=G (samples "
                           "per step, e.g. the study's 96 or 768), the planner then splits it into mbs x gas x dp")
-    a = dataclasses.replace(assumptions or Assumptions())
-    if nodes is not None:
-        if nodes < 1:
-            raise ConfigError(f"--nodes {nodes} must be >= 1")
-        cluster = cluster or load_cluster("aurora")
-        fit = calibrate(cluster=cluster, a=a, loo=False)
-        a = dataclasses.replace(a, **fit.params)
-        source = f"cluster description '{cluster.name}' ({cluster.describe()}), step-time model fitted to the study"
-    elif cluster is not None:
-        if not devices:
-            raise ConfigError("--mesh auto without --nodes needs the number of devices this process sees")
-        if devices % cluster.tiles_per_node:  # fewer or other than whole nodes: the visible devices as one node
-            cluster = dataclasses.replace(cluster, name=f"{cluster.name}-{devices}dev", tiles_per_node=devices,
-                                          tiles_per_gpu=math.gcd(devices, cluster.tiles_per_gpu))
-        nodes = devices // cluster.tiles_per_node
-        source = (f"cluster description '{cluster.name}' for the {devices} visible devices ({cluster.describe()}), "
-                  "step-time model not fitted")
-    else:
-        if not devices:
-            raise ConfigError("--mesh auto without --nodes needs the number of devices this process sees")
-        cluster, nodes = host_cluster(devices), None
-        source = (f"a description of this host ({cluster.describe()}; assumed figures, not measured), not a "
-                  "cluster model")
+    cluster, nodes, a, source = _where(dataclasses.replace(assumptions or Assumptions()), nodes, cluster, devices)
     n_nodes = nodes or 1
-    if nodes is None and cluster.name.startswith("host-cpu"):
-        a.runtime_gb = 1.0 / cluster.tiles_per_node  # one process's runtime shared by its fake devices
     # planned without the run's name, steps, seed, ...: they change no memory, and the compile cache is keyed by
     # the config's hash
     from configs.schema import TrainConfig
@@ -203,75 +278,29 @@ def choose(cfg: Config, *, nodes: int | None = None, cluster: Cluster | None = N
                                                                        platform=cfg.train.platform)))
     check_gbs(model, n_nodes, cluster, gbs, flag="parallel.gbs")
     planned = [p for p in plan(model, n_nodes, cluster, a, seq, gbs=gbs) if not p.structural]
-    refused: dict[str, str] = {}
+    inputs = {"model": cfg.model.name, "config_hash": cfg.hash(), "framework": framework, "gbs": gbs, "seq": seq,
+              "nodes": nodes, "devices": n_nodes * cluster.tiles_per_node, "cluster": dataclasses.asdict(cluster),
+              "assumptions": dataclasses.asdict(a)}
     if framework == "torch":
+        refused: dict[str, str] = {}
         for p in planned:
             why = refused.setdefault(p.layout.label, _torch_refusal(cfg, p.layout))
             if why:
                 p.reason, p.memory, p.step = f"not run by torch_ref: {why}", None, None
-    ranked = _ranked(planned)
-    inputs = {"model": cfg.model.name, "config_hash": cfg.hash(), "framework": framework, "gbs": gbs, "seq": seq,
-              "nodes": nodes, "devices": n_nodes * cluster.tiles_per_node, "cluster": dataclasses.asdict(cluster),
-              "assumptions": dataclasses.asdict(a)}
-    considered: list[dict[str, Any]] = []
-    if framework == "torch":
         memory_source = "DeepSpeed memory model (the framework that runs)"
+        ranked = _ranked(planned)
         if not ranked:
             raise _nothing_fits(cfg, model, nodes, cluster, a, framework, gbs, seq, "DeepSpeed memory model")
-        infos = [_info(p) for p in ranked]
-        considered = infos[:20]
-        pick_i = 0
-        run_i = next((i for i in range(1, len(ranked)) if ranked[i].layout.label != ranked[0].layout.label), None)
-        n_clear = sum(not p.uncertain for p in ranked)
-        faster_unsure = [p for p in ranked if p.uncertain and p.step.sps > ranked[0].step.sps]  # type: ignore
-        why = (f"fastest predicted of the {n_clear} layouts at GBS {gbs} that the DeepSpeed model says clearly fit"
-               + (" (none clearly fits: the pick is within the model's error)" if ranked[0].uncertain else "")
-               + (f"; {len(faster_unsure)} faster ones are within the model's error and not picked, fastest "
-                  f"{faster_unsure[0].layout.label} ({faster_unsure[0].layout.variant})" if faster_unsure else ""))
-        chosen = [(ranked[i], infos[i]) for i in (pick_i, run_i) if i is not None]
+        considered, why, chosen = _pick_torch(ranked, gbs)
     else:
         memory_source = (f"JAX AOT-compiled peak (XLA:CPU memory_analysis, ±{a.mem_err_jax:.0%}) of the top "
-                         "candidates; the DeepSpeed model only pruned")
-        order = sorted(ranked, key=lambda p: (-p.step.sps, p.layout.label, p.layout.variant))  # type: ignore
-        done: dict[int, dict[str, Any]] = {}
-        for _ in range(rounds):
-            todo: list[int] = []
-            labels = {order[i].layout.label for i in done}
-            for i, p in enumerate(order):  # first the best variant of each mesh not tried, then the rest by speed
-                if i not in done and p.layout.label not in labels and len(todo) < top:
-                    todo.append(i)
-                    labels.add(p.layout.label)
-            for i in range(len(order)):
-                if len(todo) < top and i not in done and i not in todo:
-                    todo.append(i)
-            if not todo:
-                break
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1))) as ex:
-                results = list(ex.map(lambda i: jax_memory(model, order[i].layout, seq, cache=cache), todo))
-            for i, res in zip(todo, results, strict=True):
-                order[i].jax = res
-                done[i] = _jax_verdict(res, cluster.usable_bytes, a.mem_err_jax)
-            if any(v["jax_verdict"] == "fits" for v in done.values()):
-                break
-        considered = [_info(order[i], done[i]) for i in sorted(done)]
-        clear = sorted(i for i, v in done.items() if v["jax_verdict"] == "fits")
-        unsure = sorted(i for i, v in done.items() if v["jax_verdict"] == "uncertain")
-        best = clear + unsure  # order is by speed: a clear fit always before one within the error
-        if not best:
-            why = "; ".join(f"{order[i].layout.label}: JAX {v['jax_verdict']}" + (
-                f" by {-v['jax_margin_gb']:.1f} GB" if v["jax_verdict"] == "OOM" else "") for i, v in done.items())
-            raise _nothing_fits(cfg, model, nodes, cluster, a, framework, gbs, seq,
-                                why or "the DeepSpeed model rejects every layout")
-        faster = [f"{order[i].layout.label} (JAX {done[i]['jax_verdict']})" for i in sorted(done) if i < best[0]]
-        why = (f"fastest predicted of the {len(done)} compiled (of {len(order)} the DeepSpeed model did not reject) "
-               "whose JAX compiled peak fits" + (" (none clearly fits: the pick is within the error)"
-                                                  if not clear else "")
-               + (f"; faster but not a clear fit: {', '.join(faster)}" if faster else ""))
-        chosen = [(order[i], _info(order[i], done[i])) for i in best[:2]]
-    pick, pick_info = chosen[0]
-    runner, runner_info = chosen[1] if len(chosen) > 1 else (None, None)
+                         "candidates; the DeepSpeed model only pruned the layouts DeepSpeed runs")
+        order = _jax_order(planned)
+        done = _probe(order, model, seq, cache, top, rounds, cluster.usable_bytes, a.mem_err_jax)
+        considered, why, chosen = _pick_jax(order, done)
+        if not chosen:
+            raise _nothing_fits(cfg, model, nodes, cluster, a, framework, gbs, seq, why)
+    (pick, pick_info), (runner, runner_info) = chosen[0], chosen[1] if len(chosen) > 1 else (None, None)
     return Decision(pick.layout, runner.layout if runner else None, framework, pick.layout.apply(cfg, framework),
                     inputs, considered, why, pick_info, runner_info, source, memory_source)
 

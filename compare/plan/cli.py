@@ -18,6 +18,11 @@ Two memory figures per tile:
   subprocess per layout, cached as JSON by config hash. It is the *CPU* compiler's buffer assignment,
   not the Intel GPU compiler's; JAX keeps fp32 params (bf16 compute), unlike DeepSpeed's bf16 params.
 
+A layout DeepSpeed does not run (ZeRO-3 with tensor > 1: DeepSpeed runs tensor parallelism under ZeRO-1/2 only)
+has no DeepSpeed figure: it is listed, unranked ("–"), after the ranked layouts of its GBS, and its memory verdict
+is JAX's compiled peak once ``--jax`` compiles it. The JSON output lists it under "jax_only"; every layout there
+carries "runs_on" (deepspeed, torch_ref, jax).
+
 Step time = compute (FLOPs incl. recompute / (peak x eta)) + collectives (sized per layout, costed on
 the link they cross) not hidden by overlap, with the pipeline's (m + p - 1) schedule, + per-step collectives
 (ZeRO-3's partition exchange falls as 1/DP). ``Assumptions.FITTED`` are fitted to the reference CSV (least
@@ -32,18 +37,29 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from compare.cluster import Cluster, load_cluster
 from compare.plan.assumptions import GB, SEQ, Assumptions, apply_assumptions
 from compare.plan.fit import calibrate
 from compare.plan.jax_probe import _jax_measure_worker, _jax_worker, jax_memory
 from compare.plan.layout import Layout
-from compare.plan.rank import GAS_CHOICES, best_per_gbs, best_per_mesh, check_gbs, plan, structural_summary
+from compare.plan.rank import (
+    GAS_CHOICES,
+    Planned,
+    best_per_gbs,
+    best_per_mesh,
+    check_gbs,
+    plan,
+    structural_summary,
+    unprobed_per_mesh,
+)
 from compare.plan.render import (
     PLAN_HEAD,
     _md_table,
     _print_rich,
     assumptions_md,
+    jax_only_note,
     memory_breakdown,
     plan_rows,
     plot_plan,
@@ -169,18 +185,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.mesh:  # summarised in one line; a layout asked for by --mesh keeps its reason in the list
         planned = [p for p in planned if not p.structural]
     grouped = args.gbs is None and not args.mesh and not args.all
-    ok, rejected = (([p for p in planned if p.fits], [p for p in planned if not p.fits]) if args.all or args.mesh
-                    else best_per_mesh(planned))
+    ok, rejected = (([p for p in planned if p.fits], [p for p in planned if not p.fits and not p.unprobed])
+                    if args.all or args.mesh else best_per_mesh(planned))
     if grouped:  # one ranking per global batch: a larger batch is not a faster layout
         ok = best_per_gbs(planned)
+    # layouts DeepSpeed does not run: no DeepSpeed figure ranks them; listed after the ranked ones until JAX judges
+    jax_rows = (sorted((p for p in planned if p.unprobed), key=lambda p: -p.step.sps)  # type: ignore[union-attr]
+                if args.all or args.mesh else unprobed_per_mesh(planned, top=3 if grouped else None))
     if args.jax:
         for p in ok[: args.jax_top] + ([p for p in rejected if p.memory][:1] if args.mesh else []):
             print(f"JAX AOT compile {p.layout.label} ({p.layout.variant}) on {p.layout.ngpu} fake CPU devices ...",
                   file=sys.stderr)
             p.jax = jax_memory(args.model, p.layout, args.seq)
+        for p in jax_rows[: args.jax_top]:
+            print(f"JAX AOT compile {p.layout.label} ({p.layout.variant}) on {p.layout.ngpu} fake CPU devices "
+                  "(DeepSpeed does not run it) ...", file=sys.stderr)
+            p.judge_jax(jax_memory(args.model, p.layout, args.seq), cluster.usable_bytes, a.mem_err_jax)
+        rejected += [p for p in jax_rows if p.reason]  # JAX's verdict: OOM, uncertain or not compiled
+        jax_rows = [p for p in jax_rows if not p.reason]
     title = (f"{args.model} on {args.nodes} x {cluster.name} nodes ({args.nodes * cluster.tiles_per_node} tiles), "
              f"seq {args.seq}, " + (f"GBS {args.gbs}" if args.gbs else "best 3 layouts per GBS"))
-    rows = plan_rows(ok, per_gbs=grouped)
+    rows = plan_rows(ok, per_gbs=grouped, jax_only=jax_rows)
     uncertain = [p for p in rejected if p.uncertain]  # within the memory model's error: neither picks nor rejections
     rejected = [p for p in rejected if not p.uncertain]
     unc_rows = [[p.layout.family, p.layout.label, p.layout.variant, str(p.layout.gbs), p.reason] for p in uncertain]
@@ -190,7 +215,10 @@ def main(argv: Sequence[str] | None = None) -> int:
              "step on fake CPU devices (a CPU-compiler estimate, not the Intel GPU compiler's; JAX keeps fp32 params).",
              "TFLOPS/tile: Megatron-LM model FLOPs (no recompute term). Fitted: "
              + ", ".join(f"{k}={getattr(a, k):.3f}" for k in Assumptions.FITTED)] + ([impossible] if impossible else [])
-    _print_rich(title, PLAN_HEAD, rows[:40 if grouped else 25], notes)
+    if jax_rows:
+        notes.append(jax_only_note(jax_rows))
+    shown_n = 40 if grouped else 25  # the terminal's share; the Markdown and JSON hold every row
+    _print_rich(title, PLAN_HEAD, plan_rows(ok[:shown_n], per_gbs=grouped, jax_only=jax_rows[:shown_n]), notes)
     if unc_rows:
         _print_rich("uncertain: the memory verdict is within the model's error (not picks)",
                     rej_head, unc_rows[:30])
@@ -210,14 +238,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "model": args.model, "nodes": args.nodes, "gbs": args.gbs, "seq": args.seq,
         "cluster": dataclasses.asdict(cluster), "impossible": impossible,
         "assumptions": dataclasses.asdict(a),
-        "ranked": [{"layout": p.layout.label, "variant": p.layout.variant, "gbs": p.layout.gbs,
-                    "ds_mem_gb": p.memory.total / GB if p.memory else None,
-                    "memory_verdict": p.memory.verdict() if p.memory else None, "sps": p.step.sps if p.step else None,
-                    "tflops": tflops_per_tile(p.step, p.layout) if p.step else None, "jax": p.jax} for p in ok],
+        "ranked": [_ranked_json(p) for p in ok],
+        "jax_only": [_ranked_json(p) for p in jax_rows],
         "uncertain": [{"layout": p.layout.label, "variant": p.layout.variant, "gbs": p.layout.gbs,
-                       "reason": p.reason} for p in uncertain],
+                       "runs_on": p.runs_on, "reason": p.reason} for p in uncertain],
         "rejected": [{"layout": p.layout.label, "variant": p.layout.variant, "gbs": p.layout.gbs,
-                      "reason": p.reason} for p in rejected],
+                      "runs_on": p.runs_on, "reason": p.reason} for p in rejected],
     }, indent=1, default=str) + "\n")
     # grouped: the best of each GBS, so the plot reaches the large batches
     shown = [p for i, p in enumerate(ok) if not grouped or i == 0 or ok[i - 1].layout.gbs != p.layout.gbs]
@@ -226,11 +252,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ok:
         print(memory_breakdown(ok[0]))
         print(time_breakdown(ok[0]))
-    elif not rejected and not uncertain:
+    elif not rejected and not uncertain and not jax_rows:
         print("error: no layout to plan", file=sys.stderr)
         return 2
     print(f"wrote {args.out / (stem + '.md')}, {stem}.json, {png.name}")
     return 0
+
+
+def _ranked_json(p: Planned) -> dict[str, Any]:
+    """A listed layout in the JSON output; a JAX-only one says why it has no DeepSpeed figure."""
+    d: dict[str, Any] = {
+        "layout": p.layout.label, "variant": p.layout.variant, "gbs": p.layout.gbs, "runs_on": p.runs_on,
+        "ds_mem_gb": p.memory.total / GB if p.memory else None,
+        "memory_verdict": p.memory.verdict() if p.memory else None, "sps": p.step.sps if p.step else None,
+        "tflops": tflops_per_tile(p.step, p.layout) if p.step else None, "jax": p.jax}
+    if p.jax_only:
+        d["ds_memory"] = f"not run by DeepSpeed: {p.ds_refusal}"
+        v = p.jax_judged
+        d["memory_verdict"] = ("not probed (--jax)" if v is None else
+                               f"JAX compiled peak {v['jax_peak_gb']:.1f} GB: {v['jax_verdict']} with "
+                               f"{v['jax_margin_gb']:+.1f} GB margin, error ±{v['jax_err_gb']:.1f} GB")
+    return d
 
 
 def _main_validate(args: argparse.Namespace, cluster: Cluster, a: Assumptions) -> int:

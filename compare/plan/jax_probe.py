@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from compare.plan.assumptions import SEQ
+from compare.plan.assumptions import GB, SEQ
 from compare.plan.layout import Layout
 from configs import Config, load_config, validate_config
 
@@ -64,6 +64,19 @@ def jax_memory(model: str, layout: Layout, seq: int = SEQ, timeout: float = 600,
         cache.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(res, indent=1) + "\n")
     return res
+
+
+def jax_verdict(res: dict[str, Any], usable: float, err: float) -> dict[str, Any]:
+    """``jax_memory``'s result judged against ``usable`` bytes per device with a relative error ``err``:
+    jax_verdict fits | OOM | uncertain (the margin within the error) | not compiled, with the figures in GB."""
+    if not res.get("ok"):
+        return {"jax_verdict": "not compiled", "jax_reason": str(res.get("reason", "?"))[:200],
+                "jax_margin_gb": float("nan")}
+    peak = float(res["peak_bytes"])
+    margin, e = usable - peak, err * peak
+    verdict = "uncertain" if abs(margin) <= e else "fits" if margin > 0 else "OOM"
+    return {"jax_verdict": verdict, "jax_peak_gb": round(peak / GB, 3), "jax_margin_gb": round(margin / GB, 3),
+            "jax_err_gb": round(e / GB, 3), "jax_cached": bool(res.get("cached")), "jax_memory": res["memory"]}
 
 
 def _jax_worker(spec: str) -> int:

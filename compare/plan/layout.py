@@ -80,10 +80,8 @@ class Layout:
         base = _preset(model)  # load_config is slow (type-hint checks); the planner builds thousands of these
         par = dataclasses.replace(base.parallel, mesh=self.mesh, zero=self.zero, hpz=self.hpz, mics=self.mics,
                                   mbs=self.mbs, gas=self.gas, gbs=0, remat=self.remat)
-        # a preset is planned as the study ran it (bf16); a registered run config keeps its own dtype
-        dtype = base.train.dtype if model in _CONFIGS else "bf16"
         return dataclasses.replace(base, parallel=par, data=dataclasses.replace(base.data, seq_len=seq),
-                                   train=dataclasses.replace(base.train, dtype=dtype))
+                                   train=dataclasses.replace(base.train, dtype=planned_dtype(model)))
 
     def apply(self, cfg: Config, framework: str = "jax") -> Config:
         """``cfg`` with this layout's parallel settings, as ``framework`` runs them (JAX: ``jax_parallel``)."""
@@ -122,6 +120,11 @@ def register_config(cfg: Config) -> str:
     name = f"{cfg.model.name}@{cfg.hash()}"
     _CONFIGS[name] = cfg
     return name
+
+
+def planned_dtype(model: str) -> str:
+    """The dtype ``model`` is planned at: a preset as the study ran it (bf16); a registered run config its own."""
+    return _CONFIGS[model].train.dtype if model in _CONFIGS else "bf16"
 
 
 @functools.cache

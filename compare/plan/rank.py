@@ -1,21 +1,28 @@
 """The candidate layouts of a model on some nodes (meshes x batch splits x checkpointing), each evaluated
-(buildable, DeepSpeed memory verdict, step time) and ranked by predicted samples/s."""
+(buildable, which frameworks run it, DeepSpeed memory verdict where DeepSpeed runs it, step time) and ranked by
+predicted samples/s."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from compare.cluster import Cluster
 from compare.plan.assumptions import GB, SEQ, Assumptions
-from compare.plan.layout import Layout
+from compare.plan.jax_probe import jax_verdict
+from compare.plan.layout import Layout, planned_dtype
 from compare.plan.memory import MemoryEstimate, ds_memory
 from compare.plan.timing import StepEstimate, step_time
 from configs import ConfigError, validate_config
+from configs import Layout as MeshLayout
 
 GAS_CHOICES = (1, 2, 4, 8, 16, 32)
+
+
+FRAMEWORKS = ("deepspeed", "torch_ref", "jax")
 
 
 MBS_CHOICES = (1, 2)
@@ -112,19 +119,68 @@ def check_gbs(model: str, nodes: int, cluster: Cluster, gbs: int, flag: str = "-
 @dataclass
 class Planned:
     layout: Layout
-    reason: str = ""  # why it is rejected ("" = fits)
-    memory: MemoryEstimate | None = None
+    reason: str = ""  # why it is rejected ("" = fits, or not judged yet: ``unprobed``)
+    memory: MemoryEstimate | None = None  # the DeepSpeed model's; None where DeepSpeed does not run the layout
     step: StepEstimate | None = None
     jax: dict[str, Any] | None = None
     structural: bool = False  # the shape cannot be built at all (indivisible heads/layers, batch, ...)
+    runs_on: tuple[str, ...] = ()  # the FRAMEWORKS that run it (empty when it cannot be built)
+    ds_refusal: str = ""  # why DeepSpeed does not run it ('' where it does): JAX's compiled peak judges it then
+    jax_judged: dict[str, Any] | None = None  # ``jax_verdict`` of ``jax`` (set by ``judge_jax``)
+
+    @property
+    def jax_only(self) -> bool:
+        """DeepSpeed does not run it: no DeepSpeed memory figure, only JAX's compiled peak can judge it."""
+        return bool(self.ds_refusal)
+
+    @property
+    def unprobed(self) -> bool:
+        """JAX-only and not compiled yet: no memory verdict at all, so neither a fit nor a rejection."""
+        return self.jax_only and self.jax is None and not self.reason
 
     @property
     def fits(self) -> bool:
-        return not self.reason
+        return not self.reason and not self.unprobed
 
     @property
     def uncertain(self) -> bool:
         return self.reason.startswith("uncertain")
+
+    def judge_jax(self, res: dict[str, Any], usable: float, err: float) -> dict[str, Any]:
+        """Record ``jax_memory``'s result and return its verdict (``jax_verdict``); it is the memory verdict of a
+        JAX-only layout (``reason`` set from it), beside the DeepSpeed model's verdict of the others."""
+        self.jax = res
+        self.jax_judged = v = jax_verdict(res, usable, err)
+        if self.jax_only:
+            self.reason = _jax_reason(v, usable)
+        return v
+
+
+def _jax_reason(v: dict[str, Any], usable: float) -> str:
+    """The ``reason`` of a JAX-only layout from its JAX verdict ('' = fits)."""
+    if v["jax_verdict"] == "not compiled":
+        return f"not compiled (JAX): {v['jax_reason'][:120]}"
+    figures = (f"{v['jax_peak_gb']:.1f} GB of {usable / GB:.1f} GB usable, {v['jax_margin_gb']:+.1f} GB margin, "
+               f"error ±{v['jax_err_gb']:.1f} GB")
+    if v["jax_verdict"] == "OOM":
+        return f"OOM (JAX compiled peak): {figures}"
+    return f"uncertain (JAX compiled peak): {figures}" if v["jax_verdict"] == "uncertain" else ""
+
+
+@functools.lru_cache(maxsize=1024)  # a few meshes, thousands of batch splits
+def _refusals(shape: MeshLayout, dtype: str) -> tuple[str, str, str]:
+    from torch_ref.layouts import deepspeed_refusal, torch_ref_refusal  # configs only: no torch imported
+
+    return deepspeed_refusal(shape, dtype), torch_ref_refusal(shape, dtype), ""
+
+
+def runs_on(model: str, layout: Layout) -> tuple[tuple[str, ...], str]:
+    """(the FRAMEWORKS that run ``layout`` of ``model``, why DeepSpeed does not: '' where it does).
+
+    DeepSpeed: its engines' rules (``torch_ref.layouts.deepspeed_refusal``; pipeline x tensor as
+    Megatron-DeepSpeed runs it); torch_ref: those and its own limits; JAX: every mesh that can be built."""
+    why = _refusals(layout.shape, planned_dtype(model))
+    return tuple(f for f, w in zip(FRAMEWORKS, why, strict=True) if not w), why[0].split(";")[0]
 
 
 def check_layout(model: str, layout: Layout, cluster: Cluster) -> str:
@@ -142,8 +198,12 @@ def evaluate(model: str, layout: Layout, cluster: Cluster, a: Assumptions, seq: 
     reason = check_layout(model, layout, cluster)
     if reason:
         return Planned(layout, reason, structural=True)
+    frameworks, not_ds = runs_on(model, layout)
+    if not_ds:  # no DeepSpeed figure for what DeepSpeed does not run: unjudged until JAX compiles it
+        return Planned(layout, "", None, step_time(model, layout, cluster, a, seq), runs_on=frameworks,
+                       ds_refusal=not_ds)
     mem = ds_memory(model, layout, cluster, a, seq)
-    p = Planned(layout, "", mem, step_time(model, layout, cluster, a, seq))
+    p = Planned(layout, "", mem, step_time(model, layout, cluster, a, seq), runs_on=frameworks)
     if mem.uncertain:  # neither a pick nor a rejection
         p.reason = (f"uncertain (DeepSpeed model): {mem.total / GB:.1f} GB of {cluster.usable_bytes / GB:.1f} GB "
                     f"usable, {mem.margin / GB:+.1f} GB margin within the model error ±{mem.err / GB:.1f} GB "
@@ -157,7 +217,8 @@ def evaluate(model: str, layout: Layout, cluster: Cluster, a: Assumptions, seq: 
 
 def plan(model: str, nodes: int, cluster: Cluster, a: Assumptions, seq: int = SEQ,
          layouts: Iterable[Layout] | None = None, gbs: int | None = None) -> list[Planned]:
-    """Every candidate evaluated; fitting ones first, by predicted samples/s.
+    """Every candidate evaluated; fitting ones first, by predicted samples/s (JAX-only layouts not compiled yet
+    are not fits: ``Planned.unprobed``).
 
     With ``gbs`` only layouts whose mbs * gas * dp equals it (meshes whose data-parallel width does not divide
     it come back as structural rejections); without it, GBS <= ``a.max_gbs``."""
@@ -206,12 +267,32 @@ def best_per_gbs(planned: Sequence[Planned], top: int = 3) -> list[Planned]:
     return out
 
 
+def unprobed_per_mesh(planned: Sequence[Planned], top: int | None = None) -> list[Planned]:
+    """The fastest variant of each mesh with no memory verdict yet (``Planned.unprobed``), by GBS then predicted
+    samples/s; ``top`` of them per GBS."""
+    best: dict[tuple[int, str], Planned] = {}
+    for p in planned:
+        key = (p.layout.gbs, p.layout.label)
+        if p.unprobed and (key not in best or p.step.sps > best[key].step.sps):  # type: ignore[union-attr]
+            best[key] = p
+    out: list[Planned] = []
+    shown: dict[int, int] = {}
+    for p in sorted(best.values(), key=lambda p: (p.layout.gbs, -p.step.sps)):  # type: ignore[union-attr]
+        shown[p.layout.gbs] = shown.get(p.layout.gbs, 0) + 1
+        if top is None or shown[p.layout.gbs] <= top:
+            out.append(p)
+    return out
+
+
 def best_per_mesh(planned: Sequence[Planned]) -> tuple[list[Planned], list[Planned]]:
-    """(best fitting variant of each mesh/ZeRO layout, one rejection per layout that never fits)."""
+    """(best fitting variant of each mesh/ZeRO layout, one rejection per layout that never fits); layouts with
+    no memory verdict (``Planned.unprobed``) are neither."""
     best: dict[str, Planned] = {}
     rejected: dict[str, Planned] = {}
     for p in planned:
         key = p.layout.label
+        if p.unprobed:
+            continue
         if p.fits:
             if key not in best or p.step.sps > best[key].step.sps:  # type: ignore[union-attr]
                 best[key] = p

@@ -22,7 +22,7 @@ def _gb(x: float | None) -> str:
 
 def _jax_cell(p: Planned) -> str:
     if p.jax is None:
-        return "–"
+        return "not probed (--jax)" if p.unprobed else "–"
     if not p.jax.get("ok"):
         return f"not available ({p.jax.get('reason', '?')[:60]})"
     over = p.memory is not None and p.jax["peak_bytes"] > p.memory.usable
@@ -40,19 +40,45 @@ PLAN_HEAD = ("#", "family", "layout", "variant", "GBS", "DS mem GB/tile", "margi
              "JAX mem GB/tile (XLA:CPU)", "samples/s", "TFLOPS/tile", "step s", "bubble")
 
 
-def plan_rows(ok: Sequence[Planned], per_gbs: bool = False) -> list[list[str]]:
-    """Table rows; ``per_gbs`` numbers the rank within each global batch (the grouped view)."""
+def plan_rows(ok: Sequence[Planned], per_gbs: bool = False, jax_only: Sequence[Planned] = ()) -> list[list[str]]:
+    """Table rows; ``per_gbs`` numbers the rank within each global batch (the grouped view). ``jax_only``:
+    layouts DeepSpeed does not run, unnumbered ("–") after the ranked rows (of their GBS when ``per_gbs``), with
+    no DeepSpeed figure and, once compiled, JAX's margin."""
+    items = [(p, False) for p in ok] + [(p, True) for p in jax_only]
+    if per_gbs:
+        items.sort(key=lambda t: t[0].layout.gbs)  # stable: the ranked rows of a GBS, then its JAX-only ones
     rows = []
     i, last = 0, None
-    for p in ok:
-        i = i + 1 if not per_gbs or p.layout.gbs == last else 1
-        last = p.layout.gbs
+    for p, jax_row in items:
         s = p.step
-        assert s is not None and p.memory is not None
-        rows.append([str(i), p.layout.family, p.layout.label, p.layout.variant, str(p.layout.gbs),
-                     _gb(p.memory.total), f"{p.memory.margin / GB:.1f} (±{p.memory.err / GB:.1f})", _jax_cell(p),
-                     f"{s.sps:.3f}", f"{tflops_per_tile(s, p.layout):.1f}", f"{s.step_s:.2f}", f"{s.bubble:.2f}"])
+        assert s is not None
+        if jax_row:
+            num, ds_mem, margin = "–", "–", _jax_margin(p)
+        else:
+            assert p.memory is not None
+            i = i + 1 if not per_gbs or p.layout.gbs == last else 1
+            last = p.layout.gbs
+            num, ds_mem = str(i), _gb(p.memory.total)
+            margin = f"{p.memory.margin / GB:.1f} (±{p.memory.err / GB:.1f})"
+        rows.append([num, p.layout.family, p.layout.label, p.layout.variant, str(p.layout.gbs), ds_mem, margin,
+                     _jax_cell(p), f"{s.sps:.3f}", f"{tflops_per_tile(s, p.layout):.1f}", f"{s.step_s:.2f}",
+                     f"{s.bubble:.2f}"])
     return rows
+
+
+def _jax_margin(p: Planned) -> str:
+    """A JAX-only layout's margin: JAX's compiled peak against the usable memory, once compiled."""
+    v = p.jax_judged
+    if v is None or v["jax_verdict"] == "not compiled":
+        return "–"
+    return f"{v['jax_margin_gb']:.1f} (±{v['jax_err_gb']:.1f}) JAX"
+
+
+def jax_only_note(rows: Sequence[Planned]) -> str:
+    """What the "–" rows are: layouts DeepSpeed does not run, and why not."""
+    why = sorted({p.ds_refusal for p in rows})
+    return ("–: JAX only, DeepSpeed does not run it: " + "; ".join(why) + ". No DeepSpeed memory figure, not "
+            "ranked: listed after the ranked rows of its GBS, its memory verdict is JAX's compiled peak (--jax)")
 
 
 def _md_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
