@@ -245,6 +245,15 @@ def test_mics_row_without_shard_size_says_which_fit(tmp_path):
     assert verdict.startswith("MiCS shard unrecorded; fits at ") and "96" in verdict and " 12," not in verdict
 
 
+def test_jax_meshes_are_listed_once():
+    """A JAX MiCS group over every tile is the fsdp x tensor mesh: one candidate, not two rows that say the same."""
+    cluster = load_cluster("aurora")
+    for nodes in (1, 2, 8):
+        jax_meshes = [(m.mesh, m.zero, m.hpz) for m in plan.mesh_candidates("llama2-70b", nodes, cluster)
+                      if m.family.endswith("(JAX)")]
+        assert jax_meshes and len(jax_meshes) == len(set(jax_meshes)), nodes
+
+
 def test_plan_42b_and_other_clusters(tmp_path):
     assert plan.main(["--model", "auroragpt-42b-tp6", "--nodes", "8", "--gbs", "64", "--out", str(tmp_path),
                       "--no-fit"]) == 0

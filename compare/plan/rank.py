@@ -59,6 +59,8 @@ def mesh_candidates(model: str, nodes: int, cluster: Cluster) -> list[Layout]:
         meshes.append(Layout("TP+ZeRO-2", data=T // tp, tp=tp, zero=2))
         meshes.append(Layout("fsdp x tensor (JAX)", fsdp=T // tp, tp=tp, zero=3))
         for shard in mics_shard_sizes(T, tpn):
+            if shard == T:  # one group over every tile is the fsdp x tensor mesh above
+                continue
             meshes.append(Layout("data x fsdp x tensor MiCS (JAX)", data=T // shard, fsdp=shard // tp, tp=tp,
                                  zero=3, mics=True))
     meshes.append(Layout("fsdp (JAX ZeRO-3)", fsdp=T, zero=3))
