@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--preset", default="bench")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per run")
-    ap.add_argument("--set", action="append", default=[], help="extra parallel.KEY=VALUE (repeatable)")
+    ap.add_argument("--set", action="append", default=[], help="extra SECTION.KEY=VALUE (repeatable)")
     args = ap.parse_args(argv)
     trees = [Path(t).resolve() for t in (args.a, args.b)]
     for tree in trees:
@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(f"--a/--b {str(tree)!r} is not a project tree (no jax_impl/pipeline); make one with "
                      "`git worktree add DIR REV`")
     for kv in args.set:
-        if not kv.startswith("parallel.") or "=" not in kv:
-            ap.error(f"--set {kv!r}: only parallel.KEY=VALUE settings reach the trainers (compare.report.trainer_argv)")
+        if kv.split(".", 1)[0] not in report.ARGV_SECTIONS or "=" not in kv:
+            ap.error(f"--set {kv!r}: only SECTION.KEY=VALUE settings of {', '.join(report.ARGV_SECTIONS)} reach the "
+                     "trainers (compare.report.trainer_argv)")
     print(f"{args.mesh} {args.dtype} GAS {args.gas}, {args.processes} processes, median of {args.steps - 2} steps")
     ratios = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -193,6 +193,9 @@ def reusable(run_dir: Path, cfg: Config, processes: int | None = None) -> bool:
     return not config_diff(run.config, cfg.to_dict()) and len(run.metrics) == cfg.train.steps
 
 
+ARGV_SECTIONS = ("model", "parallel", "optim", "data", "train", "jax")  # what trainer_argv passes on
+
+
 def trainer_argv(framework: str, cfg: Config) -> list[str]:
     """The trainer's command line for ``cfg``: the CLI's own flags, and every other config key that differs
     from the preset's as a dotted override (a layout's extras: pipeline_repeats, hpz, ...; seeds, data, evals)."""
@@ -202,7 +205,7 @@ def trainer_argv(framework: str, cfg: Config) -> list[str]:
             "--steps", str(cfg.train.steps), "--dtype", cfg.train.dtype, "--wandb", "disabled",
             "--out-dir", cfg.train.out_dir, "--name", cfg.train.name]
     given = {"parallel": {"mesh", "zero", "gas", "mbs"}, "train": {"steps", "dtype", "wandb", "out_dir", "name"}}
-    for section in ("model", "parallel", "optim", "data", "train", "jax"):
+    for section in ARGV_SECTIONS:
         mine, base = getattr(cfg, section), getattr(preset, section)
         for f in fields(mine):
             value = getattr(mine, f.name)

@@ -277,6 +277,11 @@ def configure(platform: str, n_devices: int | None) -> str:
     jax.config.update("jax_platforms", PLATFORM_NAMES[platform])
     if platform == "cpu":
         reuse_host_memory()  # XLA:CPU's per-step buffers stay mapped (runtime.hostmem)
+        # a one-device process (a pipeline stage) runs each step inline: dispatched asynchronously, a step's
+        # outputs were ready before its temp buffer was freed, and the next step, dispatched in between,
+        # allocated a second one (+166 MiB RSS per stage at the bench size, docs/performance.md). The loop
+        # waits for every step's loss anyway; several devices in one process are always dispatched async.
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
     if platform == "cpu" and n_devices:
         # never lower a count someone already asked for (e.g. a test session's 8 devices)
         jax.config.update("jax_num_cpu_devices", max(n_devices, jax.config.jax_num_cpu_devices))

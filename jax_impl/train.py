@@ -414,6 +414,7 @@ class JaxRun:
     opt_state: Any = None
     batch: Any = None  # the current step's global batch (a fault hook may replace it)
     compiled: Any = None
+    eval_compiled: Any = None  # the evaluation step, when the run evaluates
     start_step: int = 0
     consumed0: int = 0
     restored_meta: dict[str, Any] | None = None
@@ -532,6 +533,10 @@ def _init_state(r: JaxRun) -> None:
     # back) before params and optimizer state are allocated, so the process's peak is the larger of the two,
     # not their sum (docs/performance.md, "Peak host memory")
     r.compiled = resilience.compile_guarded(r.trainer)
+    if r.valid is not None and r.cfg.train.steps >= r.cfg.train.eval_interval:
+        # the evaluation step too: compiled at the first evaluation, its compiler memory landed on top of the
+        # state and raised the peak by ~90-110 MiB per process (bench, two pipeline stages)
+        r.eval_compiled = r.trainer.compile_eval()
     hostmem.release_host_memory()
     if r.resume_from is not None:
         _restore(r)
@@ -652,7 +657,7 @@ def _hooks(r: JaxRun, ckpt: Any) -> list[Any]:
         total = 0.0
         for i in range(cfg.train.eval_iters):
             vb = distributed.local_batch(r.valid, batch_sharding(mesh), first + i * r.gbs, p.mbs, p.gas, r.dp)
-            total += float(r.trainer.eval_step(r.params, vb))
+            total += float(r.eval_compiled(r.params, vb))
         return total / cfg.train.eval_iters
 
     hooks: list[Any] = [

@@ -288,6 +288,11 @@ class Trainer:
         return jax.jit(self._eval_loss, compiler_options=devices.compiler_options(),
                        in_shardings=(self.param_sh, batch_sharding(self.mesh)), out_shardings=replicated(self.mesh))
 
+    def compile_eval(self):
+        """Ahead-of-time compile of ``eval_step`` on abstract inputs (allocates nothing), as ``compile_step``."""
+        with activate(self.mesh):
+            return self.eval_step.lower(self.storage, self.batch_abstract()).compile()
+
     def batch_abstract(self) -> jax.ShapeDtypeStruct:
         p = self.cfg.parallel
         dp = dp_size(self.mesh)

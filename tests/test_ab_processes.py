@@ -32,6 +32,6 @@ def test_two_trees_as_process_pairs(capsys):
 
 def test_refuses_a_setting_the_trainers_would_not_get(capsys):
     with pytest.raises(SystemExit) as exc:
-        ab_processes.main(["--a", str(ROOT), "--b", str(ROOT), "--set", "model.hidden=256"])
+        ab_processes.main(["--a", str(ROOT), "--b", str(ROOT), "--set", "checkpoint.every=5"])
     assert exc.value.code == 2
-    assert "'model.hidden=256'" in capsys.readouterr().err
+    assert "'checkpoint.every=5'" in capsys.readouterr().err

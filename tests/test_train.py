@@ -73,6 +73,27 @@ def test_step_is_compiled_before_state_exists(tmp_path, monkeypatch):
     assert order == ["compile", "init"]
 
 
+def test_eval_step_is_compiled_with_the_train_step(tmp_path, monkeypatch):
+    """A run that evaluates compiles its evaluation step ahead of time too, before the state exists: compiled at
+    the first evaluation, its compiler memory landed on top of params and Adam state (docs/performance.md)."""
+    from jax_impl import trainer as trainer_mod
+
+    order = []
+    compile_eval, init_state = trainer_mod.Trainer.compile_eval, trainer_mod.Trainer.init_state
+    monkeypatch.setattr(trainer_mod.Trainer, "compile_eval", lambda self: order.append("compile eval") or
+                        compile_eval(self))
+    monkeypatch.setattr(trainer_mod.Trainer, "init_state", lambda self: order.append("init") or init_state(self))
+    out = main(["--preset", "tiny", "--mesh", "data=1", "--steps", "2", "--out-dir", str(tmp_path), "--wandb",
+                "disabled", "--quiet", "--train.eval_interval=1", "--train.eval_iters=1"])
+    assert order == ["compile eval", "init"]
+    rows = [json.loads(line) for line in (out["run_dir"] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_loss"] is not None for r in rows] == [True, True]
+    order.clear()
+    main(["--preset", "tiny", "--mesh", "data=1", "--steps", "2", "--out-dir", str(tmp_path), "--name", "noeval",
+          "--wandb", "disabled", "--quiet", "--train.eval_interval=0"])
+    assert order == ["init"]  # a run that never evaluates compiles no evaluation step
+
+
 def test_refuses_to_overwrite_a_run(tmp_path, capsys):
     args = ["--preset", "tiny", "--steps", "1", "--out-dir", str(tmp_path), "--name", "same", "--wandb", "disabled",
             "--quiet", "--mesh", "data=1"]
