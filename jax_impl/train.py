@@ -642,7 +642,7 @@ def _hooks(r: JaxRun, ckpt: Any) -> list[Any]:
 
     from jax_impl import distributed, resilience
     from jax_impl.sharding import activate, batch_sharding
-    from runtime import loop
+    from runtime import hostmem, loop
 
     cfg, mesh, p, wd = r.cfg, r.trainer.mesh, r.cfg.parallel, r.cfg.watchdog
     watchdog = resilience.Watchdog(wd.factor, wd.min_s, wd.first_s or math.inf,
@@ -655,9 +655,13 @@ def _hooks(r: JaxRun, ckpt: Any) -> list[Any]:
         """Validation loss after step ``at``: the mean over ``eval_iters`` global batches of the valid split."""
         first = valid_offset(cfg, at, r.gbs)
         total = 0.0
+        # the evaluation's temp buffer is not the train step's: with the free pages given back before and after
+        # it, the heap takes it from pages the train step's buffer left, not on top of the process's peak
+        hostmem.release_host_memory()
         for i in range(cfg.train.eval_iters):
             vb = distributed.local_batch(r.valid, batch_sharding(mesh), first + i * r.gbs, p.mbs, p.gas, r.dp)
             total += float(r.eval_compiled(r.params, vb))
+        hostmem.release_host_memory()
         return total / cfg.train.eval_iters
 
     hooks: list[Any] = [

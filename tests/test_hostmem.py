@@ -160,3 +160,20 @@ def test_reexec_preloads_once_and_never_loops(tmp_path):
     if TCMALLOC:
         r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
         assert r.returncode == 0 and r.stdout.split() == ["ran", "tcmalloc"], r.stderr[-1000:]
+
+
+@needs_tcmalloc
+def test_evaluation_does_not_raise_the_peak(tmp_path):
+    """The evaluation step's temp buffer takes pages the train step's left (the free pages are given back around
+    it): on one device, a run that evaluates every second step peaks where it stood after its first step. (Before,
+    the first evaluation added its compiler memory and its temp buffer, +26 MiB at the bench size.)"""
+    r = subprocess.run([sys.executable, "-m", "jax_impl.train", "--preset", "bench", "--mesh", "data=1", "--steps",
+                        "6", "--train.eval_interval=2", "--train.eval_iters=1", "--out-dir", str(tmp_path), "--name",
+                        "r", "--wandb", "disabled", "--quiet"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**_clean_env(), "PYTHONPATH": str(ROOT), "AURORA_HOST_MALLOC": "tcmalloc"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["val_loss"] is not None for row in rows] == [False, True] * 3
+    peaks = [row["peak_mem_bytes"] / 2**20 for row in rows]
+    assert peaks[-1] - peaks[0] < 8, peaks
