@@ -279,7 +279,7 @@ def configure(platform: str, n_devices: int | None) -> str:
         reuse_host_memory()  # XLA:CPU's per-step buffers stay mapped (runtime.hostmem)
         # a one-device process (a pipeline stage) runs each step inline: dispatched asynchronously, a step's
         # outputs were ready before its temp buffer was freed, and the next step, dispatched in between,
-        # allocated a second one (+166 MiB RSS per stage at the bench size, docs/performance.md). The loop
+        # allocated a second one (+164 MiB RSS per stage at the bench size, bf16, docs/performance.md). The loop
         # waits for every step's loss anyway; several devices in one process are always dispatched async.
         jax.config.update("jax_cpu_enable_async_dispatch", False)
     if platform == "cpu" and n_devices:

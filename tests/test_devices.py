@@ -6,6 +6,9 @@ The same cases with the real plugin installed run in tests/aurora_stack (make te
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -99,11 +102,7 @@ def test_report_refuses_a_trainer_python_that_does_not_run(tmp_path, capsys):
 def test_a_one_device_cpu_process_runs_each_computation_before_returning():
     """With one device, ``configure`` makes XLA:CPU execute inline: a computation's result is ready when the call
     returns, so its temp buffer is freed before the next step allocates one (asynchronous dispatch let two
-    steps' temp buffers coexist: +166 MiB per pipeline stage at the bench size, docs/performance.md)."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
+    steps' temp buffers coexist: +164 MiB per pipeline stage at the bench size, docs/performance.md)."""
     code = (
         "import jax, jax.numpy as jnp\n"
         "from jax_impl import devices\n"
