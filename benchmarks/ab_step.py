@@ -16,7 +16,10 @@ and/or ``lever:NAME=VALUE`` code switches (the old behaviour of a lever, kept to
     lever:attn_vjp=autodiff   attention's backward by autodiff (now: jax_impl.model._attend's written-out VJP)
     lever:attn_layout=seq     attention's einsums on sequence-major q/k/v (now: head-major, jax_impl.model._heads_major)
     lever:norm=optax          optax.tree.norm for the gradient norm (now: trainer.global_norm, one dot per leaf)
+    lever:norm=whole          each gradient's square sum as one whole-leaf dot (now: stacked layer weights
+                              layer by layer, trainer.global_norm's per_layer)
     lever:clip=optax          optax.clip_by_global_norm, which recomputes the norm the step already has
+    lever:clip=divide         clipping as optax computes it, (g / norm) * max_norm (now: g * (max_norm / norm))
     lever:ticks=scan          GPipe's unrolled ticks as an unrolled lax.scan (traced tick index; now: a Python loop)
     lever:gather=unpinned     ZeRO-3 weights all-gathered without first pinning the layer slice to its stored
                               sharding (now: jax_impl.sharding.gather_weight pins it; 2-D gathers, no layout copy)
@@ -81,7 +84,26 @@ def lever(name: str, value: str) -> Iterator[None]:
         import optax
 
         from jax_impl import trainer
-        with mock.patch.object(trainer, "global_norm", optax.tree.norm):
+        with mock.patch.object(trainer, "global_norm", lambda tree, per_layer=None: optax.tree.norm(tree)):
+            yield
+    elif name == "norm" and value == "whole":
+        from jax_impl.trainer import Trainer
+
+        with mock.patch.object(Trainer, "norm_per_layer", lambda self: None):
+            yield
+    elif name == "clip" and value == "divide":
+        import optax
+
+        from jax_impl import trainer
+
+        def divide(max_norm):  # optax's arithmetic, with the norm the step has
+            def update_fn(updates, state, params=None, *, grad_norm=None, **extra):
+                trigger = jax.numpy.squeeze(grad_norm < max_norm)
+                return jax.tree.map(lambda t: jax.lax.select(trigger, t, (t / grad_norm.astype(t.dtype)) * max_norm),
+                                    updates), state
+            return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
+
+        with mock.patch.object(trainer, "clip_by_global_norm", divide):
             yield
     elif name == "clip" and value == "optax":
         import optax
@@ -160,7 +182,8 @@ def lever(name: str, value: str) -> Iterator[None]:
             yield
     else:
         raise SystemExit(f"unknown lever {name}={value}; known: zero_dim=embed, step_grads=stored, "
-                         "cpu_options=none, guard=select, attn_vjp=autodiff, clip=optax, attn_layout=seq, norm=optax, "
+                         "cpu_options=none, guard=select, attn_vjp=autodiff, clip=optax, clip=divide, attn_layout=seq, "
+                         "norm=optax, norm=whole, "
                          "ticks=scan, gather=unpinned, rope=traced")
 
 

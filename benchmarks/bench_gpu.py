@@ -6,7 +6,8 @@ Same model (``gpu-1b``: ~1.0B parameters), batch and optimizer (AdamW with clipp
 weights, bf16 compute) on both sides. Reports, per framework, the median step time after warm-up,
 model TFLOP/s (Megatron-LM formula, no recompute term) and that figure as a fraction of (a) the
 card's dense bf16 peak and (b) a bf16 matmul measured in the same process. JAX uses cuDNN's fused
-attention (``jax.attn_impl=cudnn``), torch ``F.scaled_dot_product_attention``. Each section
+attention (``jax.attn_impl=cudnn``), torch ``F.scaled_dot_product_attention``. With ``parallel.remat`` (the
+``gpu-8b`` preset) both recompute every layer in the backward. Each section
 is independent: one that fails prints its error and the others still run.
 """
 
@@ -19,6 +20,7 @@ import statistics
 import sys
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -88,6 +90,16 @@ def torch_matmul(n: int = 8192, reps: int = 20) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
+def checkpoint_blocks(model):
+    """Recompute every block in the backward (``torch.utils.checkpoint``, non-reentrant), as ``parallel.remat``
+    makes the JAX step do; applied from outside the module, which keeps its parameter names."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.layers:
+        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+    return model
+
+
 def torch_train(cfg, steps: int, warmup: int, compile_model: bool) -> dict:
     import torch
     import torch.nn.functional as F
@@ -96,6 +108,8 @@ def torch_train(cfg, steps: int, warmup: int, compile_model: bool) -> dict:
     from torch_ref.model import Llama, init_torch
 
     model = init_torch(Llama(cfg.model), 0).cuda()  # the JAX recipe's stds; fp32 master weights, bf16 autocast
+    if cfg.parallel.remat:
+        checkpoint_blocks(model)
     o = cfg.optim
     opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                             weight_decay=o.weight_decay, fused=True)

@@ -33,3 +33,35 @@ def test_unknown_variant_is_refused_with_the_known_ones(capsys):
         gpu_sweep.main(["--variants", "jax,jax:typo", "--out-dir", "unused"])
     err = capsys.readouterr().err
     assert "jax:typo" in err and "jax:mm=fp32" in err
+
+
+def test_torch_checkpointed_blocks_give_the_same_gradients():
+    """bench_gpu's torch side under parallel.remat recomputes each block in the backward: same loss and
+    gradients as the plain model, same parameter names, and the forward really runs again in the backward."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import bench_gpu
+
+    from configs import load_config
+    from torch_ref.model import Llama, init_torch
+
+    cfg = load_config("tiny")
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 16))
+
+    def grads(remat: bool):
+        model = init_torch(Llama(cfg.model), 0)
+        if remat:
+            bench_gpu.checkpoint_blocks(model)
+        calls = []
+        model.layers[0].attn_norm.register_forward_hook(lambda *a: calls.append(1))
+        model(tokens).float().logsumexp(-1).mean().backward()
+        return {n: p.grad for n, p in model.named_parameters()}, len(calls)
+
+    (plain, n_plain), (remat, n_remat) = grads(False), grads(True)
+    assert plain.keys() == remat.keys()
+    for n in plain:
+        torch.testing.assert_close(remat[n], plain[n], rtol=1e-5, atol=1e-6)
+    assert (n_plain, n_remat) == (1, 2)

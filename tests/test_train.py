@@ -201,6 +201,18 @@ def test_42b_tp6_dry_run():
     assert "41,404,500,960 parameters" in r.stdout and "'tensor': 6" in r.stdout
 
 
+@pytest.mark.slow
+def test_gpu_8b_plan_fits_one_h200():
+    """The gpu-8b preset (Llama-3-8B shape, fp32 master and AdamW moments) on one device: by XLA:CPU's plan the
+    step's peak is within an H200's 139 GiB, because the update holds one gradient-sized buffer (149.6 GiB when
+    the gradient norm and clipping each held a second one; docs/memory.md)."""
+    r = _cli("--preset", "gpu-8b", "--platform", "cpu", "--jax.attn_impl=xla", "--dry-run")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "8,030,261,248 parameters" in r.stdout
+    peak = float(next(ln for ln in r.stdout.splitlines() if ln.strip().startswith("peak")).split()[1])
+    assert peak <= 139, r.stdout
+
+
 def test_wandb_offline_run_never_breaks_and_logs_locally(tmp_path):
     out = main(["--preset", "tiny", "--mesh", "data=1", "--steps", "2", "--out-dir", str(tmp_path), "--name", "w",
                 "--wandb", "offline", "--quiet"])
