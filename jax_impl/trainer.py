@@ -67,8 +67,11 @@ def global_norm(tree: Any, per_layer: Any = None) -> jax.Array:
     def layer_by_layer(g):
         return jax.lax.scan(lambda acc, gl: (acc + _sum_sq(gl), None), jnp.zeros((), jnp.float32), g)[0]
 
-    return jnp.sqrt(sum(layer_by_layer(g) if f and g.ndim > 1 else _sum_sq(g) for g, f in zip(leaves, flags,
-                                                                                                strict=True)))
+    return jnp.sqrt(sum(layer_by_layer(g) if f else _sum_sq(g) for g, f in zip(leaves, flags, strict=True)))
+
+
+def _clipped(g: jax.Array, g_norm: jax.Array, max_norm: float) -> jax.Array:
+    return g * (max_norm / g_norm).astype(g.dtype)
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
@@ -85,8 +88,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
         del params, extra
         g_norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
         trigger = jnp.squeeze(g_norm < max_norm)
-        return jax.tree.map(lambda t: jax.lax.select(trigger, t, t * (max_norm / g_norm).astype(t.dtype)),
-                            updates), state
+        return jax.tree.map(lambda t: jax.lax.select(trigger, t, _clipped(t, g_norm, max_norm)), updates), state
 
     return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
 
