@@ -116,3 +116,17 @@ def test_a_one_device_cpu_process_runs_each_computation_before_returning():
     r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[-1] == "5"
+
+
+def test_cpu_steps_are_scheduled_for_memory():
+    """The train step is compiled with XLA:CPU's memory-optimized scheduler; its default (concurrency-optimized)
+    keeps more buffers live at once (bench ZeRO-3 over 2 devices: 124 vs 86 MiB of temporaries)."""
+    from jax_impl.sharding import make_mesh
+    from jax_impl.trainer import Trainer
+
+    cfg = load_config("bench", {"parallel.mesh": "fsdp=2", "parallel.zero": 3})
+    tr = Trainer.build(cfg, make_mesh(cfg.mesh_shape()))
+    assert devices.compiler_options()["xla_cpu_scheduler_type"] == "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
+    ours = tr.compile_step().memory_analysis().temp_size_in_bytes
+    default = tr.compile_step(compiler_options={"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_DEFAULT"})
+    assert ours < 0.85 * default.memory_analysis().temp_size_in_bytes, (ours, default)
