@@ -37,7 +37,8 @@ CUDA_ENTRY_POINTS = ("xla_cuda13", "xla_cuda12")
 # ~10x slower than XLA's own loop emitter (-8 % fp32 / -14 % bf16 step time, bench preset, scan);
 # with the layers unrolled the difference is within this machine's noise, and XLA's temp memory -6 %.
 # XLA:CPU's default scheduler orders the program for concurrency between independent ops; the memory-optimized
-# one keeps fewer buffers live at a time (bench XLA temp -8 to -13 %, the same step time and bit-identical losses).
+# one keeps fewer buffers live at a time: bench XLA temp -8 to -31 %, the 70B plans 1.6-7.1 GiB lower per device,
+# the same step time and bit-identical losses (docs/memory.md, lever 8).
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
                         "xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
