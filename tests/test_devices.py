@@ -129,4 +129,5 @@ def test_cpu_steps_are_scheduled_for_memory():
     assert devices.compiler_options()["xla_cpu_scheduler_type"] == "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
     ours = tr.compile_step().memory_analysis().temp_size_in_bytes
     default = tr.compile_step(compiler_options={"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_DEFAULT"})
-    assert ours < 0.85 * default.memory_analysis().temp_size_in_bytes, (ours, default)
+    default_temp = default.memory_analysis().temp_size_in_bytes
+    assert ours < 0.85 * default_temp, (ours, default_temp)
