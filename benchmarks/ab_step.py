@@ -7,7 +7,8 @@ This 2-core machine is shared and its speed drifts by +-20 % over minutes, so tw
 in separate runs cannot be told apart by a 5 % lever. Here both are compiled in the same process
 and alternate step by step; the median over adjacent (A, B) pairs of B's step time / A's is what each
 lever's figure in docs/performance.md comes from. A variant is a comma list of config overrides (``key=value``)
-and/or ``lever:NAME=VALUE`` code switches (the old behaviour of a lever, kept to measure it):
+and/or ``xla:OPTION=VALUE`` XLA compiler options (a repeated option's values joined by ``+``) and/or
+``lever:NAME=VALUE`` code switches (the old behaviour of a lever, kept to measure it):
 
     lever:zero_dim=embed      ZeRO shards the embed/norm dimension (now: the most major one)
     lever:step_grads=stored   gradients reduced into their stored sharding (ZeRO-1: an all-reduce;
@@ -188,7 +189,8 @@ def build(preset: str, base: dict, variant: str, guard: bool) -> dict:
     for item in filter(None, variant.split(",")):
         key, _, value = item.partition("=")
         if key.startswith("xla:"):
-            xla[key[len("xla:"):]] = {"true": True, "false": False}.get(value, value)
+            # a repeated option's values joined by "+" (the variant's own separator is ","): A+B -> "A,B"
+            xla[key[len("xla:"):]] = {"true": True, "false": False}.get(value, value.replace("+", ","))
         elif key == "lever:ticks" and value == "scan":  # an option of the model, passed to the build
             model_options["ticks_as_scan"] = True
         elif key.startswith("lever:"):

@@ -43,14 +43,9 @@ def schedule(cfg: Config, opts: ModelOptions, p: int, params: dict, tokens: jax.
     if split:  # this stage's vocabulary columns s, s+p, ... (a strided slice keeps a tensor-sharded vocab local)
         V = head_w.shape[-1]
         head_w = jax.lax.dynamic_index_in_dim(head_w.reshape(-1, V // p, p), s, axis=2, keepdims=False)
-        # the loss is reduced over the stages inside, so each stage's seed of 1 reaches every stage's share:
-        # differentiate loss / p for the gradient of the loss (and report p x that value)
-        split_grad = jax.value_and_grad(
-            lambda y, n, h, lab: model.head_loss(opts, y, n, h, lab, SplitHead(p)) / (m * p), argnums=(0, 1, 2))
-
-        def head_grad(*args):
-            li, grads = split_grad(*args)
-            return li * p, grads
+        # the loss is combined over the stages inside (SplitHead) and is the same on every stage
+        head_grad = jax.value_and_grad(
+            lambda y, n, h, lab: model.head_loss(opts, y, n, h, lab, SplitHead(p)) / m, argnums=(0, 1, 2))
     else:
         head_grad = jax.value_and_grad(lambda y, n, h, lab: model.head_loss(opts, y, n, h, lab) / m, argnums=(0, 1, 2))
     f32 = jnp.float32
