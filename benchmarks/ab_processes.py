@@ -2,6 +2,7 @@
 
     python benchmarks/ab_processes.py --a /tmp/before --b .                  # pp2 fp32, head last, 3 rounds
     python benchmarks/ab_processes.py --a /tmp/before --b . --dtype bf16 --set jax.pipeline_repeats=2
+    python benchmarks/ab_processes.py --a . --b . --set-b jax.pipeline_head=split   # one tree, two settings
 
 ``benchmarks/ab_step.py`` compares variants inside one process; a pipeline whose stages run as separate
 processes (how ``compare.report`` runs ``pp2-zero1``) needs separate processes per variant. Each round runs
@@ -25,11 +26,13 @@ from compare import report
 from configs import load_config
 
 
-def run_variant(tree: Path, name: str, args: argparse.Namespace, out: Path) -> tuple[float, float, float]:
-    """Median step ms, last loss and peak RSS MiB (the largest process's) of one multi-process run of ``tree``."""
+def run_variant(tree: Path, name: str, args: argparse.Namespace, out: Path,
+                extra: list[str] = ()) -> tuple[float, float, float]:
+    """Median step ms, last loss and peak RSS MiB (the largest process's) of one multi-process run of ``tree``
+    (``extra``: this variant's own SECTION.KEY=VALUE settings, after ``--set``)."""
     cfg = load_config(args.preset, {
         "parallel.mesh": args.mesh, "parallel.zero": 1, "parallel.gas": args.gas, "jax.pipeline_head": "last",
-        **dict(kv.split("=", 1) for kv in args.set), "train.dtype": args.dtype, "train.steps": args.steps,
+        **dict(kv.split("=", 1) for kv in [*args.set, *extra]), "train.dtype": args.dtype, "train.steps": args.steps,
         "train.wandb": "disabled", "train.out_dir": str(out), "train.name": name})
     report.execute("jax", cfg, out / f"{name}.log", args.timeout, args.processes, root=tree)
     run = report.load_run(out / name)
@@ -50,22 +53,26 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--preset", default="bench")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per run")
     ap.add_argument("--set", action="append", default=[], help="extra SECTION.KEY=VALUE (repeatable)")
+    ap.add_argument("--set-a", action="append", default=[], help="SECTION.KEY=VALUE for A only (repeatable)")
+    ap.add_argument("--set-b", action="append", default=[], help="SECTION.KEY=VALUE for B only (repeatable)")
     args = ap.parse_args(argv)
     trees = [Path(t).resolve() for t in (args.a, args.b)]
     for tree in trees:
         if not ((tree / "jax_impl" / "pipeline.py").is_file() or (tree / "jax_impl" / "pipeline").is_dir()):
             ap.error(f"--a/--b {str(tree)!r} is not a project tree (no jax_impl/pipeline); make one with "
                      "`git worktree add DIR REV`")
-    for kv in args.set:
+    for flag, kv in [("--set", kv) for kv in args.set] + [("--set-a", kv) for kv in args.set_a] + \
+            [("--set-b", kv) for kv in args.set_b]:
         if kv.split(".", 1)[0] not in report.ARGV_SECTIONS or "=" not in kv:
-            ap.error(f"--set {kv!r}: only SECTION.KEY=VALUE settings of {', '.join(report.ARGV_SECTIONS)} reach the "
+            ap.error(f"{flag} {kv!r}: only SECTION.KEY=VALUE settings of {', '.join(report.ARGV_SECTIONS)} reach the "
                      "trainers (compare.report.trainer_argv)")
     print(f"{args.mesh} {args.dtype} GAS {args.gas}, {args.processes} processes, median of {args.steps - 2} steps")
     ratios = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            (a_ms, a_loss, a_rss), (b_ms, b_loss, b_rss) = (run_variant(tree, f"{ab}{r}", args, Path(tmp))
-                                              for ab, tree in zip("ab", trees, strict=True))
+            (a_ms, a_loss, a_rss), (b_ms, b_loss, b_rss) = (
+                run_variant(tree, f"{ab}{r}", args, Path(tmp), extra)
+                for ab, tree, extra in zip("ab", trees, (args.set_a, args.set_b), strict=True))
             ratios.append(b_ms / a_ms)
             print(f"round {r + 1}: A {a_ms:7.1f} ms  B {b_ms:7.1f} ms  B/A {b_ms / a_ms:.3f}   "
                   f"(last loss A {a_loss:.6f}, B {b_loss:.6f}; peak RSS A {a_rss:.0f} MiB, B {b_rss:.0f} MiB)",

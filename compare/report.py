@@ -89,7 +89,7 @@ LAYOUTS = {spec.name: spec for spec in (
     # a pipeline stage per JAX process, as DeepSpeed's ranks: in one process the two stages' programs share
     # XLA's intra-op thread pool (memory-bound ops 2-3x slower per call; the step 0-15 % slower in alternating
     # runs, docs/performance.md, "Pipeline + ZeRO-1 on CPU"); the head on the last stage, as DeepSpeed's: in two
-    # processes the split head is no faster (fp32 4-11 % slower, bf16 within noise) and its stages' peak is higher
+    # processes the split head is slower (fp32 11 %, bf16 14 %: gloo's small all-reduces) and its peak is higher
     LayoutSpec("pp2-zero1", "pipeline=2,data=1", 1, {"parallel.gas": 4, "jax.pipeline_head": "last"},
                "Pipeline + ZeRO-1, GAS 4; JAX: 2 processes (a stage each), head on the last stage",
                jax_processes=2),

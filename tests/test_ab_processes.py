@@ -30,8 +30,9 @@ def test_two_trees_as_process_pairs(capsys):
     assert m.group(3) == m.group(4)  # one tree twice: the same losses
 
 
-def test_refuses_a_setting_the_trainers_would_not_get(capsys):
+@pytest.mark.parametrize("flag", ["--set", "--set-a", "--set-b"])
+def test_refuses_a_setting_the_trainers_would_not_get(capsys, flag):
     with pytest.raises(SystemExit) as exc:
-        ab_processes.main(["--a", str(ROOT), "--b", str(ROOT), "--set", "checkpoint.every=5"])
+        ab_processes.main(["--a", str(ROOT), "--b", str(ROOT), flag, "checkpoint.every=5"])
     assert exc.value.code == 2
-    assert "'checkpoint.every=5'" in capsys.readouterr().err
+    assert f"{flag} 'checkpoint.every=5'" in capsys.readouterr().err

@@ -144,6 +144,19 @@ def test_two_processes_match_one_process(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_pipeline_over_two_processes_matches_one_process(tmp_path):
+    """A stage per process, the head split over both (the default): its log-partition and gold logit are combined
+    over gloo, and losses and gradient norms are one process's (tests/test_pipeline.py: one process's are the
+    single device's)."""
+    args = ["--mesh", "pipeline=2,data=4", "--zero", "1", "--gas", "2", "--steps", "3", "--jax.pipeline_head=split"]
+    one = main([*TINY, *args, "--out-dir", str(tmp_path), "--name", "one"])
+    run_two_processes(tmp_path, "two", *args)
+    rows = read_metrics(tmp_path / "two")
+    assert_same_losses([r["loss"] for r in rows], one["losses"])
+    assert_same_losses([r["grad_norm"] for r in rows], [r["grad_norm"] for r in read_metrics(tmp_path / "one")])
+
+
+@pytest.mark.slow
 def test_two_processes_resume_a_one_process_checkpoint(tmp_path):
     one = main([*TINY, "--mesh", "fsdp=8", "--steps", "6", "--ckpt-every", "3", "--out-dir", str(tmp_path),
                 "--name", "one"])

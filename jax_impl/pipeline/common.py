@@ -59,8 +59,8 @@ class SplitHead:
     def logz(self, logz: jax.Array) -> jax.Array:
         # every stage's (batch, seq) log-partition, stacked (p, batch, seq) by a psum of one-hot rows: the same
         # numbers as an all-gather, but the transpose is this stage's row (no collective), where all_gather's
-        # is a reduce-scatter. Over gloo (several processes on CPU) that reduce-scatter stalled the stages'
-        # sends: 4.2 s per bench pp2 step against 0.66 s (docs/performance.md, "Pipeline + ZeRO-1 on CPU")
+        # is a reduce-scatter. With the all-gather, the stages' sends stalled over gloo (stages as processes on
+        # CPU): 4.35 s per bench pp2 step against 0.65 s (docs/performance.md, "Pipeline + ZeRO-1 on CPU")
         row = jax.nn.one_hot(jax.lax.axis_index(PIPE), self.p, dtype=logz.dtype).reshape((self.p,) + (1,) * logz.ndim)
         return jax.nn.logsumexp(jax.lax.psum(row * logz[None], PIPE), axis=0)
 
