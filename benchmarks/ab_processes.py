@@ -61,11 +61,11 @@ def main(argv: list[str] | None = None) -> None:
         if not ((tree / "jax_impl" / "pipeline.py").is_file() or (tree / "jax_impl" / "pipeline").is_dir()):
             ap.error(f"--a/--b {str(tree)!r} is not a project tree (no jax_impl/pipeline); make one with "
                      "`git worktree add DIR REV`")
-    for flag, kv in [("--set", kv) for kv in args.set] + [("--set-a", kv) for kv in args.set_a] + \
-            [("--set-b", kv) for kv in args.set_b]:
-        if kv.split(".", 1)[0] not in report.ARGV_SECTIONS or "=" not in kv:
-            ap.error(f"{flag} {kv!r}: only SECTION.KEY=VALUE settings of {', '.join(report.ARGV_SECTIONS)} reach the "
-                     "trainers (compare.report.trainer_argv)")
+    for flag, settings in (("--set", args.set), ("--set-a", args.set_a), ("--set-b", args.set_b)):
+        for kv in settings:
+            if kv.split(".", 1)[0] not in report.ARGV_SECTIONS or "=" not in kv:
+                ap.error(f"{flag} {kv!r}: only SECTION.KEY=VALUE settings of {', '.join(report.ARGV_SECTIONS)} "
+                         "reach the trainers (compare.report.trainer_argv)")
     print(f"{args.mesh} {args.dtype} GAS {args.gas}, {args.processes} processes, median of {args.steps - 2} steps")
     ratios = []
     with tempfile.TemporaryDirectory() as tmp:

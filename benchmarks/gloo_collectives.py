@@ -3,8 +3,9 @@
     python benchmarks/gloo_collectives.py                          # 2 processes; (256, 512) and (2, 256) fp32
     python benchmarks/gloo_collectives.py --shape 1,256,512 --reps 50
 
-Each of ``--processes`` processes holds one CPU device and joins ``jax.distributed`` with gloo collectives, as
-the trainer's multi-process CPU runs do (``jax_impl.distributed``). Each op -- psum, all_gather, psum_scatter,
+Each of ``--processes`` processes holds one CPU device and joins ``jax.distributed`` with gloo collectives the
+way the trainer's multi-process CPU runs do (launcher variables read by ``jax_impl.distributed.detect``, then its
+``initialize``). Each op -- psum, all_gather, psum_scatter,
 ppermute (a ring shift) -- runs in its own jitted ``shard_map`` on a per-process block of ``--shape``, ``--reps``
 times after 3 warm-up calls; process 0 prints the median and the largest wall time of one call.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -22,7 +22,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-RANK_VAR, SIZE_VAR, ADDR_VAR = "GLOO_BENCH_RANK", "GLOO_BENCH_SIZE", "GLOO_BENCH_ADDR"
 OPS = ("psum", "all_gather", "psum_scatter", "ppermute")
 
 
@@ -36,17 +35,18 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def worker(shapes: list[tuple[int, ...]], reps: int) -> None:
-    """One process: time every op on every shape; process 0 prints."""
+def worker(info, shapes: list[tuple[int, ...]], reps: int) -> None:
+    """One process (``info``: its ``jax_impl.distributed.DistInfo``): time every op on every shape; process 0
+    prints."""
+    from jax_impl import distributed
+
+    distributed.initialize(info, "cpu")
     import jax
     import numpy as np
-
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    n, rank = int(os.environ[SIZE_VAR]), int(os.environ[RANK_VAR])
-    jax.distributed.initialize(os.environ[ADDR_VAR], n, rank)
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
+    n, rank = info.num_processes, info.process_id
     mesh = jax.make_mesh((n,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
     bodies = {
         "psum": lambda x: jax.lax.psum(x, "x"),
@@ -55,9 +55,6 @@ def worker(shapes: list[tuple[int, ...]], reps: int) -> None:
         "ppermute": lambda x: jax.lax.ppermute(x, "x", [(i, (i + 1) % n) for i in range(n)]),
     }
     for shape in shapes:
-        if shape[0] % n:
-            raise SystemExit(f"--shape {shape}: psum_scatter splits the first size over {n} processes; "
-                             f"make it a multiple of {n}")
         block = np.ones(shape, np.float32)
         x = jax.make_array_from_callback((n * shape[0], *shape[1:]), NamedSharding(mesh, P("x")),
                                          lambda _, b=block: b)
@@ -86,23 +83,29 @@ def main(argv: list[str] | None = None) -> None:
     if args.processes < 2:
         ap.error(f"--processes {args.processes}: a cross-process collective needs at least 2")
     shapes = args.shape or [(256, 512), (2, 256)]
-    if RANK_VAR in os.environ:
-        worker(shapes, args.reps)
-        return
-
+    for shape in shapes:
+        if shape[0] % args.processes:
+            raise SystemExit(f"--shape {','.join(map(str, shape))}: psum_scatter splits the first size over "
+                             f"{args.processes} processes; make it a multiple of {args.processes}")
+    from jax_impl import distributed
     from runtime import procgroup
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device per process
+    info = distributed.detect()
+    if info is not None:  # started below, as one of the group
+        worker(info, shapes, args.reps)
+        return
+
+    # the launcher variables jax_impl.distributed.detect reads (as compare.report starts a multi-process run);
+    # no XLA_FLAGS: one CPU device per process
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    addr = f"127.0.0.1:{procgroup.free_port()}"
     argv_ = [sys.executable, str(Path(__file__).resolve()), "--processes", str(args.processes), "--reps",
              str(args.reps), *(a for shape in shapes for a in ("--shape", ",".join(map(str, shape))))]
     with tempfile.TemporaryDirectory() as tmp:
         logs = [Path(tmp) / f"rank{i}.log" for i in range(args.processes)]
         group = procgroup.start([argv_] * args.processes,
-                                [{**env, RANK_VAR: str(i), SIZE_VAR: str(args.processes),
-                                  ADDR_VAR: f"127.0.0.1:{port}"} for i in range(args.processes)],
+                                [{**env, "PMI_RANK": str(i), "PMI_SIZE": str(args.processes),
+                                  "JAX_COORDINATOR_ADDRESS": addr} for i in range(args.processes)],
                                 cwd=ROOT, logs=logs, poll_s=0.2)
         group.wait(deadline=time.monotonic() + args.timeout, failure_grace_s=0.0, kill_on_stop=True)
         first = group.first_failure()

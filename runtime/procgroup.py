@@ -15,6 +15,7 @@ process's environment and log files, then ``ProcessGroup.wait``).
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -24,6 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for the coordinator of a group started here."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @dataclass
