@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import sys
 import time
 from pathlib import Path
@@ -95,19 +94,13 @@ def worker(mode: str, layers: int, init: str) -> dict:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(mode: str, ranks: int, layers: int, init: str) -> list[dict]:
     import tempfile
 
     from runtime import procgroup
     from runtime.hostmem import allocator_env
 
-    port, env0 = _free_port(), allocator_env()
+    port, env0 = procgroup.free_port(), allocator_env()
     envs = [{**env0, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1",
              "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
              "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}

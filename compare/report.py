@@ -214,14 +214,6 @@ def trainer_argv(framework: str, cfg: Config) -> list[str]:
     return argv
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def execute(framework: str, cfg: Config, log: Path, timeout_s: int, processes: int = 1, root: Path = ROOT) -> None:
     """Run one trainer in its own process(es): fresh JAX device count / torch workers. JAX with ``processes``
     > 1 starts them as a launcher would (rank, size and coordinator in the environment; process 0 writes the
@@ -244,7 +236,7 @@ def execute(framework: str, cfg: Config, log: Path, timeout_s: int, processes: i
     logs = [log] + [log.with_name(f"{log.stem}.{i}{log.suffix}") for i in range(1, processes)]
     ranks: list[dict[str, str]] = [{}]
     if processes > 1:
-        addr = f"127.0.0.1:{_free_port()}"
+        addr = f"127.0.0.1:{procgroup.free_port()}"
         ranks = [{"PMI_RANK": str(i), "PMI_SIZE": str(processes), "JAX_COORDINATOR_ADDRESS": addr}
                  for i in range(processes)]
     group = procgroup.start([argv] * len(ranks), [{**env, **rank} for rank in ranks], cwd=root, logs=logs,

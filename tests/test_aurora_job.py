@@ -310,15 +310,9 @@ def _two_ranks(tmp_path: Path, argv: list[str], env_for) -> list[subprocess.Comp
             for p, (o, e) in zip(group.procs, logs, strict=True)]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torch_rank0_run_dir_error_stops_every_rank(tmp_path):
     stale_run(tmp_path, "taken")
-    port = str(_port())
+    port = str(procgroup.free_port())
     res = _two_ranks(tmp_path, ["-m", "torch_ref.train", *TINY, "--mesh", "data=2", "--zero", "1", "--out-dir",
                                 str(tmp_path), "--name", "taken"],
                      lambda i: {"PMIX_RANK": str(i), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
@@ -330,7 +324,7 @@ def test_torch_rank0_run_dir_error_stops_every_rank(tmp_path):
 
 def test_jax_process0_run_dir_error_stops_every_process(tmp_path):
     stale_run(tmp_path, "taken")
-    addr = f"127.0.0.1:{_port()}"
+    addr = f"127.0.0.1:{procgroup.free_port()}"
     res = _two_ranks(tmp_path, ["-m", "jax_impl.train", *TINY, "--mesh", "data=2,fsdp=4", "--out-dir", str(tmp_path),
                                 "--name", "taken"],
                      lambda i: {"PMI_RANK": str(i), "PMI_SIZE": "2", "JAX_COORDINATOR_ADDRESS": addr})
@@ -348,12 +342,12 @@ def test_a_locked_run_directory_stops_every_rank(tmp_path, trainer):
     lock = lock_run_dir(tmp_path / "held")  # this test process is the live holder
     try:
         if trainer == "jax":
-            addr = f"127.0.0.1:{_port()}"
+            addr = f"127.0.0.1:{procgroup.free_port()}"
             res = _two_ranks(tmp_path, ["-m", "jax_impl.train", *TINY, "--mesh", "data=2,fsdp=4", "--out-dir",
                                         str(tmp_path), "--name", "held"],
                              lambda i: {"PMI_RANK": str(i), "PMI_SIZE": "2", "JAX_COORDINATOR_ADDRESS": addr})
         else:
-            port = str(_port())
+            port = str(procgroup.free_port())
             res = _two_ranks(tmp_path, ["-m", "torch_ref.train", *TINY, "--mesh", "data=2", "--zero", "1",
                                         "--out-dir", str(tmp_path), "--name", "held"],
                              lambda i: {"PMIX_RANK": str(i), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",

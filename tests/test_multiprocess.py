@@ -76,12 +76,6 @@ def test_local_batch_equals_the_global_batch(mesh, gas):
     np.testing.assert_array_equal(np.asarray(arr), global_batch(src, 40, 2, gas, dp))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_two_processes(tmp_path, name: str, *args: str, timeout: int = 500,
                       command: list[str] | None = None) -> list[subprocess.CompletedProcess]:
     """2 processes x 4 CPU devices through jax.distributed (gloo), as mpiexec would start them: ``jax_impl.train``
@@ -90,7 +84,7 @@ def run_two_processes(tmp_path, name: str, *args: str, timeout: int = 500,
     Waits for both to exit; only a failed process (or the timeout) makes it kill the other, so that a peer
     is never left waiting for a dead one, and a process still tearing down after its peer is not killed.
     """
-    port = _free_port()
+    port = procgroup.free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
     env["OMP_NUM_THREADS"] = "1"
     logs = [(tmp_path / f"{name}.{i}.out", tmp_path / f"{name}.{i}.err") for i in range(2)]
@@ -186,7 +180,7 @@ def _alone(tmp_path, rank: int, port: int, timeout_s: str = "3") -> subprocess.C
 @pytest.mark.parametrize("rank", [0, 1])
 def test_a_peer_that_never_starts_is_named_after_the_init_timeout(tmp_path, rank):
     """2 processes, one never started: the other names it (or the coordinator it expected) and exits 69."""
-    port = _free_port()
+    port = procgroup.free_port()
     r = _alone(tmp_path, rank, port)
     assert r.returncode == distributed.JOIN_EXIT == 69, r.stderr[-3000:]
     if rank == 0:
@@ -203,7 +197,7 @@ def test_a_peer_that_never_starts_is_named_after_the_init_timeout(tmp_path, rank
 def test_rendezvous_names_exactly_the_processes_missing():
     import threading
 
-    port = _free_port()
+    port = procgroup.free_port()
     info = [distributed.DistInfo(f"127.0.0.1:{port}", 4, i, coordinator_source="test") for i in range(4)]
     errors: dict[int, Exception] = {}
 
@@ -223,7 +217,7 @@ def test_rendezvous_names_exactly_the_processes_missing():
         t.join()
     assert "process 0, which runs the coordinator" in str(errors[2])
     # all present: everyone goes on, and the port is free again for jax.distributed's service
-    port = _free_port()
+    port = procgroup.free_port()
     info = [distributed.DistInfo(f"127.0.0.1:{port}", 3, i) for i in range(3)]
     peers = [threading.Thread(target=distributed.rendezvous, args=(info[i], 30.0)) for i in (1, 2)]
     for t in peers:

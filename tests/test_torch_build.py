@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from configs import load_config
+from runtime import procgroup
 from torch_ref import build, weights
 from torch_ref.convert import jax_to_torch, torch_to_jax
 from torch_ref.ds_config import installed_ds_config
@@ -276,7 +277,7 @@ def test_a_torch_init_worker_never_imports_jax(tmp_path, monkeypatch):
     for mod in ("jax", "jaxlib", "flax", "optax", "jax_impl.model"):
         monkeypatch.setitem(sys.modules, mod, None)  # `import jax` now raises ImportError
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(torch_train._free_port())}.items():
+                 "MASTER_PORT": str(procgroup.free_port())}.items():
         monkeypatch.setenv(k, v)
     out = torch_train.main(["--preset", "tiny", "--steps", "2", "--wandb", "disabled", "--quiet", "--mesh", "data=1",
                             "--zero", "3", "--init", "torch", "--out-dir", str(tmp_path), "--name", "nojax"])

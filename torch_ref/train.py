@@ -85,7 +85,7 @@ from configs import (
 )
 from configs.cli import resolve_config as resolve_cli
 from configs.cli import trainer_parser
-from runtime import launcher_env
+from runtime import launcher_env, procgroup
 from runtime.hostmem import allocator_env
 from runtime.loop import BaseHook, Stop
 from runtime.procgroup import ProcessGroup
@@ -415,12 +415,6 @@ def check_local_ranks(ranks: int, mesh: str, cores: int | None = None, memory: i
                       "(each process then is one rank), or pass --oversubscribe to start them here anyway")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ----------------------------------------------------------------------------- entry point
 @dataclass
 class _Launch:
@@ -680,7 +674,7 @@ def launch(cfg: Config, layout: Layout, init: str = "jax", quiet: bool = False, 
               "directory", file=sys.stderr)
         raise SystemExit(2) from None
     n = layout.world_size
-    port = _free_port()
+    port = procgroup.free_port()
     threads = os.environ.get("OMP_NUM_THREADS") or "1"  # one per rank: more oversubscribes a shared 2-core box
     procs: list[subprocess.Popen] = []
     base = allocator_env()  # workers start on the trainers' host allocator (runtime/hostmem.py)
