@@ -25,6 +25,8 @@ and/or ``xla:OPTION=VALUE`` XLA compiler options (a repeated option's values joi
     lever:gather=unpinned     ZeRO-3 weights all-gathered without first pinning the layer slice to its stored
                               sharding (now: jax_impl.sharding.gather_weight pins it; 2-D gathers, no layout copy)
     lever:rope=traced         rotary tables computed inside the step (now: constants, jax_impl.model.rope_tables)
+    lever:grad_scatter=partitioner  ZeRO-1/2 weight gradients reduced by the SPMD partitioner (XLA:CPU: an all-reduce
+                              and a slice; now: a local dot and a reduce-scatter, jax_impl.sharding.weight_grad_fn)
     lever:guard=select        the non-finite guard as where(ok, new, old) over params and Adam moments
                               (now: a branch around the update, jax_impl.trainer.guarded_update)
 """
@@ -106,6 +108,9 @@ def lever(name: str, value: str) -> Iterator[None]:
         from jax_impl import trainer
 
         with mock.patch.object(trainer, "clip_by_global_norm", optax.clip_by_global_norm):
+            yield
+    elif name == "grad_scatter" and value == "partitioner":
+        with mock.patch.object(sharding, "EXPLICIT_GRAD_SCATTER", False):
             yield
     elif name == "guard" and value == "select":
         from jax_impl import trainer

@@ -27,7 +27,15 @@ from jax.ad_checkpoint import checkpoint_name
 
 from configs import Config, ModelConfig
 from configs import rope as configs_rope
-from jax_impl.sharding import FROM_COPY, GRAD_SHARDED_AS, ZeroPlan, constrain, gather_weight
+from jax_impl.sharding import (
+    CONSTRAINED_FORWARD,
+    FROM_COPY,
+    GRAD_SHARDED_AS,
+    ZeroPlan,
+    constrain,
+    gather_weight,
+    weight_grad_fn,
+)
 
 # logical axis names of every parameter, by name (the model's whole sharding vocabulary)
 PARAM_AXES: dict[str, tuple[str, ...]] = {
@@ -65,7 +73,7 @@ def all_but_weights(prim: Any, *_, **params: Any) -> bool:
     if prim.name == "name":
         return params["name"] not in (WEIGHTS, "pipe_w")
     if prim.name == "custom_vjp_call":  # the weight's gradient-sharding identity or compute-copy read (gather_weight)
-        return _vjp_name(params) not in (GRAD_SHARDED_AS, FROM_COPY)
+        return _vjp_name(params) not in (GRAD_SHARDED_AS, FROM_COPY, CONSTRAINED_FORWARD)
     return prim.name not in ("sharding_constraint", "slice")
 
 
@@ -123,6 +131,11 @@ class ModelOptions:
         """A stored weight in compute layout and logical shape (``sharding.gather_weight`` under ``plan``)."""
         return gather_weight(w, names, shape, self.plan)
 
+    def weight_grad(self, names: tuple[str, ...], shape: tuple[int, ...]) -> Callable | None:
+        """How a weight read by ``gather`` forms its gradient in its matmul's backward
+        (``sharding.weight_grad_fn`` under ``plan``; None: one dot, reduced by the partitioner)."""
+        return weight_grad_fn(names, shape, self.plan)
+
     def constrain(self, x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
         return constrain(x, names, self.sequence_parallel)
 
@@ -141,7 +154,8 @@ def _ones(shape: tuple[int, ...], name: str) -> nnx.Param:
     return nnx.Param(jnp.ones(shape, jnp.float32), out_sharding=PARAM_AXES[name], eager_sharding=False)
 
 
-def matmul(x: jax.Array, w: jax.Array, out_dtype=jnp.float32) -> jax.Array:
+def matmul(x: jax.Array, w: jax.Array, out_dtype=jnp.float32,
+           dw: Callable[[jax.Array, jax.Array], jax.Array] | None = None) -> jax.Array:
     """x (..., k) @ w (k, n) in x's dtype with fp32 accumulation; returns ``out_dtype`` (fp32 by default).
 
     The backward pass casts the cotangent to x's dtype first, so every dot -- weight
@@ -149,21 +163,22 @@ def matmul(x: jax.Array, w: jax.Array, out_dtype=jnp.float32) -> jax.Array:
     slower than bf16->fp32, hence the fp32 output there). ``out_dtype=x.dtype`` writes the
     result (and the input gradient) in the compute dtype instead: on a GPU the library still
     accumulates in fp32, and half the activation bytes are written and kept for the backward pass.
-    Weight gradients are fp32 either way. In fp32 this is an ordinary matmul.
+    Weight gradients are fp32 either way. In fp32 this is an ordinary matmul. ``dw``: how the weight
+    gradient is formed from x and the cotangent (``ModelOptions.weight_grad``; None: one dot).
     """
-    return _matmul(x, w, jnp.dtype(out_dtype))
+    return _matmul(x, w, jnp.dtype(out_dtype), dw)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _matmul(x: jax.Array, w: jax.Array, out) -> jax.Array:
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _matmul(x: jax.Array, w: jax.Array, out, dw_fn=None) -> jax.Array:
     return jnp.matmul(x, w.astype(x.dtype), preferred_element_type=out)
 
 
-def _matmul_fwd(x, w, out):
-    return _matmul(x, w, out), (x, w)
+def _matmul_fwd(x, w, out, dw_fn):
+    return _matmul(x, w, out, dw_fn), (x, w)
 
 
-def _matmul_bwd(out, res, ct):
+def _matmul_bwd(out, dw_fn, res, ct):
     x, w = res
     ct = ct.astype(x.dtype)
     wc = w.astype(x.dtype)
@@ -171,6 +186,8 @@ def _matmul_bwd(out, res, ct):
     # dW = sum over (batch, seq) of x^T ct, contracted over the leading dims as they are: on
     # XLA:CPU this bf16 dot runs 2-4x faster than flattening to 2-D first (x.reshape(-1, k).T @ ...).
     lead = tuple(range(x.ndim - 1))
+    if dw_fn is not None:
+        return dx, dw_fn(x, ct).astype(w.dtype)
     dw = jax.lax.dot_general(x, ct, ((lead, lead), ((), ())), preferred_element_type=jnp.float32)
     return dx, dw.astype(w.dtype)
 
@@ -295,31 +312,35 @@ def block(opts: ModelOptions, cos: jax.Array, sin: jax.Array, x: jax.Array, p: d
     h, nh, nkv, hd, f = cfg.hidden, cfg.n_heads, cfg.n_kv_heads, cfg.dim_head, cfg.ffn_hidden
     b, s, _ = x.shape
     # named: a remat policy that leaves WEIGHTS out saves no copy of them for the backward (jax_impl.pipeline)
-    w = {k: checkpoint_name(opts.gather(p[k], PARAM_AXES[k][1:], shape), WEIGHTS) for k, shape in (
-        ("attn_norm", (h,)), ("wq", (h, nh * hd)), ("wk", (h, nkv * hd)), ("wv", (h, nkv * hd)),
-        ("wo", (nh * hd, h)), ("mlp_norm", (h,)), ("w_gate", (h, f)), ("w_up", (h, f)), ("w_down", (f, h)))}
+    shapes = {"attn_norm": (h,), "wq": (h, nh * hd), "wk": (h, nkv * hd), "wv": (h, nkv * hd), "wo": (nh * hd, h),
+              "mlp_norm": (h,), "w_gate": (h, f), "w_up": (h, f), "w_down": (f, h)}
+    w = {k: checkpoint_name(opts.gather(p[k], PARAM_AXES[k][1:], shape), WEIGHTS) for k, shape in shapes.items()}
 
     def gathered_seq(y):  # a norm's output with its whole sequence, as the projections read it (SP's all-gather)
         return constrain(y, ("batch", "seq", "act_embed"))
 
-    mm = partial(matmul, out_dtype=dtype if opts.matmul_out == "compute" else jnp.float32)
+    out_dtype = dtype if opts.matmul_out == "compute" else jnp.float32
+
+    def mm(inp, name):  # inp @ w[name], its weight gradient formed as the plan wants it
+        return matmul(inp, w[name], out_dtype, opts.weight_grad(PARAM_AXES[name][1:], shapes[name]))
+
     y = gathered_seq(_kept(constrain(rms_norm(x, w["attn_norm"], cfg.norm_eps, dtype), _BETWEEN), KEPT_ATTN))
-    q = mm(y, w["wq"]).astype(dtype).reshape(b, s, nh, hd)  # (batch, seq, heads, head_dim)
-    k = mm(y, w["wk"]).astype(dtype).reshape(b, s, nkv, hd)  # (batch, seq, kv_heads, head_dim)
-    v = mm(y, w["wv"]).astype(dtype).reshape(b, s, nkv, hd)
+    q = mm(y, "wq").astype(dtype).reshape(b, s, nh, hd)  # (batch, seq, heads, head_dim)
+    k = mm(y, "wk").astype(dtype).reshape(b, s, nkv, hd)  # (batch, seq, kv_heads, head_dim)
+    v = mm(y, "wv").astype(dtype).reshape(b, s, nkv, hd)
     q = _kept(constrain(apply_rope(q, cos, sin), ("batch", "seq", "act_heads", None)), KEPT_ATTN)
     k = _kept(constrain(apply_rope(k, cos, sin), ("batch", "seq", "act_kv_heads", None)), KEPT_ATTN)
     v = _kept(v, KEPT_ATTN)
     a = attention(q, k, v, opts.attn_chunk, opts.attn_impl)  # (batch, seq, heads*head_dim)
     a = _kept(checkpoint_name(a, "attn_out"), KEPT_ATTN)
-    x = _kept(x + constrain(mm(a, w["wo"]).astype(dtype), _BETWEEN), KEPT_MLP)
+    x = _kept(x + constrain(mm(a, "wo").astype(dtype), _BETWEEN), KEPT_MLP)
 
     y = gathered_seq(_kept(constrain(rms_norm(x, w["mlp_norm"], cfg.norm_eps, dtype), _BETWEEN), KEPT_MLP))
-    g = _kept(mm(y, w["w_gate"]), KEPT_MLP)  # (batch, seq, ffn)
-    u = _kept(mm(y, w["w_up"]), KEPT_MLP)
+    g = _kept(mm(y, "w_gate"), KEPT_MLP)  # (batch, seq, ffn)
+    u = _kept(mm(y, "w_up"), KEPT_MLP)
     m = constrain((jax.nn.silu(g.astype(jnp.float32)) * u).astype(dtype), ("batch", "seq", "act_mlp"))
     m = _kept(m, KEPT_MLP)
-    return x + constrain(mm(m, w["w_down"]).astype(dtype), _BETWEEN)
+    return x + constrain(mm(m, "w_down").astype(dtype), _BETWEEN)
 
 
 class Layers(nnx.Module):

@@ -17,7 +17,7 @@ from compare.plan.assumptions import GB, SEQ
 from compare.plan.layout import Layout
 from configs import Config, load_config, validate_config
 
-JAX_WORKER_VERSION = 6  # bump to invalidate cached compile results (and whenever the step's memory changes)
+JAX_WORKER_VERSION = 7  # bump to invalidate cached compile results (and whenever the step's memory changes)
 
 
 def _cache_dir() -> Path:
