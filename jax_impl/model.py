@@ -452,8 +452,11 @@ def logits(opts: ModelOptions, x: jax.Array, final_norm: jax.Array, head: jax.Ar
     is already in compute layout (e.g. a slice of its vocabulary columns), used as it is."""
     V, h = opts.cfg.padded_vocab, opts.cfg.hidden
     x = rms_norm(x, opts.gather(final_norm, PARAM_AXES["final_norm"], (h,)), opts.cfg.norm_eps, opts.dtype)
-    w = head if head_gathered else opts.gather(head, PARAM_AXES["head"], (h, V))
-    return opts.constrain(matmul(x, w), ("batch", "seq", "act_vocab"))
+    if head_gathered:
+        w, dw = head, None
+    else:
+        w, dw = opts.gather(head, PARAM_AXES["head"], (h, V)), opts.weight_grad(PARAM_AXES["head"], (h, V))
+    return opts.constrain(matmul(x, w, dw=dw), ("batch", "seq", "act_vocab"))
 
 
 class VocabSplit(Protocol):

@@ -78,8 +78,9 @@ def test_sharded_equals_single_device(single, mesh_spec, zero, extra):
     assert_tree_close(out["params"], single["params"], rtol=2e-4)
 
 
-def test_gradient_accumulation_equals_one_big_batch(single):
-    out = run("data=2,fsdp=2", gas=3)
+@pytest.mark.parametrize("zero", [3, 1])  # ZeRO-1: each microbatch's weight gradients reduce-scattered, then summed
+def test_gradient_accumulation_equals_one_big_batch(single, zero):
+    out = run("data=2,fsdp=2", zero, gas=3)
     np.testing.assert_allclose(out["losses"], single["losses"], rtol=1e-5)
     assert_tree_close(out["params"], single["params"], rtol=2e-4)
 
@@ -207,15 +208,15 @@ def _collectives(compiled) -> dict[str, int]:
 @pytest.mark.parametrize("zero,dtype", [(1, "fp32"), (2, "bf16")])
 def test_zero12_weight_gradients_are_reduce_scattered(monkeypatch, zero, dtype):
     """ZeRO-1/2 on a data-parallel mesh: every projection's weight gradient leaves its matmul's backward as a
-    reduce-scatter into the optimizer's sharding (7 per layer). The SPMD partitioner's own reduction is, on
-    XLA:CPU, a whole all-reduce and a slice. Both give the same gradients and losses."""
+    reduce-scatter into the optimizer's sharding (7 per layer and the head's). The SPMD partitioner's own
+    reduction is, on XLA:CPU, a whole all-reduce and a slice. Both give the same gradients and losses."""
     from jax_impl import sharding
 
     mesh_spec, layers = "data=2,fsdp=2", 2
     cfg = load_config("tiny", {**BASE, "parallel.mesh": mesh_spec, "parallel.zero": zero, "train.dtype": dtype,
                                "parallel.mbs": GBS // 4})
     ops = _collectives(Trainer.build(cfg, make_mesh(cfg.mesh_shape())).compile_step())
-    assert ops["reduce-scatter"] == 7 * layers
+    assert ops["reduce-scatter"] == 7 * layers + 1
     out = run.__wrapped__(mesh_spec, zero, **{"train.dtype": dtype})
     monkeypatch.setattr(sharding, "EXPLICIT_GRAD_SCATTER", False)
     before = _collectives(Trainer.build(cfg, make_mesh(cfg.mesh_shape())).compile_step())
