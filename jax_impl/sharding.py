@@ -165,10 +165,8 @@ def gather_weight(w: jax.Array, names: tuple[str, ...], shape: tuple[int, ...],
         # the matmul's backward hands over a gradient already scattered to the optimizer's sharding: the
         # forward constraint must not pull it back to the replicated compute layout (an all-gather)
         if isinstance(w, Split):
-            w, grad_spec = _from_copy(w.copy, w.master, None, None), plan.spec(names, "opt", shape)
-        else:
-            grad_spec = plan.spec(names, "opt", shape)
-        return _constrained_forward(w, logical_spec(names, _ACTIVE.get()), grad_spec)
+            w = _from_copy(w.copy, w.master, None, None)
+        return _grad_sharded_as(w, plan.spec(names, "opt", shape), logical_spec(names, _ACTIVE.get()))
     if isinstance(w, Split):
         if plan is None or _ACTIVE.get() is None:  # no mesh: the copy's values, gradient to the master
             w = _from_copy(w.copy, w.master, None, None)
@@ -189,41 +187,23 @@ def gather_weight(w: jax.Array, names: tuple[str, ...], shape: tuple[int, ...],
     return w
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _grad_sharded_as(w: jax.Array, spec: P) -> jax.Array:
-    """Identity; its cotangent is constrained to ``spec`` (the forward value keeps its own sharding)."""
-    return w
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _grad_sharded_as(w: jax.Array, spec: P, value_spec: P | None = None) -> jax.Array:
+    """Identity, or ``w`` constrained to ``value_spec``; its cotangent is constrained to ``spec`` (a plain
+    sharding constraint's transpose would constrain it to ``value_spec`` too)."""
+    return w if value_spec is None else _constrain_spec(w, value_spec)
 
 
-def _grad_sharded_as_fwd(w: jax.Array, spec: P) -> tuple[jax.Array, None]:
-    return w, None
+def _grad_sharded_as_fwd(w: jax.Array, spec: P, value_spec: P | None) -> tuple[jax.Array, None]:
+    return _grad_sharded_as(w, spec, value_spec), None
 
 
-def _grad_sharded_as_bwd(spec: P, _: None, ct: jax.Array) -> tuple[jax.Array]:
+def _grad_sharded_as_bwd(spec: P, value_spec: P | None, _: None, ct: jax.Array) -> tuple[jax.Array]:
     return (_constrain_spec(ct, spec),)
 
 
 _grad_sharded_as.defvjp(_grad_sharded_as_fwd, _grad_sharded_as_bwd)
 GRAD_SHARDED_AS = _grad_sharded_as.__name__  # its primitive's name (remat policies leave its output unsaved)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _constrained_forward(w: jax.Array, spec: P, grad_spec: P) -> jax.Array:
-    """``w`` constrained to ``spec``; its cotangent to ``grad_spec`` instead (a sharding constraint's transpose
-    would constrain it to ``spec`` too)."""
-    return _constrain_spec(w, spec)
-
-
-def _constrained_forward_fwd(w: jax.Array, spec: P, grad_spec: P) -> tuple[jax.Array, None]:
-    return _constrained_forward(w, spec, grad_spec), None
-
-
-def _constrained_forward_bwd(spec: P, grad_spec: P, _: None, ct: jax.Array) -> tuple[jax.Array]:
-    return (_constrain_spec(ct, grad_spec),)
-
-
-_constrained_forward.defvjp(_constrained_forward_fwd, _constrained_forward_bwd)
-CONSTRAINED_FORWARD = _constrained_forward.__name__
 
 
 def weight_grad_fn(names: tuple[str, ...], shape: tuple[int, ...],
