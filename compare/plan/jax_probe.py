@@ -62,7 +62,9 @@ def jax_memory(model: str, layout: Layout, seq: int = SEQ, timeout: float = 600,
     res["wall_s"] = time.perf_counter() - t0
     if res.get("ok") or "Error" in str(res.get("reason", "")):  # deterministic outcomes only
         cache.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(res, indent=1) + "\n")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # whole or absent for a concurrent reader
+        tmp.write_text(json.dumps(res, indent=1) + "\n")
+        os.replace(tmp, path)
     return res
 
 
