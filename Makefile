@@ -30,14 +30,14 @@ demo: $(STAMP)
 # a core idle (2 cores: fast tier 22.9 -> 11.3 min); 0 runs them in one process. Each worker has 8 fake devices.
 MAIN_TIERS := not aurora_stack and not torch_stack
 PYTEST_WORKERS ?= 2
-test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow and $(MAIN_TIERS)" -q -n $(PYTEST_WORKERS)
-	$(BIN)/python -m pytest -m "slow and $(MAIN_TIERS)" -q -n $(PYTEST_WORKERS)
+MAIN_PYTEST = $(BIN)/python -m pytest -q -n $(PYTEST_WORKERS)
+test: test-fast
+	$(MAIN_PYTEST) -m "slow and $(MAIN_TIERS)"
 	$(MAKE) --no-print-directory test-aurora
 	$(MAKE) --no-print-directory test-torch-stack
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow and $(MAIN_TIERS)" -q -n $(PYTEST_WORKERS)
+	$(MAIN_PYTEST) -m "not slow and $(MAIN_TIERS)"
 
 # ---- Intel GPUs (Aurora): JAX 0.11.2 + JAX's oneapi plugin in .venv-aurora, Python >= 3.12 (docs/aurora.md)
 AURORA_VENV := .venv-aurora

@@ -131,6 +131,15 @@ def lock_run_dir(run_dir: Path) -> RunDirLock:
     return RunDirLock(run_dir)
 
 
+def replace_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a reader, or a crash, sees the old file
+    or the new one, never a part (the temporary name carries the pid, so concurrent writers do not share it)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def abandoned_name() -> str:
     """``abandoned-<UTC time>-<pid>``: where a resume from an older step puts the old branch's later files."""
     return f"abandoned-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.getpid()}"
@@ -291,7 +300,5 @@ def truncate_metrics(run_dir: Path, step: int) -> Path | None:
         aside = f.with_name(f"metrics.{abandoned_name()}.jsonl")
         aside.write_text("".join(line + "\n" for line in later))
     if later or torn:
-        tmp = f.with_name(f.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, f)
+        replace_text(f, "".join(line + "\n" for line in keep))
     return aside

@@ -96,6 +96,7 @@ from runtime.rundir import (
     make_run_dir,
     out_dir_error,
     read_metrics,
+    replace_text,
     run_dir_path,
     set_aside,
     truncate_metrics,
@@ -544,9 +545,7 @@ def _branch_at(run_dir: Path, tag: str) -> None:
     moved to ``abandoned-<time>`` names, and ``latest`` names ``tag`` (written to a temporary file, then renamed)."""
     ck, step = run_dir / "checkpoints", tag_step(tag) or 0
     moved = set_aside(ck, [t for t in ckpt_tags(ck) if (tag_step(t) or 0) > step])
-    tmp = ck / "latest.tmp"
-    tmp.write_text(tag)
-    os.replace(tmp, ck / "latest")
+    replace_text(ck / "latest", tag)
     aside = truncate_metrics(run_dir, step)
     if moved or aside:
         print(f"resuming at step {step}: the previous branch's later "

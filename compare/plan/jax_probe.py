@@ -16,6 +16,7 @@ from typing import Any
 from compare.plan.assumptions import GB, SEQ
 from compare.plan.layout import Layout
 from configs import Config, load_config, validate_config
+from runtime.rundir import replace_text
 
 JAX_WORKER_VERSION = 7  # bump to invalidate cached compile results (and whenever the step's memory changes)
 
@@ -62,9 +63,7 @@ def jax_memory(model: str, layout: Layout, seq: int = SEQ, timeout: float = 600,
     res["wall_s"] = time.perf_counter() - t0
     if res.get("ok") or "Error" in str(res.get("reason", "")):  # deterministic outcomes only
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # whole or absent for a concurrent reader
-        tmp.write_text(json.dumps(res, indent=1) + "\n")
-        os.replace(tmp, path)
+        replace_text(path, json.dumps(res, indent=1) + "\n")  # whole or absent for a concurrent reader
     return res
 
 
