@@ -11,6 +11,9 @@ and/or ``xla:OPTION=VALUE`` XLA compiler options (a repeated option's values joi
 ``lever:NAME=VALUE`` code switches (the old behaviour of a lever, kept to measure it):
 
     lever:zero_dim=embed      ZeRO shards the embed/norm dimension (now: the most major one)
+    lever:zero_dim=rows       ZeRO-1/2 shard a stacked layer matrix's rows, each layer's gradient reduce-scattered
+                              in the backward (now, where the shard count divides the layers: by layer, the
+                              stack's gradient reduce-scattered once, jax_impl.sharding.STATES_BY_LAYER)
     lever:step_grads=stored   gradients reduced into their stored sharding (ZeRO-1: an all-reduce;
                               now: into the optimizer state's sharding, a reduce-scatter)
     lever:cpu_options=none    XLA:CPU's default options (now: jax_impl.devices.CPU_COMPILER_OPTIONS)
@@ -109,6 +112,9 @@ def lever(name: str, value: str) -> Iterator[None]:
 
         with mock.patch.object(trainer, "clip_by_global_norm", optax.clip_by_global_norm):
             yield
+    elif name == "zero_dim" and value == "rows":
+        with mock.patch.object(sharding, "STATES_BY_LAYER", False):
+            yield
     elif name == "grad_scatter" and value == "partitioner":
         with mock.patch.object(sharding, "EXPLICIT_GRAD_SCATTER", False):
             yield
@@ -181,7 +187,7 @@ def lever(name: str, value: str) -> Iterator[None]:
         with mock.patch.object(model, "rope_tables", traced):
             yield
     else:
-        raise SystemExit(f"unknown lever {name}={value}; known: zero_dim=embed, step_grads=stored, "
+        raise SystemExit(f"unknown lever {name}={value}; known: zero_dim=embed, zero_dim=rows, step_grads=stored, "
                          "cpu_options=none, guard=select, attn_vjp=autodiff, clip=optax, clip=divide, attn_layout=seq, "
                          "norm=optax, norm=whole, "
                          "ticks=scan, gather=unpinned, rope=traced")

@@ -70,10 +70,14 @@ class ModelConfig:
     # ---- arithmetic: written once, used by both trainers, the report and the planner ----
     def n_params(self) -> int:
         """Exact parameter count (padded vocab, untied embedding and head, no biases)."""
+        h = self.hidden
+        return 2 * self.padded_vocab * h + self.layer_matrix_params() + self.n_layers * 2 * h + h
+
+    def layer_matrix_params(self) -> int:
+        """Parameters of the layers' projection matrices (q, k, v, o, gate, up, down), all layers."""
         h, hd = self.hidden, self.dim_head
         attn = 2 * h * self.n_heads * hd + 2 * h * self.n_kv_heads * hd
-        per_layer = attn + 3 * h * self.ffn_hidden + 2 * h
-        return 2 * self.padded_vocab * h + self.n_layers * per_layer + h
+        return self.n_layers * (attn + 3 * h * self.ffn_hidden)
 
     def flops_per_sample(self, seq: int) -> float:
         """Megatron-LM ``num_floating_point_operations`` per sample (fwd+bwd, no recompute).

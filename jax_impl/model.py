@@ -27,7 +27,15 @@ from jax.ad_checkpoint import checkpoint_name
 
 from configs import Config, ModelConfig
 from configs import rope as configs_rope
-from jax_impl.sharding import FROM_COPY, GRAD_SHARDED_AS, ZeroPlan, constrain, gather_weight, weight_grad_fn
+from jax_impl.sharding import (
+    FROM_COPY,
+    GRAD_SHARDED_AS,
+    ZeroPlan,
+    constrain,
+    gather_weight,
+    scatter_layer_grads,
+    weight_grad_fn,
+)
 
 # logical axis names of every parameter, by name (the model's whole sharding vocabulary)
 PARAM_AXES: dict[str, tuple[str, ...]] = {
@@ -119,14 +127,15 @@ class ModelOptions:
                    attn_chunk=j.attn_chunk, attn_impl=j.attn_impl, unroll=j.layer_unroll(m.n_layers),
                    matmul_out=j.matmul_out, sequence_parallel=j.sequence_parallel, plan=plan)
 
-    def gather(self, w: jax.Array, names: tuple[str, ...], shape: tuple[int, ...]) -> jax.Array:
-        """A stored weight in compute layout and logical shape (``sharding.gather_weight`` under ``plan``)."""
-        return gather_weight(w, names, shape, self.plan)
+    def gather(self, w: jax.Array, names: tuple[str, ...], shape: tuple[int, ...], stacked: bool = False) -> jax.Array:
+        """A stored weight in compute layout and logical shape (``sharding.gather_weight`` under ``plan``);
+        ``stacked``: one layer's slice of the layer stack."""
+        return gather_weight(w, names, shape, self.plan, stacked)
 
-    def weight_grad(self, names: tuple[str, ...], shape: tuple[int, ...]) -> Callable | None:
+    def weight_grad(self, names: tuple[str, ...], shape: tuple[int, ...], stacked: bool = False) -> Callable | None:
         """How a weight read by ``gather`` forms its gradient in its matmul's backward
         (``sharding.weight_grad_fn`` under ``plan``; None: one dot, reduced by the partitioner)."""
-        return weight_grad_fn(names, shape, self.plan)
+        return weight_grad_fn(names, shape, self.plan, stacked)
 
     def constrain(self, x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
         return constrain(x, names, self.sequence_parallel)
@@ -306,7 +315,8 @@ def block(opts: ModelOptions, cos: jax.Array, sin: jax.Array, x: jax.Array, p: d
     # named: a remat policy that leaves WEIGHTS out saves no copy of them for the backward (jax_impl.pipeline)
     shapes = {"attn_norm": (h,), "wq": (h, nh * hd), "wk": (h, nkv * hd), "wv": (h, nkv * hd), "wo": (nh * hd, h),
               "mlp_norm": (h,), "w_gate": (h, f), "w_up": (h, f), "w_down": (f, h)}
-    w = {k: checkpoint_name(opts.gather(p[k], PARAM_AXES[k][1:], shape), WEIGHTS) for k, shape in shapes.items()}
+    w = {k: checkpoint_name(opts.gather(p[k], PARAM_AXES[k][1:], shape, stacked=True), WEIGHTS)
+         for k, shape in shapes.items()}
 
     def gathered_seq(y):  # a norm's output with its whole sequence, as the projections read it (SP's all-gather)
         return constrain(y, ("batch", "seq", "act_embed"))
@@ -314,7 +324,7 @@ def block(opts: ModelOptions, cos: jax.Array, sin: jax.Array, x: jax.Array, p: d
     out_dtype = dtype if opts.matmul_out == "compute" else jnp.float32
 
     def mm(inp, name):  # inp @ w[name], its weight gradient formed as the plan wants it
-        return matmul(inp, w[name], out_dtype, opts.weight_grad(PARAM_AXES[name][1:], shapes[name]))
+        return matmul(inp, w[name], out_dtype, opts.weight_grad(PARAM_AXES[name][1:], shapes[name], stacked=True))
 
     y = gathered_seq(_kept(constrain(rms_norm(x, w["attn_norm"], cfg.norm_eps, dtype), _BETWEEN), KEPT_ATTN))
     q = mm(y, "wq").astype(dtype).reshape(b, s, nh, hd)  # (batch, seq, heads, head_dim)
@@ -397,6 +407,8 @@ def layers(opts: ModelOptions, stack: dict, x: jax.Array, *, start: jax.Array | 
             layer = partial(_layer_saving_bits, block_fn)
         else:
             layer = jax.checkpoint(block_fn, policy=opts.policy, prevent_cse=False)
+        # ZeRO by layer: the stack's gradient is reduce-scattered once, after every layer's backward
+        stack = {k: scatter_layer_grads(v, PARAM_AXES[k], opts.plan) for k, v in stack.items()}
         x, _ = jax.lax.scan(lambda carry, p: (layer(carry, p), None), x, stack, unroll=opts.unroll)
         return x
 

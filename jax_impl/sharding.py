@@ -81,6 +81,16 @@ ZERO_COMPUTE_COPY = True
 # partitioner, XLA:CPU all-reduces the whole gradient and slices it: its pipeline has no pass that makes the
 # pair a reduce-scatter (in-process, 2 devices, 64 MiB: 42.8 ms against 15.5 ms). False: the partitioner's way
 EXPLICIT_GRAD_SCATTER = True
+# ZeRO-1/2 on a data-parallel mesh whose shard count divides the layer count: the stacked layer matrices' optimizer
+# state (and ZeRO-2 gradients) are sharded on `layers`, so each device owns whole layers, as a contiguous block
+# of DeepSpeed's flat partition would. Each layer's weight gradient stays per device through the backward and the
+# stack is reduce-scattered once after it (ZeroPlan.by_layer, scatter_layer_grads); the updated weights' all-gather
+# then moves contiguous blocks in the layout the dots read (sharding a layer's rows, XLA:CPU gathered into a
+# transposed layout and copied every stacked weight back once per step). False: a layer's rows, as other weights
+STATES_BY_LAYER = True
+# ... while the whole stacks' fp32 gradient, which each device then holds until the backward ends, is at most this
+# (the bench preset: 45 MiB; gpu-1b's 3.2 GiB stays with a layer's rows, reduce-scattered layer by layer)
+BY_LAYER_MAX_GRAD_BYTES = 256 * 2**20
 
 _ACTIVE: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("mesh", default=None)
 
@@ -152,15 +162,21 @@ def _constrain_spec(x: jax.Array, spec: P) -> jax.Array:
 
 
 def gather_weight(w: jax.Array, names: tuple[str, ...], shape: tuple[int, ...],
-                  plan: ZeroPlan | None = None) -> jax.Array:
+                  plan: ZeroPlan | None = None, stacked: bool = False) -> jax.Array:
     """A stored (maybe ZeRO-sharded, maybe padded) weight in compute layout and logical shape; ``plan``: how
-    the weight is stored (None: as computed, no ZeRO pinning).
+    the weight is stored (None: as computed, no ZeRO pinning); ``stacked``: ``w`` is one layer's slice of a
+    stack (``names`` and ``shape`` without ``layers``).
 
     Under ZeRO-3 the weight is first pinned to its stored sharding: a layer's slice of the stacked
     weights is then all-gathered as the 2-D matrix it is. Left to itself, XLA gathered the
     (1, rows, cols) slice before dropping the layer axis, in a layout with the gathered axis major,
     and copied every gathered weight once more into the plain row-major layout the dots read.
     """
+    if _layer_grad_kept(names, plan, stacked):
+        # replicated for compute; its gradient stays this device's own until the stack is reduce-scattered
+        if isinstance(w, Split):
+            w = _from_copy(w.copy, w.master, None, None)
+        return constrain(w, names)
     if weight_grad_fn(names, shape, plan) is not None:
         # the matmul's backward hands over a gradient already scattered to the optimizer's sharding: the
         # forward constraint must not pull it back to the replicated compute layout (an all-gather)
@@ -206,14 +222,18 @@ _grad_sharded_as.defvjp(_grad_sharded_as_fwd, _grad_sharded_as_bwd)
 GRAD_SHARDED_AS = _grad_sharded_as.__name__  # its primitive's name (remat policies leave its output unsaved)
 
 
-def weight_grad_fn(names: tuple[str, ...], shape: tuple[int, ...],
-                   plan: ZeroPlan | None) -> Callable[[jax.Array, jax.Array], jax.Array] | None:
+def weight_grad_fn(names: tuple[str, ...], shape: tuple[int, ...], plan: ZeroPlan | None,
+                   stacked: bool = False) -> Callable[[jax.Array, jax.Array], jax.Array] | None:
     """``dw(x, ct)``, the weight gradient of ``x @ w`` (x (batch, ..., k), ct (batch, ..., n)) summed over the
     data-parallel devices and left in the optimizer state's sharding of the weight (``names``, ``shape``:
     one layer's, unpadded), by a local dot and an explicit reduce-scatter; None where the partitioner's own
     reduction is used: no mesh, no ZeRO-1/2, a weight gathered for compute (ZeRO-3, hpZ, MiCS), a mesh
-    with tensor or pipeline shards, a padded weight, or ``EXPLICIT_GRAD_SCATTER`` off."""
+    with tensor or pipeline shards, a padded weight, or ``EXPLICIT_GRAD_SCATTER`` off. A layer of a stack
+    sharded by layer (``stacked``, ``ZeroPlan.by_layer``): this device's own sum, reduced with the whole stack
+    after the backward (``scatter_layer_grads``)."""
     mesh = _ACTIVE.get()
+    if _layer_grad_kept(names, plan, stacked):
+        return partial(_local_dw, mesh, _axes(mesh, RULES["batch"]))
     if not EXPLICIT_GRAD_SCATTER or plan is None or mesh is None or not plan.opt or not GRADS_PER_LAYER:
         return None
     replicated = not plan.compute if plan.copy else not plan.params
@@ -250,6 +270,62 @@ def _scattered_dw(mesh: Mesh, batch_axes: tuple[str, ...], dim: int, scatter_axe
     batch = P(_one_or_tuple(batch_axes))
     return jax.shard_map(local, mesh=mesh, in_specs=(batch, batch), out_specs=P(*out),
                          axis_names=set(batch_axes), check_vma=False)(x, ct)
+
+
+def _layer_grad_kept(names: tuple[str, ...], plan: ZeroPlan | None, stacked: bool) -> bool:
+    """Does one layer of this stacked weight keep its gradient per device until the whole stack is reduced?"""
+    return (stacked and plan is not None and plan.layer_matrix(("layers", *names)) and _ACTIVE.get() is not None
+            and not jax.sharding.get_abstract_mesh().manual_axes)
+
+
+def _local_dw(mesh: Mesh, batch_axes: tuple[str, ...], x: jax.Array, ct: jax.Array) -> jax.Array:
+    lead = tuple(range(x.ndim - 1))
+
+    def local(x, ct):  # this device's samples' sum only: typed replicated, reduced by scatter_layer_grads
+        return jax.lax.dot_general(x, ct, ((lead, lead), ((), ())), preferred_element_type=jnp.float32)
+
+    batch = P(_one_or_tuple(batch_axes))
+    return jax.shard_map(local, mesh=mesh, in_specs=(batch, batch), out_specs=P(), axis_names=set(batch_axes),
+                         check_vma=False)(x, ct)
+
+
+def scatter_layer_grads(stack: jax.Array | Split, names: tuple[str, ...], plan: ZeroPlan | None) -> jax.Array | Split:
+    """A stored stack of layer weights, unchanged; under ``ZeroPlan.by_layer`` its gradient -- each layer's as
+    this device's own sum (``_local_dw``) -- is summed over the data-parallel devices and scattered by layer to
+    the optimizer state's sharding in one reduce-scatter (to the master of a compute copy). ``names``: the
+    stack's, ``layers`` first."""
+    if not _layer_grad_kept(names[1:], plan, True):
+        return stack
+    if isinstance(stack, Split):
+        return Split(stack.copy, _layer_scatter(stack.master, plan.spec(names, "opt", stack.master.shape)))
+    return _layer_scatter(stack, plan.spec(names, "opt", stack.shape))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _layer_scatter(w: jax.Array, spec: P) -> jax.Array:
+    return w
+
+
+def _layer_scatter_fwd(w: jax.Array, spec: P) -> tuple[jax.Array, None]:
+    return w, None
+
+
+def _layer_scatter_bwd(spec: P, _: None, ct: jax.Array) -> tuple[jax.Array]:
+    mesh = _ACTIVE.get()
+    axes = _axes(mesh, RULES["batch"])
+    scatter = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+    rest = tuple(a for a in axes if a not in scatter)
+
+    def local(ct):  # (layers, k, n), this device's sums
+        if rest:
+            ct = jax.lax.psum(ct, rest)
+        return jax.lax.psum_scatter(ct, scatter, scatter_dimension=0, tiled=True)
+
+    return (jax.shard_map(local, mesh=mesh, in_specs=P(), out_specs=spec, axis_names=set(axes),
+                          check_vma=False)(ct),)
+
+
+_layer_scatter.defvjp(_layer_scatter_fwd, _layer_scatter_bwd)
 
 
 # A bf16 compute copy is kept as its bit pattern (uint16): XLA:CPU's float-normalization-bf16 pass runs a bf16
@@ -306,6 +382,9 @@ class ZeroPlan:
     opt: tuple[str, ...]
     compute: tuple[str, ...] = ()
     copy: bool = False
+    # stacked layer matrices are ZeRO-sharded on `layers` (STATES_BY_LAYER); their gradients then reach the
+    # optimizer's sharding by one reduce-scatter of the stack after the backward (scatter_layer_grads)
+    by_layer: bool = False
 
     @classmethod
     def from_config(cls, cfg: Config, mesh: Mesh) -> ZeroPlan:
@@ -324,6 +403,12 @@ class ZeroPlan:
         # DeepSpeed's bf16 ZeRO-1/2: bf16 params replicated, the fp32 master partitioned with the optimizer state
         zero_copy = p.zero in (1, 2) and ZERO_COMPUTE_COPY and narrow and bool(states)
         params = (everywhere if copy else inside if (p.hpz or p.mics) else everywhere) if p.zero >= 3 else ()
+        n_states = math.prod(mesh.shape[a] for a in states)
+        batch_axes = _axes(mesh, RULES["batch"])
+        by_layer = (STATES_BY_LAYER and EXPLICIT_GRAD_SCATTER and GRADS_PER_LAYER and p.zero in (1, 2)
+                    and not (p.hpz or p.mics) and n_states > 1 and cfg.model.n_layers % n_states == 0
+                    and 4 * cfg.model.layer_matrix_params() <= BY_LAYER_MAX_GRAD_BYTES
+                    and all(mesh.shape[a] == 1 for a in mesh.axis_names if a not in batch_axes))
         return cls(
             mesh=mesh,
             params=states if zero_copy else params,
@@ -331,6 +416,7 @@ class ZeroPlan:
             opt=states if p.zero >= 1 else (),
             compute=inside if copy else (),
             copy=copy or zero_copy,
+            by_layer=by_layer,
         )
 
     def shards(self, axes: tuple[str, ...]) -> int:
@@ -350,12 +436,19 @@ class ZeroPlan:
         exception: a tensor-sharded dimension that would need padding keeps its tensor blocks aligned
         by sharding ``embed``/``norm`` instead.
         """
+        if self.layer_matrix(names):
+            return 0
         idx = [i for i, n in enumerate(names) if n != "layers"]
         first = idx[0]
         tp = self.shards(_axes(self.mesh, RULES[names[first]]))
         if tp == 1 or shape[first] % (tp * self.pad_multiple()) == 0 or not any(names[i] in ZERO_DIMS for i in idx):
             return first
         return next(i for i in idx if names[i] in ZERO_DIMS)
+
+    def layer_matrix(self, names: tuple[str, ...]) -> bool:
+        """Is this a stacked layer matrix ZeRO-sharded on ``layers`` (``by_layer``)? ``names``: the stored
+        array's, ``layers`` first."""
+        return self.by_layer and len(names) == 3 and names[0] == "layers"
 
     def storage_shape(self, names: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
         mult = self.pad_multiple()

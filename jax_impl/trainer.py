@@ -240,7 +240,7 @@ class Trainer:
                                           strict=True))
         if grad_bytes < NORM_PER_LAYER_MIN_BYTES:
             return None
-        return jax.tree.map(lambda n: n[0] == "layers" and len(n) > 2, self.names,
+        return jax.tree.map(lambda n: n[0] == "layers" and len(n) > 2 and not self.plan.layer_matrix(n), self.names,
                             is_leaf=lambda x: isinstance(x, tuple))
 
     # ------------------------------------------------------------------ step

@@ -78,9 +78,10 @@ def test_sharded_equals_single_device(single, mesh_spec, zero, extra):
     assert_tree_close(out["params"], single["params"], rtol=2e-4)
 
 
-@pytest.mark.parametrize("zero", [3, 1])  # ZeRO-1: each microbatch's weight gradients reduce-scattered, then summed
-def test_gradient_accumulation_equals_one_big_batch(single, zero):
-    out = run("data=2,fsdp=2", zero, gas=3)
+# ZeRO-1: each microbatch's weight gradients reduce-scattered, then summed; on data=2 by layer (whole stacks)
+@pytest.mark.parametrize("mesh_spec,zero", [("data=2,fsdp=2", 3), ("data=2,fsdp=2", 1), ("data=2", 1)])
+def test_gradient_accumulation_equals_one_big_batch(single, mesh_spec, zero):
+    out = run(mesh_spec, zero, gas=3)
     np.testing.assert_allclose(out["losses"], single["losses"], rtol=1e-5)
     assert_tree_close(out["params"], single["params"], rtol=2e-4)
 
@@ -225,6 +226,66 @@ def test_zero12_weight_gradients_are_reduce_scattered(monkeypatch, zero, dtype):
     np.testing.assert_allclose(out["losses"], ref["losses"], rtol=1e-6)
     assert_tree_close(out["grads"], ref["grads"], rtol=1e-5)
     assert_tree_close(out["params"], ref["params"], rtol=2e-4)
+
+
+def _stack_gathers(text: str) -> list[str]:
+    """Layouts of the all-gathers of whole (2-layer) projection stacks in a compiled step's HLO."""
+    return re.findall(r"= \w+\[2,\d+,\d+\]\{(\d,\d,\d)\} all-gather\(", text)
+
+
+@pytest.mark.parametrize("zero,dtype", [(1, "fp32"), (2, "bf16")])
+def test_zero12_states_by_layer(monkeypatch, single, zero, dtype):
+    """ZeRO-1/2 where the data-parallel size divides the layer count: every device owns whole layers of each
+    projection stack (its optimizer state, ZeRO-2 gradient, bf16 master), each stack's gradient is reduce-scattered
+    once after the backward, and the updated stacks are all-gathered in the row-major layout the dots read. With
+    a layer's rows sharded instead, each layer's gradient is reduce-scattered in the backward and XLA:CPU
+    gathers the stacks with the gathered dimension major. Both train alike; fp32 equals one device."""
+    from jax_impl import sharding
+
+    mesh_spec = "data=2"
+    cfg = load_config("tiny", {**BASE, "parallel.mesh": mesh_spec, "parallel.zero": zero, "train.dtype": dtype,
+                               "parallel.mbs": GBS // 2})
+    mesh = make_mesh(cfg.mesh_shape())
+    tr = Trainer.build(cfg, mesh)
+    assert tr.plan.by_layer
+    assert tr.opt_leaf_sh["layers"]["w_down"].spec == P("data", None, None)
+    assert tr.opt_leaf_sh["layers"]["attn_norm"].spec == P(None, "data")  # norms: the partitioner reduces them
+    compiled = tr.compile_step()
+    assert _collectives(compiled)["reduce-scatter"] == 7 + 1  # the 7 projection stacks and the head
+    assert _stack_gathers(compiled.as_text()) == ["2,1,0"] * 7
+    out = run.__wrapped__(mesh_spec, zero, **{"train.dtype": dtype})
+
+    monkeypatch.setattr(sharding, "STATES_BY_LAYER", False)
+    rows = Trainer.build(cfg, mesh)
+    assert not rows.plan.by_layer and rows.opt_leaf_sh["layers"]["w_down"].spec == P(None, "data", None)
+    compiled = rows.compile_step()
+    assert _collectives(compiled)["reduce-scatter"] == 7 * 2 + 1  # per layer
+    assert _stack_gathers(compiled.as_text()) == ["2,0,1"] * 7
+    ref = run.__wrapped__(mesh_spec, zero, **{"train.dtype": dtype})
+    np.testing.assert_allclose(out["losses"], ref["losses"], rtol=1e-6)
+    assert_tree_close(out["grads"], ref["grads"], rtol=1e-5)
+    assert_tree_close(out["params"], ref["params"], rtol=2e-4)
+    if dtype == "fp32":
+        np.testing.assert_allclose(out["losses"], single["losses"], rtol=1e-5)
+        assert_tree_close(out["grads"], single["grads"], rtol=1e-5)
+        assert_tree_close(out["params"], single["params"], rtol=2e-4)
+
+
+def test_zero12_states_by_layer_only_where_whole_layers_divide_and_fit(monkeypatch):
+    """By layer needs the state shards to divide the layers, a data-parallel mesh, ZeRO-1/2, and a whole-stack
+    gradient of at most BY_LAYER_MAX_GRAD_BYTES (each device holds it until the backward ends)."""
+    from jax_impl import sharding
+
+    def by_layer(mesh_spec: str, zero: int = 1) -> bool:
+        cfg = load_config("tiny", {**BASE, "parallel.mesh": mesh_spec, "parallel.zero": zero})
+        return ZeroPlan.from_config(cfg, make_abstract_mesh(cfg.mesh_shape())).by_layer
+
+    assert by_layer("data=2") and by_layer("fsdp=2", 2)
+    assert not by_layer("data=8")  # 2 layers over 8 shards
+    assert not by_layer("data=2", 3) and not by_layer("data=2", 0)
+    assert not by_layer("data=2,tensor=2")
+    monkeypatch.setattr(sharding, "BY_LAYER_MAX_GRAD_BYTES", 4 * load_config("tiny").model.layer_matrix_params() - 1)
+    assert not by_layer("data=2")
 
 
 HPZ_BF16 = {"parallel.hpz": True, "train.dtype": "bf16"}
