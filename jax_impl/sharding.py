@@ -81,12 +81,12 @@ ZERO_COMPUTE_COPY = True
 # partitioner, XLA:CPU all-reduces the whole gradient and slices it: its pipeline has no pass that makes the
 # pair a reduce-scatter (in-process, 2 devices, 64 MiB: 42.8 ms against 15.5 ms). False: the partitioner's way
 EXPLICIT_GRAD_SCATTER = True
-# ZeRO-1/2 on a data-parallel mesh whose shard count divides the layer count: the stacked layer matrices' optimizer
-# state (and ZeRO-2 gradients) are sharded on `layers`, so each device owns whole layers, as a contiguous block
-# of DeepSpeed's flat partition would. Each layer's weight gradient stays per device through the backward and the
-# stack is reduce-scattered once after it (ZeroPlan.by_layer, scatter_layer_grads); the updated weights' all-gather
-# then moves contiguous blocks in the layout the dots read (sharding a layer's rows, XLA:CPU gathered into a
-# transposed layout and copied every stacked weight back once per step). False: a layer's rows, as other weights
+# ZeRO-1/2 (fp32 compute) on a data-parallel mesh whose shard count divides the layer count: the stacked layer
+# matrices' optimizer state (and ZeRO-2 gradients) are sharded on `layers`, so each device owns whole layers, as a
+# contiguous block of DeepSpeed's flat partition would. Each layer's weight gradient stays per device through the
+# backward and the stack is reduce-scattered once after it (ZeroPlan.by_layer, scatter_layer_grads); the updated
+# weights' all-gather then moves contiguous blocks in the layout the dots read (sharding a layer's rows, XLA:CPU
+# gathered into a transposed layout and copied every stacked weight back once per step). False: a layer's rows
 STATES_BY_LAYER = True
 # ... while the whole stacks' fp32 gradient, which each device then holds until the backward ends, is at most this
 # (the bench preset: 45 MiB; gpu-1b's 3.2 GiB stays with a layer's rows, reduce-scattered layer by layer)
@@ -174,8 +174,6 @@ def gather_weight(w: jax.Array, names: tuple[str, ...], shape: tuple[int, ...],
     """
     if _layer_grad_kept(names, plan, stacked):
         # replicated for compute; its gradient stays this device's own until the stack is reduce-scattered
-        if isinstance(w, Split):
-            w = _from_copy(w.copy, w.master, None, None)
         return constrain(w, names)
     if weight_grad_fn(names, shape, plan) is not None:
         # the matmul's backward hands over a gradient already scattered to the optimizer's sharding: the
@@ -289,15 +287,12 @@ def _local_dw(mesh: Mesh, batch_axes: tuple[str, ...], x: jax.Array, ct: jax.Arr
                          check_vma=False)(x, ct)
 
 
-def scatter_layer_grads(stack: jax.Array | Split, names: tuple[str, ...], plan: ZeroPlan | None) -> jax.Array | Split:
+def scatter_layer_grads(stack: jax.Array, names: tuple[str, ...], plan: ZeroPlan | None) -> jax.Array:
     """A stored stack of layer weights, unchanged; under ``ZeroPlan.by_layer`` its gradient -- each layer's as
     this device's own sum (``_local_dw``) -- is summed over the data-parallel devices and scattered by layer to
-    the optimizer state's sharding in one reduce-scatter (to the master of a compute copy). ``names``: the
-    stack's, ``layers`` first."""
+    the optimizer state's sharding in one reduce-scatter. ``names``: the stack's, ``layers`` first."""
     if not _layer_grad_kept(names[1:], plan, True):
         return stack
-    if isinstance(stack, Split):
-        return Split(stack.copy, _layer_scatter(stack.master, plan.spec(names, "opt", stack.master.shape)))
     return _layer_scatter(stack, plan.spec(names, "opt", stack.shape))
 
 
@@ -405,8 +400,9 @@ class ZeroPlan:
         params = (everywhere if copy else inside if (p.hpz or p.mics) else everywhere) if p.zero >= 3 else ()
         n_states = math.prod(mesh.shape[a] for a in states)
         batch_axes = _axes(mesh, RULES["batch"])
+        # not with a compute copy: its stacks are gathered as bf16 bits, and by layer measured no faster there
         by_layer = (STATES_BY_LAYER and EXPLICIT_GRAD_SCATTER and GRADS_PER_LAYER and p.zero in (1, 2)
-                    and not (p.hpz or p.mics) and n_states > 1 and cfg.model.n_layers % n_states == 0
+                    and not (p.hpz or p.mics or zero_copy) and n_states > 1 and cfg.model.n_layers % n_states == 0
                     and 4 * cfg.model.layer_matrix_params() <= BY_LAYER_MAX_GRAD_BYTES
                     and all(mesh.shape[a] == 1 for a in mesh.axis_names if a not in batch_axes))
         return cls(
