@@ -2,8 +2,8 @@
 
 The model labels every array dimension with a logical name; ``RULES`` maps those names to
 mesh axes for compute. ZeRO stages decide which of the *stored* trees (params, grads,
-optimizer state) also shard one dimension -- the most major after ``layers``, see
-``ZeroPlan.zero_dim`` -- over the data-parallel axes:
+optimizer state) also shard one dimension -- the most major after ``layers``, or ``layers`` itself
+(``ZeroPlan.by_layer``), see ``ZeroPlan.zero_dim`` -- over the data-parallel axes:
 
     ZeRO-0  nothing             ZeRO-2  + gradients
     ZeRO-1  optimizer state     ZeRO-3  + parameters
@@ -430,7 +430,7 @@ class ZeroPlan:
         dimension, e.g. ``embed`` of ``w_down`` (L, F, h), made XLA:CPU write the whole AdamW update of
         that weight through a transposed layout, ~10x slower than a plain elementwise pass). The
         exception: a tensor-sharded dimension that would need padding keeps its tensor blocks aligned
-        by sharding ``embed``/``norm`` instead.
+        by sharding ``embed``/``norm`` instead. A projection stack under ``by_layer`` is sharded on ``layers``.
         """
         if self.layer_matrix(names):
             return 0
