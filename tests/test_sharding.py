@@ -269,6 +269,18 @@ def test_zero12_states_by_layer(monkeypatch, single, zero):
     assert_tree_close(out["params"], single["params"], rtol=2e-4)
 
 
+def test_zero12_states_by_layer_through_a_rolled_scan_with_remat():
+    """Each layer's per-device gradient also survives a rolled layer loop (its stack carried and updated slice by
+    slice in the backward) and a recomputed layer."""
+    rolled = {"jax.scan_unroll": 1, "parallel.remat": True}
+    one = run.__wrapped__("data=1", 1, **rolled)
+    out = run.__wrapped__("data=2", 1, **rolled)
+    assert out["trainer"].plan.by_layer and out["trainer"].model_opts.unroll == 1
+    np.testing.assert_allclose(out["losses"], one["losses"], rtol=1e-5)
+    assert_tree_close(out["grads"], one["grads"], rtol=1e-5)
+    assert_tree_close(out["params"], one["params"], rtol=2e-4)
+
+
 def test_zero12_states_by_layer_only_where_whole_layers_divide_and_fit(monkeypatch):
     """By layer needs the state shards to divide the layers, a data-parallel mesh, ZeRO-1/2 in fp32, and a whole-stack
     gradient of at most BY_LAYER_MAX_GRAD_BYTES (each device holds it until the backward ends)."""
