@@ -231,7 +231,7 @@ def weight_grad_fn(names: tuple[str, ...], shape: tuple[int, ...], plan: ZeroPla
     after the backward (``scatter_layer_grads``)."""
     mesh = _ACTIVE.get()
     if _layer_grad_kept(names, plan, stacked):
-        return partial(_local_dw, mesh, _axes(mesh, RULES["batch"]))
+        return partial(_scattered_dw, mesh, _axes(mesh, RULES["batch"]), None, ())
     if not EXPLICIT_GRAD_SCATTER or plan is None or mesh is None or not plan.opt or not GRADS_PER_LAYER:
         return None
     replicated = not plan.compute if plan.copy else not plan.params
@@ -252,19 +252,24 @@ def _one_or_tuple(axes: tuple[str, ...]) -> str | tuple[str, ...]:
     return axes[0] if len(axes) == 1 else axes
 
 
-def _scattered_dw(mesh: Mesh, batch_axes: tuple[str, ...], dim: int, scatter_axes: tuple[str, ...],
+def _scattered_dw(mesh: Mesh, batch_axes: tuple[str, ...], dim: int | None, scatter_axes: tuple[str, ...],
                   x: jax.Array, ct: jax.Array) -> jax.Array:
+    """The weight gradient reduce-scattered over ``scatter_axes`` on ``dim``; ``dim`` None: this device's own sum,
+    typed replicated, for ``scatter_layer_grads`` to reduce with the whole stack."""
     lead = tuple(range(x.ndim - 1))
     rest = tuple(a for a in batch_axes if a not in scatter_axes)
 
     def local(x, ct):  # this device's samples: x (mbs, ..., k), ct (mbs, ..., n)
         dw = jax.lax.dot_general(x, ct, ((lead, lead), ((), ())), preferred_element_type=jnp.float32)
+        if dim is None:
+            return dw
         if rest:
             dw = jax.lax.psum(dw, rest)
         return jax.lax.psum_scatter(dw, scatter_axes, scatter_dimension=dim, tiled=True)
 
     out = [None, None]
-    out[dim] = _one_or_tuple(scatter_axes)
+    if dim is not None:
+        out[dim] = _one_or_tuple(scatter_axes)
     batch = P(_one_or_tuple(batch_axes))
     return jax.shard_map(local, mesh=mesh, in_specs=(batch, batch), out_specs=P(*out),
                          axis_names=set(batch_axes), check_vma=False)(x, ct)
@@ -276,20 +281,9 @@ def _layer_grad_kept(names: tuple[str, ...], plan: ZeroPlan | None, stacked: boo
             and not jax.sharding.get_abstract_mesh().manual_axes)
 
 
-def _local_dw(mesh: Mesh, batch_axes: tuple[str, ...], x: jax.Array, ct: jax.Array) -> jax.Array:
-    lead = tuple(range(x.ndim - 1))
-
-    def local(x, ct):  # this device's samples' sum only: typed replicated, reduced by scatter_layer_grads
-        return jax.lax.dot_general(x, ct, ((lead, lead), ((), ())), preferred_element_type=jnp.float32)
-
-    batch = P(_one_or_tuple(batch_axes))
-    return jax.shard_map(local, mesh=mesh, in_specs=(batch, batch), out_specs=P(), axis_names=set(batch_axes),
-                         check_vma=False)(x, ct)
-
-
 def scatter_layer_grads(stack: jax.Array, names: tuple[str, ...], plan: ZeroPlan | None) -> jax.Array:
     """A stored stack of layer weights, unchanged; under ``ZeroPlan.by_layer`` its gradient -- each layer's as
-    this device's own sum (``_local_dw``) -- is summed over the data-parallel devices and scattered by layer to
+    this device's own sum (``_scattered_dw``) -- is summed over the data-parallel devices and scattered by layer to
     the optimizer state's sharding in one reduce-scatter. ``names``: the stack's, ``layers`` first."""
     if not _layer_grad_kept(names[1:], plan, True):
         return stack
@@ -306,17 +300,13 @@ def _layer_scatter_fwd(w: jax.Array, spec: P) -> tuple[jax.Array, None]:
 
 
 def _layer_scatter_bwd(spec: P, _: None, ct: jax.Array) -> tuple[jax.Array]:
-    mesh = _ACTIVE.get()
-    axes = _axes(mesh, RULES["batch"])
-    scatter = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
-    rest = tuple(a for a in axes if a not in scatter)
+    # by layer, the states are sharded over every data-parallel (batch) axis: one reduce-scatter sums and splits
+    axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
 
     def local(ct):  # (layers, k, n), this device's sums
-        if rest:
-            ct = jax.lax.psum(ct, rest)
-        return jax.lax.psum_scatter(ct, scatter, scatter_dimension=0, tiled=True)
+        return jax.lax.psum_scatter(ct, axes, scatter_dimension=0, tiled=True)
 
-    return (jax.shard_map(local, mesh=mesh, in_specs=P(), out_specs=spec, axis_names=set(axes),
+    return (jax.shard_map(local, mesh=_ACTIVE.get(), in_specs=P(), out_specs=spec, axis_names=set(axes),
                           check_vma=False)(ct),)
 
 
