@@ -27,6 +27,8 @@ and/or ``xla:OPTION=VALUE`` XLA compiler options (a repeated option's values joi
     lever:ticks=scan          GPipe's unrolled ticks as an unrolled lax.scan (traced tick index; now: a Python loop)
     lever:gather=unpinned     ZeRO-3 weights all-gathered without first pinning the layer slice to its stored
                               sharding (now: jax_impl.sharding.gather_weight pins it; 2-D gathers, no layout copy)
+    lever:gather=fp32         ZeRO-3 / MiCS in bf16 gather the fp32 params and cast after (now: cast to bf16 where
+                              stored, gathered as bf16 bits; jax_impl.sharding.ZERO3_GATHER_BF16)
     lever:rope=traced         rotary tables computed inside the step (now: constants, jax_impl.model.rope_tables)
     lever:grad_scatter=partitioner  ZeRO-1/2 weight gradients reduced by the SPMD partitioner (XLA:CPU: an all-reduce
                               and a slice; now: a local dot and a reduce-scatter, jax_impl.sharding.weight_grad_fn)
@@ -175,6 +177,9 @@ def lever(name: str, value: str) -> Iterator[None]:
 
         with mock.patch.object(Trainer, "build", classmethod(build)):
             yield
+    elif name == "gather" and value == "fp32":
+        with mock.patch.object(sharding, "ZERO3_GATHER_BF16", False):
+            yield
     elif name == "rope" and value == "traced":
         from jax_impl import model
         jnp = jax.numpy
@@ -190,7 +195,7 @@ def lever(name: str, value: str) -> Iterator[None]:
         raise SystemExit(f"unknown lever {name}={value}; known: zero_dim=embed, zero_dim=rows, step_grads=stored, "
                          "cpu_options=none, guard=select, attn_vjp=autodiff, clip=optax, clip=divide, attn_layout=seq, "
                          "norm=optax, norm=whole, "
-                         "ticks=scan, gather=unpinned, rope=traced")
+                         "ticks=scan, gather=unpinned, gather=fp32, rope=traced")
 
 
 def build(preset: str, base: dict, variant: str, guard: bool) -> dict:

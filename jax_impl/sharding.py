@@ -14,6 +14,8 @@ optimizer state) also shard one dimension -- the most major after ``layers``, or
             states, and a bf16 *compute copy* over ``fsdp`` that the forward/backward gather from
             (``ZeroPlan.compute``, ``Split``)
     MiCS    ZeRO-3, every model state over ``fsdp`` only, replicated across ``data``
+            ZeRO-3 and MiCS with a bf16 compute dtype (DeepSpeed gathers its bf16 params): each layer's weights
+            are cast to bf16 where they are stored and gathered as bf16 (``ZeroPlan.gather_bits``)
 
 JAX only accepts jit arguments whose sharded dimensions divide evenly, and no 70B dimension
 divides by 3 (so not by 96 or 192). Such dimensions are stored *padded* to the next multiple
@@ -75,6 +77,10 @@ HPZ_COMPUTE_COPY = True
 # ZeRO-1/2 with a narrower compute dtype: the fp32 master params live over data x fsdp with the optimizer state
 # and the step reads a compute-dtype copy replicated over them; False: fp32 params replicated
 ZERO_COMPUTE_COPY = True
+# ZeRO-3 (not hpZ) and MiCS with a bf16 compute dtype: each layer's weight is cast to bf16 on the device that
+# stores it and all-gathered as bf16 bits, half the bytes of gathering fp32 and casting after (what XLA did);
+# no copy is kept, the master being sharded as the gather's source would be. False: fp32 gathered
+ZERO3_GATHER_BF16 = True
 
 # ZeRO-1/2 on a mesh that is only data-parallel: each projection's weight gradient is computed per device and
 # reduce-scattered into the optimizer state's sharding inside one shard_map (weight_grad_fn). Left to the SPMD
@@ -187,6 +193,13 @@ def gather_weight(w: jax.Array, names: tuple[str, ...], shape: tuple[int, ...],
         else:
             w = _from_copy(w.copy, w.master, (plan.spec(names, "compute", shape), logical_spec(names, plan.mesh)),
                            plan.spec(names, "opt", shape))
+    elif plan is not None and _ACTIVE.get() is not None and plan.gather_bits and "norm" not in names:
+        # cast where stored, gathered as bf16 bits; the fp32 cotangent goes to w reduce-scattered as below (norm
+        # weights, applied in fp32, are gathered as they are)
+        bits = jax.lax.bitcast_convert_type(jax.lax.stop_gradient(w).astype(COPY_DTYPE), COPY_BITS)
+        spec = plan.spec(names, "params", shape)
+        w = _from_copy(bits, w, (spec, logical_spec(names, plan.mesh)),
+                       plan.spec(names, "opt", shape) if GRADS_PER_LAYER else spec)
     elif plan is not None and _ACTIVE.get() is not None:
         if plan.opt and GRADS_PER_LAYER:
             # the gradient of this one layer's weight is reduce-scattered to the step's gradient sharding
@@ -370,6 +383,8 @@ class ZeroPlan:
     # stacked layer matrices are ZeRO-sharded on `layers` (STATES_BY_LAYER); their gradients then reach the
     # optimizer's sharding by one reduce-scatter of the stack after the backward (scatter_layer_grads)
     by_layer: bool = False
+    # ZeRO-3 / MiCS in bf16: params (fp32, ZeRO-sharded) are cast to bf16 bits before each layer's all-gather
+    gather_bits: bool = False
 
     @classmethod
     def from_config(cls, cfg: Config, mesh: Mesh) -> ZeroPlan:
@@ -388,6 +403,7 @@ class ZeroPlan:
         # DeepSpeed's bf16 ZeRO-1/2: bf16 params replicated, the fp32 master partitioned with the optimizer state
         zero_copy = p.zero in (1, 2) and ZERO_COMPUTE_COPY and narrow and bool(states)
         params = (everywhere if copy else inside if (p.hpz or p.mics) else everywhere) if p.zero >= 3 else ()
+        gather_bits = ZERO3_GATHER_BF16 and narrow and cfg.train.dtype == "bf16" and bool(params) and not p.hpz
         n_states = math.prod(mesh.shape[a] for a in states)
         batch_axes = _axes(mesh, RULES["batch"])
         # not with a compute copy: its stacks are gathered as bf16 bits, and by layer measured no faster there
@@ -403,6 +419,7 @@ class ZeroPlan:
             compute=inside if copy else (),
             copy=copy or zero_copy,
             by_layer=by_layer,
+            gather_bits=gather_bits,
         )
 
     def shards(self, axes: tuple[str, ...]) -> int:

@@ -379,13 +379,61 @@ def test_zero12_bf16_master_sharded_like_the_states_compute_copy_replicated(zero
     assert staged.copy_abstract is None and staged.plan.params == ()
 
 
+def _all_gather_bytes(text: str) -> dict[str, int]:
+    """Bytes of every all-gather's result in an HLO text, by element type."""
+    out: dict[str, int] = {}
+    for ty, dims in re.findall(r"= (\w+)\[([\d,]*)\]\S* all-gather\(", text):
+        n = math.prod(int(d) for d in dims.split(",") if d)
+        out[ty] = out.get(ty, 0) + n * {"f32": 4, "u16": 2, "bf16": 2}.get(ty, 4)
+    return out
+
+
+@pytest.mark.parametrize("mics", [False, True])
+def test_zero3_bf16_gathers_bf16(monkeypatch, mics):
+    """ZeRO-3 and MiCS with bf16 compute gather bf16, as DeepSpeed gathers its bf16 params: each layer's weight
+    is cast where it is stored and all-gathered as bf16 bits (u16), with no copy kept. The step's all-gather
+    bytes fall to at most 55 % of gathering the fp32 params (norm weights, applied in fp32, stay fp32); the
+    stored trees keep their shardings. fp32 compute gathers fp32; hpZ keeps its compute copy."""
+    from jax_impl import sharding
+
+    over = {**BASE, "parallel.mesh": "data=2,fsdp=4", "parallel.zero": 3, "parallel.mics": mics}
+    cfg = load_config("tiny", {**over, "train.dtype": "bf16"})
+    mesh = make_mesh(cfg.mesh_shape())
+    tr = Trainer.build(cfg, mesh)
+    states = ("fsdp",) if mics else ("data", "fsdp")
+    assert tr.plan.gather_bits and not tr.plan.copy and tr.copy_abstract is None
+    assert (tr.plan.params, tr.plan.opt) == (states, states)
+    text = tr.compile_step().as_text()
+    # a layer's gathered weight: 2-D (scanned or unrolled), in bf16 bits; the 2-layer stacks are never gathered
+    layer_gathers = re.findall(r"= (\w+)\[\d+,\d+\]\S* all-gather\(", text)
+    assert layer_gathers and set(layer_gathers) == {"u16"}, layer_gathers
+    assert not re.search(r"\[2,\d+,\d+\]\S* all-gather\(", text)
+
+    monkeypatch.setattr(sharding, "ZERO3_GATHER_BF16", False)
+    plain = Trainer.build(cfg, mesh)
+    assert not plain.plan.gather_bits and plain.plan.params == states
+    for name, s in tr.storage["layers"].items():
+        assert s.dtype == jnp.float32 and s.sharding.spec == plain.storage["layers"][name].sharding.spec, name
+    without = _all_gather_bytes(plain.compile_step().as_text())
+    assert set(without) == {"f32"}, without
+    assert sum(_all_gather_bytes(text).values()) <= 0.55 * without["f32"]
+
+    monkeypatch.setattr(sharding, "ZERO3_GATHER_BF16", True)
+    assert not Trainer.build(load_config("tiny", over), mesh).plan.gather_bits
+    hpz = Trainer.build(load_config("tiny", {**over, "parallel.mics": False, **HPZ_BF16}), mesh)
+    assert hpz.plan.copy and not hpz.plan.gather_bits
+
+
 # (overrides, the switch of its copy, the fp32 params' share per device without -> with the copy)
 COPY_CASES = {"hpz": ({"parallel.zero": 3, **HPZ_BF16}, "HPZ_COMPUTE_COPY", (1 / 4, 1 / 8)),
               "zero2": ({"parallel.zero": 2, "train.dtype": "bf16"}, "ZERO_COMPUTE_COPY", (1, 1 / 8)),
-              "zero1": ({"parallel.zero": 1, "train.dtype": "bf16"}, "ZERO_COMPUTE_COPY", (1, 1 / 8))}
+              "zero1": ({"parallel.zero": 1, "train.dtype": "bf16"}, "ZERO_COMPUTE_COPY", (1, 1 / 8)),
+              # ZeRO-3 / MiCS keep no copy: the fp32 params are cast to bf16 before each layer's gather
+              "zero3": ({"parallel.zero": 3, "train.dtype": "bf16"}, "ZERO3_GATHER_BF16", None),
+              "mics": ({"parallel.zero": 3, "parallel.mics": True, "train.dtype": "bf16"}, "ZERO3_GATHER_BF16", None)}
 
 
-@pytest.mark.parametrize("case", list(COPY_CASES))
+@pytest.mark.parametrize("case", ["hpz", "zero2", "zero1"])
 def test_bf16_compute_copy_step_takes_fewer_argument_bytes(monkeypatch, case):
     """The compiled step's arguments hold the fp32 master over data x fsdp instead of over fsdp (hpZ) or
     replicated (ZeRO-1/2): the params' share of them drops by the difference (the copy is the step's own,
@@ -406,12 +454,12 @@ def test_bf16_compute_copy_step_takes_fewer_argument_bytes(monkeypatch, case):
     assert argument_bytes(False) - argument_bytes(True) >= 0.99 * master * (without - with_copy)
 
 
-@pytest.mark.parametrize("case", ["hpz", "zero2"])
+@pytest.mark.parametrize("case", ["hpz", "zero2", "zero3", "mics"])
 def test_bf16_compute_copy_keeps_the_numbers(monkeypatch, case):
-    """The compute copy changes where the bf16 weights come from, not their values, and the gradients still
-    reach the master in fp32: hpZ / ZeRO-2 bf16 with the copy match them without it at the parity thresholds of
-    test_sharded_equals_single_device (bf16 sharded vs single device differs in the loss's 5th digit either
-    way: per-device batch sizes change XLA's bf16 fusions)."""
+    """The compute copy (or ZeRO-3's bf16 gathers) changes where the bf16 weights come from, not their values, and
+    the gradients still reach the master in fp32: hpZ / ZeRO-2 / ZeRO-3 / MiCS bf16 match them without at the parity
+    thresholds of test_sharded_equals_single_device (bf16 sharded vs single device differs in the loss's 5th digit
+    either way: per-device batch sizes change XLA's bf16 fusions)."""
     from jax_impl import sharding
 
     over, switch, _ = COPY_CASES[case]
@@ -420,7 +468,8 @@ def test_bf16_compute_copy_keeps_the_numbers(monkeypatch, case):
     out = run.__wrapped__("data=2,fsdp=4", zero, **over)
     monkeypatch.setattr(sharding, switch, False)
     ref = run.__wrapped__("data=2,fsdp=4", zero, **over)
-    assert out["trainer"].plan.copy and not ref["trainer"].plan.copy
+    narrow = [t.plan.copy or t.plan.gather_bits for t in (out["trainer"], ref["trainer"])]
+    assert narrow == [True, False]
     assert out["loss"] == pytest.approx(ref["loss"], rel=1e-6)
     assert_tree_close(out["grads"], ref["grads"], rtol=1e-5)
     np.testing.assert_allclose(out["losses"], ref["losses"], rtol=1e-6)
