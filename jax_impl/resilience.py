@@ -46,9 +46,11 @@ def compile_guarded(trainer) -> Any:
 
 
 def first_nonfinite(tree: Any) -> str | None:
-    """Name of the first leaf (in tree order) holding a NaN or inf, or None."""
-    flags = jax.tree_util.tree_flatten_with_path(jax.tree.map(lambda a: ~jnp.all(jnp.isfinite(a)), tree))[0]
-    return next((path_name(p) for p, bad in flags if bool(bad)), None)
+    """Name of the first leaf (in tree order) holding a NaN or inf, or None. Every leaf's flag comes from one
+    compiled call, not one eager multi-device reduction per leaf."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    flags = jax.device_get(jax.jit(lambda ls: [~jnp.all(jnp.isfinite(a)) for a in ls])([a for _, a in flat]))
+    return next((path_name(p) for (p, _), bad in zip(flat, flags, strict=True) if bool(bad)), None)
 
 
 def diagnose_nonfinite(trainer, params: Any, batch: jax.Array) -> dict[str, str | None]:
