@@ -196,9 +196,8 @@ def gather_weight(w: jax.Array, names: tuple[str, ...], shape: tuple[int, ...],
     elif plan is not None and _ACTIVE.get() is not None and plan.gather_bits and "norm" not in names:
         # cast where stored, gathered as bf16 bits; the fp32 cotangent goes to w reduce-scattered as below (norm
         # weights, applied in fp32, are gathered as they are)
-        bits = jax.lax.bitcast_convert_type(jax.lax.stop_gradient(w).astype(COPY_DTYPE), COPY_BITS)
         spec = plan.spec(names, "params", shape)
-        w = _from_copy(bits, w, (spec, logical_spec(names, plan.mesh)),
+        w = _from_copy(copy_bits(jax.lax.stop_gradient(w)), w, (spec, logical_spec(names, plan.mesh)),
                        plan.spec(names, "opt", shape) if GRADS_PER_LAYER else spec)
     elif plan is not None and _ACTIVE.get() is not None:
         if plan.opt and GRADS_PER_LAYER:
@@ -330,6 +329,11 @@ _layer_scatter.defvjp(_layer_scatter_fwd, _layer_scatter_bwd)
 # dynamic-slice in fp32, and the layer scan's slice of the copy then read an fp32 convert of the whole stack,
 # hoisted out of the loop (70B hpZ, 8 nodes: +21.5 GiB of temp, docs/memory.md). Bits are sliced as they are.
 COPY_DTYPE, COPY_BITS = jnp.bfloat16, jnp.uint16
+
+
+def copy_bits(x: jax.Array) -> jax.Array:
+    """``x`` rounded to the compute copy's dtype, as its bits (``COPY_BITS``)."""
+    return jax.lax.bitcast_convert_type(x.astype(COPY_DTYPE), COPY_BITS)
 
 
 @jax.tree_util.register_dataclass

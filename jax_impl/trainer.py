@@ -28,6 +28,7 @@ from jax_impl.sharding import (
     ZeroPlan,
     activate,
     batch_sharding,
+    copy_bits,
     dp_size,
     replicated,
 )
@@ -213,8 +214,7 @@ class Trainer:
         if self.copy_abstract is None:
             return None
         def one(p, a, master_sh):
-            c = (jax.lax.bitcast_convert_type(p.astype(COPY_DTYPE), COPY_BITS) if a.dtype == COPY_BITS
-                 else p.astype(a.dtype))
+            c = copy_bits(p) if a.dtype == COPY_BITS else p.astype(a.dtype)
             # cast where the master lives, then gathered: left free, XLA gathered the fp32 master and cast after
             c = jax.lax.with_sharding_constraint(c, master_sh)
             return jax.lax.with_sharding_constraint(c, a.sharding)
