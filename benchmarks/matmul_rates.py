@@ -3,9 +3,9 @@
     python benchmarks/matmul_rates.py                 # 2048^3, 5 alternating rounds
     python benchmarks/matmul_rates.py --size 1024 --rounds 9
 
-JAX: a jitted ``dot`` with fp32 accumulation (``preferred_element_type``, as the model's matmuls), compiled with
-the trainers' XLA:CPU options (``jax_impl.devices.CPU_COMPILER_OPTIONS``: YNNPACK dots). torch: ``a @ b`` in the
-dtype (MKL's sgemm for fp32, oneDNN for bf16 on a CPU with AVX512-BF16 or AMX), torch's default thread count.
+JAX: ``bench_train.matmul_timer``, the matmul rate ``bench_train.py`` divides by (a jitted dot with fp32
+accumulation, as the model's matmuls). torch: ``a @ b`` in the dtype (MKL's sgemm for fp32, oneDNN for bf16 on a
+CPU with AVX512-BF16 or AMX), torch's default thread count.
 The frameworks alternate round by round, so both see the same machine load; each round's figure is the median
 of its timed calls. What it explains: ``compare.report``'s JAX/DeepSpeed ratio at the bench size includes how
 fast each framework's own kernels multiply on this CPU.
@@ -23,13 +23,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _rate(fn: Callable[[], object], flops: float, calls: int) -> float:
-    times = []
-    for _ in range(calls):
+def torch_timer(dtype, n: int) -> Callable[[], float]:
+    """A callable that times one (n x n) @ (n x n) torch product and returns its TFLOP/s (as ``matmul_timer``)."""
+    import torch
+
+    a = torch.randn((n, n), dtype=dtype)
+
+    def timed() -> float:
         t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return flops / statistics.median(times) / 1e9
+        a @ a
+        return 2 * n**3 / (time.perf_counter() - t) / 1e12
+
+    return timed
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[float]]:
@@ -40,27 +45,20 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     args = ap.parse_args(argv)
 
     import jax
-    import jax.numpy as jnp
     import torch
-
-    from jax_impl.devices import compiler_options
+    from bench_train import matmul_timer
 
     n = args.size
-    flops = 2.0 * n**3
-    variants: dict[str, Callable[[], object]] = {}
-    for name, jdt, tdt in (("fp32", jnp.float32, torch.float32), ("bf16", jnp.bfloat16, torch.bfloat16)):
-        a = jnp.ones((n, n), jdt)
-        f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32)).lower(a, a).compile(
-            compiler_options())
-        ta = torch.ones((n, n), dtype=tdt)
-        variants[f"jax {name}"] = lambda f=f, a=a: f(a, a).block_until_ready()
-        variants[f"torch {name}"] = lambda ta=ta: ta @ ta
-    for fn in variants.values():  # compile, pack, first-touch
-        fn()
-    rates: dict[str, list[float]] = {k: [] for k in variants}
+    timers: dict[str, Callable[[], float]] = {}
+    for name, tdt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        timers[f"jax {name}"] = matmul_timer(name, n)
+        timers[f"torch {name}"] = torch_timer(tdt, n)
+    for timed in timers.values():  # compile, pack, first-touch
+        timed()
+    rates: dict[str, list[float]] = {k: [] for k in timers}
     for r in range(args.rounds):
-        for k, fn in variants.items():
-            rates[k].append(_rate(fn, flops, args.calls))
+        for k, timed in timers.items():  # GFLOP/s: the median call of the round
+            rates[k].append(1e3 * statistics.median(timed() for _ in range(args.calls)))
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in rates.items()), flush=True)
     print(f"({n} x {n}) @ ({n} x {n}), GFLOP/s, median (range) of {args.rounds} rounds; "
           f"jax {jax.__version__} on {jax.default_backend()}, torch {torch.__version__} with "
